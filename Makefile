@@ -1,0 +1,33 @@
+# diskferry — see README.md. Every target that needs real parts runs scripts/setup.sh first,
+# which installs only what is missing.
+SHELL := /bin/bash
+GO ?= go
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
+BIN := $(CURDIR)/bin
+
+.PHONY: setup build test test-unit bench lint
+
+setup:
+	@bash scripts/setup.sh
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/diskferry ./starter
+	$(GO) build -o $(BIN)/diskferry-hub ./workers/hub
+	$(GO) build -o $(BIN)/diskferry-sna ./workers/sna
+
+# Everything, integration tests on real parts included. CI=true turns a missing part into a failure.
+test: setup lint
+	CI=$${CI:-true} $(GO) test -race -count=1 -timeout 25m ./...
+
+# No external parts: seconds.
+test-unit:
+	$(GO) test -race -count=1 -short ./...
+
+bench: setup build
+	@bash scripts/bench.sh
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' ; git ls-files -o --exclude-standard '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...

@@ -1,0 +1,282 @@
+// Package activities holds the contract between BackupWorkflow and the workers: the task
+// queue names, the registered activity names and their plain-JSON inputs and results.
+// The hub and sna subpackages implement them; workflows import only this package.
+//
+// Nothing here may carry a secret: every value ends up in workflow history and the Web UI.
+package activities
+
+import "time"
+
+// Task queues (DESIGN §1).
+const (
+	// HubQueue runs the workflows and host-agnostic hub activities (catalog, ports).
+	HubQueue = "diskferry-hub"
+)
+
+// HubHostQueue is the queue of activities bound to one hub host (files, qemu-nbd).
+func HubHostQueue(hubID string) string { return HubQueue + "." + hubID }
+
+// SNAQueue is the queue of activities that must run on one source site's SNA.
+func SNAQueue(site string) string { return "diskferry-sna." + site }
+
+// Activity names, registered explicitly so histories and the temporal CLI read clearly.
+const (
+	// hub, on HubQueue
+	PlanBackupName   = "PlanBackup"
+	AllocatePortName = "AllocatePort"
+	ReleasePortsName = "ReleasePorts"
+	CommitPointName  = "CommitPoint"
+	FailPointName    = "FailPoint"
+
+	// hub host, on HubHostQueue(hubID)
+	PrepareTargetName = "PrepareTarget"
+	DiscardTargetName = "DiscardTarget"
+	StartExportName   = "StartExport"
+	StopExportName    = "StopExport"
+	VerifyTargetName  = "VerifyTarget"
+
+	// sna, on SNAQueue(site)
+	InspectVMName      = "InspectVM"
+	EnsureTunnelName   = "EnsureTunnel"
+	DropTunnelName     = "DropTunnel"
+	CreateSnapshotName = "CreateSnapshot"
+	RemoveSnapshotName = "RemoveSnapshot"
+	CopyDiskName       = "CopyDisk"
+	ReadChangeIDsName  = "ReadChangeIDs"
+)
+
+// Error types for temporal.NewNonRetryableApplicationError; the workflow does not retry them.
+const (
+	ErrBadInput       = "BadInput"       // the request names something invalid
+	ErrNotFound       = "NotFound"       // the VM, disk or point does not exist
+	ErrPortsExhausted = "PortsExhausted" // no free port on the hub; retryable with backoff
+	ErrBackupRunning  = "BackupRunning"  // another backup of the same VM is running
+)
+
+// Backup modes.
+const (
+	ModeAuto        = "auto"
+	ModeFull        = "full"
+	ModeIncremental = "incremental"
+)
+
+// Disk describes one virtual disk of a VM as seen on the SNA.
+type Disk struct {
+	Key           int32  `json:"key"`
+	Label         string `json:"label"`
+	CapacityBytes int64  `json:"capacityBytes"`
+	BackingFile   string `json:"backingFile"` // "[datastore] dir/name.vmdk"
+	Datastore     string `json:"datastore"`
+	ChangeID      string `json:"changeId,omitempty"` // of the live disk; empty without CBT
+}
+
+// VM is what InspectVM returns.
+type VM struct {
+	InstanceUUID string `json:"instanceUuid"` // vCenter instance UUID, identifies the vCenter
+	Moref        string `json:"moref"`
+	Name         string `json:"name"`
+	PowerState   string `json:"powerState"`
+	CBTEnabled   bool   `json:"cbtEnabled"`
+	Disks        []Disk `json:"disks"`
+}
+
+// InspectVMInput names a VM by inventory path, name or moref.
+type InspectVMInput struct {
+	VM string `json:"vm"`
+}
+
+// PlanBackupInput asks the hub to decide full or incremental per disk and to open a
+// restore point in status running.
+type PlanBackupInput struct {
+	WorkflowID string  `json:"workflowId"`
+	RunID      string  `json:"runId"`
+	Site       string  `json:"site"`
+	VM         VM      `json:"vm"`
+	Mode       string  `json:"mode"`            // auto|full|incremental
+	DiskKeys   []int32 `json:"disks,omitempty"` // empty: every disk
+}
+
+// DiskPlan is the hub's decision for one disk.
+type DiskPlan struct {
+	Key           int32  `json:"key"`
+	CapacityBytes int64  `json:"capacityBytes"`
+	Mode          string `json:"mode"`                   // full|incremental
+	Reason        string `json:"reason,omitempty"`       // why full when incremental was possible/asked
+	ParentPath    string `json:"parentPath,omitempty"`   // previous point's qcow2 (incremental)
+	PrevChangeID  string `json:"prevChangeId,omitempty"` // changeId of the previous point (incremental)
+}
+
+// Plan is the result of PlanBackup.
+type Plan struct {
+	PointID string     `json:"pointId"`
+	HubID   string     `json:"hubId"`
+	Mode    string     `json:"mode"` // full if any disk is full, else incremental
+	Disks   []DiskPlan `json:"disks"`
+}
+
+// AllocatePortInput leases a port on a hub to (workflow, disk); idempotent per pair.
+type AllocatePortInput struct {
+	HubID      string `json:"hubId"`
+	WorkflowID string `json:"workflowId"`
+	DiskKey    int32  `json:"diskKey"`
+}
+
+// ReleasePortsInput frees every lease a workflow holds; idempotent.
+type ReleasePortsInput struct {
+	HubID      string `json:"hubId"`
+	WorkflowID string `json:"workflowId"`
+}
+
+// PrepareTargetInput creates the qcow2 for one disk of a point (overlay when ParentPath set).
+type PrepareTargetInput struct {
+	PointID string   `json:"pointId"`
+	VM      VM       `json:"vm"`
+	Disk    DiskPlan `json:"disk"`
+}
+
+// Target is a prepared qcow2 on the hub.
+type Target struct {
+	DiskKey int32  `json:"diskKey"`
+	Path    string `json:"path"`
+}
+
+// DiscardTargetInput deletes an unfinished target file; idempotent.
+type DiscardTargetInput struct {
+	Path string `json:"path"`
+}
+
+// StartExportInput serves a target with qemu-nbd on 127.0.0.1:Port.
+type StartExportInput struct {
+	WorkflowID  string `json:"workflowId"`
+	DiskKey     int32  `json:"diskKey"`
+	Path        string `json:"path"`
+	Port        int    `json:"port"`
+	Connections int    `json:"connections"` // copy connections; --shared is larger
+}
+
+// Export is a running qemu-nbd export.
+type Export struct {
+	DiskKey int32  `json:"diskKey"`
+	Port    int    `json:"port"`
+	Name    string `json:"name"` // NBD export name
+	PID     int    `json:"pid"`
+	Path    string `json:"path"`
+}
+
+// StopExportInput flushes and stops an export; "already gone" counts as stopped.
+type StopExportInput struct {
+	Port int    `json:"port"`
+	Path string `json:"path"`
+}
+
+// Extent is a byte range of a disk.
+type Extent struct {
+	Start  int64 `json:"start"`
+	Length int64 `json:"length"`
+}
+
+// VerifyTargetInput checks a finished target: qemu-img check, then the copy's digest is
+// recomputed from the file's logical content over the same areas.
+type VerifyTargetInput struct {
+	Path      string   `json:"path"`
+	BlockSize int64    `json:"blockSize"`
+	Digest    string   `json:"digest"`          // from CopyDiskResult
+	Areas     []Extent `json:"areas,omitempty"` // nil: the whole disk
+}
+
+// Verification is the result of VerifyTarget.
+type Verification struct {
+	Path           string `json:"path"`
+	AllocatedBytes int64  `json:"allocatedBytes"`
+	VirtualBytes   int64  `json:"virtualBytes"`
+}
+
+// EnsureTunnelInput makes 127.0.0.1:P on the SNA reach 127.0.0.1:P on the hub for each port.
+type EnsureTunnelInput struct {
+	HubID string `json:"hubId"`
+	Ports []int  `json:"ports"`
+}
+
+// CreateSnapshotInput creates a snapshot (memory false) named for the workflow.
+type CreateSnapshotInput struct {
+	VMMoref string `json:"vmMoref"`
+	Name    string `json:"name"`
+	Quiesce bool   `json:"quiesce"`
+}
+
+// Snapshot identifies a snapshot.
+type Snapshot struct {
+	VMMoref string `json:"vmMoref"`
+	Moref   string `json:"moref"`
+	Name    string `json:"name"`
+}
+
+// CopyDiskInput copies one disk of a snapshot into a hub export through the tunnel.
+type CopyDiskInput struct {
+	Snapshot      Snapshot `json:"snapshot"`
+	DiskKey       int32    `json:"diskKey"`
+	CapacityBytes int64    `json:"capacityBytes"`
+	TargetPort    int      `json:"targetPort"` // 127.0.0.1:port on the SNA, forwarded to the hub
+	ExportName    string   `json:"exportName"`
+	Mode          string   `json:"mode"`                   // full|incremental
+	PrevChangeID  string   `json:"prevChangeId,omitempty"` // incremental base
+	Connections   int      `json:"connections"`
+}
+
+// CopyProgress is heartbeated by CopyDisk; a retried attempt resumes from Checkpoint.
+type CopyProgress struct {
+	Checkpoint   int64  `json:"checkpoint"` // every byte below is written and flushed on the target
+	BytesDone    int64  `json:"bytesDone"`
+	BytesTotal   int64  `json:"bytesTotal"`
+	BytesRead    int64  `json:"bytesRead"`
+	BytesWritten int64  `json:"bytesWritten"`
+	BytesZeroed  int64  `json:"bytesZeroed"`
+	DigestState  []byte `json:"digestState,omitempty"` // digest of the areas below Checkpoint
+}
+
+// CopyDiskResult is what CopyDisk returns.
+type CopyDiskResult struct {
+	DiskKey       int32         `json:"diskKey"`
+	BytesRead     int64         `json:"bytesRead"`
+	BytesWritten  int64         `json:"bytesWritten"`
+	BytesZeroed   int64         `json:"bytesZeroed"`
+	BytesRecopied int64         `json:"bytesRecopied"` // redone after a resume
+	Duration      time.Duration `json:"duration"`
+	BlockSize     int64         `json:"blockSize"`
+	// Digest is SHA-256 over the SHA-256 of each piece of the copied areas (areas split at
+	// BlockSize boundaries), in offset order; the hub recomputes it from the file.
+	Digest string   `json:"digest"`
+	Areas  []Extent `json:"areas,omitempty"` // incremental: the changed areas copied; nil for full
+}
+
+// ReadChangeIDsInput asks for each disk's changeId inside the snapshot.
+type ReadChangeIDsInput struct {
+	Snapshot Snapshot `json:"snapshot"`
+}
+
+// DiskResult is one disk of a committed point.
+type DiskResult struct {
+	Key           int32         `json:"key"`
+	Path          string        `json:"path"`
+	ParentPath    string        `json:"parentPath,omitempty"`
+	Mode          string        `json:"mode"`
+	ChangeID      string        `json:"changeId"`
+	CapacityBytes int64         `json:"capacityBytes"`
+	BytesRead     int64         `json:"bytesRead"`
+	BytesWritten  int64         `json:"bytesWritten"`
+	BytesZeroed   int64         `json:"bytesZeroed"`
+	Duration      time.Duration `json:"duration"`
+	Digest        string        `json:"digest"`
+}
+
+// CommitPointInput marks a point complete; only then is it usable.
+type CommitPointInput struct {
+	PointID string       `json:"pointId"`
+	Disks   []DiskResult `json:"disks"`
+}
+
+// FailPointInput marks a point failed with the error.
+type FailPointInput struct {
+	PointID string `json:"pointId"`
+	Error   string `json:"error"`
+}
