@@ -1,0 +1,161 @@
+package catalog
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func newPorts(t *testing.T, s *Store) *Ports {
+	t.Helper()
+	ports, err := NewPorts(s, DefaultPortRange)
+	require.NoError(t, err)
+	require.Equal(t, 101, ports.Range().Size())
+	return ports
+}
+
+func TestAllocateConcurrentCallersNeverCollideAndExhaustCleanly(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports := newPorts(t, s)
+
+	// Every port of the range, each to a distinct (workflow, disk), all at once.
+	const callers = 101
+	got := make([]int, callers)
+	errs := make([]error, callers)
+	var wg sync.WaitGroup
+	for i := range callers {
+		wg.Go(func() { got[i], errs[i] = ports.Allocate(ctx, "hub-1", fmt.Sprintf("wf-%d", i/2), int32(2000+i%2)) })
+	}
+	wg.Wait()
+	owner := map[int]int{}
+	for i := range callers {
+		require.NoError(t, errs[i], "caller %d", i)
+		require.GreaterOrEqual(t, got[i], 10100)
+		require.LessOrEqual(t, got[i], 10200)
+		if prev, dup := owner[got[i]]; dup {
+			t.Fatalf("port %d leased to callers %d and %d", got[i], prev, i)
+		}
+		owner[got[i]] = i
+	}
+
+	// The same pairs get the same ports back, also concurrently.
+	for i := range callers {
+		wg.Go(func() {
+			port, err := ports.Allocate(ctx, "hub-1", fmt.Sprintf("wf-%d", i/2), int32(2000+i%2))
+			errs[i] = err
+			if err == nil && port != got[i] {
+				errs[i] = fmt.Errorf("re-allocation gave %d, first time %d", port, got[i])
+			}
+		})
+	}
+	wg.Wait()
+	require.NoError(t, errors.Join(errs...))
+
+	_, err := ports.Allocate(ctx, "hub-1", "wf-late", 2000)
+	require.ErrorIs(t, err, ErrPortsExhausted, "the 102nd distinct caller")
+
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Len(t, leases, callers)
+
+	other, err := ports.Allocate(ctx, "hub-2", "wf-late", 2000)
+	require.NoError(t, err)
+	assert.Equal(t, 10100, other, "hubs have their own ranges")
+
+	released, err := ports.ReleaseWorkflow(ctx, "hub-1", "wf-7")
+	require.NoError(t, err)
+	require.Len(t, released, 2)
+	port, err := ports.Allocate(ctx, "hub-1", "wf-late", 2000)
+	require.NoError(t, err)
+	assert.Equal(t, released[0].Port, port, "the lowest freed port is reused")
+}
+
+func TestReleaseWorkflowIsIdempotent(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports := newPorts(t, s)
+
+	a, err := ports.Allocate(ctx, "hub-1", "wf-a", 1)
+	require.NoError(t, err)
+	b, err := ports.Allocate(ctx, "hub-1", "wf-a", 2)
+	require.NoError(t, err)
+	keep, err := ports.Allocate(ctx, "hub-1", "wf-b", 1)
+	require.NoError(t, err)
+	assert.Equal(t, []int{10100, 10101, 10102}, []int{a, b, keep})
+
+	released, err := ports.ReleaseWorkflow(ctx, "hub-1", "wf-a")
+	require.NoError(t, err)
+	assert.Len(t, released, 2)
+	released, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-a")
+	require.NoError(t, err)
+	assert.Empty(t, released)
+	released, err = ports.ReleaseWorkflow(ctx, "hub-2", "wf-b")
+	require.NoError(t, err)
+	assert.Empty(t, released, "another hub's release leaves hub-1 alone")
+
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	require.Len(t, leases, 1)
+	assert.Equal(t, Lease{Hub: "hub-1", Port: 10102, WorkflowID: "wf-b", DiskKey: 1, LeasedAt: leases[0].LeasedAt}, leases[0])
+}
+
+func TestReapFreesOnlyClosedWorkflows(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports := newPorts(t, s)
+
+	for _, wf := range []string{"wf-open", "wf-closed", "wf-unknown"} {
+		for _, key := range []int32{1, 2} {
+			_, err := ports.Allocate(ctx, "hub-1", wf, key)
+			require.NoError(t, err)
+		}
+	}
+	_, err := ports.Allocate(ctx, "hub-2", "wf-closed", 1)
+	require.NoError(t, err)
+
+	asked := map[string]int{}
+	isClosed := func(_ context.Context, wf string) (bool, error) {
+		asked[wf]++
+		switch wf {
+		case "wf-closed":
+			return true, nil
+		case "wf-unknown":
+			return false, errors.New("temporal unavailable")
+		}
+		return false, nil
+	}
+	reaped, err := ports.Reap(ctx, "hub-1", isClosed)
+	require.Error(t, err, "the unreadable workflow is reported")
+	assert.Contains(t, err.Error(), "wf-unknown")
+	require.Len(t, reaped, 2)
+	for _, l := range reaped {
+		assert.Equal(t, "wf-closed", l.WorkflowID)
+	}
+	assert.Equal(t, map[string]int{"wf-open": 1, "wf-closed": 1, "wf-unknown": 1}, asked, "each workflow asked once")
+
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Len(t, leases, 4, "open and unreadable workflows keep their leases")
+	other, err := ports.ListLeases(ctx, "hub-2")
+	require.NoError(t, err)
+	assert.Len(t, other, 1, "reaping hub-1 leaves hub-2 alone")
+}
+
+func TestNewPortsRejectsBadRange(t *testing.T) {
+	for _, r := range []PortRange{{First: 10200, Last: 10100}, {First: 0, Last: 10}, {First: 1, Last: 70000}} {
+		_, err := NewPorts(nil, r)
+		assert.ErrorIs(t, err, ErrInvalid, "%+v", r)
+	}
+}
+
+func TestAllocateRejectsEmptyWorkflow(t *testing.T) {
+	s := newStore(t)
+	_, err := newPorts(t, s).Allocate(testCtx(t), "hub-1", "", 1)
+	assert.ErrorIs(t, err, ErrInvalid)
+}

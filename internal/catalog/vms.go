@@ -1,0 +1,119 @@
+package catalog
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// VM is a virtual machine, identified by its vCenter's instance UUID and its moref there.
+type VM struct {
+	ID           int64
+	InstanceUUID string
+	Moref        string
+	Name         string
+	UpdatedAt    time.Time
+}
+
+// Disk is one current virtual disk of a VM.
+type Disk struct {
+	Key           int32
+	Label         string
+	CapacityBytes int64
+	BackingFile   string
+}
+
+// UpsertVM records a VM as just inspected, with its current disks: the name follows a rename,
+// disks no longer attached are dropped (restore points keep their own disk rows).
+func (s *Store) UpsertVM(ctx context.Context, vm VM, disks []Disk) (VM, error) {
+	if vm.InstanceUUID == "" || vm.Moref == "" || len(vm.InstanceUUID) > 64 || len(vm.Moref) > 64 || len(vm.Name) > 255 {
+		return VM{}, fmt.Errorf("%w: VM needs an instance UUID and moref (at most 64 characters) and a name of at most 255", ErrInvalid)
+	}
+	at := now()
+	err := s.inTx(ctx, "upsert VM "+vm.Moref, func(tx *sql.Tx) error {
+		// LAST_INSERT_ID(id) makes the existing row's id come back on update too.
+		res, err := tx.ExecContext(ctx, `INSERT INTO vms (instance_uuid, moref, name, created_at, updated_at)
+			VALUES (?, ?, ?, ?, ?)
+			ON DUPLICATE KEY UPDATE id = LAST_INSERT_ID(id), name = VALUES(name), updated_at = VALUES(updated_at)`,
+			vm.InstanceUUID, vm.Moref, vm.Name, at, at)
+		if err != nil {
+			return err
+		}
+		if vm.ID, err = res.LastInsertId(); err != nil {
+			return err
+		}
+		keys := make([]any, 0, len(disks)+1)
+		keys = append(keys, vm.ID)
+		for _, d := range disks {
+			if d.CapacityBytes < 0 {
+				return fmt.Errorf("%w: disk %d capacity %d", ErrInvalid, d.Key, d.CapacityBytes)
+			}
+			if _, err := tx.ExecContext(ctx, `INSERT INTO disks (vm_id, disk_key, label, capacity_bytes, backing_file, updated_at)
+				VALUES (?, ?, ?, ?, ?, ?)
+				ON DUPLICATE KEY UPDATE label = VALUES(label), capacity_bytes = VALUES(capacity_bytes),
+					backing_file = VALUES(backing_file), updated_at = VALUES(updated_at)`,
+				vm.ID, d.Key, d.Label, d.CapacityBytes, d.BackingFile, at); err != nil {
+				return fmt.Errorf("disk %d: %w", d.Key, err)
+			}
+			keys = append(keys, d.Key)
+		}
+		query := "DELETE FROM disks WHERE vm_id = ?"
+		if len(disks) > 0 {
+			query += " AND disk_key NOT IN (?" + strings.Repeat(",?", len(disks)-1) + ")"
+		}
+		_, err = tx.ExecContext(ctx, query, keys...)
+		return err
+	})
+	if err != nil {
+		return VM{}, err
+	}
+	vm.UpdatedAt = at
+	return vm, nil
+}
+
+// GetVM returns a VM by its catalog id.
+func (s *Store) GetVM(ctx context.Context, id int64) (VM, error) {
+	return s.scanVM(ctx, "id = ?", id)
+}
+
+// FindVM returns a VM by vCenter instance UUID and moref.
+func (s *Store) FindVM(ctx context.Context, instanceUUID, moref string) (VM, error) {
+	return s.scanVM(ctx, "instance_uuid = ? AND moref = ?", instanceUUID, moref)
+}
+
+func (s *Store) scanVM(ctx context.Context, where string, args ...any) (VM, error) {
+	var vm VM
+	err := s.db.QueryRowContext(ctx, "SELECT id, instance_uuid, moref, name, updated_at FROM vms WHERE "+where, args...).
+		Scan(&vm.ID, &vm.InstanceUUID, &vm.Moref, &vm.Name, &vm.UpdatedAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return VM{}, fmt.Errorf("VM %v: %w", args, ErrNotFound)
+	}
+	if err != nil {
+		return VM{}, fmt.Errorf("read VM %v: %w", args, err)
+	}
+	return vm, nil
+}
+
+// Disks returns the VM's current disks by key.
+func (s *Store) Disks(ctx context.Context, vmID int64) ([]Disk, error) {
+	rows, err := s.db.QueryContext(ctx, "SELECT disk_key, label, capacity_bytes, backing_file FROM disks WHERE vm_id = ? ORDER BY disk_key", vmID)
+	if err != nil {
+		return nil, fmt.Errorf("read disks of VM %d: %w", vmID, err)
+	}
+	defer rows.Close()
+	var disks []Disk
+	for rows.Next() {
+		var d Disk
+		if err := rows.Scan(&d.Key, &d.Label, &d.CapacityBytes, &d.BackingFile); err != nil {
+			return nil, fmt.Errorf("read disks of VM %d: %w", vmID, err)
+		}
+		disks = append(disks, d)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read disks of VM %d: %w", vmID, err)
+	}
+	return disks, nil
+}

@@ -1,0 +1,437 @@
+// Package vcsimtest runs an in-process vCenter simulator (govmomi's vcsim) holding one
+// VM whose disks are real flat files with generated content, plus what vcsim lacks:
+// Changed Block Tracking (changeIds and QueryChangedDiskAreas) and a session check on
+// the datastore file endpoint. Tests, e2e tests and the demo all use it.
+package vcsimtest
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vmware/govmomi/find"
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/property"
+	"github.com/vmware/govmomi/session"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/simulator/sim25"
+	"github.com/vmware/govmomi/vim25"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+// TB is the part of testing.TB the lab needs, so a non-test program can pass its own.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+}
+
+// Options shape the lab. Zero values take the defaults.
+type Options struct {
+	Disks    int   // number of disks of the VM; default 2
+	DiskSize int64 // bytes per disk, a multiple of 1 MiB; default 64 MiB
+	Seed     uint64
+	VMName   string // default "df-vm01"
+	// CBT starts the VM with changeTrackingEnabled, so disks carry changeIds at once.
+	CBT bool
+	// MaxExtentsPerQuery bounds each QueryChangedDiskAreas answer, as vCenter does,
+	// so callers' continuation loops are exercised; default 8.
+	MaxExtentsPerQuery int
+}
+
+// Disk is one disk of the lab VM.
+type Disk struct {
+	Key           int32
+	Label         string
+	CapacityBytes int64
+	BackingFile   string // "[LocalDS_0] df-vm01/df-vm01.vmdk"
+	FlatPath      string // the local -flat.vmdk holding the disk's bytes
+}
+
+// Lab is a running simulator. Everything exported is safe to read; the password is a
+// throwaway generated per lab.
+type Lab struct {
+	URL          string // https://127.0.0.1:port/sdk
+	Thumbprint   string // SHA-1 of the simulator's certificate, "AB:CD:..."
+	User         string
+	Password     string
+	Datacenter   string
+	Datastore    string
+	DatastoreDir string // local directory backing the datastore
+	VMName       string
+	VMMoref      string
+	VMPath       string // inventory path
+	Disks        []Disk
+
+	model  *simulator.Model
+	server *simulator.Server
+	reg    *simulator.Registry
+	admin  *vim25.Client
+	vmRef  types.ManagedObjectReference
+	batch  int
+	seed   uint64
+
+	mu    sync.Mutex
+	disks map[int32]*diskState
+}
+
+// NewLab starts a lab and stops it when the test ends.
+func NewLab(t TB, opts Options) *Lab {
+	t.Helper()
+	l, err := Start(context.Background(), opts)
+	if err != nil {
+		t.Fatalf("start vcsim lab: %v", err)
+	}
+	t.Cleanup(l.Close)
+	return l
+}
+
+// Start starts a lab; the caller must Close it.
+func Start(ctx context.Context, opts Options) (*Lab, error) {
+	if opts.Disks == 0 {
+		opts.Disks = 2
+	}
+	if opts.DiskSize == 0 {
+		opts.DiskSize = 64 << 20
+	}
+	if opts.DiskSize%(1<<20) != 0 || opts.DiskSize < 0 || opts.Disks < 0 {
+		return nil, fmt.Errorf("disk size %d is not a positive multiple of 1 MiB", opts.DiskSize)
+	}
+	if opts.VMName == "" {
+		opts.VMName = "df-vm01"
+	}
+	if opts.MaxExtentsPerQuery <= 0 {
+		opts.MaxExtentsPerQuery = 8
+	}
+
+	l := &Lab{
+		User:     "diskferry-" + randomHex(4),
+		Password: randomHex(16),
+		VMName:   opts.VMName,
+		batch:    opts.MaxExtentsPerQuery,
+		seed:     opts.Seed,
+		disks:    map[int32]*diskState{},
+	}
+
+	m := simulator.VPX()
+	m.Cluster, m.ClusterHost, m.Machine, m.Portgroup = 0, 0, 0, 0
+	if err := m.Create(); err != nil {
+		return nil, fmt.Errorf("create vcsim model: %w", err)
+	}
+	l.model = m
+	svc := m.Service
+	svc.TLS = new(tls.Config)
+	svc.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(l.User, l.Password)}
+	svc.RegisterEndpoints = true
+	// vcsim serves /folder to anyone; real vCenter wants the session cookie, so GET and
+	// HEAD (the reads) are checked here before vcsim's own handler serves the file.
+	svc.ServeMux = http.NewServeMux()
+	svc.ServeMux.HandleFunc("GET /folder/", l.serveFolder)
+	l.reg = m.Map()
+	l.reg.Handler = l.intercept
+
+	l.server = svc.NewServer()
+	u := *l.server.URL
+	u.User = nil
+	l.URL = u.String()
+	l.Thumbprint = soap.ThumbprintSHA1(l.server.Certificate())
+
+	if err := l.build(ctx, opts); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// Close stops the simulator and removes its datastore files.
+func (l *Lab) Close() {
+	if l.admin != nil {
+		_ = session.NewManager(l.admin).Logout(context.Background())
+		l.admin = nil
+	}
+	if l.server != nil {
+		l.server.Close()
+		l.server = nil
+	}
+	l.mu.Lock()
+	for _, st := range l.disks {
+		_ = st.file.Close()
+	}
+	l.mu.Unlock()
+	if l.model != nil {
+		l.model.Remove()
+		l.model = nil
+	}
+}
+
+// build logs in as the lab's admin and creates the VM, its disks and their content.
+func (l *Lab) build(ctx context.Context, opts Options) error {
+	u, err := soap.ParseURL(l.URL)
+	if err != nil {
+		return fmt.Errorf("lab URL: %w", err)
+	}
+	sc := soap.NewClient(u, false)
+	sc.SetThumbprint(u.Host, l.Thumbprint)
+	vc, err := vim25.NewClient(ctx, sc)
+	if err != nil {
+		return fmt.Errorf("lab admin client: %w", err)
+	}
+	if err := session.NewManager(vc).Login(ctx, url.UserPassword(l.User, l.Password)); err != nil {
+		return fmt.Errorf("lab admin login: %w", err)
+	}
+	l.admin = vc
+
+	finder := find.NewFinder(vc, false)
+	dc, err := finder.DefaultDatacenter(ctx)
+	if err != nil {
+		return fmt.Errorf("lab datacenter: %w", err)
+	}
+	finder.SetDatacenter(dc)
+	ds, err := finder.DefaultDatastore(ctx)
+	if err != nil {
+		return fmt.Errorf("lab datastore: %w", err)
+	}
+	host, err := finder.DefaultHostSystem(ctx)
+	if err != nil {
+		return fmt.Errorf("lab host: %w", err)
+	}
+	pool, err := host.ResourcePool(ctx)
+	if err != nil {
+		return fmt.Errorf("lab resource pool: %w", err)
+	}
+	folders, err := dc.Folders(ctx)
+	if err != nil {
+		return fmt.Errorf("lab folders: %w", err)
+	}
+	var dso mo.Datastore
+	if err := ds.Properties(ctx, ds.Reference(), []string{"name", "summary"}, &dso); err != nil {
+		return fmt.Errorf("lab datastore properties: %w", err)
+	}
+	l.Datacenter = dc.Name()
+	l.Datastore = dso.Name
+	l.DatastoreDir = dso.Summary.Url
+
+	vm, err := l.createVM(ctx, folders.VmFolder, pool, host, ds.Reference(), opts)
+	if err != nil {
+		return err
+	}
+	l.vmRef = vm.Reference()
+	l.VMMoref = l.vmRef.Value
+	l.VMPath = path.Join(dc.InventoryPath, "vm", l.VMName)
+
+	var o mo.VirtualMachine
+	if err := vm.Properties(ctx, l.vmRef, []string{"config.hardware.device"}, &o); err != nil {
+		return fmt.Errorf("lab VM devices: %w", err)
+	}
+	devices := object.VirtualDeviceList(o.Config.Hardware.Device)
+	for i, d := range devices.SelectByType((*types.VirtualDisk)(nil)) {
+		vd := d.(*types.VirtualDisk)
+		b := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
+		var p object.DatastorePath
+		if !p.FromString(b.FileName) {
+			return fmt.Errorf("lab disk %d: backing %q", vd.Key, b.FileName)
+		}
+		disk := Disk{
+			Key:           vd.Key,
+			Label:         devices.Name(vd),
+			CapacityBytes: vd.CapacityInBytes,
+			BackingFile:   b.FileName,
+			FlatPath:      filepath.Join(l.DatastoreDir, filepath.FromSlash(strings.TrimSuffix(p.Path, ".vmdk")+"-flat.vmdk")),
+		}
+		if vd.DeviceInfo != nil {
+			disk.Label = vd.DeviceInfo.GetDescription().Label
+		}
+		st, err := newDiskState(disk, l.seed, i)
+		if err != nil {
+			return err
+		}
+		l.Disks = append(l.Disks, disk)
+		l.disks[disk.Key] = st
+	}
+	if len(l.Disks) != opts.Disks {
+		return fmt.Errorf("lab VM has %d disks, want %d", len(l.Disks), opts.Disks)
+	}
+	l.syncChangeIDs(&simulator.Context{Context: ctx, Map: l.reg})
+	return nil
+}
+
+func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.ResourcePool, host *object.HostSystem, ds types.ManagedObjectReference, opts Options) (*object.VirtualMachine, error) {
+	var devices object.VirtualDeviceList
+	scsi, err := devices.CreateSCSIController("pvscsi")
+	if err != nil {
+		return nil, fmt.Errorf("lab SCSI controller: %w", err)
+	}
+	devices = append(devices, scsi)
+	ctrl := scsi.(types.BaseVirtualController)
+	changes := []types.BaseVirtualDeviceConfigSpec{&types.VirtualDeviceConfigSpec{
+		Operation: types.VirtualDeviceConfigSpecOperationAdd,
+		Device:    scsi,
+	}}
+	for i := range opts.Disks {
+		name := fmt.Sprintf("[%s] %s/%s.vmdk", l.Datastore, l.VMName, l.VMName)
+		if i > 0 {
+			name = fmt.Sprintf("[%s] %s/%s_%d.vmdk", l.Datastore, l.VMName, l.VMName, i)
+		}
+		disk := devices.CreateDisk(ctrl, ds, name)
+		disk.CapacityInBytes = opts.DiskSize
+		disk.CapacityInKB = opts.DiskSize / 1024
+		devices = append(devices, disk)
+		changes = append(changes, &types.VirtualDeviceConfigSpec{
+			Operation:     types.VirtualDeviceConfigSpecOperationAdd,
+			FileOperation: types.VirtualDeviceConfigSpecFileOperationCreate,
+			Device:        disk,
+		})
+	}
+	cbt := opts.CBT
+	spec := types.VirtualMachineConfigSpec{
+		Name:                  l.VMName,
+		GuestId:               string(types.VirtualMachineGuestOsIdentifierOtherLinux64Guest),
+		NumCPUs:               1,
+		MemoryMB:              256,
+		ChangeTrackingEnabled: &cbt,
+		Files:                 &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s]", l.Datastore)},
+		DeviceChange:          changes,
+	}
+	task, err := folder.CreateVM(ctx, spec, pool, host)
+	if err != nil {
+		return nil, fmt.Errorf("lab create VM: %w", err)
+	}
+	res, err := task.WaitForResult(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("lab create VM: %w", err)
+	}
+	vm := object.NewVirtualMachine(l.admin, res.Result.(types.ManagedObjectReference))
+	power, err := vm.PowerOn(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("lab power on VM: %w", err)
+	}
+	if err := power.Wait(ctx); err != nil {
+		return nil, fmt.Errorf("lab power on VM: %w", err)
+	}
+	return vm, nil
+}
+
+// serveFolder refuses datastore reads without a live session cookie, then lets
+// vcsim serve the file (with HTTP Range).
+func (l *Lab) serveFolder(w http.ResponseWriter, r *http.Request) {
+	c, err := r.Cookie(soap.SessionCookieName)
+	if err != nil || !l.sessionActive(r.Context(), c.Value) {
+		http.Error(w, "session cookie missing or not valid", http.StatusUnauthorized)
+		return
+	}
+	l.model.Service.ServeDatastore(w, r)
+}
+
+func (l *Lab) sessionActive(ctx context.Context, key string) bool {
+	var sm mo.SessionManager
+	if err := property.DefaultCollector(l.admin).RetrieveOne(ctx, *l.admin.ServiceContent.SessionManager, []string{"sessionList"}, &sm); err != nil {
+		return false
+	}
+	for _, s := range sm.SessionList {
+		if s.Key == key {
+			return true
+		}
+	}
+	return false
+}
+
+// SetSessionTimeout makes sessions created from now on expire after d of idleness,
+// so keepalive and re-login paths can be tested.
+func (l *Lab) SetSessionTimeout(ctx context.Context, d time.Duration) error {
+	if err := sim25.SetSessionTimeout(ctx, l.admin, d); err != nil {
+		return fmt.Errorf("set vcsim session timeout: %w", err)
+	}
+	return nil
+}
+
+// FailNext makes the next call of a SOAP method (e.g. "CreateSnapshot_Task",
+// "QueryChangedDiskAreas") fail with fault; nil means a generic SystemError.
+func (l *Lab) FailNext(method string, fault types.BaseMethodFault) {
+	rule := &simulator.FaultInjectionRule{
+		MethodName:  method,
+		ObjectType:  "*",
+		ObjectName:  "*",
+		Probability: 1,
+		FaultType:   simulator.FaultTypeGeneric,
+		Message:     "injected by vcsimtest",
+		MaxCount:    1,
+		Enabled:     true,
+	}
+	if fault != nil {
+		rule.FaultType = simulator.FaultTypeCustom
+		rule.Fault = fault
+	}
+	l.model.Service.AddFaultRule(rule)
+}
+
+// HoldTask shows a running task of the given method name (e.g. "CreateSnapshot_Task")
+// on the VM, as if another tool were snapshotting it, until release is called.
+func (l *Lab) HoldTask(method string) (release func()) {
+	name := strings.TrimSuffix(method, "_Task")
+	task := &simulator.Task{}
+	task.Info = types.TaskInfo{
+		Name:          method,
+		DescriptionId: "VirtualMachine." + strings.ToLower(name[:1]) + name[1:],
+		Entity:        &l.vmRef,
+		EntityName:    l.VMName,
+		State:         types.TaskInfoStateRunning,
+	}
+	l.reg.Put(task)
+	lockCtx := &simulator.Context{Context: context.Background(), Map: l.reg}
+	l.reg.WithLock(lockCtx, task, func() {
+		task.Info.Key = task.Self.Value
+		task.Info.Task = task.Self
+	})
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			l.reg.WithLock(lockCtx, task, func() {
+				l.reg.Update(lockCtx, task, []types.PropertyChange{{Name: "info.state", Val: types.TaskInfoStateSuccess}})
+			})
+		})
+	}
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		panic(fmt.Sprintf("crypto/rand: %v", err))
+	}
+	return hex.EncodeToString(b)
+}
+
+// Disk returns the lab disk with the given key.
+func (l *Lab) Disk(key int32) (Disk, error) {
+	for _, d := range l.Disks {
+		if d.Key == key {
+			return d, nil
+		}
+	}
+	return Disk{}, fmt.Errorf("lab has no disk %d", key)
+}
+
+// ensureFlat creates the flat file at full (sparse) size: nbdkit and HTTP readers
+// learn the disk size from it.
+func ensureFlat(d Disk) (*os.File, error) {
+	f, err := os.OpenFile(d.FlatPath, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open flat file of disk %d: %w", d.Key, err)
+	}
+	if err := f.Truncate(d.CapacityBytes); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("size flat file of disk %d: %w", d.Key, err)
+	}
+	return f, nil
+}
