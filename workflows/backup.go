@@ -1,0 +1,615 @@
+// Package workflows holds the Temporal workflows of diskferry. They only orchestrate: every
+// piece of I/O is an activity named in the activities contract, called by name so this
+// package never depends on the hub or SNA implementations.
+package workflows
+
+import (
+	"errors"
+	"fmt"
+	"regexp"
+	"time"
+
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/worker"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/diskferry/diskferry/activities"
+)
+
+// BackupWorkflowName is the registered workflow type name.
+const BackupWorkflowName = "BackupWorkflow"
+
+// Connection limits for one disk copy (and the matching qemu-nbd --shared).
+const (
+	DefaultConnections = 4
+	MaxConnections     = 16
+)
+
+// BackupInput is the plain-JSON request of a backup; it never carries a secret.
+type BackupInput struct {
+	VM          string  `json:"vm"`                    // inventory path, name or moref
+	Site        string  `json:"site"`                  // SNA site; selects the SNA task queue
+	Mode        string  `json:"mode,omitempty"`        // auto (default) | full | incremental
+	Quiesce     bool    `json:"quiesce,omitempty"`     // quiesce the guest file systems for the snapshot
+	Disks       []int32 `json:"disks,omitempty"`       // disk keys; empty: every disk
+	Connections int     `json:"connections,omitempty"` // NBD connections per disk copy; 0: DefaultConnections
+}
+
+// BackupResult describes the committed restore point.
+type BackupResult struct {
+	PointID  string                  `json:"pointId"`
+	HubID    string                  `json:"hubId"`
+	VMName   string                  `json:"vmName"`
+	Mode     string                  `json:"mode"` // full if any disk was copied in full
+	Disks    []activities.DiskResult `json:"disks"`
+	Duration time.Duration           `json:"duration"`
+	// Warnings are cleanup steps that failed after the point was committed; the point is usable.
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// Register registers BackupWorkflow under its explicit name.
+func Register(r worker.WorkflowRegistry) {
+	r.RegisterWorkflowWithOptions(BackupWorkflow, workflow.RegisterOptions{Name: BackupWorkflowName})
+}
+
+// BackupWorkflowID is the workflow ID convention for a manual backup of a VM: one ID per VM,
+// so the server itself refuses a second concurrent run (see StartBackupOptions). Runs started
+// by a schedule get their IDs from the schedule; the catalog guard in PlanBackup
+// (ErrBackupRunning) covers them and a VM named differently (path, name, moref).
+func BackupWorkflowID(vm string) string { return "backup-" + vm }
+
+// StartBackupOptions are the options the CLI starts a backup with: while a run with the same
+// ID is open the start fails with *serviceerror.WorkflowExecutionAlreadyStarted (conflict
+// policy FAIL; without WorkflowExecutionErrorWhenAlreadyStarted the SDK would silently hand
+// back the running backup instead); once it closed, a new run may reuse the ID.
+func StartBackupOptions(in BackupInput) client.StartWorkflowOptions {
+	return client.StartWorkflowOptions{
+		ID:                                       BackupWorkflowID(in.VM),
+		TaskQueue:                                activities.HubQueue,
+		WorkflowIDConflictPolicy:                 enumspb.WORKFLOW_ID_CONFLICT_POLICY_FAIL,
+		WorkflowIDReusePolicy:                    enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		WorkflowExecutionErrorWhenAlreadyStarted: true,
+	}
+}
+
+// SnapshotName is the name of the snapshot a backup run creates, unique per workflow ID so a
+// leftover is attributable to its run.
+func SnapshotName(workflowID string) string { return "diskferry-" + workflowID }
+
+// siteName keeps the site usable inside a task queue name.
+var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+
+// Validate checks the input and returns a non-retryable ErrBadInput error naming the field.
+func (in BackupInput) Validate() error {
+	switch {
+	case in.VM == "":
+		return badInput("vm: required")
+	case in.Site == "":
+		return badInput("site: required")
+	case !siteName.MatchString(in.Site):
+		return badInput(fmt.Sprintf("site: %q is not a valid site name (letters, digits, '.', '_', '-')", in.Site))
+	}
+	switch in.Mode {
+	case "", activities.ModeAuto, activities.ModeFull, activities.ModeIncremental:
+	default:
+		return badInput(fmt.Sprintf("mode: %q is not one of auto, full, incremental", in.Mode))
+	}
+	if in.Connections < 0 || in.Connections > MaxConnections {
+		return badInput(fmt.Sprintf("connections: %d is outside 0..%d", in.Connections, MaxConnections))
+	}
+	seen := make(map[int32]bool, len(in.Disks))
+	for _, key := range in.Disks {
+		if seen[key] {
+			return badInput(fmt.Sprintf("disks: key %d listed twice", key))
+		}
+		seen[key] = true
+	}
+	return nil
+}
+
+func badInput(msg string) error {
+	return temporal.NewNonRetryableApplicationError("invalid backup input: "+msg, activities.ErrBadInput, nil)
+}
+
+// withDefaults fills the optional fields.
+func (in BackupInput) withDefaults() BackupInput {
+	if in.Mode == "" {
+		in.Mode = activities.ModeAuto
+	}
+	if in.Connections == 0 {
+		in.Connections = DefaultConnections
+	}
+	return in
+}
+
+// BackupWorkflow backs up one VM into a new restore point (DESIGN §2). Every step that creates
+// something registers its undo as soon as it succeeds; on failure or cancel the undos run in
+// reverse order on a disconnected context and the original error is returned.
+func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) {
+	b := newBackup(ctx, in.withDefaults())
+	if err := workflow.SetQueryHandler(ctx, ProgressQueryName, func() (Progress, error) {
+		return b.progress.clone(), nil
+	}); err != nil {
+		return BackupResult{}, fmt.Errorf("register progress query: %w", err)
+	}
+	if err := in.Validate(); err != nil {
+		b.progress.Error = err.Error()
+		b.setStatus(ctx, StatusFailed)
+		b.journal.add(ctx, "refused: %v", err)
+		return BackupResult{}, err
+	}
+	b.setStatus(ctx, StatusRunning)
+	b.journal.add(ctx, "backup of %s from site %s requested (mode %s, quiesce %t)", in.VM, in.Site, b.in.Mode, in.Quiesce)
+
+	result, err := b.run(ctx)
+	if err == nil {
+		b.setStatus(ctx, StatusComplete)
+		b.journal.add(ctx, "point %s complete: %d disk(s), %s read in %s",
+			result.PointID, len(result.Disks), humanBytes(result.bytesRead()), result.Duration.Round(time.Second))
+		return result, nil
+	}
+	b.fail(ctx, err)
+	return BackupResult{}, err
+}
+
+// diskRun is the state of one planned disk as the run goes.
+type diskRun struct {
+	plan     activities.DiskPlan
+	port     int
+	target   activities.Target
+	export   activities.Export
+	copy     activities.CopyDiskResult
+	changeID string
+	verified activities.Verification
+}
+
+// backup is one run of BackupWorkflow.
+type backup struct {
+	in       BackupInput
+	info     *workflow.Info
+	started  time.Time
+	undo     *compensations
+	progress *Progress
+	journal  *jobLog
+
+	vm       activities.VM
+	plan     activities.Plan
+	disks    []*diskRun
+	snapshot activities.Snapshot
+}
+
+func newBackup(ctx workflow.Context, in BackupInput) *backup {
+	now := workflow.Now(ctx)
+	return &backup{
+		in:       in,
+		info:     workflow.GetInfo(ctx),
+		started:  now,
+		undo:     &compensations{},
+		progress: &Progress{VM: in.VM, Site: in.Site, Mode: in.Mode, Started: now},
+		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", in.VM, in.Site)},
+	}
+}
+
+func (b *backup) run(ctx workflow.Context) (BackupResult, error) {
+	steps := []func(workflow.Context) error{
+		b.inspectVM,
+		b.planBackup,
+		b.prepareTargets,
+		b.ensureTunnel,
+		b.createSnapshot,
+		b.copyDisks,
+		b.readChangeIDs,
+		b.removeSnapshot,
+		b.dropTunnel,
+		b.stopExports,
+		b.verifyTargets,
+		b.commitPoint,
+	}
+	for _, step := range steps {
+		if err := step(ctx); err != nil {
+			return BackupResult{}, err
+		}
+	}
+	result := b.result(ctx)
+	// The point is committed and usable: a cancel no longer stops the release of the leases,
+	// and a failure to release them is a warning, not a failed backup.
+	releaseCtx, _ := workflow.NewDisconnectedContext(ctx)
+	if err := b.releasePorts(releaseCtx); err != nil {
+		result.Warnings = append(result.Warnings, err.Error())
+		b.journal.add(ctx, "warning: %v", err)
+	}
+	return result, nil
+}
+
+func (b *backup) inspectVM(ctx workflow.Context) error {
+	b.step(ctx, "inspecting VM %s", b.in.VM)
+	err := b.execute(ctx, activities.InspectVMName, b.snaQueue(), "inspect VM "+b.in.VM,
+		activities.InspectVMInput{VM: b.in.VM}, &b.vm)
+	if err != nil {
+		return err
+	}
+	b.upsert(ctx, VMNameKey.ValueSet(b.vm.Name))
+	b.journal.add(ctx, "VM %s (%s): %d disk(s), CBT %t, %s", b.vm.Name, b.vm.Moref, len(b.vm.Disks), b.vm.CBTEnabled, b.vm.PowerState)
+	return nil
+}
+
+func (b *backup) planBackup(ctx workflow.Context) error {
+	b.step(ctx, "planning")
+	in := activities.PlanBackupInput{
+		WorkflowID: b.info.WorkflowExecution.ID,
+		RunID:      b.info.WorkflowExecution.RunID,
+		Site:       b.in.Site,
+		VM:         b.vm,
+		Mode:       b.in.Mode,
+		DiskKeys:   b.in.Disks,
+	}
+	if err := b.execute(ctx, activities.PlanBackupName, activities.HubQueue, "plan "+b.in.Mode+" backup of "+b.vm.Name, in, &b.plan); err != nil {
+		return err
+	}
+	pointID := b.plan.PointID
+	b.undo.add("fail-point", func(ctx workflow.Context, cause error) error {
+		return b.execute(ctx, activities.FailPointName, activities.HubQueue, "mark point "+pointID+" failed",
+			activities.FailPointInput{PointID: pointID, Error: cause.Error()}, nil)
+	})
+	if len(b.plan.Disks) == 0 {
+		return temporal.NewNonRetryableApplicationError("the plan selects no disk to back up", activities.ErrBadInput, nil)
+	}
+	b.progress.PointID, b.progress.HubID, b.progress.Mode = b.plan.PointID, b.plan.HubID, b.plan.Mode
+	for _, d := range b.plan.Disks {
+		b.disks = append(b.disks, &diskRun{plan: d})
+		b.progress.Disks = append(b.progress.Disks, DiskProgress{
+			Key: d.Key, Mode: d.Mode, Phase: PhaseWaiting, CapacityBytes: d.CapacityBytes, BytesTotal: d.CapacityBytes,
+		})
+	}
+	b.upsert(ctx, BackupModeKey.ValueSet(b.plan.Mode))
+	b.journal.add(ctx, "planned %s backup as point %s on hub %s: %s", b.plan.Mode, b.plan.PointID, b.plan.HubID, b.describeDisks())
+	return nil
+}
+
+func (b *backup) prepareTargets(ctx workflow.Context) error {
+	hubHost := activities.HubHostQueue(b.plan.HubID)
+	wfID := b.info.WorkflowExecution.ID
+	for _, d := range b.disks {
+		key := d.plan.Key
+		b.step(ctx, "preparing target of disk %d", key)
+		b.setPhase(key, PhaseExporting)
+		if err := b.execute(ctx, activities.AllocatePortName, activities.HubQueue, fmt.Sprintf("lease a port for disk %d", key),
+			activities.AllocatePortInput{HubID: b.plan.HubID, WorkflowID: wfID, DiskKey: key}, &d.port); err != nil {
+			return err
+		}
+		if !b.undo.has("release-ports") {
+			release := activities.ReleasePortsInput{HubID: b.plan.HubID, WorkflowID: wfID}
+			b.undo.add("release-ports", func(ctx workflow.Context, _ error) error {
+				return b.execute(ctx, activities.ReleasePortsName, activities.HubQueue, "release the port leases", release, nil)
+			})
+		}
+
+		if err := b.execute(ctx, activities.PrepareTargetName, hubHost,
+			fmt.Sprintf("create %s target of disk %d (%s)", d.plan.Mode, key, humanBytes(d.plan.CapacityBytes)),
+			activities.PrepareTargetInput{PointID: b.plan.PointID, VM: b.vm, Disk: d.plan}, &d.target); err != nil {
+			return err
+		}
+		discard := activities.DiscardTargetInput{Path: d.target.Path}
+		b.undo.add(discardKey(key), func(ctx workflow.Context, _ error) error {
+			return b.execute(ctx, activities.DiscardTargetName, hubHost, fmt.Sprintf("discard target of disk %d", key), discard, nil)
+		})
+
+		if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
+			activities.StartExportInput{WorkflowID: wfID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
+			&d.export); err != nil {
+			return err
+		}
+		stop := activities.StopExportInput{Port: d.export.Port, Path: d.export.Path}
+		b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
+			return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
+		})
+		b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
+	}
+	return nil
+}
+
+func (b *backup) ensureTunnel(ctx workflow.Context) error {
+	in := activities.EnsureTunnelInput{HubID: b.plan.HubID}
+	for _, d := range b.disks {
+		in.Ports = append(in.Ports, d.export.Port)
+	}
+	b.step(ctx, "opening tunnel forwards to hub %s", b.plan.HubID)
+	if err := b.execute(ctx, activities.EnsureTunnelName, b.snaQueue(), fmt.Sprintf("forward ports %v to hub %s", in.Ports, in.HubID), in, nil); err != nil {
+		return err
+	}
+	b.undo.add("tunnel", func(ctx workflow.Context, _ error) error {
+		return b.execute(ctx, activities.DropTunnelName, b.snaQueue(), fmt.Sprintf("drop forwards %v", in.Ports), in, nil)
+	})
+	b.journal.add(ctx, "tunnel forwards %v to hub %s ready", in.Ports, in.HubID)
+	return nil
+}
+
+func (b *backup) createSnapshot(ctx workflow.Context) error {
+	in := activities.CreateSnapshotInput{VMMoref: b.vm.Moref, Name: SnapshotName(b.info.WorkflowExecution.ID), Quiesce: b.in.Quiesce}
+	b.step(ctx, "creating snapshot %s", in.Name)
+	if err := b.execute(ctx, activities.CreateSnapshotName, b.snaQueue(), fmt.Sprintf("snapshot %s (quiesce %t)", b.vm.Name, in.Quiesce), in, &b.snapshot); err != nil {
+		return err
+	}
+	snapshot := b.snapshot
+	b.undo.add("snapshot", func(ctx workflow.Context, _ error) error {
+		return b.execute(ctx, activities.RemoveSnapshotName, b.snaQueue(), "remove snapshot "+snapshot.Name, snapshot, nil)
+	})
+	b.journal.add(ctx, "snapshot %s (%s) created", b.snapshot.Name, b.snapshot.Moref)
+	return nil
+}
+
+// copyDisks copies every disk in parallel. The first failure cancels the other copies and
+// waits for them to stop, so compensation never pulls an export or the snapshot from under a
+// running copy.
+func (b *backup) copyDisks(ctx workflow.Context) error {
+	b.setStatus(ctx, StatusCopying)
+	b.step(ctx, "copying %d disk(s)", len(b.disks))
+	copyCtx, cancelCopies := workflow.WithCancel(ctx)
+	defer cancelCopies()
+
+	selector := workflow.NewSelector(ctx)
+	var firstErr error
+	for _, d := range b.disks {
+		in := activities.CopyDiskInput{
+			Snapshot:      b.snapshot,
+			DiskKey:       d.plan.Key,
+			CapacityBytes: d.plan.CapacityBytes,
+			TargetPort:    d.export.Port,
+			ExportName:    d.export.Name,
+			Mode:          d.plan.Mode,
+			PrevChangeID:  d.plan.PrevChangeID,
+			Connections:   b.in.Connections,
+		}
+		opts := b.options(activities.CopyDiskName, b.snaQueue(),
+			fmt.Sprintf("copy disk %d (%s, %s)", d.plan.Key, d.plan.Mode, humanBytes(d.plan.CapacityBytes)))
+		opts.ActivityID = CopyActivityID(d.plan.Key)
+		b.setPhase(d.plan.Key, PhaseCopying)
+		b.progress.disk(d.plan.Key).CopyStarted = workflow.Now(ctx)
+		future := workflow.ExecuteActivity(workflow.WithActivityOptions(copyCtx, opts), activities.CopyDiskName, in)
+		selector.AddFuture(future, func(f workflow.Future) {
+			if err := f.Get(ctx, &d.copy); err != nil {
+				if firstErr == nil {
+					firstErr = err
+					cancelCopies()
+				}
+				return
+			}
+			b.copied(ctx, d)
+		})
+	}
+	for range b.disks {
+		selector.Select(ctx)
+	}
+	return firstErr
+}
+
+func (b *backup) copied(ctx workflow.Context, d *diskRun) {
+	p := b.progress.disk(d.plan.Key)
+	p.BytesDone, p.BytesTotal = d.copy.BytesRead, d.copy.BytesRead
+	p.CopyDuration = d.copy.Duration
+	if secs := d.copy.Duration.Seconds(); secs > 0 {
+		p.Rate = float64(d.copy.BytesRead) / secs
+	}
+	b.journal.add(ctx, "disk %d copied: %s read, %s written, %s zeroed in %s", d.plan.Key,
+		humanBytes(d.copy.BytesRead), humanBytes(d.copy.BytesWritten), humanBytes(d.copy.BytesZeroed), d.copy.Duration.Round(time.Millisecond))
+}
+
+func (b *backup) readChangeIDs(ctx workflow.Context) error {
+	b.step(ctx, "reading change IDs")
+	var changeIDs map[int32]string
+	if err := b.execute(ctx, activities.ReadChangeIDsName, b.snaQueue(), "read the change IDs of "+b.snapshot.Name,
+		activities.ReadChangeIDsInput{Snapshot: b.snapshot}, &changeIDs); err != nil {
+		return err
+	}
+	for _, d := range b.disks {
+		d.changeID = changeIDs[d.plan.Key]
+	}
+	return nil
+}
+
+// removeSnapshot, dropTunnel and stopExports are the success-path runs of registered undos
+// (compensations.runNow), so the normal teardown and the compensation share one input each.
+func (b *backup) removeSnapshot(ctx workflow.Context) error {
+	b.step(ctx, "removing snapshot %s", b.snapshot.Name)
+	if err := b.undo.runNow(ctx, "snapshot"); err != nil {
+		return err
+	}
+	b.journal.add(ctx, "snapshot %s removed", b.snapshot.Name)
+	return nil
+}
+
+func (b *backup) dropTunnel(ctx workflow.Context) error {
+	b.step(ctx, "dropping tunnel forwards")
+	return b.undo.runNow(ctx, "tunnel")
+}
+
+func (b *backup) stopExports(ctx workflow.Context) error {
+	b.setStatus(ctx, StatusVerifying)
+	for _, d := range b.disks {
+		b.step(ctx, "stopping export of disk %d", d.plan.Key)
+		b.setPhase(d.plan.Key, PhaseVerifying)
+		if err := b.undo.runNow(ctx, stopExportKey(d.plan.Key)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (b *backup) verifyTargets(ctx workflow.Context) error {
+	hubHost := activities.HubHostQueue(b.plan.HubID)
+	for _, d := range b.disks {
+		b.step(ctx, "verifying disk %d", d.plan.Key)
+		in := activities.VerifyTargetInput{Path: d.target.Path, BlockSize: d.copy.BlockSize, Digest: d.copy.Digest, Areas: d.copy.Areas}
+		if err := b.execute(ctx, activities.VerifyTargetName, hubHost, fmt.Sprintf("verify disk %d (%s)", d.plan.Key, d.target.Path), in, &d.verified); err != nil {
+			return err
+		}
+		b.setPhase(d.plan.Key, PhaseDone)
+		b.journal.add(ctx, "disk %d verified: %s allocated of %s", d.plan.Key, humanBytes(d.verified.AllocatedBytes), humanBytes(d.verified.VirtualBytes))
+	}
+	return nil
+}
+
+func (b *backup) commitPoint(ctx workflow.Context) error {
+	b.step(ctx, "committing point %s", b.plan.PointID)
+	in := activities.CommitPointInput{PointID: b.plan.PointID, Disks: b.diskResults()}
+	if err := b.execute(ctx, activities.CommitPointName, activities.HubQueue, "commit point "+b.plan.PointID, in, nil); err != nil {
+		return err
+	}
+	// The point is usable now: its files must stay and it must not be marked failed.
+	b.undo.forget("fail-point")
+	for _, d := range b.disks {
+		b.undo.forget(discardKey(d.plan.Key))
+	}
+	return nil
+}
+
+func (b *backup) releasePorts(ctx workflow.Context) error {
+	b.step(ctx, "releasing ports")
+	return b.undo.runNow(ctx, "release-ports")
+}
+
+// fail runs the compensations after err and records the outcome everywhere an operator looks.
+func (b *backup) fail(ctx workflow.Context, err error) {
+	status := StatusFailed
+	if temporal.IsCanceledError(err) {
+		status = StatusCancelled
+	}
+	// Compensation must run even though ctx may be cancelled.
+	cleanupCtx, _ := workflow.NewDisconnectedContext(ctx)
+	b.progress.Error = err.Error()
+	// Even verified disks are lost: their targets are discarded with the point.
+	for i := range b.progress.Disks {
+		b.progress.Disks[i].Phase = PhaseFailed
+	}
+	b.journal.add(cleanupCtx, "%s: %v; cleaning up", status, err)
+	b.step(cleanupCtx, "cleaning up")
+	for _, undoErr := range b.undo.runAll(cleanupCtx, err) {
+		workflow.GetLogger(ctx).Error("compensation failed", "error", undoErr)
+		b.progress.UndoErrors = append(b.progress.UndoErrors, undoErr.Error())
+		b.journal.add(cleanupCtx, "cleanup failed: %v", undoErr)
+	}
+	b.setStatus(cleanupCtx, status)
+	b.step(cleanupCtx, "%s", status)
+}
+
+func (b *backup) result(ctx workflow.Context) BackupResult {
+	return BackupResult{
+		PointID:  b.plan.PointID,
+		HubID:    b.plan.HubID,
+		VMName:   b.vm.Name,
+		Mode:     b.plan.Mode,
+		Disks:    b.diskResults(),
+		Duration: workflow.Now(ctx).Sub(b.started),
+	}
+}
+
+func (b *backup) diskResults() []activities.DiskResult {
+	out := make([]activities.DiskResult, 0, len(b.disks))
+	for _, d := range b.disks {
+		out = append(out, activities.DiskResult{
+			Key:           d.plan.Key,
+			Path:          d.target.Path,
+			ParentPath:    d.plan.ParentPath,
+			Mode:          d.plan.Mode,
+			ChangeID:      d.changeID,
+			CapacityBytes: d.plan.CapacityBytes,
+			BytesRead:     d.copy.BytesRead,
+			BytesWritten:  d.copy.BytesWritten,
+			BytesZeroed:   d.copy.BytesZeroed,
+			Duration:      d.copy.Duration,
+			Digest:        d.copy.Digest,
+		})
+	}
+	return out
+}
+
+func (r BackupResult) bytesRead() int64 {
+	var n int64
+	for _, d := range r.Disks {
+		n += d.BytesRead
+	}
+	return n
+}
+
+// execute runs one activity by name with the options of its step and waits for its result.
+func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, out any) error {
+	ctx = workflow.WithActivityOptions(ctx, b.options(name, queue, summary))
+	return workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
+}
+
+func (b *backup) snaQueue() string { return activities.SNAQueue(b.in.Site) }
+
+// vmName is the VM's inventory name once inspected, the requested name before.
+func (b *backup) vmName() string {
+	if b.vm.Name != "" {
+		return b.vm.Name
+	}
+	return b.in.VM
+}
+
+func (b *backup) step(ctx workflow.Context, format string, args ...any) {
+	b.progress.Step = fmt.Sprintf(format, args...)
+	b.journal.publish(ctx, b.progress.Step)
+}
+
+func (b *backup) setStatus(ctx workflow.Context, status string) {
+	b.progress.Status = status
+	b.upsert(ctx,
+		VMNameKey.ValueSet(b.vmName()),
+		SiteKey.ValueSet(b.in.Site),
+		BackupModeKey.ValueSet(b.progress.Mode),
+		BackupStatusKey.ValueSet(status))
+}
+
+func (b *backup) setPhase(key int32, phase string) {
+	if p := b.progress.disk(key); p != nil {
+		p.Phase = phase
+	}
+}
+
+// upsert updates search attributes; a failure only costs visibility, never the backup.
+func (b *backup) upsert(ctx workflow.Context, updates ...temporal.SearchAttributeUpdate) {
+	if err := workflow.UpsertTypedSearchAttributes(ctx, updates...); err != nil {
+		workflow.GetLogger(ctx).Warn("upsert search attributes", "error", err)
+	}
+}
+
+func (b *backup) describeDisks() string {
+	var s string
+	for i, d := range b.plan.Disks {
+		if i > 0 {
+			s += ", "
+		}
+		s += fmt.Sprintf("disk %d %s %s", d.Key, d.Mode, humanBytes(d.CapacityBytes))
+		if d.Reason != "" {
+			s += " (" + d.Reason + ")"
+		}
+	}
+	return s
+}
+
+func discardKey(key int32) string    { return fmt.Sprintf("discard-target-%d", key) }
+func stopExportKey(key int32) string { return fmt.Sprintf("stop-export-%d", key) }
+
+// IsBackupRunning reports whether err says another backup of the VM is running.
+func IsBackupRunning(err error) bool {
+	var appErr *temporal.ApplicationError
+	return errors.As(err, &appErr) && appErr.Type() == activities.ErrBackupRunning
+}
+
+// humanBytes prints a byte count in binary units, as operators read disk sizes.
+func humanBytes(n int64) string {
+	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
+	v := float64(n)
+	i := 0
+	for v >= 1024 && i < len(units)-1 {
+		v /= 1024
+		i++
+	}
+	if i == 0 || v == float64(int64(v)) {
+		return fmt.Sprintf("%d %s", int64(v), units[i])
+	}
+	return fmt.Sprintf("%.1f %s", v, units[i])
+}

@@ -1,0 +1,290 @@
+package workflows
+
+import (
+	"context"
+	"fmt"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/worker"
+
+	"github.com/diskferry/diskferry/activities"
+)
+
+const (
+	gib       = int64(1) << 30
+	testHubID = "hub1"
+	testSite  = "lab"
+)
+
+// fakeActivities stands in for the hub and SNA workers under the contract's activity names.
+// It records every call as "<Name>" or "<Name> <diskKey>" and can fail or block one call.
+type fakeActivities struct {
+	mu    sync.Mutex
+	calls []string
+	// inputs of the calls whose content tests check
+	failPoints []activities.FailPointInput
+	commits    []activities.CommitPointInput
+
+	planMode string           // full | incremental: what PlanBackup decides for every disk
+	fail     map[string]error // call label → error to return
+	blockAt  string           // call label whose first call blocks until its context ends or release closes
+	onBlock  func()           // runs when the blocking call started
+	// blockHeartbeat is the details the blocking call heartbeats, if any.
+	blockHeartbeat any
+	release        chan struct{}  // closed by the test's cleanup
+	flaky          map[string]int // call label → attempts that fail retryably before success
+	attempts       map[string]int
+}
+
+func newFakeActivities(planMode string) *fakeActivities {
+	return &fakeActivities{
+		planMode: planMode,
+		fail:     map[string]error{},
+		release:  make(chan struct{}),
+		flaky:    map[string]int{},
+		attempts: map[string]int{},
+	}
+}
+
+func (f *fakeActivities) register(r worker.ActivityRegistry) {
+	for name, fn := range map[string]any{
+		activities.InspectVMName:      f.InspectVM,
+		activities.PlanBackupName:     f.PlanBackup,
+		activities.AllocatePortName:   f.AllocatePort,
+		activities.ReleasePortsName:   f.ReleasePorts,
+		activities.CommitPointName:    f.CommitPoint,
+		activities.FailPointName:      f.FailPoint,
+		activities.PrepareTargetName:  f.PrepareTarget,
+		activities.DiscardTargetName:  f.DiscardTarget,
+		activities.StartExportName:    f.StartExport,
+		activities.StopExportName:     f.StopExport,
+		activities.VerifyTargetName:   f.VerifyTarget,
+		activities.EnsureTunnelName:   f.EnsureTunnel,
+		activities.DropTunnelName:     f.DropTunnel,
+		activities.CreateSnapshotName: f.CreateSnapshot,
+		activities.RemoveSnapshotName: f.RemoveSnapshot,
+		activities.CopyDiskName:       f.CopyDisk,
+		activities.ReadChangeIDsName:  f.ReadChangeIDs,
+	} {
+		r.RegisterActivityWithOptions(fn, activity.RegisterOptions{Name: name})
+	}
+}
+
+// call records a call and applies the injected behaviour for it.
+func (f *fakeActivities) call(ctx context.Context, label string) error {
+	f.mu.Lock()
+	f.calls = append(f.calls, label)
+	err := f.fail[label]
+	block := f.blockAt == label
+	if block {
+		f.blockAt = "" // only the first call blocks; a compensation may run the same step again
+	}
+	details := f.blockHeartbeat
+	f.attempts[label]++
+	flaky := f.attempts[label] <= f.flaky[label]
+	f.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if flaky {
+		return fmt.Errorf("transient failure of %s", label)
+	}
+	if block {
+		if f.onBlock != nil {
+			f.onBlock()
+		}
+		// Heartbeats carry the cancellation to the activity on a real server.
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if details != nil {
+				activity.RecordHeartbeat(ctx, details)
+			} else {
+				activity.RecordHeartbeat(ctx)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-f.release:
+				return fmt.Errorf("%s released by test cleanup", label)
+			case <-tick.C:
+			}
+		}
+	}
+	return nil
+}
+
+// recorded returns the calls so far, with each run of parallel CopyDisk calls sorted.
+func (f *fakeActivities) recorded() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := slices.Clone(f.calls)
+	for i := 0; i < len(out); {
+		j := i
+		for j < len(out) && strings.HasPrefix(out[j], activities.CopyDiskName+" ") {
+			j++
+		}
+		if j > i {
+			slices.Sort(out[i:j])
+			i = j
+			continue
+		}
+		i++
+	}
+	return out
+}
+
+func label(name string, key int32) string { return name + " " + strconv.Itoa(int(key)) }
+
+func testVM() activities.VM {
+	return activities.VM{
+		InstanceUUID: "5012-aaaa", Moref: "vm-42", Name: "web01", PowerState: "poweredOn", CBTEnabled: true,
+		Disks: []activities.Disk{
+			{Key: 2000, Label: "Hard disk 1", CapacityBytes: 64 * gib, BackingFile: "[ds1] web01/web01.vmdk", Datastore: "ds1"},
+			{Key: 2001, Label: "Hard disk 2", CapacityBytes: 8 * gib, BackingFile: "[ds1] web01/web01_1.vmdk", Datastore: "ds1"},
+		},
+	}
+}
+
+func testPort(key int32) int { return 10000 + int(key) }
+
+func testTargetPath(key int32) string { return fmt.Sprintf("/srv/diskferry/web01/p1/%d.qcow2", key) }
+
+func keyOfPath(p string) int32 {
+	key, _ := strconv.Atoi(strings.TrimSuffix(path.Base(p), ".qcow2"))
+	return int32(key)
+}
+
+func (f *fakeActivities) InspectVM(ctx context.Context, in activities.InspectVMInput) (activities.VM, error) {
+	if err := f.call(ctx, activities.InspectVMName); err != nil {
+		return activities.VM{}, err
+	}
+	return testVM(), nil
+}
+
+func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBackupInput) (activities.Plan, error) {
+	if err := f.call(ctx, activities.PlanBackupName); err != nil {
+		return activities.Plan{}, err
+	}
+	plan := activities.Plan{PointID: "p1", HubID: testHubID, Mode: f.planMode}
+	for _, d := range in.VM.Disks {
+		if len(in.DiskKeys) > 0 && !slices.Contains(in.DiskKeys, d.Key) {
+			continue
+		}
+		dp := activities.DiskPlan{Key: d.Key, CapacityBytes: d.CapacityBytes, Mode: f.planMode}
+		if f.planMode == activities.ModeIncremental {
+			dp.ParentPath = fmt.Sprintf("/srv/diskferry/web01/p0/%d.qcow2", d.Key)
+			dp.PrevChangeID = fmt.Sprintf("52 aa/%d", d.Key)
+		}
+		plan.Disks = append(plan.Disks, dp)
+	}
+	return plan, nil
+}
+
+func (f *fakeActivities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
+	if err := f.call(ctx, label(activities.AllocatePortName, in.DiskKey)); err != nil {
+		return 0, err
+	}
+	return testPort(in.DiskKey), nil
+}
+
+func (f *fakeActivities) ReleasePorts(ctx context.Context, in activities.ReleasePortsInput) error {
+	return f.call(ctx, activities.ReleasePortsName)
+}
+
+func (f *fakeActivities) CommitPoint(ctx context.Context, in activities.CommitPointInput) error {
+	if err := f.call(ctx, activities.CommitPointName); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.commits = append(f.commits, in)
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *fakeActivities) FailPoint(ctx context.Context, in activities.FailPointInput) error {
+	f.mu.Lock()
+	f.failPoints = append(f.failPoints, in)
+	f.mu.Unlock()
+	return f.call(ctx, activities.FailPointName)
+}
+
+func (f *fakeActivities) PrepareTarget(ctx context.Context, in activities.PrepareTargetInput) (activities.Target, error) {
+	if err := f.call(ctx, label(activities.PrepareTargetName, in.Disk.Key)); err != nil {
+		return activities.Target{}, err
+	}
+	return activities.Target{DiskKey: in.Disk.Key, Path: testTargetPath(in.Disk.Key)}, nil
+}
+
+func (f *fakeActivities) DiscardTarget(ctx context.Context, in activities.DiscardTargetInput) error {
+	return f.call(ctx, label(activities.DiscardTargetName, keyOfPath(in.Path)))
+}
+
+func (f *fakeActivities) StartExport(ctx context.Context, in activities.StartExportInput) (activities.Export, error) {
+	if err := f.call(ctx, label(activities.StartExportName, in.DiskKey)); err != nil {
+		return activities.Export{}, err
+	}
+	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: "disk", PID: 4242, Path: in.Path}, nil
+}
+
+func (f *fakeActivities) StopExport(ctx context.Context, in activities.StopExportInput) error {
+	return f.call(ctx, label(activities.StopExportName, keyOfPath(in.Path)))
+}
+
+func (f *fakeActivities) VerifyTarget(ctx context.Context, in activities.VerifyTargetInput) (activities.Verification, error) {
+	if err := f.call(ctx, label(activities.VerifyTargetName, keyOfPath(in.Path))); err != nil {
+		return activities.Verification{}, err
+	}
+	return activities.Verification{Path: in.Path, AllocatedBytes: gib, VirtualBytes: 64 * gib}, nil
+}
+
+func (f *fakeActivities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
+	return f.call(ctx, activities.EnsureTunnelName)
+}
+
+func (f *fakeActivities) DropTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
+	return f.call(ctx, activities.DropTunnelName)
+}
+
+func (f *fakeActivities) CreateSnapshot(ctx context.Context, in activities.CreateSnapshotInput) (activities.Snapshot, error) {
+	if err := f.call(ctx, activities.CreateSnapshotName); err != nil {
+		return activities.Snapshot{}, err
+	}
+	return activities.Snapshot{VMMoref: in.VMMoref, Moref: "snapshot-7", Name: in.Name}, nil
+}
+
+func (f *fakeActivities) RemoveSnapshot(ctx context.Context, in activities.Snapshot) error {
+	return f.call(ctx, activities.RemoveSnapshotName)
+}
+
+func (f *fakeActivities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
+	if err := f.call(ctx, label(activities.CopyDiskName, in.DiskKey)); err != nil {
+		return activities.CopyDiskResult{}, err
+	}
+	read := in.CapacityBytes / 64
+	if in.Mode == activities.ModeIncremental {
+		read = in.CapacityBytes / 1024
+	}
+	return activities.CopyDiskResult{
+		DiskKey: in.DiskKey, BytesRead: read, BytesWritten: read, BytesZeroed: read / 2,
+		Duration: 2 * time.Second, BlockSize: 1 << 20, Digest: fmt.Sprintf("sha256:%d", in.DiskKey),
+	}, nil
+}
+
+func (f *fakeActivities) ReadChangeIDs(ctx context.Context, in activities.ReadChangeIDsInput) (map[int32]string, error) {
+	if err := f.call(ctx, activities.ReadChangeIDsName); err != nil {
+		return nil, err
+	}
+	return map[int32]string{2000: "52 bb/2000", 2001: "52 bb/2001"}, nil
+}
+
+func injected(at string) error {
+	return temporal.NewNonRetryableApplicationError("injected failure at "+at, "Injected", nil)
+}

@@ -1,0 +1,221 @@
+package workflows
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	historypb "go.temporal.io/api/history/v1"
+	"go.temporal.io/api/temporalproto"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/worker"
+	"go.temporal.io/sdk/workflow"
+
+	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/testenv"
+)
+
+// recordEnv turns TestRecordHistories on; it rewrites testdata/*.json from real runs.
+const recordEnv = "DISKFERRY_RECORD_HISTORIES"
+
+// recorded histories: one success per mode, a failure that compensates and a cancel mid-copy.
+var histories = []string{
+	"backup_full.json",
+	"backup_incremental.json",
+	"backup_copy_failure.json",
+	"backup_cancel_during_copy.json",
+}
+
+func historyPath(name string) string { return filepath.Join("testdata", name) }
+
+// TestReplayRecordedHistories replays every recorded history against the current workflow
+// code: a change that is not replay-safe (a step added, removed or reordered without
+// workflow.GetVersion) fails here before it can break running backups.
+//
+// Every testdata/*.json replays, so histories kept from older workflow versions are covered too.
+func TestReplayRecordedHistories(t *testing.T) {
+	files, err := filepath.Glob(historyPath("*.json"))
+	require.NoError(t, err)
+	for _, name := range histories {
+		require.Contains(t, files, historyPath(name), "recorded history missing")
+	}
+	for _, file := range files {
+		t.Run(filepath.Base(file), func(t *testing.T) {
+			replayer := worker.NewWorkflowReplayer()
+			Register(replayer)
+			require.NoError(t, replayer.ReplayWorkflowHistoryFromJSONFile(testLogger(t), file))
+		})
+	}
+}
+
+// preCheckName is a made-up activity that a "new version" of the workflow runs first.
+const preCheckName = "PreCheck"
+
+// unguardedChange is BackupWorkflow with a step added up front, shipped carelessly.
+func unguardedChange(ctx workflow.Context, in BackupInput) (BackupResult, error) {
+	ctx = workflow.WithActivityOptions(ctx, workflow.ActivityOptions{TaskQueue: activities.HubQueue, StartToCloseTimeout: time.Minute})
+	if err := workflow.ExecuteActivity(ctx, preCheckName, in).Get(ctx, nil); err != nil {
+		return BackupResult{}, err
+	}
+	return BackupWorkflow(ctx, in)
+}
+
+// guardedChange adds the same step behind workflow.GetVersion: runs that started before the
+// change replay the old path, new runs take the new one.
+func guardedChange(ctx workflow.Context, in BackupInput) (BackupResult, error) {
+	if workflow.GetVersion(ctx, "pre-check", workflow.DefaultVersion, 1) == 1 {
+		actx := workflow.WithActivityOptions(ctx, workflow.ActivityOptions{TaskQueue: activities.HubQueue, StartToCloseTimeout: time.Minute})
+		if err := workflow.ExecuteActivity(actx, preCheckName, in).Get(actx, nil); err != nil {
+			return BackupResult{}, err
+		}
+	}
+	return BackupWorkflow(ctx, in)
+}
+
+// TestReplayCatchesUnversionedChange shows the replay test guards what docs/versioning.md
+// promises: the unguarded change is rejected, the GetVersion one accepted.
+func TestReplayCatchesUnversionedChange(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		workflow func(workflow.Context, BackupInput) (BackupResult, error)
+		ok       bool
+	}{
+		{"unguarded", unguardedChange, false},
+		{"guarded", guardedChange, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			replayer := worker.NewWorkflowReplayer()
+			replayer.RegisterWorkflowWithOptions(tc.workflow, workflow.RegisterOptions{Name: BackupWorkflowName})
+			err := replayer.ReplayWorkflowHistoryFromJSONFile(testLogger(t), historyPath("backup_full.json"))
+			if tc.ok {
+				require.NoError(t, err)
+				return
+			}
+			require.Error(t, err)
+			// TMPRL1100 is the SDK's code for a nondeterministic replay.
+			assert.Contains(t, err.Error(), "TMPRL1100")
+		})
+	}
+}
+
+// TestRecordHistories runs the recorded scenarios on a real Temporal dev server, with the fake
+// activities on real workers under the contract's names and queues, and writes their
+// histories to testdata. Run it after an intended, versioned change of the workflow:
+//
+//	DISKFERRY_RECORD_HISTORIES=1 go test ./workflows -run TestRecordHistories
+func TestRecordHistories(t *testing.T) {
+	if os.Getenv(recordEnv) != "1" {
+		t.Skipf("set %s=1 to re-record the replay histories", recordEnv)
+	}
+	srv := testenv.StartTemporal(t)
+	scenarios := []struct {
+		file    string
+		mode    string
+		prepare func(f *fakeActivities, cancel func())
+		wantErr bool
+	}{
+		{file: "backup_full.json", mode: activities.ModeFull},
+		{file: "backup_incremental.json", mode: activities.ModeIncremental},
+		{file: "backup_copy_failure.json", mode: activities.ModeFull, wantErr: true,
+			prepare: func(f *fakeActivities, _ func()) { f.fail["CopyDisk 2001"] = injected("CopyDisk 2001") }},
+		{file: "backup_cancel_during_copy.json", mode: activities.ModeFull, wantErr: true,
+			prepare: func(f *fakeActivities, cancel func()) { f.blockAt, f.onBlock = "CopyDisk 2001", cancel }},
+	}
+	for _, sc := range scenarios {
+		t.Run(sc.file, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			in := validInput()
+			in.Mode = sc.mode
+			opts := StartBackupOptions(in)
+			f := newFakeActivities(sc.mode)
+			t.Cleanup(func() { close(f.release) })
+			if sc.prepare != nil {
+				sc.prepare(f, func() {
+					go func() {
+						if err := srv.Client.CancelWorkflow(ctx, opts.ID, ""); err != nil {
+							t.Errorf("cancel %s: %v", opts.ID, err)
+						}
+					}()
+				})
+			}
+			startWorkers(t, srv.Client, f)
+
+			run, err := srv.Client.ExecuteWorkflow(ctx, opts, BackupWorkflowName, in)
+			require.NoError(t, err)
+			var res BackupResult
+			err = run.Get(ctx, &res)
+			if sc.wantErr {
+				require.Error(t, err)
+			} else {
+				require.NoError(t, err)
+				require.Equal(t, "p1", res.PointID)
+			}
+			writeHistory(ctx, t, srv.Client, run, historyPath(sc.file))
+		})
+	}
+}
+
+// startWorkers polls the hub, hub host and SNA queues with the fakes until the test ends.
+func startWorkers(t *testing.T, c client.Client, f *fakeActivities) {
+	t.Helper()
+	for _, queue := range []string{activities.HubQueue, activities.HubHostQueue(testHubID), activities.SNAQueue(testSite)} {
+		// A short throttle lets a heartbeat deliver the cancel at once.
+		w := worker.New(c, queue, worker.Options{MaxHeartbeatThrottleInterval: 50 * time.Millisecond})
+		if queue == activities.HubQueue {
+			Register(w)
+		}
+		f.register(w)
+		require.NoError(t, w.Start())
+		t.Cleanup(w.Stop)
+	}
+}
+
+func writeHistory(ctx context.Context, t *testing.T, c client.Client, run client.WorkflowRun, path string) {
+	t.Helper()
+	var hist historypb.History
+	iter := c.GetWorkflowHistory(ctx, run.GetID(), run.GetRunID(), false, 0)
+	for iter.HasNext() {
+		event, err := iter.Next()
+		require.NoError(t, err)
+		hist.Events = append(hist.Events, event)
+	}
+	data, err := temporalproto.CustomJSONMarshalOptions{Indent: "  "}.Marshal(&hist)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(path, append(data, '\n'), 0o644))
+	t.Logf("recorded %d events into %s", len(hist.Events), path)
+}
+
+// TestRecordedHistoriesShowCompensation checks the recorded failure histories contain what
+// they are kept for, so a re-recording cannot silently lose the compensation path.
+func TestRecordedHistoriesShowCompensation(t *testing.T) {
+	for name, want := range map[string][]string{
+		"backup_copy_failure.json":       {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
+		"backup_cancel_during_copy.json": {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
+		"backup_full.json":               {"CommitPoint", "ReleasePorts"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f, err := os.Open(historyPath(name))
+			require.NoError(t, err)
+			defer f.Close()
+			hist, err := client.HistoryFromJSON(f, client.HistoryJSONOptions{})
+			require.NoError(t, err)
+			var scheduled []string
+			for _, e := range hist.GetEvents() {
+				if a := e.GetActivityTaskScheduledEventAttributes(); a != nil {
+					scheduled = append(scheduled, a.GetActivityType().GetName())
+				}
+			}
+			for _, activity := range want {
+				assert.Contains(t, scheduled, activity)
+			}
+			if name != "backup_full.json" {
+				assert.NotContains(t, scheduled, activities.CommitPointName)
+			}
+		})
+	}
+}
