@@ -20,29 +20,30 @@ func HubHostQueue(hubID string) string { return HubQueue + "." + hubID }
 func SNAQueue(site string) string { return "diskferry-sna." + site }
 
 // Activity names, registered explicitly so histories and the temporal CLI read clearly.
+// Each comment gives the activity's input → result.
 const (
 	// hub, on HubQueue
-	PlanBackupName   = "PlanBackup"
-	AllocatePortName = "AllocatePort"
-	ReleasePortsName = "ReleasePorts"
-	CommitPointName  = "CommitPoint"
-	FailPointName    = "FailPoint"
+	PlanBackupName   = "PlanBackup"   // PlanBackupInput → Plan
+	AllocatePortName = "AllocatePort" // AllocatePortInput → int (the port)
+	ReleasePortsName = "ReleasePorts" // ReleasePortsInput → nothing
+	CommitPointName  = "CommitPoint"  // CommitPointInput → nothing
+	FailPointName    = "FailPoint"    // FailPointInput → nothing
 
 	// hub host, on HubHostQueue(hubID)
-	PrepareTargetName = "PrepareTarget"
-	DiscardTargetName = "DiscardTarget"
-	StartExportName   = "StartExport"
-	StopExportName    = "StopExport"
-	VerifyTargetName  = "VerifyTarget"
+	PrepareTargetName = "PrepareTarget" // PrepareTargetInput → Target
+	DiscardTargetName = "DiscardTarget" // DiscardTargetInput → nothing
+	StartExportName   = "StartExport"   // StartExportInput → Export
+	StopExportName    = "StopExport"    // StopExportInput → nothing
+	VerifyTargetName  = "VerifyTarget"  // VerifyTargetInput → Verification
 
 	// sna, on SNAQueue(site)
-	InspectVMName      = "InspectVM"
-	EnsureTunnelName   = "EnsureTunnel"
-	DropTunnelName     = "DropTunnel"
-	CreateSnapshotName = "CreateSnapshot"
-	RemoveSnapshotName = "RemoveSnapshot"
-	CopyDiskName       = "CopyDisk"
-	ReadChangeIDsName  = "ReadChangeIDs"
+	InspectVMName      = "InspectVM"      // InspectVMInput → VM
+	EnsureTunnelName   = "EnsureTunnel"   // EnsureTunnelInput → nothing
+	DropTunnelName     = "DropTunnel"     // EnsureTunnelInput → nothing
+	CreateSnapshotName = "CreateSnapshot" // CreateSnapshotInput → Snapshot
+	RemoveSnapshotName = "RemoveSnapshot" // Snapshot → nothing
+	CopyDiskName       = "CopyDisk"       // CopyDiskInput → CopyDiskResult; heartbeats CopyProgress
+	ReadChangeIDsName  = "ReadChangeIDs"  // ReadChangeIDsInput → map[int32]string (disk key → changeId)
 )
 
 // Error types for temporal.NewNonRetryableApplicationError; the workflow does not retry them.
@@ -110,7 +111,7 @@ type DiskPlan struct {
 type Plan struct {
 	PointID string     `json:"pointId"`
 	HubID   string     `json:"hubId"`
-	Mode    string     `json:"mode"` // full if any disk is full, else incremental
+	Mode    string     `json:"mode"` // incremental if any disk builds on the previous point, else full
 	Disks   []DiskPlan `json:"disks"`
 }
 
