@@ -15,7 +15,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/go-sql-driver/mysql"
@@ -50,7 +49,7 @@ const mariaDBStartupTimeout = 60 * time.Second
 // StartMariaDB starts a MariaDB server for this test alone and returns a fresh database on it.
 // The server is killed and its datadir removed on t.Cleanup. Prefer MariaDB, which shares one
 // server per test binary when the package's TestMain uses WithSharedMariaDB.
-func StartMariaDB(t testing.TB) MariaDBDatabase {
+func StartMariaDB(t TB) MariaDBDatabase {
 	t.Helper()
 	bins := requireMariaDBBinaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), mariaDBStartupTimeout)
@@ -95,7 +94,7 @@ func WithSharedMariaDB(run func() int) int {
 // MariaDB returns a fresh database (own name, own user) for this test. Inside
 // WithSharedMariaDB the server is shared by the test binary; otherwise it is StartMariaDB.
 // The database is dropped on t.Cleanup.
-func MariaDB(t testing.TB) MariaDBDatabase {
+func MariaDB(t TB) MariaDBDatabase {
 	t.Helper()
 	sharedMariaDB.mu.Lock()
 	enabled := sharedMariaDB.enabled
@@ -135,7 +134,7 @@ type mariaDBBinaries struct {
 	server    string
 }
 
-func requireMariaDBBinaries(t testing.TB) mariaDBBinaries {
+func requireMariaDBBinaries(t TB) mariaDBBinaries {
 	t.Helper()
 	Integration(t)
 	installDB, err1 := lookSbin("mariadb-install-db", "mysql_install_db")
@@ -301,7 +300,7 @@ func (s *mariaDBServer) stop() {
 }
 
 // newDatabase creates a database and a user with a generated password that owns it.
-func (s *mariaDBServer) newDatabase(t testing.TB) MariaDBDatabase {
+func (s *mariaDBServer) newDatabase(t TB) MariaDBDatabase {
 	t.Helper()
 	s.mu.Lock()
 	s.dbSeq++

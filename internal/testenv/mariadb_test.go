@@ -41,6 +41,7 @@ func TestStartMariaDBCreatesAndReadsTable(t *testing.T) {
 }
 
 func TestMariaDBDatabasesAreIsolated(t *testing.T) {
+	Integration(t)
 	// Subtests finish (and run their cleanups) before run returns, as tests do inside m.Run.
 	var addrs []string
 	run := func() int {

@@ -5,8 +5,8 @@ import (
 	"context"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
-	"testing"
 	"time"
 
 	"go.temporal.io/sdk/client"
@@ -27,7 +27,19 @@ type TemporalServer struct {
 
 // StartTemporal starts the Temporal dev server from .tools/bin/temporal (headless, in-memory,
 // free ports on 127.0.0.1, diskferry's search attributes registered) and stops it on t.Cleanup.
-func StartTemporal(t testing.TB) *TemporalServer {
+func StartTemporal(t TB) *TemporalServer {
+	t.Helper()
+	return StartTemporalWith(t, TemporalOptions{})
+}
+
+// TemporalOptions shape the dev server.
+type TemporalOptions struct {
+	// UIPort serves the Web UI on 127.0.0.1:UIPort; 0 runs headless.
+	UIPort int
+}
+
+// StartTemporalWith is StartTemporal with options.
+func StartTemporalWith(t TB, opts TemporalOptions) *TemporalServer {
 	t.Helper()
 	bin := ToolPath(t, "temporal")
 
@@ -47,6 +59,8 @@ func StartTemporal(t testing.TB) *TemporalServer {
 		},
 		LogLevel:  "error",
 		ExtraArgs: extra,
+		EnableUI:  opts.UIPort != 0,
+		UIPort:    uiPort(opts.UIPort),
 		Stdout:    output,
 		Stderr:    output,
 	})
@@ -88,4 +102,11 @@ func (b *syncBuffer) Bytes() []byte {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return bytes.Clone(b.buf.Bytes())
+}
+
+func uiPort(p int) string {
+	if p == 0 {
+		return ""
+	}
+	return strconv.Itoa(p)
 }

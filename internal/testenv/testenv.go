@@ -14,21 +14,36 @@ import (
 	"testing"
 )
 
+// TB is the part of testing.TB the helpers use. *testing.T satisfies it; so does the lab's
+// runner (internal/lab), which lets `make demo` start the same real parts outside a test.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Errorf(format string, args ...any)
+	Fatalf(format string, args ...any)
+	Skipf(format string, args ...any)
+	Skip(args ...any)
+	Logf(format string, args ...any)
+	TempDir() string
+	Failed() bool
+	Name() string
+}
+
 // InCI reports whether the tests run under CI (CI=true), where missing parts are failures.
 func InCI() bool { return os.Getenv("CI") == "true" }
 
 // Integration marks a test that needs real parts: `go test -short` (make test-unit) skips it.
 // Every helper below calls it, so tests using them need not.
-func Integration(t testing.TB) {
+func Integration(t TB) {
 	t.Helper()
-	if testing.Short() {
+	if testing.Testing() && testing.Short() {
 		t.Skip("integration test on real parts; skipped by -short")
 	}
 }
 
 // RequireCommand returns the path of an executable the test needs. When it is missing the
 // test fails under CI and is skipped elsewhere, with a message naming the part and how to get it.
-func RequireCommand(t testing.TB, name string) string {
+func RequireCommand(t TB, name string) string {
 	t.Helper()
 	Integration(t)
 	path, err := exec.LookPath(name)
@@ -40,7 +55,7 @@ func RequireCommand(t testing.TB, name string) string {
 }
 
 // Missing reports a missing real part: fatal under CI, a skip elsewhere.
-func Missing(t testing.TB, format string, args ...any) {
+func Missing(t TB, format string, args ...any) {
 	t.Helper()
 	if InCI() {
 		t.Fatalf("required test part missing under CI=true: "+format, args...)
@@ -49,7 +64,7 @@ func Missing(t testing.TB, format string, args ...any) {
 }
 
 // RepoRoot returns the repository root (the directory holding go.mod).
-func RepoRoot(t testing.TB) string {
+func RepoRoot(t TB) string {
 	t.Helper()
 	dir, err := os.Getwd()
 	if err != nil {
@@ -68,7 +83,7 @@ func RepoRoot(t testing.TB) string {
 }
 
 // ToolPath returns a binary installed by scripts/setup.sh into the git-ignored .tools/bin.
-func ToolPath(t testing.TB, name string) string {
+func ToolPath(t TB, name string) string {
 	t.Helper()
 	Integration(t)
 	path := filepath.Join(RepoRoot(t), ".tools", "bin", name)
@@ -79,7 +94,7 @@ func ToolPath(t testing.TB, name string) string {
 }
 
 // FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func FreePort(t testing.TB) int {
+func FreePort(t TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -90,7 +105,7 @@ func FreePort(t testing.TB) int {
 }
 
 // ShortTempDir returns a temp dir with a short path, for unix sockets (108-byte limit).
-func ShortTempDir(t testing.TB) string {
+func ShortTempDir(t TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "df")
 	if err != nil {

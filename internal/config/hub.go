@@ -1,0 +1,111 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"path/filepath"
+)
+
+// Hub configures the hub worker (workers/hub).
+type Hub struct {
+	Temporal
+
+	// DISKFERRY_HUB_ID names this hub; it polls diskferry-hub.<id> for host-bound work.
+	// Required; letters, digits, '.', '_' and '-'.
+	HubID string `envconfig:"DISKFERRY_HUB_ID"`
+	// DISKFERRY_DB_DSN is the catalog's MySQL DSN (go-sql-driver/mysql format, e.g.
+	// "diskferry:pw@tcp(127.0.0.1:3306)/diskferry"). Secret: or DISKFERRY_DB_DSN_FILE.
+	// One of the two is required.
+	DBDSN Secret `envconfig:"DISKFERRY_DB_DSN"`
+	// DISKFERRY_DB_DSN_FILE is a file holding DISKFERRY_DB_DSN.
+	DBDSNFile string `envconfig:"DISKFERRY_DB_DSN_FILE"`
+	// DISKFERRY_REPOSITORY_ROOT is the absolute directory holding the restore points;
+	// nothing outside it is ever written or removed. Required.
+	RepositoryRoot string `envconfig:"DISKFERRY_REPOSITORY_ROOT"`
+	// DISKFERRY_RUN_DIR holds the exports' pid files and logs, so a restarted worker finds
+	// its running exports again. Default /run/diskferry.
+	RunDir string `envconfig:"DISKFERRY_RUN_DIR" default:"/run/diskferry"`
+	// DISKFERRY_PORT_MIN is the lowest port leased to exports. Default 10100.
+	PortMin int `envconfig:"DISKFERRY_PORT_MIN" default:"10100"`
+	// DISKFERRY_PORT_MAX is the highest port leased to exports (inclusive). Default 10200.
+	PortMax int `envconfig:"DISKFERRY_PORT_MAX" default:"10200"`
+	// DISKFERRY_EXPORT_BIND is the IP address qemu-nbd exports listen on. Default
+	// 127.0.0.1: exports are reached through the SSH tunnel only.
+	ExportBind string `envconfig:"DISKFERRY_EXPORT_BIND" default:"127.0.0.1"`
+	// DISKFERRY_METRICS_ADDR is where Prometheus metrics are served (host:port).
+	// Default 127.0.0.1:9464; empty disables the endpoint.
+	MetricsAddr string `envconfig:"DISKFERRY_METRICS_ADDR" default:"127.0.0.1:9464"`
+	// DISKFERRY_LOG_LEVEL is debug, info, warn or error. Default info.
+	LogLevel slog.Level `envconfig:"DISKFERRY_LOG_LEVEL" default:"info"`
+}
+
+// LoadHub reads the hub worker's configuration from the environment and validates it.
+func LoadHub() (Hub, error) {
+	var c Hub
+	if err := process(&c); err != nil {
+		return Hub{}, fmt.Errorf("hub configuration: %w", err)
+	}
+	if err := c.resolveAndValidate(); err != nil {
+		return Hub{}, err
+	}
+	return c, nil
+}
+
+func (c *Hub) resolveAndValidate() error {
+	var v validator
+	v.secret("DISKFERRY_DB_DSN", &c.DBDSN, c.DBDSNFile)
+	c.Temporal.validate(&v)
+	if v.required("DISKFERRY_HUB_ID", c.HubID) {
+		v.queueName("DISKFERRY_HUB_ID", c.HubID)
+	}
+	if c.DBDSN == "" && c.DBDSNFile == "" {
+		v.fail("DISKFERRY_DB_DSN", errors.New("required but not set (or DISKFERRY_DB_DSN_FILE)"))
+	}
+	if v.required("DISKFERRY_REPOSITORY_ROOT", c.RepositoryRoot) {
+		if !filepath.IsAbs(c.RepositoryRoot) {
+			v.fail("DISKFERRY_REPOSITORY_ROOT", fmt.Errorf("want an absolute path, got %q", c.RepositoryRoot))
+		} else {
+			c.RepositoryRoot = filepath.Clean(c.RepositoryRoot)
+		}
+	}
+	v.portRange("DISKFERRY_PORT_MIN", c.PortMin, "DISKFERRY_PORT_MAX", c.PortMax)
+	if net.ParseIP(c.ExportBind) == nil {
+		v.fail("DISKFERRY_EXPORT_BIND", fmt.Errorf("want an IP address, got %q", c.ExportBind))
+	}
+	v.hostPort("DISKFERRY_METRICS_ADDR", c.MetricsAddr, false)
+	return v.err("hub")
+}
+
+// LogValue shows the configuration in logs with secrets redacted.
+func (c Hub) LogValue() slog.Value { return logValue(c) }
+
+// String shows the configuration as NAME=value pairs with secrets redacted.
+func (c Hub) String() string { return render(c) }
+
+func (v *validator) portRange(minName string, lo int, maxName string, hi int) {
+	for _, p := range []struct {
+		name string
+		port int
+	}{{minName, lo}, {maxName, hi}} {
+		if p.port < 1 || p.port > 65535 {
+			v.fail(p.name, fmt.Errorf("port %d is not 1-65535", p.port))
+			return
+		}
+	}
+	if lo > hi {
+		v.fail(minName, fmt.Errorf("inverted port range: %s=%d is above %s=%d", minName, lo, maxName, hi))
+	}
+}
+
+// queueName checks a name that becomes part of a Temporal task queue and of log fields.
+func (v *validator) queueName(name, value string) {
+	for _, r := range value {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-'
+		if !ok {
+			v.fail(name, fmt.Errorf("%q holds %q; use letters, digits, '.', '_' and '-'", value, r))
+			return
+		}
+	}
+}

@@ -1,0 +1,306 @@
+package testenv
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/knownhosts"
+)
+
+// SSHD is a throwaway OpenSSH server on 127.0.0.1 that accepts one generated client key
+// and allows local forwards to 127.0.0.1 and 127.0.0.2 only: a real tunnel endpoint for tests.
+type SSHD struct {
+	Addr           string        // 127.0.0.1:port
+	Port           int           // the listening port, kept across Restart
+	User           string        // the current user, the one the client key logs in as
+	ClientKeyPath  string        // OpenSSH private key (ed25519, no passphrase), mode 0600
+	KnownHostsPath string        // one line "[127.0.0.1]:port ssh-ed25519 ..." pinning the host key
+	HostPublicKey  ssh.PublicKey // the server's host key
+
+	t          TB
+	binary     string
+	dir        string
+	configPath string
+	logPath    string
+	cmd        *exec.Cmd
+	waited     chan struct{}
+}
+
+// StartSSHD starts /usr/sbin/sshd in the foreground on a free loopback port with a generated
+// host key and client key, and stops it (with every connection it serves) in t.Cleanup.
+func StartSSHD(t TB) *SSHD {
+	t.Helper()
+	Integration(t)
+	binary := sshdBinary(t)
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
+		// sshd refuses to start without its privilege separation directory.
+		Missing(t, "sshd privilege separation dir /run/sshd: %v", err)
+	}
+	current, err := user.Current()
+	if err != nil {
+		t.Fatalf("current user: %v", err)
+	}
+
+	dir := t.TempDir()
+	s := &SSHD{
+		User:           current.Username,
+		ClientKeyPath:  filepath.Join(dir, "client_ed25519"),
+		KnownHostsPath: filepath.Join(dir, "known_hosts"),
+		t:              t,
+		binary:         binary,
+		dir:            dir,
+		configPath:     filepath.Join(dir, "sshd_config"),
+		logPath:        filepath.Join(dir, "sshd.log"),
+	}
+	s.HostPublicKey = sshdWriteKey(t, filepath.Join(dir, "host_ed25519"))
+	clientPub := sshdWriteKey(t, s.ClientKeyPath)
+	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), ssh.MarshalAuthorizedKey(clientPub))
+
+	// A port free a moment ago may be taken by a parallel test before sshd binds it.
+	for attempt := 1; ; attempt++ {
+		s.Port = FreePort(t)
+		s.Addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.Port))
+		s.writeConfig()
+		err := s.start()
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, errSSHDAddrInUse) || attempt == 3 {
+			t.Fatalf("%v", err)
+		}
+	}
+	t.Cleanup(s.stop)
+	return s
+}
+
+func (s *SSHD) writeConfig() {
+	t := s.t
+	t.Helper()
+	sshdWriteFile(t, s.KnownHostsPath, []byte(knownhosts.Line([]string{s.Addr}, s.HostPublicKey)+"\n"))
+	config := strings.Join([]string{
+		"ListenAddress " + s.Addr,
+		"HostKey " + filepath.Join(s.dir, "host_ed25519"),
+		"PidFile " + filepath.Join(s.dir, "sshd.pid"),
+		"AuthorizedKeysFile " + filepath.Join(s.dir, "authorized_keys"),
+		"AuthenticationMethods publickey",
+		"PubkeyAuthentication yes",
+		"PasswordAuthentication no",
+		"KbdInteractiveAuthentication no",
+		"UsePAM no",
+		// The temp dir is not laid out the way StrictModes wants a home directory.
+		"StrictModes no",
+		"PermitRootLogin prohibit-password",
+		"AllowUsers " + s.User,
+		"AllowTcpForwarding local",
+		// 127.0.0.2 lets a one-machine test bind hub exports apart from the SNA's listeners.
+		"PermitOpen 127.0.0.1:* 127.0.0.2:*",
+		"AllowStreamLocalForwarding no",
+		"AllowAgentForwarding no",
+		"X11Forwarding no",
+		"PermitTTY no",
+		"UseDNS no",
+		"PrintMotd no",
+		"MaxStartups 100",
+		"LogLevel VERBOSE",
+		"",
+	}, "\n")
+	sshdWriteFile(t, s.configPath, []byte(config))
+}
+
+var errSSHDAddrInUse = errors.New("sshd port already in use")
+
+// Stop kills the server and every connection it serves, as a crash or reboot would.
+func (s *SSHD) Stop() {
+	s.t.Helper()
+	s.stop()
+}
+
+// Restart stops the server (dropping its connections) and starts it again on the same
+// port with the same keys.
+func (s *SSHD) Restart() {
+	s.t.Helper()
+	s.stop()
+	if err := s.start(); err != nil {
+		s.t.Fatalf("restart sshd on %s: %v", s.Addr, err)
+	}
+}
+
+// Log returns what the current sshd run wrote to stderr, for failure messages.
+func (s *SSHD) Log() string {
+	b, _ := os.ReadFile(s.logPath)
+	return string(b)
+}
+
+func (s *SSHD) start() error {
+	logFile, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("sshd log: %w", err)
+	}
+	defer logFile.Close()
+
+	// sshd re-executes itself and therefore needs its absolute path.
+	cmd := exec.Command(s.binary, "-D", "-e", "-f", s.configPath)
+	cmd.Stdout = logFile
+	cmd.Stderr = logFile
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start sshd: %w", err)
+	}
+	s.cmd = cmd
+	s.waited = make(chan struct{})
+	go func(done chan struct{}) {
+		_ = cmd.Wait()
+		close(done)
+	}(s.waited)
+
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if sshdBanner(s.Addr) {
+			return nil
+		}
+		select {
+		case <-s.waited:
+			s.cmd = nil
+			log := s.Log()
+			if strings.Contains(log, "Address already in use") {
+				return fmt.Errorf("%w: %s", errSSHDAddrInUse, log)
+			}
+			return fmt.Errorf("sshd exited during start:\n%s", log)
+		default:
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return fmt.Errorf("sshd not answering on %s after 10s:\n%s", s.Addr, s.Log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop kills the listener and its per-connection children. Those call setsid, so a
+// process-group kill would miss them; they are found by parent pid before the listener
+// goes away and they would be reparented.
+func (s *SSHD) stop() {
+	if s.cmd == nil {
+		return
+	}
+	pid := s.cmd.Process.Pid
+	_ = syscall.Kill(pid, syscall.SIGSTOP)
+	for _, child := range sshdDescendants(pid) {
+		_ = syscall.Kill(child, syscall.SIGKILL)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	select {
+	case <-s.waited:
+	case <-time.After(10 * time.Second):
+		s.t.Errorf("sshd pid %d did not exit after SIGKILL", pid)
+	}
+	s.cmd = nil
+}
+
+// sshdDescendants lists the pids below pid, children before grandchildren.
+func sshdDescendants(pid int) []int {
+	children := map[int][]int{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		p, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if ppid, ok := sshdParentPID(p); ok {
+			children[ppid] = append(children[ppid], p)
+		}
+	}
+	var out []int
+	queue := []int{pid}
+	for len(queue) > 0 {
+		next := queue[0]
+		queue = queue[1:]
+		out = append(out, children[next]...)
+		queue = append(queue, children[next]...)
+	}
+	return out
+}
+
+func sshdParentPID(pid int) (int, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, false
+	}
+	// The command name in parentheses may hold spaces; the fields after it do not.
+	end := bytes.LastIndexByte(b, ')')
+	if end < 0 {
+		return 0, false
+	}
+	fields := strings.Fields(string(b[end+1:]))
+	if len(fields) < 2 {
+		return 0, false
+	}
+	ppid, err := strconv.Atoi(fields[1])
+	return ppid, err == nil
+}
+
+func sshdBanner(addr string) bool {
+	conn, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return false
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(conn).ReadString('\n')
+	return err == nil && strings.HasPrefix(line, "SSH-2.0-")
+}
+
+func sshdBinary(t TB) string {
+	t.Helper()
+	if path, err := exec.LookPath("sshd"); err == nil {
+		if abs, err := filepath.Abs(path); err == nil {
+			return abs
+		}
+	}
+	const debianPath = "/usr/sbin/sshd"
+	if _, err := os.Stat(debianPath); err != nil {
+		Missing(t, "sshd not found in PATH nor at %s (apt-get install openssh-server)", debianPath)
+	}
+	return debianPath
+}
+
+// sshdWriteKey writes a fresh ed25519 private key in OpenSSH format with mode 0600
+// and returns its public half.
+func sshdWriteKey(t TB, path string) ssh.PublicKey {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatalf("generate ed25519 key: %v", err)
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		t.Fatalf("marshal private key: %v", err)
+	}
+	sshdWriteFile(t, path, pem.EncodeToMemory(block))
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		t.Fatalf("ssh public key: %v", err)
+	}
+	return sshPub
+}
+
+func sshdWriteFile(t TB, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatalf("write %s: %v", path, err)
+	}
+}

@@ -1,0 +1,734 @@
+// Package tunnel keeps SSH local forwards from the SNA to the hub: 127.0.0.1:P on the SNA
+// reaches 127.0.0.1:P (Config.RemoteHost) on the hub, where qemu-nbd exports listen. One SSH connection carries
+// every forward; keepalives detect a dead connection and it is redialled with backoff, so
+// forwards outlive an sshd restart or a network outage (connections open at the time die,
+// new ones use the new SSH connection).
+//
+// The hub's host key is pinned through a known_hosts file; there is no insecure mode.
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/knownhosts"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultKeepaliveInterval = 15 * time.Second
+	DefaultDialTimeout       = 10 * time.Second
+	DefaultMaxBackoff        = 30 * time.Second
+)
+
+// copyBufferSize is the buffer per direction of a forwarded connection. An SSH channel
+// delivers at most one 32 KiB packet per read, so larger buffers buy little; the 2 MiB
+// channel window of both x/crypto/ssh and OpenSSH (64 packets) is what keeps a
+// 100 Mbit/20 ms link (250 KB in flight) full.
+const copyBufferSize = 128 << 10
+
+// Config says where the hub's sshd is and how to log in.
+type Config struct {
+	Addr           string // host:port of the hub's sshd
+	User           string
+	KeyFile        string // private key in OpenSSH or PEM format, without passphrase
+	KnownHostsFile string // must hold the hub's host key for Addr
+	// RemoteHost is the address forwards reach on the hub side: where the hub's exports
+	// listen (its DISKFERRY_EXPORT_BIND). Default 127.0.0.1. A test running hub and SNA on
+	// one machine binds exports to 127.0.0.2 so equal ports do not collide.
+	RemoteHost string
+
+	// KeepaliveInterval is how often a keepalive@openssh.com request checks the connection;
+	// one unanswered for an interval marks it dead. Default DefaultKeepaliveInterval.
+	KeepaliveInterval time.Duration
+	// DialTimeout bounds TCP connect plus SSH handshake, and how long a new forwarded
+	// connection waits for the SSH connection to come back. Default DefaultDialTimeout.
+	DialTimeout time.Duration
+	// MaxBackoff caps the wait between reconnect attempts. Default DefaultMaxBackoff.
+	MaxBackoff time.Duration
+}
+
+// Forward maps a local port on 127.0.0.1 to a port on the hub's Config.RemoteHost.
+// Production forwards equal ports; Local 0 means the same as Remote.
+type Forward struct {
+	Local  int `json:"local"`
+	Remote int `json:"remote"`
+}
+
+// Ports returns forwards with equal local and remote ports.
+func Ports(ports ...int) []Forward {
+	out := make([]Forward, len(ports))
+	for i, p := range ports {
+		out[i] = Forward{Local: p, Remote: p}
+	}
+	return out
+}
+
+// HostKeyError says the hub presented a host key known_hosts does not vouch for.
+type HostKeyError struct {
+	Host           string // the address dialled
+	KnownHostsFile string
+	Key            ssh.PublicKey // the key the server presented
+	Unknown        bool          // the host has no entry at all (else: entries exist, none match)
+}
+
+func (e *HostKeyError) Error() string {
+	presented := e.Key.Type() + " " + ssh.FingerprintSHA256(e.Key)
+	if e.Unknown {
+		return fmt.Sprintf("ssh host %s is not in known_hosts %s (it presented %s); add a line for %s to pin it",
+			e.Host, e.KnownHostsFile, presented, knownhosts.Normalize(e.Host))
+	}
+	return fmt.Sprintf("ssh host key of %s (%s) does not match known_hosts %s: possible man-in-the-middle or a re-keyed hub",
+		e.Host, presented, e.KnownHostsFile)
+}
+
+// ErrClosed is returned by a Manager after Close.
+var ErrClosed = errors.New("tunnel manager closed")
+
+// Manager owns one SSH connection to the hub and the forwards over it. Its methods are
+// safe for concurrent use.
+type Manager struct {
+	cfg       Config
+	log       *slog.Logger
+	signer    ssh.Signer
+	hostKeys  ssh.HostKeyCallback
+	hostAlgos []string
+
+	ctx    context.Context // cancelled by Close; bounds every background goroutine
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu           sync.Mutex
+	closed       bool
+	client       *ssh.Client
+	dialing      chan struct{} // closed when the running dial ends; nil when none runs
+	dialErr      error         // outcome of the last dial
+	reconnecting bool
+	forwards     map[int]*forward // by local port
+}
+
+// New checks the configuration and reads the key and known_hosts; it does not connect.
+// The first EnsureForwards dials.
+func New(cfg Config, log *slog.Logger) (*Manager, error) {
+	if cfg.Addr == "" || cfg.User == "" || cfg.KeyFile == "" || cfg.KnownHostsFile == "" {
+		return nil, errors.New("tunnel config: Addr, User, KeyFile and KnownHostsFile are required")
+	}
+	if _, _, err := net.SplitHostPort(cfg.Addr); err != nil {
+		return nil, fmt.Errorf("tunnel config: ssh address %q: %w", cfg.Addr, err)
+	}
+	if cfg.RemoteHost == "" {
+		cfg.RemoteHost = "127.0.0.1"
+	}
+	if cfg.KeepaliveInterval <= 0 {
+		cfg.KeepaliveInterval = DefaultKeepaliveInterval
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.MaxBackoff <= 0 {
+		cfg.MaxBackoff = DefaultMaxBackoff
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+
+	keyPEM, err := os.ReadFile(cfg.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key: %w", err)
+	}
+	signer, err := ssh.ParsePrivateKey(keyPEM)
+	if err != nil {
+		var missing *ssh.PassphraseMissingError
+		if errors.As(err, &missing) {
+			return nil, fmt.Errorf("ssh key %s is passphrase-protected; the tunnel needs an unencrypted key file (mode 0600)", cfg.KeyFile)
+		}
+		return nil, fmt.Errorf("parse ssh key %s: %w", cfg.KeyFile, err)
+	}
+	hostKeys, err := knownhosts.New(cfg.KnownHostsFile)
+	if err != nil {
+		return nil, fmt.Errorf("read known_hosts %s: %w", cfg.KnownHostsFile, err)
+	}
+	// Without an entry for the host this stays nil; the handshake then fails with an
+	// unknown-host HostKeyError, which is where callers look for it.
+	algos := hostKeyAlgorithms(hostKeys, cfg.Addr)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Manager{
+		cfg:       cfg,
+		log:       log.With("component", "tunnel", "hub", cfg.Addr),
+		signer:    signer,
+		hostKeys:  hostKeys,
+		hostAlgos: algos,
+		ctx:       ctx,
+		cancel:    cancel,
+		forwards:  map[int]*forward{},
+	}, nil
+}
+
+// hostKeyAlgorithms lists the algorithms of the keys known_hosts holds for addr, so the
+// handshake asks for a key that can be verified rather than whichever the server prefers.
+func hostKeyAlgorithms(hostKeys ssh.HostKeyCallback, addr string) []string {
+	// Checking a key that cannot match makes knownhosts list the keys it does hold.
+	probe := probeKey{}
+	var keyErr *knownhosts.KeyError
+	if err := hostKeys(addr, &net.TCPAddr{IP: net.IPv4zero}, probe); !errors.As(err, &keyErr) {
+		return nil
+	}
+	var algos []string
+	seen := map[string]bool{}
+	for _, known := range keyErr.Want {
+		for _, algo := range algorithmsForKeyType(known.Key.Type()) {
+			if !seen[algo] {
+				seen[algo] = true
+				algos = append(algos, algo)
+			}
+		}
+	}
+	return algos
+}
+
+func algorithmsForKeyType(keyType string) []string {
+	if keyType == ssh.KeyAlgoRSA {
+		return []string{ssh.KeyAlgoRSASHA512, ssh.KeyAlgoRSASHA256, ssh.KeyAlgoRSA}
+	}
+	return []string{keyType}
+}
+
+// probeKey is a public key no known_hosts line can hold.
+type probeKey struct{}
+
+func (probeKey) Type() string                        { return "diskferry-probe" }
+func (probeKey) Marshal() []byte                     { return []byte("diskferry-probe") }
+func (probeKey) Verify([]byte, *ssh.Signature) error { return errors.New("probe key verifies nothing") }
+
+// EnsureForwards makes each forward listen on 127.0.0.1:Local. Forwards already in place
+// are kept, so a retried call is harmless. It dials the hub first when not connected, so
+// a wrong host key or refused login is returned here. A local port held by another
+// process, or already forwarded to a different remote port, is an error; forwards made
+// before the error stay.
+func (m *Manager) EnsureForwards(ctx context.Context, forwards []Forward) error {
+	if _, err := m.connection(ctx); err != nil {
+		return err
+	}
+	for _, f := range forwards {
+		if f.Local == 0 {
+			f.Local = f.Remote
+		}
+		if err := m.ensure(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Manager) ensure(f Forward) error {
+	if f.Remote <= 0 || f.Remote > 65535 || f.Local <= 0 || f.Local > 65535 {
+		return fmt.Errorf("forward %d->%d: port out of range", f.Local, f.Remote)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	if existing, ok := m.forwards[f.Local]; ok {
+		if existing.spec.Remote != f.Remote {
+			return fmt.Errorf("local port 127.0.0.1:%d already forwarded to hub port %d, not %d",
+				f.Local, existing.spec.Remote, f.Remote)
+		}
+		return nil
+	}
+	listener, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(f.Local)))
+	if err != nil {
+		if errors.Is(err, syscall.EADDRINUSE) {
+			return fmt.Errorf("forward hub port %d: local port 127.0.0.1:%d is already in use by another process: %w",
+				f.Remote, f.Local, err)
+		}
+		return fmt.Errorf("forward hub port %d: listen on 127.0.0.1:%d: %w", f.Remote, f.Local, err)
+	}
+	fw := &forward{spec: f, listener: listener, conns: map[*pipe]struct{}{}}
+	m.forwards[f.Local] = fw
+	m.wg.Add(1)
+	go m.serve(fw)
+	m.log.Info("forward opened", "local", f.Local, "remote", f.Remote)
+	return nil
+}
+
+// DropForwards closes the listeners of the given local ports and the connections they
+// carry. Ports not forwarded are ignored, so it is idempotent.
+func (m *Manager) DropForwards(localPorts []int) {
+	m.mu.Lock()
+	var dropped []*forward
+	for _, p := range localPorts {
+		if fw, ok := m.forwards[p]; ok {
+			delete(m.forwards, p)
+			dropped = append(dropped, fw)
+		}
+	}
+	m.mu.Unlock()
+	for _, fw := range dropped {
+		fw.close()
+		m.log.Info("forward dropped", "local", fw.spec.Local, "remote", fw.spec.Remote)
+	}
+}
+
+// Forwards lists the forwards in place, by local port.
+func (m *Manager) Forwards() []Forward {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]Forward, 0, len(m.forwards))
+	for _, fw := range m.forwards {
+		out = append(out, fw.spec)
+	}
+	slices.SortFunc(out, func(a, b Forward) int { return a.Local - b.Local })
+	return out
+}
+
+// Close drops every forward and the SSH connection. Idempotent.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	forwards := m.forwards
+	m.forwards = map[int]*forward{}
+	client := m.client
+	m.client = nil
+	m.mu.Unlock()
+
+	m.cancel()
+	for _, fw := range forwards {
+		fw.close()
+	}
+	if client != nil {
+		client.Close()
+	}
+	m.wg.Wait()
+	return nil
+}
+
+// connection returns the live SSH connection, dialling when there is none. Concurrent
+// callers share one dial, which runs on the manager's context so that one caller giving
+// up does not abort it for the others.
+func (m *Manager) connection(ctx context.Context) (*ssh.Client, error) {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil, ErrClosed
+	}
+	if m.client != nil {
+		c := m.client
+		m.mu.Unlock()
+		return c, nil
+	}
+	if m.dialing == nil {
+		m.dialing = make(chan struct{})
+		m.wg.Add(1)
+		go m.dial(m.dialing)
+	}
+	done := m.dialing
+	m.mu.Unlock()
+
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("wait for ssh connection to %s: %w", m.cfg.Addr, ctx.Err())
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.client != nil {
+		return m.client, nil
+	}
+	if m.closed {
+		return nil, ErrClosed
+	}
+	return nil, m.dialErr
+}
+
+func (m *Manager) dial(done chan struct{}) {
+	defer m.wg.Done()
+	client, err := m.connect(m.ctx)
+
+	m.mu.Lock()
+	m.dialing = nil
+	m.dialErr = err
+	if err == nil {
+		if m.closed {
+			client.Close()
+		} else {
+			m.client = client
+			m.wg.Add(1)
+			go m.watch(client)
+		}
+	}
+	m.mu.Unlock()
+	close(done)
+}
+
+func (m *Manager) connect(ctx context.Context) (*ssh.Client, error) {
+	dialer := net.Dialer{Timeout: m.cfg.DialTimeout, KeepAlive: 30 * time.Second}
+	conn, err := dialer.DialContext(ctx, "tcp", m.cfg.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to hub sshd %s: %w", m.cfg.Addr, err)
+	}
+	setNoDelay(conn)
+	// The handshake has no context of its own; a deadline bounds it.
+	_ = conn.SetDeadline(time.Now().Add(m.cfg.DialTimeout))
+
+	var hostKeyErr *HostKeyError
+	config := &ssh.ClientConfig{
+		User:              m.cfg.User,
+		Auth:              []ssh.AuthMethod{ssh.PublicKeys(m.signer)},
+		HostKeyAlgorithms: m.hostAlgos,
+		HostKeyCallback: func(host string, remote net.Addr, key ssh.PublicKey) error {
+			err := m.hostKeys(host, remote, key)
+			var keyErr *knownhosts.KeyError
+			if errors.As(err, &keyErr) {
+				hostKeyErr = &HostKeyError{Host: host, KnownHostsFile: m.cfg.KnownHostsFile, Key: key, Unknown: len(keyErr.Want) == 0}
+				return hostKeyErr
+			}
+			return err
+		},
+	}
+	sshConn, chans, reqs, err := ssh.NewClientConn(quickAck(conn), m.cfg.Addr, config)
+	if err != nil {
+		conn.Close()
+		if hostKeyErr != nil {
+			return nil, hostKeyErr
+		}
+		return nil, fmt.Errorf("ssh login to %s as %s with key %s: %w", m.cfg.Addr, m.cfg.User, m.cfg.KeyFile, err)
+	}
+	_ = conn.SetDeadline(time.Time{})
+	m.log.Info("ssh connected")
+	return ssh.NewClient(sshConn, chans, reqs), nil
+}
+
+// watch ends when the connection does: closed by the server, the network, a failed
+// keepalive or Close. It then forgets the connection and, while forwards remain, redials.
+func (m *Manager) watch(client *ssh.Client) {
+	defer m.wg.Done()
+	ended := make(chan error, 1)
+	go func() { ended <- client.Wait() }()
+
+	reason := m.keepalive(client, ended)
+	client.Close()
+
+	m.mu.Lock()
+	if m.client == client {
+		m.client = nil
+	}
+	redial := !m.closed && len(m.forwards) > 0 && !m.reconnecting
+	if redial {
+		m.reconnecting = true
+		m.wg.Add(1)
+	}
+	m.mu.Unlock()
+	if m.ctx.Err() != nil {
+		return
+	}
+	m.log.Warn("ssh connection lost", "reason", reason)
+	if redial {
+		go m.reconnect()
+	}
+}
+
+// keepalive sends keepalive@openssh.com every interval until the connection ends or a
+// reply is late, and says why it stopped.
+func (m *Manager) keepalive(client *ssh.Client, ended <-chan error) string {
+	ticker := time.NewTicker(m.cfg.KeepaliveInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case err := <-ended:
+			if err == nil {
+				return "closed"
+			}
+			return err.Error()
+		case <-m.ctx.Done():
+			return "manager closed"
+		case <-ticker.C:
+		}
+		replied := make(chan error, 1)
+		go func() {
+			// OpenSSH answers an unknown global request with a failure; any answer proves life.
+			_, _, err := client.SendRequest("keepalive@openssh.com", true, nil)
+			replied <- err
+		}()
+		timer := time.NewTimer(m.cfg.KeepaliveInterval)
+		select {
+		case err := <-replied:
+			timer.Stop()
+			if err != nil {
+				return "keepalive: " + err.Error()
+			}
+		case <-timer.C:
+			return fmt.Sprintf("keepalive unanswered for %s", m.cfg.KeepaliveInterval)
+		case err := <-ended:
+			timer.Stop()
+			if err == nil {
+				return "closed"
+			}
+			return err.Error()
+		case <-m.ctx.Done():
+			timer.Stop()
+			return "manager closed"
+		}
+	}
+}
+
+// reconnect redials with exponential backoff until connected, closed, or no forwards remain.
+func (m *Manager) reconnect() {
+	defer m.wg.Done()
+	defer func() {
+		m.mu.Lock()
+		m.reconnecting = false
+		m.mu.Unlock()
+	}()
+	backoff := 250 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		m.mu.Lock()
+		stop := m.closed || len(m.forwards) == 0
+		m.mu.Unlock()
+		if stop {
+			return
+		}
+		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
+		_, err := m.connection(ctx)
+		cancel()
+		if err == nil {
+			m.log.Info("ssh reconnected", "attempt", attempt)
+			return
+		}
+		if m.ctx.Err() != nil {
+			return
+		}
+		m.log.Error("ssh reconnect failed", "attempt", attempt, "retry_in", backoff, "err", err)
+		select {
+		case <-time.After(backoff):
+		case <-m.ctx.Done():
+			return
+		}
+		backoff = min(2*backoff, m.cfg.MaxBackoff)
+	}
+}
+
+// forward is one listening local port and the connections it carries.
+type forward struct {
+	spec     Forward
+	listener net.Listener
+
+	mu      sync.Mutex
+	closed  bool
+	conns   map[*pipe]struct{}
+	lastErr error // why the last connection could not reach the hub port
+}
+
+func (f *forward) close() {
+	f.listener.Close()
+	f.mu.Lock()
+	f.closed = true
+	conns := f.conns
+	f.conns = map[*pipe]struct{}{}
+	f.mu.Unlock()
+	for p := range conns {
+		p.close()
+	}
+}
+
+func (f *forward) track(p *pipe) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed {
+		return false
+	}
+	f.conns[p] = struct{}{}
+	return true
+}
+
+func (f *forward) untrack(p *pipe) {
+	f.mu.Lock()
+	delete(f.conns, p)
+	f.mu.Unlock()
+}
+
+func (f *forward) setErr(err error) {
+	f.mu.Lock()
+	f.lastErr = err
+	f.mu.Unlock()
+}
+
+func (f *forward) err() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.lastErr
+}
+
+func (m *Manager) serve(f *forward) {
+	defer m.wg.Done()
+	for {
+		conn, err := f.listener.Accept()
+		if err != nil {
+			return // closed by DropForwards or Close
+		}
+		setNoDelay(conn)
+		m.wg.Add(1)
+		go m.carry(f, conn)
+	}
+}
+
+// carry connects one accepted local connection to the hub port and copies both ways.
+func (m *Manager) carry(f *forward, local net.Conn) {
+	defer m.wg.Done()
+	p := &pipe{local: local}
+	if !f.track(p) {
+		local.Close()
+		return
+	}
+	defer f.untrack(p)
+	defer p.close()
+
+	remote, err := m.openChannel(f.spec.Remote)
+	if err != nil {
+		f.setErr(err)
+		m.log.Warn("forwarded connection failed", "local", f.spec.Local, "remote", f.spec.Remote, "err", err)
+		return
+	}
+	f.setErr(nil)
+	p.setRemote(remote)
+	p.copy()
+}
+
+// openChannel opens a direct-tcpip channel to RemoteHost:port on the hub. A connection
+// that died unnoticed is closed and the open retried once on a fresh one.
+func (m *Manager) openChannel(port int) (net.Conn, error) {
+	target := net.JoinHostPort(m.cfg.RemoteHost, strconv.Itoa(port))
+	var lastErr error
+	for range 2 {
+		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
+		client, err := m.connection(ctx)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		remote, err := client.DialContext(ctx, "tcp", target)
+		cancel()
+		if err == nil {
+			return remote, nil
+		}
+		var refused *ssh.OpenChannelError
+		if errors.As(err, &refused) {
+			return nil, fmt.Errorf("hub refused forward to %s: %w", target, err)
+		}
+		lastErr = fmt.Errorf("open channel to hub %s: %w", target, err)
+		client.Close()
+		m.forget(client)
+	}
+	return nil, lastErr
+}
+
+// forget drops a connection known to be dead so the next caller dials instead of
+// waiting for watch to notice.
+func (m *Manager) forget(client *ssh.Client) {
+	m.mu.Lock()
+	if m.client == client {
+		m.client = nil
+	}
+	m.mu.Unlock()
+}
+
+// pipe is one forwarded connection: the accepted local socket and its SSH channel.
+type pipe struct {
+	local net.Conn
+
+	mu     sync.Mutex
+	remote net.Conn
+	closed bool
+}
+
+func (p *pipe) setRemote(remote net.Conn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		remote.Close()
+		return
+	}
+	p.remote = remote
+}
+
+func (p *pipe) close() {
+	p.mu.Lock()
+	p.closed = true
+	remote := p.remote
+	p.mu.Unlock()
+	p.local.Close()
+	if remote != nil {
+		remote.Close()
+	}
+}
+
+// copy moves bytes both ways. An end-of-stream is passed on as a half-close so protocols
+// that shut down one direction first keep working; an error tears both sides down.
+func (p *pipe) copy() {
+	p.mu.Lock()
+	remote := p.remote
+	p.mu.Unlock()
+	if remote == nil {
+		return
+	}
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		p.pump(remote, p.local)
+	}()
+	go func() {
+		defer wg.Done()
+		p.pump(p.local, remote)
+	}()
+	wg.Wait()
+}
+
+type closeWriter interface{ CloseWrite() error }
+
+func (p *pipe) pump(dst, src net.Conn) {
+	buf := copyBuffers.Get().(*[]byte)
+	defer copyBuffers.Put(buf)
+	// Hiding ReadFrom/WriteTo keeps io.CopyBuffer on our large buffer instead of the
+	// 32 KiB fallback net.TCPConn would use with a non-socket peer.
+	_, err := io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
+	if err != nil {
+		p.close()
+		return
+	}
+	if cw, ok := dst.(closeWriter); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+var copyBuffers = sync.Pool{New: func() any {
+	b := make([]byte, copyBufferSize)
+	return &b
+}}
+
+type writerOnly struct{ io.Writer }
+type readerOnly struct{ io.Reader }
+
+// setNoDelay disables Nagle: NBD's small request headers otherwise stall on delayed ACKs
+// (~40 ms per round trip, DESIGN §3). Go sets it by default; this states the requirement.
+func setNoDelay(conn net.Conn) {
+	if tcp, ok := conn.(*net.TCPConn); ok {
+		_ = tcp.SetNoDelay(true)
+	}
+}

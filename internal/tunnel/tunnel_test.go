@@ -1,0 +1,854 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/knownhosts"
+
+	"github.com/diskferry/diskferry/internal/testenv"
+	"github.com/diskferry/diskferry/internal/tunnel"
+)
+
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func baseConfig(s *testenv.SSHD) tunnel.Config {
+	return tunnel.Config{
+		Addr:              s.Addr,
+		User:              s.User,
+		KeyFile:           s.ClientKeyPath,
+		KnownHostsFile:    s.KnownHostsPath,
+		KeepaliveInterval: 300 * time.Millisecond,
+		DialTimeout:       3 * time.Second,
+		MaxBackoff:        500 * time.Millisecond,
+	}
+}
+
+func newManager(t testing.TB, cfg tunnel.Config) *tunnel.Manager {
+	t.Helper()
+	m, err := tunnel.New(cfg, testLogger(t))
+	if err != nil {
+		t.Fatalf("tunnel.New: %v", err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func testContext(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// echoServer stands in for a hub export: it echoes every byte back.
+func echoServer(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, conn)
+			mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer conn.Close()
+				_, _ = io.Copy(conn, conn)
+			}()
+		}
+	}()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func localAddr(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+
+// roundTrip sends payload through 127.0.0.1:port and expects it echoed back.
+func roundTrip(port int, payload []byte) error {
+	conn, err := net.DialTimeout("tcp", localAddr(port), 3*time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	writeErr := make(chan error, 1)
+	go func() {
+		_, err := conn.Write(payload)
+		writeErr <- err
+	}()
+	got := make([]byte, len(payload))
+	if _, err := io.ReadFull(conn, got); err != nil {
+		return err
+	}
+	if err := <-writeErr; err != nil {
+		return err
+	}
+	if !bytes.Equal(got, payload) {
+		return errors.New("echoed bytes differ from the bytes sent")
+	}
+	return nil
+}
+
+func randomBytes(t testing.TB, n int) []byte {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	payload := randomBytes(t, 4<<20)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- roundTrip(local, payload)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("round trip through forward: %v", err)
+		}
+	}
+}
+
+// TestEqualPortsWithHubOnSameMachine is the production layout (local port = hub port) with
+// both ends on one machine: the "hub" export listens on 127.0.0.2, the forward on 127.0.0.1.
+func TestEqualPortsWithHubOnSameMachine(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	export, err := net.Listen("tcp", "127.0.0.2:0")
+	if err != nil {
+		testenv.Missing(t, "loopback address 127.0.0.2 not usable: %v", err)
+	}
+	port := export.Addr().(*net.TCPAddr).Port
+	go func() {
+		conn, err := export.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = io.Copy(conn, conn)
+	}()
+	t.Cleanup(func() { export.Close() })
+
+	cfg := baseConfig(s)
+	cfg.RemoteHost = "127.0.0.2"
+	m := newManager(t, cfg)
+	if err := m.EnsureForwards(testContext(t), tunnel.Ports(port)); err != nil {
+		t.Fatalf("EnsureForwards with equal ports: %v", err)
+	}
+	if err := roundTrip(port, []byte("same port, other loopback address")); err != nil {
+		t.Fatalf("round trip: %v", err)
+	}
+}
+
+func TestHalfCloseIsPassedOn(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	conn, err := net.Dial("tcp", localAddr(local))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := conn.Write([]byte("last words")); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	// The echo server sees EOF only if the half-close crossed the tunnel; it then closes,
+	// so ReadAll ends.
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read after half-close: %v", err)
+	}
+	if string(got) != "last words" {
+		t.Fatalf("got %q after half-close, want %q", got, "last words")
+	}
+}
+
+func TestEnsureForwardsIsIdempotent(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	fw := []tunnel.Forward{{Local: local, Remote: remote}}
+	ctx := testContext(t)
+
+	for i := range 3 {
+		if err := m.EnsureForwards(ctx, fw); err != nil {
+			t.Fatalf("EnsureForwards call %d: %v", i+1, err)
+		}
+	}
+	if got := m.Forwards(); len(got) != 1 || got[0] != fw[0] {
+		t.Fatalf("Forwards() = %v, want %v", got, fw)
+	}
+	if err := roundTrip(local, []byte("still one forward")); err != nil {
+		t.Fatalf("round trip: %v", err)
+	}
+
+	err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: remote + 1}})
+	if err == nil || !strings.Contains(err.Error(), "already forwarded to hub port") {
+		t.Fatalf("re-pointing a forwarded local port: got %v, want an 'already forwarded' error", err)
+	}
+}
+
+func TestPortsMapsEqualPorts(t *testing.T) {
+	got := tunnel.Ports(10100, 10101)
+	want := []tunnel.Forward{{Local: 10100, Remote: 10100}, {Local: 10101, Remote: 10101}}
+	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Fatalf("Ports = %v, want %v", got, want)
+	}
+}
+
+func TestLocalPortTakenIsClearError(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	squatter, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squatter.Close()
+	taken := squatter.Addr().(*net.TCPAddr).Port
+
+	err = m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: taken, Remote: echoServer(t)}})
+	if err == nil {
+		t.Fatal("EnsureForwards on a taken local port succeeded")
+	}
+	if !errors.Is(err, syscall.EADDRINUSE) || !strings.Contains(err.Error(), "already in use by another process") {
+		t.Fatalf("error %q does not say the local port is in use", err)
+	}
+	if len(m.Forwards()) != 0 {
+		t.Fatalf("a failed forward was recorded: %v", m.Forwards())
+	}
+}
+
+func TestDropForwardsClosesListenerAndLiveConnections(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	live, err := net.Dial("tcp", localAddr(local))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	_ = live.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := live.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(live, make([]byte, 1)); err != nil {
+		t.Fatalf("echo before drop: %v", err)
+	}
+
+	m.DropForwards([]int{local})
+	m.DropForwards([]int{local, local + 1}) // idempotent, unknown ports ignored
+
+	if n, err := live.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("live connection still open after drop (read %d bytes)", n)
+	}
+	if conn, err := net.DialTimeout("tcp", localAddr(local), time.Second); err == nil {
+		conn.Close()
+		t.Fatal("local port still accepts after drop")
+	}
+	if len(m.Forwards()) != 0 {
+		t.Fatalf("Forwards() after drop = %v", m.Forwards())
+	}
+}
+
+func writeKnownHosts(t testing.TB, addr string, key ssh.PublicKey) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "known_hosts")
+	if err := os.WriteFile(path, []byte(knownhosts.Line([]string{addr}, key)+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func newEd25519(t testing.TB) (ssh.PublicKey, []byte) {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sshPub, pem.EncodeToMemory(block)
+}
+
+func TestWrongHostKeyIsTypedError(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	impostor, _ := newEd25519(t)
+	cfg := baseConfig(s)
+	cfg.KnownHostsFile = writeKnownHosts(t, s.Addr, impostor)
+	m := newManager(t, cfg)
+
+	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	var hostKeyErr *tunnel.HostKeyError
+	if !errors.As(err, &hostKeyErr) {
+		t.Fatalf("EnsureForwards error %v is not a *tunnel.HostKeyError", err)
+	}
+	if hostKeyErr.Unknown {
+		t.Fatal("mismatch reported as unknown host")
+	}
+	msg := err.Error()
+	for _, want := range []string{s.Addr, "does not match known_hosts", cfg.KnownHostsFile, ssh.FingerprintSHA256(s.HostPublicKey)} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("error %q does not mention %q", msg, want)
+		}
+	}
+	if len(m.Forwards()) != 0 {
+		t.Fatalf("forward opened despite the host key error: %v", m.Forwards())
+	}
+}
+
+func TestUnknownHostIsTypedError(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	cfg := baseConfig(s)
+	// The right key, but for another port: the host as dialled is not known.
+	cfg.KnownHostsFile = writeKnownHosts(t, localAddr(s.Port+1), s.HostPublicKey)
+	m := newManager(t, cfg)
+
+	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	var hostKeyErr *tunnel.HostKeyError
+	if !errors.As(err, &hostKeyErr) || !hostKeyErr.Unknown {
+		t.Fatalf("EnsureForwards error %v is not an unknown-host *tunnel.HostKeyError", err)
+	}
+	if !strings.Contains(err.Error(), "is not in known_hosts") {
+		t.Fatalf("error %q does not say the host is not in known_hosts", err)
+	}
+}
+
+func TestRefusedLoginNamesUserAndKey(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	_, strangerKey := newEd25519(t)
+	keyPath := filepath.Join(t.TempDir(), "stranger")
+	if err := os.WriteFile(keyPath, strangerKey, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := baseConfig(s)
+	cfg.KeyFile = keyPath
+	m := newManager(t, cfg)
+
+	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	if err == nil || !strings.Contains(err.Error(), "ssh login to "+s.Addr+" as "+s.User) || !strings.Contains(err.Error(), keyPath) {
+		t.Fatalf("refused login error %v does not name address, user and key file", err)
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	_, encrypted := newEncryptedKey(t)
+	encPath := filepath.Join(t.TempDir(), "encrypted")
+	if err := os.WriteFile(encPath, encrypted, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cases := map[string]struct {
+		edit func(*tunnel.Config)
+		want string
+	}{
+		"missing user":         {func(c *tunnel.Config) { c.User = "" }, "required"},
+		"address without port": {func(c *tunnel.Config) { c.Addr = "127.0.0.1" }, "ssh address"},
+		"unreadable key":       {func(c *tunnel.Config) { c.KeyFile = "/nonexistent/key" }, "read ssh key"},
+		"passphrase key":       {func(c *tunnel.Config) { c.KeyFile = encPath }, "passphrase-protected"},
+		"missing known_hosts":  {func(c *tunnel.Config) { c.KnownHostsFile = "/nonexistent/known_hosts" }, "read known_hosts"},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			cfg := baseConfig(s)
+			tc.edit(&cfg)
+			_, err := tunnel.New(cfg, nil)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("New error %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func newEncryptedKey(t testing.TB) (ssh.PublicKey, []byte) {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sshPub, err := ssh.NewPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, err := ssh.MarshalPrivateKeyWithPassphrase(priv, "", []byte("secret"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sshPub, pem.EncodeToMemory(block)
+}
+
+func eventually(t testing.TB, within time.Duration, what string, check func() error) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := check()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not within %s: %v", what, within, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func TestForwardSurvivesSSHDRestart(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	live, err := net.Dial("tcp", localAddr(local))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	if _, err := live.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	_ = live.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(live, make([]byte, 1)); err != nil {
+		t.Fatalf("echo before restart: %v", err)
+	}
+
+	s.Restart()
+
+	// The connection carried by the dead SSH connection ends.
+	if _, err := io.ReadFull(live, make([]byte, 1)); err == nil {
+		t.Fatal("a connection over the killed SSH connection still reads")
+	}
+	// New connections on the same listener go over the redialled SSH connection.
+	eventually(t, 10*time.Second, "forward working after sshd restart", func() error {
+		return roundTrip(local, []byte("after restart"))
+	})
+}
+
+func TestForwardWaitsOutSSHDOutage(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	s.Stop()
+	// Several failed redials with backoff while the hub is gone.
+	time.Sleep(1500 * time.Millisecond)
+	if err := roundTrip(local, []byte("hub down")); err == nil {
+		t.Fatal("round trip succeeded with sshd stopped")
+	}
+	s.Restart()
+	eventually(t, 10*time.Second, "forward working after sshd came back", func() error {
+		return roundTrip(local, []byte("hub back"))
+	})
+}
+
+// freezingProxy relays TCP to a target and can silently stop relaying on the connections
+// it holds, like a NAT or firewall that dropped its state: nothing is closed, nothing
+// arrives. Connections made after a freeze are relayed normally.
+type freezingProxy struct {
+	listener net.Listener
+	target   string
+	accepted atomic.Int32
+
+	mu      sync.Mutex
+	frozen  []*atomic.Bool
+	conns   []net.Conn
+	wg      sync.WaitGroup
+	current *atomic.Bool
+}
+
+func startFreezingProxy(t testing.TB, target string) *freezingProxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezingProxy{listener: l, target: target, current: new(atomic.Bool)}
+	t.Cleanup(func() {
+		l.Close()
+		p.mu.Lock()
+		for _, c := range p.conns {
+			c.Close()
+		}
+		p.mu.Unlock()
+		p.wg.Wait()
+	})
+	p.wg.Add(1)
+	go p.serve()
+	return p
+}
+
+func (p *freezingProxy) addr() string { return p.listener.Addr().String() }
+
+func (p *freezingProxy) freeze() {
+	p.mu.Lock()
+	p.current.Store(true)
+	p.current = new(atomic.Bool)
+	p.mu.Unlock()
+}
+
+func (p *freezingProxy) serve() {
+	defer p.wg.Done()
+	for {
+		in, err := p.listener.Accept()
+		if err != nil {
+			return
+		}
+		p.accepted.Add(1)
+		out, err := net.Dial("tcp", p.target)
+		if err != nil {
+			in.Close()
+			continue
+		}
+		p.mu.Lock()
+		frozen := p.current
+		p.conns = append(p.conns, in, out)
+		p.mu.Unlock()
+		p.wg.Add(2)
+		go p.relay(out, in, frozen)
+		go p.relay(in, out, frozen)
+	}
+}
+
+func (p *freezingProxy) relay(dst, src net.Conn, frozen *atomic.Bool) {
+	defer p.wg.Done()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if err != nil {
+			dst.Close()
+			return
+		}
+		if frozen.Load() {
+			continue
+		}
+		if _, err := dst.Write(buf[:n]); err != nil {
+			src.Close()
+			return
+		}
+	}
+}
+
+func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	proxy := startFreezingProxy(t, s.Addr)
+	cfg := baseConfig(s)
+	cfg.Addr = proxy.addr()
+	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
+	m := newManager(t, cfg)
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	if got := proxy.accepted.Load(); got != 1 {
+		t.Fatalf("proxy accepted %d connections before the freeze, want 1", got)
+	}
+
+	proxy.freeze()
+
+	// Without any forwarded traffic, only a keepalive timeout can notice the dead connection
+	// and make the manager dial again.
+	eventually(t, 5*time.Second, "redial after silent connection death", func() error {
+		if got := proxy.accepted.Load(); got < 2 {
+			return errors.New("no new ssh connection yet")
+		}
+		return nil
+	})
+	if err := roundTrip(local, []byte("over the new connection")); err != nil {
+		t.Fatalf("round trip after redial: %v", err)
+	}
+}
+
+// startQemuNBD serves a fresh raw image on 127.0.0.1:port, as the hub does.
+func startQemuNBD(t testing.TB) int {
+	t.Helper()
+	bin := testenv.RequireCommand(t, "qemu-nbd")
+	image := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(image, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(image, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	port := testenv.FreePort(t)
+	cmd := exec.Command(bin, "--persistent", "--shared=4", "--format=raw", "--bind=127.0.0.1",
+		"--port="+strconv.Itoa(port), "--export-name=disk", image)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start qemu-nbd: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		_ = cmd.Wait()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	eventually(t, 5*time.Second, "qemu-nbd listening", func() error {
+		select {
+		case <-exited:
+			t.Fatalf("qemu-nbd exited: %s", stderr.String())
+		default:
+		}
+		conn, err := net.Dial("tcp", localAddr(port))
+		if err != nil {
+			return err
+		}
+		return conn.Close()
+	})
+	return port
+}
+
+func TestHealthHandshakesWithNBDServerThroughForward(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	nbdPort := startQemuNBD(t)
+	m := newManager(t, baseConfig(s))
+	local := testenv.FreePort(t)
+	ctx := testContext(t)
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: nbdPort}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	// Repeated checks must not use up qemu-nbd's --shared client slots.
+	start := time.Now()
+	const checks = 6
+	for i := range checks {
+		if err := m.Health(ctx, local); err != nil {
+			t.Fatalf("Health check %d through forward to qemu-nbd: %v", i+1, err)
+		}
+	}
+	t.Logf("NBD handshake through the tunnel: %v each", time.Since(start)/checks)
+}
+
+func TestHealthFailsClearly(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	ctx := testContext(t)
+
+	// Nothing listens on the hub port: sshd refuses the channel.
+	nothing := testenv.FreePort(t)
+	refusedLocal := testenv.FreePort(t)
+	// Not NBD: the echo server sends no greeting, so the check times out.
+	echoLocal := testenv.FreePort(t)
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{
+		{Local: refusedLocal, Remote: nothing},
+		{Local: echoLocal, Remote: echoServer(t)},
+	}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+
+	err := m.Health(ctx, refusedLocal)
+	if err == nil || !strings.Contains(err.Error(), "forward failed") || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("Health to a closed hub port: %v, want the channel refusal named", err)
+	}
+
+	shortCtx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	if err := m.Health(shortCtx, echoLocal); err == nil || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Health to a silent server: %v, want a deadline error", err)
+	}
+
+	if err := m.Health(ctx, testenv.FreePort(t)); err == nil || !strings.Contains(err.Error(), "not forwarded") {
+		t.Fatalf("Health on a port the manager does not forward: %v", err)
+	}
+}
+
+func TestCloseStopsEverything(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	m := newManager(t, baseConfig(s))
+	local := testenv.FreePort(t)
+	ctx := testContext(t)
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: echoServer(t)}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if conn, err := net.DialTimeout("tcp", localAddr(local), time.Second); err == nil {
+		conn.Close()
+		t.Fatal("forward still listening after Close")
+	}
+	if err := m.EnsureForwards(ctx, tunnel.Ports(local)); !errors.Is(err, tunnel.ErrClosed) {
+		t.Fatalf("EnsureForwards after Close: %v, want ErrClosed", err)
+	}
+}
+
+// BenchmarkForwardThroughput measures one forwarded connection over loopback: the
+// tunnel's own ceiling (crypto and copying), far above the 100 Mbit WAN target.
+func BenchmarkForwardThroughput(b *testing.B) {
+	s := testenv.StartSSHD(b)
+	cfg := baseConfig(s)
+	cfg.KeepaliveInterval = time.Minute
+	m := newManager(b, cfg)
+	sink, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer sink.Close()
+	received := make(chan int64, 1)
+	go func() {
+		conn, err := sink.Accept()
+		if err != nil {
+			received <- 0
+			return
+		}
+		defer conn.Close()
+		n, _ := io.Copy(io.Discard, conn)
+		received <- n
+	}()
+	local := testenv.FreePort(b)
+	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Local: local, Remote: sink.Addr().(*net.TCPAddr).Port}}); err != nil {
+		b.Fatal(err)
+	}
+	conn, err := net.Dial("tcp", localAddr(local))
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	b.SetBytes(int64(len(chunk)))
+	b.ResetTimer()
+	for range b.N {
+		if _, err := conn.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	_ = conn.(*net.TCPConn).CloseWrite()
+	if n := <-received; n != int64(b.N)*int64(len(chunk)) {
+		b.Fatalf("sink received %d bytes, want %d", n, int64(b.N)*int64(len(chunk)))
+	}
+	b.StopTimer()
+	conn.Close()
+}
+
+// BenchmarkForwardFirstByte measures a new forwarded connection up to the server's first
+// bytes (an NBD-sized greeting): the channel open plus one reply, where a Nagle/delayed-ACK
+// stall would add ~40 ms.
+func BenchmarkForwardFirstByte(b *testing.B) {
+	s := testenv.StartSSHD(b)
+	cfg := baseConfig(s)
+	cfg.KeepaliveInterval = time.Minute
+	m := newManager(b, cfg)
+	greeter, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer greeter.Close()
+	go func() {
+		for {
+			conn, err := greeter.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = conn.Write([]byte("NBDMAGICIHAVEOPT\x00\x03"))
+			go func() {
+				_, _ = io.Copy(io.Discard, conn)
+				conn.Close()
+			}()
+		}
+	}()
+	local := testenv.FreePort(b)
+	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Local: local, Remote: greeter.Addr().(*net.TCPAddr).Port}}); err != nil {
+		b.Fatal(err)
+	}
+	greeting := make([]byte, 18)
+	b.ResetTimer()
+	for range b.N {
+		conn, err := net.Dial("tcp", localAddr(local))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(conn, greeting); err != nil {
+			b.Fatal(err)
+		}
+		conn.Close()
+	}
+}
