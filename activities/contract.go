@@ -111,7 +111,7 @@ type DiskPlan struct {
 type Plan struct {
 	PointID string     `json:"pointId"`
 	HubID   string     `json:"hubId"`
-	Mode    string     `json:"mode"` // incremental if any disk builds on the previous point, else full
+	Mode    string     `json:"mode"` // full if any disk is copied in full, else incremental
 	Disks   []DiskPlan `json:"disks"`
 }
 

@@ -1,0 +1,561 @@
+// Package hub adapts the hub's mechanisms (catalog, port leases, repository, qemu) to
+// Temporal activities: the host-agnostic ones on diskferry-hub and the ones bound to this
+// host's files and qemu-nbd processes on diskferry-hub.<hubID>.
+package hub
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/worker"
+
+	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/catalog"
+	"github.com/diskferry/diskferry/internal/qemu"
+	"github.com/diskferry/diskferry/internal/repo"
+)
+
+// Settings of one hub host.
+type Settings struct {
+	HubID      string
+	ExportBind string // address qemu-nbd listens on; 127.0.0.1 unless explicitly changed
+	// RunDir holds the exports' pid files and logs, so a restarted worker finds them again.
+	RunDir      string
+	StopTimeout time.Duration // SIGTERM grace before SIGKILL
+	// WorkflowClosed asks Temporal whether a workflow has closed. Reconcile needs it; PlanBackup
+	// uses it to take over a VM whose running point belongs to a closed workflow (terminated
+	// workflows run no compensation). Nil: both treat every workflow as running.
+	WorkflowClosed catalog.WorkflowClosed
+	// CountVerified is told how many bytes each successful verification read; optional.
+	CountVerified func(bytes int64)
+}
+
+// Activities are the hub activities. One instance per worker; safe for concurrent use.
+type Activities struct {
+	store    *catalog.Store
+	ports    *catalog.Ports
+	layout   repo.Layout
+	settings Settings
+	log      *slog.Logger
+
+	// exporting is held shared by StartExport and StopExport and exclusively by Reconcile,
+	// so Reconcile never judges an export this process is starting or stopping.
+	exporting sync.RWMutex
+	// verifying holds the run-dir entries of verifications in progress in this process, so
+	// Reconcile only stops the leftovers of a crashed worker.
+	mu        sync.Mutex
+	verifying map[string]bool
+}
+
+// New returns the hub activities.
+func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, settings Settings, log *slog.Logger) (*Activities, error) {
+	if settings.HubID == "" {
+		return nil, errors.New("hub activities: empty hub ID")
+	}
+	if settings.RunDir == "" {
+		return nil, errors.New("hub activities: empty run dir")
+	}
+	if settings.ExportBind == "" {
+		settings.ExportBind = "127.0.0.1"
+	}
+	if settings.StopTimeout <= 0 {
+		settings.StopTimeout = 10 * time.Second
+	}
+	if settings.WorkflowClosed == nil {
+		settings.WorkflowClosed = func(context.Context, string) (bool, error) { return false, nil }
+	}
+	if settings.CountVerified == nil {
+		settings.CountVerified = func(int64) {}
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := os.MkdirAll(settings.RunDir, 0o750); err != nil {
+		return nil, fmt.Errorf("hub activities: run dir: %w", err)
+	}
+	return &Activities{store: store, ports: ports, layout: layout, settings: settings, log: log, verifying: map[string]bool{}}, nil
+}
+
+// RegisterShared registers the host-agnostic activities (for diskferry-hub).
+func (a *Activities) RegisterShared(w worker.ActivityRegistry) {
+	reg := func(f any, name string) { w.RegisterActivityWithOptions(f, activity.RegisterOptions{Name: name}) }
+	reg(a.PlanBackup, activities.PlanBackupName)
+	reg(a.AllocatePort, activities.AllocatePortName)
+	reg(a.ReleasePorts, activities.ReleasePortsName)
+	reg(a.CommitPoint, activities.CommitPointName)
+	reg(a.FailPoint, activities.FailPointName)
+}
+
+// RegisterHost registers the activities bound to this host (for diskferry-hub.<hubID>).
+func (a *Activities) RegisterHost(w worker.ActivityRegistry) {
+	reg := func(f any, name string) { w.RegisterActivityWithOptions(f, activity.RegisterOptions{Name: name}) }
+	reg(a.PrepareTarget, activities.PrepareTargetName)
+	reg(a.DiscardTarget, activities.DiscardTargetName)
+	reg(a.StartExport, activities.StartExportName)
+	reg(a.StopExport, activities.StopExportName)
+	reg(a.VerifyTarget, activities.VerifyTargetName)
+}
+
+func badInput(format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	return temporal.NewNonRetryableApplicationError(msg, activities.ErrBadInput, nil)
+}
+
+// classify makes the errors a retry cannot fix (invalid request, unknown point, a point no
+// longer running, a path outside the repository) non-retryable; anything else (database
+// or disk trouble) stays retryable.
+func classify(what string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, catalog.ErrInvalid), errors.Is(err, catalog.ErrPointComplete), errors.Is(err, catalog.ErrPointFailed),
+		errors.Is(err, repo.ErrOutsideRoot), errors.Is(err, repo.ErrInvalidName):
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("%s: %v", what, err), activities.ErrBadInput, nil)
+	case errors.Is(err, catalog.ErrNotFound):
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("%s: %v", what, err), activities.ErrNotFound, nil)
+	default:
+		return fmt.Errorf("%s: %w", what, err)
+	}
+}
+
+// PlanBackup decides full or incremental per disk from the catalog and opens the restore
+// point (status running). Idempotent per workflow.
+func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInput) (activities.Plan, error) {
+	switch in.Mode {
+	case "", activities.ModeAuto, activities.ModeFull, activities.ModeIncremental:
+	default:
+		return activities.Plan{}, badInput("plan backup: mode %q is not auto, full or incremental", in.Mode)
+	}
+	disks, err := selectDisks(in.VM.Disks, in.DiskKeys)
+	if err != nil {
+		return activities.Plan{}, err
+	}
+	catDisks := make([]catalog.Disk, len(in.VM.Disks))
+	for i, d := range in.VM.Disks {
+		catDisks[i] = catalog.Disk{Key: d.Key, Label: d.Label, CapacityBytes: d.CapacityBytes, BackingFile: d.BackingFile}
+	}
+	vm, err := a.store.UpsertVM(ctx, catalog.VM{InstanceUUID: in.VM.InstanceUUID, Moref: in.VM.Moref, Name: in.VM.Name}, catDisks)
+	if err != nil {
+		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
+	}
+	last, err := a.store.LastCompletePoint(ctx, vm.ID)
+	hasLast := err == nil
+	if err != nil && !errors.Is(err, catalog.ErrNotFound) {
+		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
+	}
+
+	plan := activities.Plan{HubID: a.settings.HubID, Mode: activities.ModeIncremental}
+	if hasLast {
+		plan.HubID = last.Hub // an incremental lives beside its chain
+	}
+	anyIncremental := false
+	for _, d := range disks {
+		dp := decideDisk(in.Mode, in.VM.CBTEnabled, d, last, hasLast)
+		if dp.Mode == activities.ModeIncremental {
+			anyIncremental = true
+		} else {
+			plan.Mode = activities.ModeFull // the contract: full if any disk is full
+		}
+		plan.Disks = append(plan.Disks, dp)
+	}
+	req := catalog.OpenPointRequest{
+		WorkflowID: in.WorkflowID, RunID: in.RunID, Site: in.Site, Hub: plan.HubID,
+		VMID: vm.ID, Mode: catalog.ModeFull,
+	}
+	if anyIncremental {
+		// In the catalog the point is incremental as soon as one disk depends on the parent.
+		req.Mode = catalog.ModeIncremental
+		req.ParentID = last.ID
+	}
+	point, err := a.openPoint(ctx, req)
+	var running *catalog.BackupRunningError
+	if errors.As(err, &running) {
+		return activities.Plan{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("a backup of VM %s is already running (workflow %s, point %s)", in.VM.Name, running.WorkflowID, running.PointID),
+			activities.ErrBackupRunning, nil)
+	}
+	if err != nil {
+		return activities.Plan{}, classify("open restore point for "+in.VM.Name, err)
+	}
+	plan.PointID = point.ID
+	return plan, nil
+}
+
+// openPoint opens the point; when the VM's running point belongs to a workflow that closed
+// without finishing it (terminated, timed out), that point is marked failed and the open retried.
+func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest) (catalog.Point, error) {
+	point, err := a.store.OpenPoint(ctx, req)
+	var running *catalog.BackupRunningError
+	if !errors.As(err, &running) {
+		return point, err
+	}
+	closed, closedErr := a.settings.WorkflowClosed(ctx, running.WorkflowID)
+	if closedErr != nil || !closed {
+		if closedErr != nil {
+			a.log.WarnContext(ctx, "cannot tell whether the running backup's workflow closed", "workflow", running.WorkflowID, "err", closedErr)
+		}
+		return point, err
+	}
+	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", running.PointID, "workflow", running.WorkflowID)
+	if err := a.store.FailPoint(ctx, running.PointID, "workflow "+running.WorkflowID+" closed without finishing the backup"); err != nil &&
+		!errors.Is(err, catalog.ErrPointComplete) {
+		return catalog.Point{}, err
+	}
+	return a.store.OpenPoint(ctx, req)
+}
+
+func selectDisks(all []activities.Disk, keys []int32) ([]activities.Disk, error) {
+	if len(all) == 0 {
+		return nil, badInput("plan backup: the VM has no disks")
+	}
+	if len(keys) == 0 {
+		return all, nil
+	}
+	byKey := map[int32]activities.Disk{}
+	for _, d := range all {
+		byKey[d.Key] = d
+	}
+	var out []activities.Disk
+	for _, k := range keys {
+		d, ok := byKey[k]
+		if !ok {
+			return nil, badInput("plan backup: the VM has no disk with key %d", k)
+		}
+		if slices.ContainsFunc(out, func(o activities.Disk) bool { return o.Key == k }) {
+			// It would make two targets, exports and copies of one disk.
+			return nil, badInput("plan backup: disk %d is listed twice", k)
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// decideDisk picks full or incremental for one disk (DESIGN §2 step 2).
+func decideDisk(mode string, cbt bool, d activities.Disk, last catalog.Point, hasLast bool) activities.DiskPlan {
+	dp := activities.DiskPlan{Key: d.Key, CapacityBytes: d.CapacityBytes, Mode: activities.ModeFull}
+	var prev *catalog.PointDisk
+	if hasLast {
+		for i := range last.Disks {
+			if last.Disks[i].Key == d.Key {
+				prev = &last.Disks[i]
+			}
+		}
+	}
+	switch {
+	case mode == activities.ModeFull:
+		dp.Reason = "full backup requested"
+	case !cbt:
+		dp.Reason = "changed block tracking is off on the VM"
+	case !hasLast:
+		dp.Reason = "no previous restore point"
+	case prev == nil:
+		dp.Reason = "disk not in the previous restore point"
+	case prev.CapacityBytes != d.CapacityBytes:
+		dp.Reason = fmt.Sprintf("disk resized from %d to %d bytes", prev.CapacityBytes, d.CapacityBytes)
+	case prev.ChangeID == "":
+		dp.Reason = "previous restore point has no changeId"
+	case d.ChangeID != "" && changeIDEpoch(d.ChangeID) != changeIDEpoch(prev.ChangeID):
+		dp.Reason = "changed block tracking was reset since the previous restore point"
+	default:
+		dp.Mode = activities.ModeIncremental
+		dp.ParentPath = prev.Path
+		dp.PrevChangeID = prev.ChangeID
+	}
+	return dp
+}
+
+// changeIDEpoch is the UUID part of a VMware changeId ("<uuid>/<sequence>"); a new UUID
+// means CBT was reset and older changeIds are meaningless.
+func changeIDEpoch(id string) string {
+	epoch, _, _ := strings.Cut(id, "/")
+	return epoch
+}
+
+// AllocatePort leases a port for (workflow, disk); the same pair gets the same port back.
+// Exhaustion is a retryable ErrPortsExhausted: leases free up as other backups finish.
+func (a *Activities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
+	port, err := a.ports.Allocate(ctx, in.HubID, in.WorkflowID, in.DiskKey)
+	if errors.Is(err, catalog.ErrPortsExhausted) {
+		return 0, temporal.NewApplicationError(fmt.Sprintf("no free export port on hub %s: %v", in.HubID, err), activities.ErrPortsExhausted)
+	}
+	return port, classify(fmt.Sprintf("allocate port for disk %d", in.DiskKey), err)
+}
+
+// ReleasePorts frees every lease of the workflow; idempotent.
+func (a *Activities) ReleasePorts(ctx context.Context, in activities.ReleasePortsInput) error {
+	_, err := a.ports.ReleaseWorkflow(ctx, in.HubID, in.WorkflowID)
+	return classify("release ports", err)
+}
+
+// CommitPoint marks the point complete with its disks' changeIds; only then is it usable.
+func (a *Activities) CommitPoint(ctx context.Context, in activities.CommitPointInput) error {
+	disks := make([]catalog.PointDisk, len(in.Disks))
+	for i, d := range in.Disks {
+		disks[i] = catalog.PointDisk{
+			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, ChangeID: d.ChangeID,
+			CapacityBytes: d.CapacityBytes, BytesRead: d.BytesRead, BytesWritten: d.BytesWritten,
+			BytesZeroed: d.BytesZeroed, Duration: d.Duration, Digest: d.Digest,
+		}
+	}
+	_, err := a.store.CompletePoint(ctx, in.PointID, disks)
+	return classify("commit point "+in.PointID, err)
+}
+
+// FailPoint marks the point failed with the error; idempotent, and an unknown point counts
+// as done. A complete point is never turned failed: that is a non-retryable error. Its files
+// are the workflow's to discard (DiscardTarget on the host holding them).
+func (a *Activities) FailPoint(ctx context.Context, in activities.FailPointInput) error {
+	err := a.store.FailPoint(ctx, in.PointID, in.Error)
+	if errors.Is(err, catalog.ErrNotFound) {
+		return nil
+	}
+	return classify("fail point "+in.PointID, err)
+}
+
+// PrepareTarget creates the disk's qcow2: new for a full copy, an overlay on the previous
+// point's file for an incremental. A retried attempt replaces what its predecessor made; the
+// point must still be running, so a finished point's file is never replaced.
+func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTargetInput) (activities.Target, error) {
+	point, err := a.store.GetPoint(ctx, in.PointID)
+	if err != nil {
+		return activities.Target{}, classify("prepare target", err)
+	}
+	if point.Status != catalog.StatusRunning {
+		return activities.Target{}, badInput("prepare target: point %s is %s, not running", in.PointID, point.Status)
+	}
+	path, err := a.layout.TargetPath(in.VM.Name, in.VM.Moref, in.PointID, in.Disk.Key)
+	if err != nil {
+		return activities.Target{}, classify("prepare target", err)
+	}
+	switch in.Disk.Mode {
+	case activities.ModeFull:
+	case activities.ModeIncremental:
+		if !a.layout.Contains(in.Disk.ParentPath) {
+			return activities.Target{}, badInput("prepare target: parent %q is outside the repository", in.Disk.ParentPath)
+		}
+		if _, statErr := os.Stat(in.Disk.ParentPath); statErr != nil {
+			return activities.Target{}, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("prepare target: chain broken, parent %s: %v (run a full backup)", in.Disk.ParentPath, statErr),
+				activities.ErrNotFound, nil)
+		}
+	default:
+		return activities.Target{}, badInput("prepare target: disk %d has mode %q", in.Disk.Key, in.Disk.Mode)
+	}
+	if _, err := a.layout.EnsurePointDir(in.VM.Name, in.VM.Moref, in.PointID); err != nil {
+		return activities.Target{}, classify("prepare target", err)
+	}
+	if err := a.layout.RemoveTarget(path); err != nil {
+		return activities.Target{}, classify("prepare target", err)
+	}
+	if in.Disk.Mode == activities.ModeFull {
+		err = qemu.CreateImage(ctx, path, in.Disk.CapacityBytes)
+	} else {
+		err = qemu.CreateOverlay(ctx, path, in.Disk.ParentPath)
+	}
+	if err != nil {
+		return activities.Target{}, fmt.Errorf("prepare target %s: %w", path, err)
+	}
+	err = a.store.AddPointDisk(ctx, in.PointID, catalog.PointDisk{
+		Key: in.Disk.Key, Path: path, ParentPath: in.Disk.ParentPath, Mode: in.Disk.Mode, CapacityBytes: in.Disk.CapacityBytes,
+	})
+	if err != nil {
+		return activities.Target{}, classify("prepare target "+path, err)
+	}
+	return activities.Target{DiskKey: in.Disk.Key, Path: path}, nil
+}
+
+// DiscardTarget deletes an unfinished target and, once empty, its point directory.
+// A path that is not a target inside the repository is refused (non-retryable).
+func (a *Activities) DiscardTarget(ctx context.Context, in activities.DiscardTargetInput) error {
+	if err := a.layout.RemoveTarget(in.Path); err != nil {
+		return classify("discard target", err)
+	}
+	// The point directory goes once its last disk is gone; a sibling still there keeps it.
+	// RemoveTarget checked that the parent is a point directory inside the root.
+	if err := os.Remove(filepath.Dir(in.Path)); err != nil && !errors.Is(err, os.ErrNotExist) && !isNotEmpty(err) {
+		return fmt.Errorf("discard target: %w", err)
+	}
+	return nil
+}
+
+func (a *Activities) pidFile(port int) string {
+	return filepath.Join(a.settings.RunDir, fmt.Sprintf("export-%d.pid", port))
+}
+
+// ExportName is the NBD export name of a disk's target.
+func ExportName(diskKey int32) string { return fmt.Sprintf("disk-%d", diskKey) }
+
+// StartExport serves the target with qemu-nbd on the port leased to (workflow, disk) and
+// records it in the catalog. Idempotent: an export already serving the same file on the
+// port is recorded and returned as is.
+func (a *Activities) StartExport(ctx context.Context, in activities.StartExportInput) (activities.Export, error) {
+	a.exporting.RLock()
+	defer a.exporting.RUnlock()
+	if !a.layout.Contains(in.Path) {
+		return activities.Export{}, badInput("start export: %q is outside the repository", in.Path)
+	}
+	// Reconcile stops exports without a lease, so starting one without it would be undone.
+	leases, err := a.ports.ListLeases(ctx, a.settings.HubID)
+	if err != nil {
+		return activities.Export{}, fmt.Errorf("start export on port %d: %w", in.Port, err)
+	}
+	if !slices.ContainsFunc(leases, func(l catalog.Lease) bool {
+		return l.Port == in.Port && l.WorkflowID == in.WorkflowID && l.DiskKey == in.DiskKey
+	}) {
+		return activities.Export{}, badInput("start export: port %d on hub %s is not leased to workflow %s disk %d",
+			in.Port, a.settings.HubID, in.WorkflowID, in.DiskKey)
+	}
+	pidFile := a.pidFile(in.Port)
+	if running, err := qemu.Find(pidFile); err == nil && running.Path != in.Path {
+		return activities.Export{}, fmt.Errorf("start export on port %d: already serving %s: %w", in.Port, running.Path, qemu.ErrPortInUse)
+	}
+	// Start returns the running export when a previous attempt started it.
+	exp, err := qemu.Start(ctx, qemu.ExportOptions{
+		Path: in.Path, Addr: a.settings.ExportBind, Port: in.Port, Name: ExportName(in.DiskKey),
+		Connections: in.Connections, PidFile: pidFile, Logger: a.log,
+	})
+	if err != nil {
+		return activities.Export{}, fmt.Errorf("start export %s on port %d: %w", in.Path, in.Port, err)
+	}
+	err = a.store.RecordExport(ctx, catalog.Export{
+		Hub: a.settings.HubID, Port: in.Port, PID: exp.PID, Path: in.Path, WorkflowID: in.WorkflowID, DiskKey: in.DiskKey,
+	})
+	if err != nil {
+		if stopErr := exp.Stop(context.WithoutCancel(ctx), a.settings.StopTimeout); stopErr != nil {
+			a.log.Error("stop unrecorded export", "port", in.Port, "err", stopErr)
+		}
+		return activities.Export{}, classify(fmt.Sprintf("record export on port %d", in.Port), err)
+	}
+	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: ExportName(in.DiskKey), PID: exp.PID, Path: in.Path}, nil
+}
+
+// StopExport stops the port's export (qemu-nbd flushes on SIGTERM) and forgets it; already
+// gone is success. An export serving another file on the port (a late retry after the port
+// went to another backup) is left alone.
+func (a *Activities) StopExport(ctx context.Context, in activities.StopExportInput) error {
+	a.exporting.RLock()
+	defer a.exporting.RUnlock()
+	pidFile := a.pidFile(in.Port)
+	if running, err := qemu.Find(pidFile); err == nil && in.Path != "" && running.Path != in.Path {
+		a.log.WarnContext(ctx, "stop export: port serves another file; leaving it", "port", in.Port, "want", in.Path, "serving", running.Path)
+		return nil
+	}
+	if err := qemu.StopPidFile(ctx, pidFile, a.settings.StopTimeout); err != nil {
+		return fmt.Errorf("stop export on port %d: %w", in.Port, err)
+	}
+	exports, err := a.store.ListExports(ctx, a.settings.HubID)
+	if err != nil {
+		return fmt.Errorf("stop export on port %d: %w", in.Port, err)
+	}
+	for _, e := range exports {
+		if e.Port == in.Port && (in.Path == "" || e.Path == in.Path) {
+			if err := a.store.RemoveExport(ctx, a.settings.HubID, in.Port); err != nil {
+				return fmt.Errorf("stop export on port %d: %w", in.Port, err)
+			}
+		}
+	}
+	return nil
+}
+
+// VerifyTarget checks the qcow2 and recomputes the copy's digest from the file's logical
+// content (through its backing chain) over the copied areas. Damage and a digest mismatch
+// are non-retryable; a target still locked by its export is retried.
+func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTargetInput) (activities.Verification, error) {
+	if !a.layout.Contains(in.Path) {
+		return activities.Verification{}, badInput("verify: %q is outside the repository", in.Path)
+	}
+	if in.Digest == "" {
+		return activities.Verification{}, badInput("verify %s: no digest to compare with", in.Path)
+	}
+	if _, err := qemu.Check(ctx, in.Path); errors.Is(err, qemu.ErrImageCorrupt) {
+		return activities.Verification{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("verify %s: %v", in.Path, err), activities.ErrBadInput, nil)
+	} else if err != nil {
+		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
+	}
+	info, err := qemu.Info(ctx, in.Path)
+	if err != nil {
+		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
+	}
+	digest, err := a.digest(ctx, in)
+	if err != nil {
+		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
+	}
+	if digest != in.Digest {
+		return activities.Verification{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("verify %s: content digest %s differs from the copy's %s", in.Path, digest, in.Digest),
+			activities.ErrBadInput, nil)
+	}
+	verified := info.VirtualSize
+	if in.Areas != nil {
+		verified = 0
+		for _, e := range in.Areas {
+			verified += e.Length
+		}
+	}
+	a.settings.CountVerified(verified)
+	return activities.Verification{Path: in.Path, AllocatedBytes: info.ActualSize, VirtualBytes: info.VirtualSize}, nil
+}
+
+// verifyDirPrefix names the run-dir entries of verification exports.
+const verifyDirPrefix = "verify"
+
+// digest serves the target read-only on a private unix socket and computes the digest.
+func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput) (string, error) {
+	a.mu.Lock()
+	dir, err := os.MkdirTemp(a.settings.RunDir, verifyDirPrefix)
+	if err == nil {
+		a.verifying[dir] = true
+	}
+	a.mu.Unlock()
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		a.mu.Lock()
+		delete(a.verifying, dir)
+		a.mu.Unlock()
+		os.RemoveAll(dir)
+	}()
+	exp, err := qemu.Start(ctx, qemu.ExportOptions{
+		Path: in.Path, Socket: filepath.Join(dir, "nbd.sock"), Name: "verify", Connections: 4,
+		PidFile: filepath.Join(dir, "nbd.pid"), ReadOnly: true, Logger: a.log,
+	})
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		if err := exp.Stop(context.WithoutCancel(ctx), a.settings.StopTimeout); err != nil {
+			a.log.Warn("stop verification export", "path", in.Path, "err", err)
+		}
+	}()
+	var areas []blockcopy.Extent
+	if in.Areas != nil {
+		areas = make([]blockcopy.Extent, len(in.Areas))
+		for i, e := range in.Areas {
+			areas[i] = blockcopy.Extent{Start: e.Start, Length: e.Length}
+		}
+	}
+	return blockcopy.ComputeDigest(ctx, exp.URI(), blockcopy.Options{
+		Areas: areas, BlockSize: in.BlockSize, Connections: 4,
+		OnProgress:       func(p blockcopy.Progress) { activity.RecordHeartbeat(ctx, p.BytesDone) },
+		ProgressInterval: 5 * time.Second,
+	})
+}
+
+func isNotEmpty(err error) bool {
+	var pe *os.PathError
+	return errors.As(err, &pe) && errors.Is(pe.Err, syscall.ENOTEMPTY)
+}

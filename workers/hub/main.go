@@ -1,0 +1,240 @@
+// Command hub is the diskferry hub worker: it runs the workflows and the host-agnostic hub
+// activities on diskferry-hub, the activities bound to this host's files and qemu-nbd
+// exports on diskferry-hub.<hubID>, and keeps exports, leases and catalog in agreement.
+// Every setting comes from the environment (internal/config).
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.temporal.io/sdk/client"
+	sdklog "go.temporal.io/sdk/log"
+	"go.temporal.io/sdk/worker"
+
+	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/activities/hub"
+	"github.com/diskferry/diskferry/internal/catalog"
+	"github.com/diskferry/diskferry/internal/config"
+	"github.com/diskferry/diskferry/internal/repo"
+	"github.com/diskferry/diskferry/workflows"
+)
+
+const (
+	// reconcileInterval is how often exports, leases and rows are compared after the start.
+	reconcileInterval = time.Minute
+	// workerStopTimeout lets running activities finish on shutdown before they are abandoned
+	// to Temporal's retry.
+	workerStopTimeout = 20 * time.Second
+)
+
+func main() {
+	cfg, err := config.LoadHub()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	log := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, cfg, log); err != nil {
+		log.Error("hub worker failed", "err", err)
+		os.Exit(1)
+	}
+}
+
+// run wires the hub worker and serves until ctx ends, then stops gracefully.
+func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
+	log = log.With("hub", cfg.HubID)
+	log.Info("hub worker starting", "config", cfg)
+
+	store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	if err := store.Migrate(ctx); err != nil {
+		return err
+	}
+	ports, err := catalog.NewPorts(store, catalog.PortRange{First: cfg.PortMin, Last: cfg.PortMax})
+	if err != nil {
+		return err
+	}
+	layout, err := repo.New(cfg.RepositoryRoot)
+	if err != nil {
+		return err
+	}
+
+	registry := prometheus.NewRegistry()
+	sdk := newSDKMetrics()
+	tlsConfig, err := temporalTLS(cfg.Temporal)
+	if err != nil {
+		return err
+	}
+	c, err := client.DialContext(ctx, client.Options{
+		HostPort:          cfg.Address,
+		Namespace:         cfg.Namespace,
+		Logger:            sdklog.NewStructuredLogger(log),
+		MetricsHandler:    sdk.Handler(),
+		ConnectionOptions: client.ConnectionOptions{TLS: tlsConfig},
+	})
+	if err != nil {
+		return fmt.Errorf("connect to temporal at %s: %w", cfg.Address, err)
+	}
+	defer c.Close()
+
+	verified := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "diskferry_bytes_verified_total", Help: "Bytes of targets read back and verified against the copy's digest.",
+	})
+	acts, err := hub.New(store, ports, layout, hub.Settings{
+		HubID: cfg.HubID, ExportBind: cfg.ExportBind, RunDir: cfg.RunDir,
+		WorkflowClosed: hub.WorkflowClosedFunc(c),
+		CountVerified:  func(n int64) { verified.Add(float64(n)) },
+	}, log)
+	if err != nil {
+		return err
+	}
+	registry.MustRegister(sdk, verified,
+		catalogGauge(log, "diskferry_exports_running", "qemu-nbd exports recorded for this hub.", func(ctx context.Context) (int, error) {
+			exports, err := store.ListExports(ctx, cfg.HubID)
+			return len(exports), err
+		}),
+		catalogGauge(log, "diskferry_port_leases", "Export ports leased on this hub.", func(ctx context.Context) (int, error) {
+			leases, err := ports.ListLeases(ctx, cfg.HubID)
+			return len(leases), err
+		}),
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	if cfg.MetricsAddr != "" {
+		stopMetrics, err := serveMetrics(cfg.MetricsAddr, registry, log)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
+
+	// Before taking work: exports a previous run left are stopped or adopted.
+	reconcile(ctx, acts, log)
+
+	fatal := make(chan error, 2)
+	opts := worker.Options{WorkerStopTimeout: workerStopTimeout, OnFatalError: func(err error) { fatal <- err }}
+	shared := worker.New(c, activities.HubQueue, opts)
+	workflows.Register(shared)
+	acts.RegisterShared(shared)
+	host := worker.New(c, activities.HubHostQueue(cfg.HubID), opts)
+	acts.RegisterHost(host)
+	if err := shared.Start(); err != nil {
+		return fmt.Errorf("start worker on %s: %w", activities.HubQueue, err)
+	}
+	defer shared.Stop()
+	if err := host.Start(); err != nil {
+		return fmt.Errorf("start worker on %s: %w", activities.HubHostQueue(cfg.HubID), err)
+	}
+	defer host.Stop()
+	log.Info("hub worker running", "queues", []string{activities.HubQueue, activities.HubHostQueue(cfg.HubID)})
+
+	tick := time.NewTicker(reconcileInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("hub worker stopping")
+			return nil
+		case err := <-fatal:
+			return fmt.Errorf("worker: %w", err)
+		case <-tick.C:
+			reconcile(ctx, acts, log)
+		}
+	}
+}
+
+// reconcile logs rather than fails: the next round retries, and a hub that cannot reach
+// Temporal for a moment must still serve its running exports.
+func reconcile(ctx context.Context, acts *hub.Activities, log *slog.Logger) {
+	report, err := acts.Reconcile(ctx)
+	if err != nil {
+		log.Error("reconcile exports", "err", err)
+	}
+	log.Info("exports reconciled", "reaped", len(report.Reaped), "stopped", report.Stopped,
+		"forgotten", report.Forgotten, "registered", report.Registered, "verifiers", report.Verifiers)
+}
+
+// catalogGauge reads a count from the catalog at scrape time; a failed read reports nothing.
+func catalogGauge(log *slog.Logger, name, help string, count func(context.Context) (int, error)) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		n, err := count(ctx)
+		if err != nil {
+			log.Warn("metrics: read catalog", "metric", name, "err", err)
+		}
+		return float64(n)
+	})
+}
+
+// serveMetrics serves /metrics on addr and returns the function that shuts it down. It
+// listens before returning, so a taken address fails the start.
+func serveMetrics(addr string, registry *prometheus.Registry, log *slog.Logger) (func(), error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics endpoint: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{Registry: registry}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics endpoint", "err", err)
+		}
+	}()
+	log.Info("metrics endpoint listening", "addr", l.Addr().String())
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+		<-done
+	}, nil
+}
+
+// temporalTLS builds the TLS configuration for the Temporal connection; nil without TLS.
+func temporalTLS(t config.Temporal) (*tls.Config, error) {
+	if !t.TLSEnabled() {
+		return nil, nil
+	}
+	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.TLSServerName}
+	if t.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(t.TLSCert, t.TLSKey)
+		if err != nil {
+			return nil, fmt.Errorf("temporal client certificate: %w", err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	if t.TLSCA != "" {
+		pem, err := os.ReadFile(t.TLSCA)
+		if err != nil {
+			return nil, fmt.Errorf("temporal CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("temporal CA %s: no PEM certificate", t.TLSCA)
+		}
+		c.RootCAs = pool
+	}
+	return c, nil
+}
