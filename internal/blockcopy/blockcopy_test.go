@@ -1,0 +1,282 @@
+package blockcopy_test
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/testenv"
+)
+
+const mib = 1 << 20
+
+// fixture writes a raw disk: random data, a stretch of written zeros (allocated, so block
+// status calls it data), a lone 4 KiB write, an unaligned tail, holes in between.
+func fixture(t *testing.T, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "src.raw")
+	require.NoError(t, os.WriteFile(path, nil, 0o600))
+	require.NoError(t, os.Truncate(path, size))
+	testenv.WriteFileAt(t, path, 1*mib, random(t, 4*mib))
+	testenv.WriteFileAt(t, path, 8*mib, make([]byte, 4*mib))
+	testenv.WriteFileAt(t, path, 20*mib+4096, random(t, 4096))
+	testenv.WriteFileAt(t, path, 30*mib, random(t, mib/2+100))
+	return path
+}
+
+func random(t *testing.T, n int) []byte {
+	t.Helper()
+	b := make([]byte, n)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	return b
+}
+
+// qemuImg runs qemu-img with -U where it reads images that a server holds open.
+func qemuImg(t *testing.T, args ...string) ([]byte, error) {
+	t.Helper()
+	return exec.Command(testenv.RequireCommand(t, "qemu-img"), args...).CombinedOutput()
+}
+
+func requireSame(t *testing.T, raw, qcow2 string) {
+	t.Helper()
+	out, err := qemuImg(t, "compare", "-U", "-f", "raw", "-F", "qcow2", raw, qcow2)
+	require.NoError(t, err, "qemu-img compare: %s", out)
+}
+
+func allocated(t *testing.T, qcow2 string) int64 {
+	t.Helper()
+	out, err := qemuImg(t, "info", "-U", "--output=json", qcow2)
+	require.NoError(t, err, "%s", out)
+	var info struct {
+		ActualSize int64 `json:"actual-size"`
+	}
+	require.NoError(t, json.Unmarshal(out, &info))
+	return info.ActualSize
+}
+
+// fileDigest computes the digest by its definition straight from a raw file.
+func fileDigest(t *testing.T, path string, areas []blockcopy.Extent, blockSize int64) string {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	if areas == nil {
+		areas = []blockcopy.Extent{{Start: 0, Length: int64(len(data))}}
+	}
+	outer := sha256.New()
+	for _, a := range areas {
+		for p := a.Start; p < a.End(); {
+			pe := min(a.End(), (p/blockSize+1)*blockSize)
+			sum := sha256.Sum256(data[p:pe])
+			outer.Write(sum[:])
+			p = pe
+		}
+	}
+	return hex.EncodeToString(outer.Sum(nil))
+}
+
+func TestFullCopySparse(t *testing.T) {
+	src := fixture(t, 64*mib)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	dstPath := testenv.CreateQcow2(t, 64*mib)
+	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
+
+	var mu sync.Mutex
+	var last blockcopy.Progress
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{
+		ProgressInterval: 10 * time.Millisecond,
+		OnProgress: func(p blockcopy.Progress) {
+			mu.Lock()
+			last = p
+			mu.Unlock()
+		},
+	})
+	require.NoError(t, err)
+	res, err := c.Run(context.Background())
+	require.NoError(t, err)
+	requireSame(t, src, dstPath)
+
+	assert.Equal(t, int64(64*mib), res.BytesTotal)
+	assert.Equal(t, res.BytesTotal, res.BytesDone)
+	assert.Equal(t, int64(64*mib), res.Checkpoint.Offset)
+	assert.Equal(t, int64(4*mib+mib+mib+4*mib), res.BytesRead, "reads only allocated pieces (data, written zeros, two 1 MiB pieces)")
+	assert.Equal(t, int64(4*mib+mib+mib), res.BytesWritten, "written-zero pieces are not written")
+	assert.Equal(t, res.BytesTotal-res.BytesWritten, res.BytesZeroed)
+	assert.Less(t, allocated(t, dstPath), int64(16*mib), "target stays sparse")
+	mu.Lock()
+	assert.Equal(t, res.BytesDone, last.BytesDone, "final progress callback")
+	mu.Unlock()
+	assert.Equal(t, res.BytesDone, c.Progress().BytesDone)
+
+	want := fileDigest(t, src, nil, blockcopy.DefaultBlockSize)
+	assert.Equal(t, want, res.Digest)
+	got, err := blockcopy.ComputeDigest(context.Background(), target.URI, blockcopy.Options{})
+	require.NoError(t, err)
+	assert.Equal(t, want, got, "digest recomputed from the target")
+}
+
+func TestCopyToZeroDestinationAndSmallBlocks(t *testing.T) {
+	src := fixture(t, 40*mib)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	dstPath := testenv.CreateQcow2(t, 40*mib)
+	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{
+		DestinationIsZero: true, BlockSize: 64 * 1024, RequestSize: 256 * 1024, Connections: 2})
+	require.NoError(t, err)
+	res, err := c.Run(context.Background())
+	require.NoError(t, err)
+	requireSame(t, src, dstPath)
+	assert.Zero(t, res.BytesZeroed, "nothing zeroed on a zero destination")
+	assert.Equal(t, fileDigest(t, src, nil, 64*1024), res.Digest)
+}
+
+func TestChangedAreasIntoOverlay(t *testing.T) {
+	src := fixture(t, 32*mib)
+	base := testenv.CreateQcow2(t, 32*mib)
+	out, err := qemuImg(t, "convert", "-n", "-f", "raw", "-O", "qcow2", src, base)
+	require.NoError(t, err, "%s", out)
+
+	// Change the source: new data, data turned to zeros (a written-zero area and a hole).
+	testenv.WriteFileAt(t, src, 2*mib+512, random(t, 3*mib))
+	testenv.WriteFileAt(t, src, 16*mib, random(t, mib))
+	testenv.WriteFileAt(t, src, 30*mib, make([]byte, mib/2+100))
+	areas := []blockcopy.Extent{{Start: 2 * mib, Length: 4 * mib}, {Start: 16 * mib, Length: mib}, {Start: 30 * mib, Length: mib}}
+
+	overlay := filepath.Join(t.TempDir(), "inc.qcow2")
+	out, err = qemuImg(t, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", overlay)
+	require.NoError(t, err, "%s", out)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	target := testenv.StartQemuNBD(t, overlay, testenv.QemuNBDOptions{})
+
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{Areas: areas})
+	require.NoError(t, err)
+	res, err := c.Run(context.Background())
+	require.NoError(t, err)
+	requireSame(t, src, overlay)
+	assert.Equal(t, areas, res.Areas)
+	assert.Equal(t, int64(6*mib), res.BytesTotal)
+	assert.LessOrEqual(t, res.BytesRead+res.BytesWritten, 2*res.BytesTotal)
+	assert.Equal(t, fileDigest(t, src, areas, blockcopy.DefaultBlockSize), res.Digest)
+
+	got, err := blockcopy.ComputeDigest(context.Background(), target.URI, blockcopy.Options{Areas: areas})
+	require.NoError(t, err)
+	assert.Equal(t, res.Digest, got)
+}
+
+func TestCancelThenResume(t *testing.T) {
+	src := fixture(t, 128*mib)
+	testenv.WriteFileAt(t, src, 40*mib, random(t, 64*mib))
+	// 20 ms per read slows the copy enough to interrupt it.
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{Filters: []string{"delay"}, Params: []string{"rdelay=20ms"}})
+	dstPath := testenv.CreateQcow2(t, 128*mib)
+	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var once sync.Once
+	var seen blockcopy.Progress
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{
+		CheckpointInterval: 20 * time.Millisecond, ProgressInterval: 10 * time.Millisecond,
+		OnProgress: func(p blockcopy.Progress) {
+			if p.Checkpoint.Offset > 10*mib && p.BytesDone < p.BytesTotal {
+				once.Do(func() { seen = p; cancel() })
+			}
+		}})
+	require.NoError(t, err)
+	start := time.Now()
+	res, err := c.Run(ctx)
+	require.ErrorIs(t, err, context.Canceled)
+	assert.Less(t, time.Since(start), 10*time.Second)
+	require.NotNil(t, res)
+	require.NotZero(t, seen.BytesTotal, "cancelled from the progress callback")
+	assert.GreaterOrEqual(t, res.Checkpoint.Offset, seen.Checkpoint.Offset)
+	assert.Less(t, res.Checkpoint.Offset, int64(128*mib))
+	assert.Empty(t, res.Digest)
+	out, err := qemuImg(t, "check", "-U", dstPath)
+	require.NoError(t, err, "target consistent after cancel: %s", out)
+
+	cp := res.Checkpoint
+	cp.BytesDone = res.BytesDone
+	c2, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{Resume: &cp})
+	require.NoError(t, err)
+	res2, err := c2.Run(context.Background())
+	require.NoError(t, err)
+	requireSame(t, src, dstPath)
+	assert.Equal(t, fileDigest(t, src, nil, blockcopy.DefaultBlockSize), res2.Digest, "digest continues across the resume")
+	assert.Equal(t, res.BytesDone-cp.Offset, res2.BytesRecopied)
+	assert.Less(t, res2.BytesRead, int64(80*mib-10*mib), "finished work not redone")
+}
+
+func TestTargetDiesMidCopy(t *testing.T) {
+	src := fixture(t, 64*mib)
+	testenv.WriteFileAt(t, src, 40*mib, random(t, 16*mib))
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{Filters: []string{"delay"}, Params: []string{"rdelay=20ms"}})
+
+	for _, how := range []string{"killed", "frozen"} {
+		t.Run(how, func(t *testing.T) {
+			target := testenv.StartQemuNBD(t, testenv.CreateQcow2(t, 64*mib), testenv.QemuNBDOptions{})
+			var once sync.Once
+			c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{
+				CommandTimeout: time.Second, ProgressInterval: 10 * time.Millisecond,
+				OnProgress: func(p blockcopy.Progress) {
+					if p.BytesWritten > 0 {
+						once.Do(func() {
+							if how == "killed" {
+								target.Kill()
+							} else {
+								target.Stop()
+							}
+						})
+					}
+				}})
+			require.NoError(t, err)
+			done := make(chan error, 1)
+			go func() {
+				_, err := c.Run(context.Background())
+				done <- err
+			}()
+			select {
+			case err := <-done:
+				require.Error(t, err)
+				if how == "frozen" {
+					assert.ErrorIs(t, err, syscall.ETIMEDOUT)
+				}
+			case <-time.After(45 * time.Second):
+				t.Fatal("copy hung on a dead target")
+			}
+		})
+	}
+}
+
+func TestBadOptions(t *testing.T) {
+	_, err := blockcopy.New("nbd://a", "nbd://b", blockcopy.Options{RequestSize: 3 << 19})
+	assert.Error(t, err, "request size not a multiple of the block size")
+	_, err = blockcopy.New("", "nbd://b", blockcopy.Options{})
+	assert.Error(t, err)
+	c, err := blockcopy.New("nbd://a", "nbd://b", blockcopy.Options{RequestSize: 8 << 20, MaxRequestSize: blockcopy.VCenterMaxRequestSize})
+	require.NoError(t, err, "capped to 2 MiB")
+	assert.NotNil(t, c)
+}
+
+func TestRefusedSource(t *testing.T) {
+	testenv.Integration(t)
+	c, err := blockcopy.New("nbd://127.0.0.1:1/", "nbd://127.0.0.1:1/", blockcopy.Options{})
+	require.NoError(t, err)
+	_, err = c.Run(context.Background())
+	require.Error(t, err)
+	assert.True(t, errors.Is(err, syscall.ECONNREFUSED), "%v", err)
+}

@@ -1,0 +1,81 @@
+package blockcopy
+
+import (
+	"sync"
+	"time"
+)
+
+// commitState is where the committer stopped.
+type commitState struct {
+	offset int64  // end of the last chunk folded in order
+	state  []byte // digest state at offset
+	done   int64  // area bytes below offset
+	digest string
+}
+
+// commit folds finished chunks in sequence (offset) order into the digest, frees their
+// slots, and every CheckpointInterval hands a candidate checkpoint to a goroutine that
+// flushes the target before publishing it: writes below the offset have all completed
+// before the flush is sent, so the flush covers them.
+func (r *run) commit(dg *digest, offset, done int64) commitState {
+	candidates := make(chan Checkpoint, 1)
+	var flusher sync.WaitGroup
+	flusher.Go(func() {
+		for cp := range candidates {
+			if err := r.flushTarget(); err != nil {
+				r.abort(err)
+				continue
+			}
+			r.checkpoint.Store(&cp)
+		}
+	})
+
+	window := int64(len(r.slots))
+	finished := make([]bool, window)
+	var next int64
+	last := time.Now()
+	for seq := range r.finished {
+		finished[seq%window] = true
+		for finished[next%window] {
+			finished[next%window] = false
+			s := &r.slots[next%window]
+			r.fold(dg, s)
+			offset, done = s.c.off+s.c.n, done+s.c.n
+			next++
+			r.tokens <- struct{}{}
+		}
+		if time.Since(last) >= r.opts.CheckpointInterval && len(candidates) == 0 {
+			state, err := dg.state()
+			if err != nil {
+				r.abort(err)
+				continue
+			}
+			candidates <- Checkpoint{Offset: offset, DigestState: state, BytesDone: done}
+			last = time.Now()
+		}
+	}
+	close(candidates)
+	flusher.Wait()
+	state, err := dg.state()
+	if err != nil {
+		r.abort(err)
+	}
+	return commitState{offset: offset, state: state, done: done, digest: dg.hex()}
+}
+
+// fold adds a chunk's piece hashes; pieces of zero and skipped chunks hash as zeros.
+func (r *run) fold(dg *digest, s *slot) {
+	if s.c.kind == kindData {
+		for i := range s.hashes {
+			dg.fold(&s.hashes[i])
+		}
+		return
+	}
+	end := s.c.off + s.c.n
+	for p := s.c.off; p < end; {
+		pe := pieceEnd(p, end, r.opts.BlockSize)
+		sum := r.zh.sum(pe - p)
+		dg.fold(&sum)
+		p = pe
+	}
+}

@@ -1,0 +1,110 @@
+package blockcopy
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/diskferry/diskferry/internal/nbd"
+)
+
+// dispatch cuts the areas into chunks in offset order and hands them out. A piece (the
+// areas split at BlockSize) is a hole only when block status says all of it reads as
+// zeros; chunks never split a piece, so each piece's hash comes from one chunk.
+func (r *run) dispatch(ctx context.Context, areas []Extent) error {
+	var seq int64
+	emit := func(ch chunk) error {
+		select {
+		case <-r.tokens:
+		case <-ctx.Done():
+			return fmt.Errorf("copy cancelled: %w", context.Cause(ctx))
+		case <-r.actx.Done():
+			return context.Cause(r.actx)
+		}
+		s := &r.slots[seq%int64(len(r.slots))]
+		s.c = ch
+		if ch.kind == kindSkip {
+			r.nDone.Add(ch.n)
+			r.finished <- seq
+		} else {
+			r.work <- seq
+		}
+		seq++
+		return nil
+	}
+	defer close(r.work)
+	bs := r.opts.BlockSize
+	for _, a := range areas {
+		for ws := a.Start; ws < a.End(); {
+			we := min(a.End(), (ws+blockStatusWindow)/bs*bs)
+			if we <= ws {
+				we = min(a.End(), ws+blockStatusWindow)
+			}
+			ext, err := r.extents(ws, we)
+			if err != nil {
+				return err
+			}
+			if err := r.cut(ws, we, ext, emit); err != nil {
+				return err
+			}
+			ws = we
+		}
+	}
+	return nil
+}
+
+// extents maps [start, end) of the source; without block status everything is data.
+func (r *run) extents(start, end int64) ([]nbd.Extent, error) {
+	if !r.conns.blockStatus {
+		return []nbd.Extent{{Offset: start, Length: end - start}}, nil
+	}
+	ext, err := r.conns.meta.BlockStatus(r.actx, start, end-start)
+	if err != nil {
+		return nil, fmt.Errorf("source block status at %d: %w", start, err)
+	}
+	return ext, nil
+}
+
+// cut groups the pieces of [start, end) into runs of equal kind and emits them as chunks
+// of at most RequestSize (data) or maxZeroRequest (zero).
+func (r *run) cut(start, end int64, ext []nbd.Extent, emit func(chunk) error) error {
+	bs := r.opts.BlockSize
+	holeKind := kindZero
+	if r.opts.DestinationIsZero || r.dst == "" {
+		holeKind = kindSkip
+	}
+	runStart, runKind := start, -1
+	flush := func(at int64) error {
+		if runKind < 0 || at == runStart {
+			return nil
+		}
+		err := emit(chunk{off: runStart, n: at - runStart, kind: runKind})
+		runStart = at
+		return err
+	}
+	i := 0
+	for p := start; p < end; {
+		pe := pieceEnd(p, end, bs)
+		for i < len(ext) && ext[i].Offset+ext[i].Length <= p {
+			i++
+		}
+		zero := true
+		for j := i; j < len(ext) && ext[j].Offset < pe; j++ {
+			if !ext[j].Zero() {
+				zero = false
+				break
+			}
+		}
+		kind, limit := kindData, r.opts.RequestSize
+		if zero {
+			kind, limit = holeKind, maxZeroRequest
+		}
+		if kind != runKind || pe-runStart > limit {
+			if err := flush(p); err != nil {
+				return err
+			}
+			runKind = kind
+		}
+		p = pe
+	}
+	return flush(end)
+}

@@ -1,0 +1,136 @@
+package blockcopy
+
+import (
+	"crypto/sha256"
+	"fmt"
+
+	"github.com/diskferry/diskferry/internal/nbd"
+)
+
+const workersPerConnection = 2
+
+// worker owns one buffer and uses one source and one target connection.
+type worker struct {
+	src, dst *nbd.Handle // dst nil when only computing the digest
+	buf      *nbd.Buffer
+	zeros    *nbd.Buffer // shared zero source when the target cannot zero
+}
+
+func (r *run) startWorkers() ([]*worker, error) {
+	var zeros *nbd.Buffer
+	if len(r.conns.dst) > 0 && !r.conns.targetZero {
+		b, err := nbd.NewBuffer(int(r.opts.RequestSize))
+		if err != nil {
+			return nil, err
+		}
+		zeros = b
+		r.conns.afterClose(zeros.Free)
+	}
+	// Two workers per connection: while one waits for its write, the other reads and hashes
+	// the next chunk, so the target is never idle for the source's latency (handles
+	// serialise the two).
+	workers := make([]*worker, workersPerConnection*r.opts.Connections)
+	for i := range workers {
+		buf, err := nbd.NewBuffer(int(r.opts.RequestSize))
+		if err != nil {
+			return nil, err
+		}
+		r.conns.afterClose(buf.Free)
+		w := &worker{src: r.conns.src[i%len(r.conns.src)], buf: buf, zeros: zeros}
+		if len(r.conns.dst) > 0 {
+			w.dst = r.conns.dst[i%len(r.conns.dst)]
+		}
+		workers[i] = w
+	}
+	return workers, nil
+}
+
+func (w *worker) loop(r *run) {
+	for seq := range r.work {
+		if r.actx.Err() != nil {
+			continue // drain; the copy failed
+		}
+		s := &r.slots[seq%int64(len(r.slots))]
+		var err error
+		switch s.c.kind {
+		case kindData:
+			err = w.copyData(r, s)
+		case kindZero:
+			err = w.zero(r, s.c.off, s.c.n)
+		}
+		if err != nil {
+			r.abort(err)
+			continue
+		}
+		r.nDone.Add(s.c.n)
+		r.finished <- seq
+	}
+}
+
+// copyData reads a chunk, hashes its pieces and writes data pieces and zeroes all-zero ones.
+func (w *worker) copyData(r *run, s *slot) error {
+	off, n := s.c.off, s.c.n
+	if err := w.src.Pread(r.actx, w.buf, 0, int(n), off); err != nil {
+		return fmt.Errorf("read source at %d+%d: %w", off, n, err)
+	}
+	r.nRead.Add(n)
+	data := w.buf.Bytes()[:n]
+	s.hashes = s.hashes[:0]
+	end := off + n
+	runStart, runZero := off, false
+	for p := off; p < end; {
+		pe := pieceEnd(p, end, r.opts.BlockSize)
+		piece := data[p-off : pe-off]
+		zero := r.zh.isZero(piece)
+		if zero {
+			s.hashes = append(s.hashes, r.zh.sum(pe-p))
+		} else {
+			s.hashes = append(s.hashes, sha256.Sum256(piece))
+		}
+		if p > off && zero != runZero {
+			if err := w.write(r, off, runStart, p, runZero); err != nil {
+				return err
+			}
+			runStart = p
+		}
+		runZero = zero
+		p = pe
+	}
+	return w.write(r, off, runStart, end, runZero)
+}
+
+// write sends [from, to) of the chunk at base as data or as a zero request.
+func (w *worker) write(r *run, base, from, to int64, zero bool) error {
+	switch {
+	case w.dst == nil:
+		return nil
+	case zero && r.opts.DestinationIsZero:
+		return nil
+	case zero:
+		return w.zero(r, from, to-from)
+	}
+	if err := w.dst.Pwrite(r.actx, w.buf, int(from-base), int(to-from), from, 0); err != nil {
+		return fmt.Errorf("write target at %d+%d: %w", from, to-from, err)
+	}
+	r.nWritten.Add(to - from)
+	return nil
+}
+
+func (w *worker) zero(r *run, off, n int64) error {
+	if w.zeros == nil {
+		if err := w.dst.Zero(r.actx, n, off, 0); err != nil {
+			return fmt.Errorf("zero target at %d+%d: %w", off, n, err)
+		}
+		r.nZeroed.Add(n)
+		return nil
+	}
+	for done := int64(0); done < n; {
+		l := min(n-done, int64(w.zeros.Len()))
+		if err := w.dst.Pwrite(r.actx, w.zeros, 0, int(l), off+done, 0); err != nil {
+			return fmt.Errorf("write zeros to target at %d+%d: %w", off+done, l, err)
+		}
+		done += l
+	}
+	r.nZeroed.Add(n)
+	return nil
+}

@@ -1,0 +1,283 @@
+package nbd_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/diskferry/diskferry/internal/nbd"
+	"github.com/diskferry/diskferry/internal/testenv"
+)
+
+const mib = 1 << 20
+
+func connect(t *testing.T, uri string, opts nbd.Options) *nbd.Handle {
+	t.Helper()
+	h, err := nbd.Connect(context.Background(), uri, opts)
+	require.NoError(t, err)
+	t.Cleanup(func() { h.Close() })
+	return h
+}
+
+func buffer(t *testing.T, size int) *nbd.Buffer {
+	t.Helper()
+	b, err := nbd.NewBuffer(size)
+	require.NoError(t, err)
+	t.Cleanup(b.Free)
+	return b
+}
+
+func rawFile(t *testing.T, size int64) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "disk.raw")
+	f, err := os.Create(path)
+	require.NoError(t, err)
+	require.NoError(t, f.Truncate(size))
+	require.NoError(t, f.Close())
+	return path
+}
+
+// servers returns one qemu-nbd (qcow2) and one nbdkit (raw file) export of size bytes.
+func servers(t *testing.T, size int64) map[string]string {
+	t.Helper()
+	q := testenv.StartQemuNBD(t, testenv.CreateQcow2(t, size), testenv.QemuNBDOptions{})
+	k := testenv.StartNbdkitFile(t, rawFile(t, size), testenv.NbdkitOptions{})
+	return map[string]string{"qemu-nbd": q.URI, "nbdkit": k.URI}
+}
+
+func TestWriteReadZeroRoundTrip(t *testing.T) {
+	for name, uri := range servers(t, 16*mib) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			h := connect(t, uri, nbd.Options{CommandTimeout: 10 * time.Second})
+			size, err := h.Size()
+			require.NoError(t, err)
+			assert.Equal(t, int64(16*mib), size)
+			for _, c := range []func() (bool, error){h.CanZero, h.CanFlush, h.CanTrim} {
+				ok, err := c()
+				require.NoError(t, err)
+				assert.True(t, ok)
+			}
+
+			w := buffer(t, mib)
+			_, err = rand.Read(w.Bytes())
+			require.NoError(t, err)
+			require.NoError(t, h.Pwrite(ctx, w, 0, mib, 3*mib, 0))
+			require.NoError(t, h.Flush(ctx))
+
+			r := buffer(t, mib)
+			require.NoError(t, h.Pread(ctx, r, 0, mib, 3*mib))
+			assert.True(t, bytes.Equal(w.Bytes(), r.Bytes()), "read back differs from written")
+
+			require.NoError(t, h.Pread(ctx, r, 0, 4096, 3*mib+4096))
+			assert.Equal(t, w.Bytes()[4096:8192], r.Bytes()[:4096], "partial read at an offset")
+
+			require.NoError(t, h.Zero(ctx, 512*1024, 3*mib+256*1024, 0))
+			require.NoError(t, h.Pread(ctx, r, 0, mib, 3*mib))
+			assert.Equal(t, w.Bytes()[:256*1024], r.Bytes()[:256*1024], "bytes before the zeroed range kept")
+			assert.Equal(t, make([]byte, 512*1024), r.Bytes()[256*1024:768*1024], "zeroed range reads zeros")
+			assert.Equal(t, w.Bytes()[768*1024:], r.Bytes()[768*1024:], "bytes after the zeroed range kept")
+
+			require.Error(t, h.Pread(ctx, r, 0, 2*mib, 0), "length beyond the buffer is refused")
+		})
+	}
+}
+
+type nbdinfoExtent struct {
+	Offset int64  `json:"offset"`
+	Length int64  `json:"length"`
+	Type   uint32 `json:"type"`
+}
+
+func TestBlockStatusMatchesNbdinfo(t *testing.T) {
+	nbdinfo := testenv.RequireCommand(t, "nbdinfo")
+	path := rawFile(t, 64*mib)
+	data := make([]byte, mib)
+	_, err := rand.Read(data)
+	require.NoError(t, err)
+	testenv.WriteFileAt(t, path, 2*mib, data)
+	testenv.WriteFileAt(t, path, 3*mib, data)
+	testenv.WriteFileAt(t, path, 40*mib, data[:4096])
+	testenv.WriteFileAt(t, path, 63*mib, data)
+	srv := testenv.StartNbdkitFile(t, path, testenv.NbdkitOptions{})
+
+	out, err := exec.Command(nbdinfo, "--map", "--json", srv.URI).Output()
+	require.NoError(t, err)
+	var want []nbdinfoExtent
+	require.NoError(t, json.Unmarshal(out, &want))
+	require.Greater(t, len(want), 3, "fixture has holes and data")
+
+	h := connect(t, srv.URI, nbd.Options{})
+	ok, err := h.CanBlockStatus()
+	require.NoError(t, err)
+	require.True(t, ok)
+	got, err := h.BlockStatus(context.Background(), 0, 64*mib)
+	require.NoError(t, err)
+	var gotList []nbdinfoExtent
+	for _, e := range got {
+		gotList = append(gotList, nbdinfoExtent{Offset: e.Offset, Length: e.Length, Type: e.Flags})
+	}
+	assert.Equal(t, want, gotList)
+	assert.True(t, got[0].Hole() && got[0].Zero(), "leading hole is hole,zero")
+
+	sub, err := h.BlockStatus(context.Background(), 2*mib+512*1024, mib)
+	require.NoError(t, err)
+	require.Len(t, sub, 1)
+	assert.Equal(t, nbd.Extent{Offset: 2*mib + 512*1024, Length: mib}, sub[0], "range clipped to the request")
+}
+
+func TestRefusedConnectionIsClear(t *testing.T) {
+	testenv.Integration(t)
+	port := testenv.FreePort(t)
+	_, err := nbd.Connect(context.Background(), fmt.Sprintf("nbd://127.0.0.1:%d/x?tls-psk-file=/secret", port), nbd.Options{})
+	require.Error(t, err)
+	var nerr *nbd.Error
+	require.True(t, errors.As(err, &nerr), "typed error: %v", err)
+	assert.ErrorIs(t, err, syscall.ECONNREFUSED)
+	assert.Equal(t, "connect", nerr.Op)
+	assert.Contains(t, err.Error(), "refused")
+	assert.Contains(t, err.Error(), fmt.Sprintf("127.0.0.1:%d", port))
+	assert.NotContains(t, err.Error(), "/secret", "query left out of messages")
+}
+
+func TestSharedOneServerTimesOutSecondClient(t *testing.T) {
+	srv := testenv.StartQemuNBD(t, testenv.CreateQcow2(t, mib), testenv.QemuNBDOptions{Shared: 1})
+	connect(t, srv.URI, nbd.Options{})
+	start := time.Now()
+	_, err := nbd.Connect(context.Background(), srv.URI, nbd.Options{ConnectTimeout: 500 * time.Millisecond})
+	require.Error(t, err)
+	assert.ErrorIs(t, err, syscall.ETIMEDOUT)
+	assert.Less(t, time.Since(start), 3*time.Second)
+}
+
+func TestTLSPSK(t *testing.T) {
+	dir := testenv.ShortTempDir(t)
+	key := make([]byte, 32)
+	_, err := rand.Read(key)
+	require.NoError(t, err)
+	keys := filepath.Join(dir, "keys.psk")
+	require.NoError(t, os.WriteFile(keys, []byte("ferry:"+hex.EncodeToString(key)+"\n"), 0o600))
+	srv := testenv.StartQemuNBD(t, testenv.CreateQcow2(t, 2*mib), testenv.QemuNBDOptions{Args: []string{
+		"--object", "tls-creds-psk,id=tls0,endpoint=server,dir=" + dir, "--tls-creds", "tls0"}})
+	uri := fmt.Sprintf("nbds://ferry@127.0.0.1:%d/?tls-psk-file=%s", srv.Port, keys)
+	h := connect(t, uri, nbd.Options{})
+	size, err := h.Size()
+	require.NoError(t, err)
+	assert.Equal(t, int64(2*mib), size)
+
+	_, err = nbd.Connect(context.Background(), fmt.Sprintf("nbd://127.0.0.1:%d/", srv.Port), nbd.Options{ConnectTimeout: 5 * time.Second})
+	assert.Error(t, err, "plain connection to a TLS export is refused")
+}
+
+func TestHungServerTimesOutAndCloseInterrupts(t *testing.T) {
+	srv := testenv.StartNbdkitFile(t, rawFile(t, 4*mib), testenv.NbdkitOptions{})
+	ctx := context.Background()
+	h := connect(t, srv.URI, nbd.Options{CommandTimeout: 300 * time.Millisecond})
+	h2 := connect(t, srv.URI, nbd.Options{})
+	b := buffer(t, mib)
+	srv.Stop()
+
+	err := h.Pread(ctx, b, 0, mib, 0)
+	assert.ErrorIs(t, err, syscall.ETIMEDOUT)
+	assert.Error(t, h.Pread(ctx, b, 0, mib, 0), "handle is unusable after an abandoned command")
+
+	done := make(chan error, 1)
+	go func() { done <- h2.Pread(ctx, b, 0, mib, 0) }()
+	time.Sleep(200 * time.Millisecond)
+	require.NoError(t, h2.Close())
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, nbd.ErrClosed)
+	case <-time.After(2 * time.Second):
+		t.Fatal("Close did not interrupt a running command")
+	}
+	require.NoError(t, h2.Close(), "Close is idempotent")
+
+	h3, err := nbd.Connect(ctx, srv.URI, nbd.Options{ConnectTimeout: 200 * time.Millisecond})
+	if err == nil {
+		h3.Close()
+	}
+	assert.ErrorIs(t, err, syscall.ETIMEDOUT, "connect to a frozen server times out")
+}
+
+func TestParallelHandlesOnePerGoroutine(t *testing.T) {
+	for name, uri := range servers(t, 32*mib) {
+		t.Run(name, func(t *testing.T) {
+			var wg sync.WaitGroup
+			errs := make(chan error, 4)
+			for i := range 4 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					errs <- writeReadRegion(uri, int64(i)*8*mib)
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				assert.NoError(t, err)
+			}
+		})
+	}
+}
+
+func writeReadRegion(uri string, base int64) error {
+	ctx := context.Background()
+	h, err := nbd.Connect(ctx, uri, nbd.Options{})
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	w, err := nbd.NewBuffer(mib)
+	if err != nil {
+		return err
+	}
+	defer w.Free()
+	r, err := nbd.NewBuffer(mib)
+	if err != nil {
+		return err
+	}
+	defer r.Free()
+	for i := range int64(8) {
+		if _, err := rand.Read(w.Bytes()); err != nil {
+			return err
+		}
+		if err := h.Pwrite(ctx, w, 0, mib, base+i*mib, 0); err != nil {
+			return err
+		}
+		if err := h.Pread(ctx, r, 0, mib, base+i*mib); err != nil {
+			return err
+		}
+		if !bytes.Equal(w.Bytes(), r.Bytes()) {
+			return fmt.Errorf("region %d block %d differs", base, i)
+		}
+	}
+	return h.Flush(ctx)
+}
+
+func TestCancelStopsWait(t *testing.T) {
+	srv := testenv.StartNbdkitFile(t, rawFile(t, 4*mib), testenv.NbdkitOptions{})
+	h := connect(t, srv.URI, nbd.Options{})
+	b := buffer(t, mib)
+	srv.Stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := h.Pread(ctx, b, 0, mib, 0)
+	assert.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(start), time.Second)
+}

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Benchmarks `diskferry copy` against nbdcopy between the same endpoints (DESIGN §6):
+# source served by `nbdkit file`, target a fresh qcow2 behind qemu-nbd. Builds its fixtures
+# in .bench/ (git-ignored) once, runs the two tools alternately, checks every copy with
+# `qemu-img compare` and the qcow2's allocated size, and prints one line per case:
+#   bench <case> ours=<s> nbdcopy=<s> ratio=<nbdcopy/ours> ...
+# Times are medians of BENCH_RUNS runs (default 3). Exits non-zero when a copy is wrong.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bench="$root/.bench"
+ours="$root/bin/diskferry"
+runs=${BENCH_RUNS:-3}
+GiB=$((1 << 30))
+MiB=$((1 << 20))
+
+for cmd in nbdkit qemu-nbd qemu-img nbdcopy nbdinfo /usr/bin/time; do
+  command -v "$cmd" >/dev/null || { echo "bench: $cmd missing (run scripts/setup.sh)" >&2; exit 1; }
+done
+[ -x "$ours" ] || { echo "bench: $ours missing (run make build)" >&2; exit 1; }
+mkdir -p "$bench"
+work=$(mktemp -d "$bench/run.XXXXXX")
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+log() { echo "bench: $*" >&2; }
+fail() { echo "bench: FAIL: $*" >&2; exit 1; }
+
+# --- fixtures (built once, reused while their marker exists) ---------------------------
+
+random1g="$bench/random-1g.bin"
+if [ ! -f "$random1g" ]; then
+  log "building fixtures in $bench (one time, about a minute)"
+  head -c "$GiB" /dev/urandom >"$random1g.tmp" && mv "$random1g.tmp" "$random1g"
+fi
+
+# place FILE SIZE OFFSET...: a sparse file holding 256 MiB of the random data at each offset.
+place() {
+  local file=$1 size=$2; shift 2
+  rm -f "$file"; truncate -s "$size" "$file"
+  local i=0
+  for off in "$@"; do
+    dd if="$random1g" of="$file" bs=1M skip=$((i * 256)) count=256 seek=$((off / MiB)) conv=notrunc,sparse status=none
+    i=$((i + 1))
+  done
+}
+
+if [ ! -f "$bench/fixtures.done" ]; then
+  place "$bench/sparse.raw" $((4 * GiB)) 0 $((1 * GiB)) $((2 * GiB)) $((3 * GiB))
+  cp --sparse=never "$bench/sparse.raw" "$bench/zeros.raw" # holes become written zeros
+  place "$bench/v64.raw" $((64 * GiB)) 0 $((16 * GiB)) $((32 * GiB)) $((48 * GiB))
+  place "$bench/dense1g.raw" "$GiB" 0 $((256 * MiB)) $((512 * MiB)) $((768 * MiB))
+  # Incremental: 5% of the 1 MiB blocks of sparse.raw rewritten; the base point is sparse.raw.
+  cp --sparse=always "$bench/sparse.raw" "$bench/inc.raw"
+  blocks=$((4 * GiB / MiB))
+  changed=$((blocks * 5 / 100))
+  shuf -i 0-$((blocks - 1)) -n "$changed" --random-source=<(yes diskferry) | sort -n >"$bench/inc.blocks"
+  i=0
+  while read -r b; do
+    dd if="$random1g" of="$bench/inc.raw" bs=1M skip=$((i % 1024)) count=1 seek="$b" conv=notrunc status=none
+    i=$((i + 1))
+  done <"$bench/inc.blocks"
+  awk -v m="$MiB" 'BEGIN { printf "[" } { printf "%s{\"start\":%d,\"length\":%d}", (NR > 1 ? "," : ""), $1 * m, m } END { print "]" }' \
+    "$bench/inc.blocks" >"$bench/inc.areas.json"
+  qemu-img convert -q -f raw -O qcow2 "$bench/sparse.raw" "$bench/inc-base.qcow2"
+  sync
+  touch "$bench/fixtures.done"
+fi
+
+# --- servers --------------------------------------------------------------------------
+
+# serve_source RAW: nbdkit on a unix socket; sets src_uri.
+serve_source() {
+  local sock="$work/src.sock"
+  rm -f "$sock"
+  nbdkit -f --exit-with-parent -U "$sock" file file="$1" &
+  pids+=($!)
+  src_pid=$!
+  for _ in $(seq 100); do nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && break; sleep 0.05; done
+  src_uri="nbd+unix:///?socket=$sock"
+}
+
+stop_source() { kill "$src_pid" 2>/dev/null || true; wait "$src_pid" 2>/dev/null || true; }
+
+# serve_target QCOW2: qemu-nbd as the hub runs it (127.0.0.1, -t, --shared above the
+# connections); sets dst_uri and dst_pid.
+serve_target() {
+  local qcow2=$1 port
+  for _ in 1 2 3 4 5; do
+    port=$((20000 + RANDOM % 20000))
+    qemu-nbd -t --shared=16 -b 127.0.0.1 -p "$port" -f qcow2 --cache=writeback \
+      --discard=unmap --detect-zeroes=unmap "$qcow2" 2>"$work/qemu-nbd.err" &
+    dst_pid=$!
+    for _ in $(seq 100); do
+      kill -0 "$dst_pid" 2>/dev/null || break
+      nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && { dst_uri="nbd://127.0.0.1:$port"; return; }
+      sleep 0.05
+    done
+    wait "$dst_pid" 2>/dev/null || true
+  done
+  fail "qemu-nbd did not start: $(cat "$work/qemu-nbd.err")"
+}
+
+stop_target() { kill "$dst_pid" 2>/dev/null || true; wait "$dst_pid" 2>/dev/null || true; }
+
+allocated() { qemu-img info -U --output=json "$1" | sed -n 's/.*"actual-size": *\([0-9]*\).*/\1/p'; }
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+# copy_once TOOL RAW SIZE [BACKING] [AREAS]: one copy into a fresh target; prints
+# "seconds maxrss_kib allocated read written zeroed".
+copy_once() {
+  local tool=$1 raw=$2 size=$3 backing=${4:-} areas=${5:-}
+  local qcow2="$work/target.qcow2"
+  rm -f "$qcow2"
+  if [ -n "$backing" ]; then
+    qemu-img create -q -f qcow2 -b "$backing" -F qcow2 "$qcow2"
+  else
+    qemu-img create -q -f qcow2 "$qcow2" "$size"
+  fi
+  serve_target "$qcow2"
+  local cmd
+  if [ "$tool" = ours ]; then
+    cmd=("$ours" copy "$src_uri" "$dst_uri")
+    [ -n "$areas" ] && cmd+=(--changed-areas "$areas")
+  else
+    cmd=(nbdcopy "$src_uri" "$dst_uri")
+  fi
+  /usr/bin/time -f "%e %M" -o "$work/time" "${cmd[@]}" >"$work/out" 2>"$work/err" \
+    || fail "$tool copy of $raw: $(cat "$work/err")"
+  stop_target
+  qemu-img compare -q -f raw -F qcow2 "$raw" "$qcow2" || fail "$tool copy of $raw differs from the source"
+  local bytes="0 0 0"
+  if [ "$tool" = ours ]; then
+    bytes=$(sed -n 's/.*read \([0-9]*\), written \([0-9]*\), zeroed \([0-9]*\) bytes.*/\1 \2 \3/p' "$work/out")
+  fi
+  echo "$(cat "$work/time") $(allocated "$qcow2") $bytes"
+}
+
+# bench_case NAME RAW SIZE DATA [BACKING AREAS CHANGED]
+bench_case() {
+  local name=$1 raw=$2 size=$3 data=$4 backing=${5:-} areas=${6:-} changed=${7:-}
+  serve_source "$raw"
+  : >"$work/ours" ; : >"$work/nbdcopy"
+  for _ in $(seq "$runs"); do
+    copy_once ours "$raw" "$size" "$backing" "$areas" >>"$work/ours"
+    copy_once nbdcopy "$raw" "$size" "$backing" >>"$work/nbdcopy"
+  done
+  stop_source
+  local t_ours t_nbd rss alloc read written zeroed
+  t_ours=$(cut -d' ' -f1 "$work/ours" | median)
+  t_nbd=$(cut -d' ' -f1 "$work/nbdcopy" | median)
+  rss=$(cut -d' ' -f2 "$work/ours" | sort -n | tail -1)
+  alloc=$(cut -d' ' -f3 "$work/ours" | sort -n | tail -1)
+  read -r _ _ _ read written zeroed < <(tail -1 "$work/ours")
+  local line
+  line=$(awk -v n="$name" -v o="$t_ours" -v c="$t_nbd" -v r="$rss" -v a="$alloc" -v d="$data" \
+    'BEGIN { printf "bench %s ours=%.2f nbdcopy=%.2f ratio=%.2f peak_rss=%.1fMiB allocated=%.0fMiB data=%.0fMiB", n, o, c, c / o, r / 1024, a / 1048576, d / 1048576 }')
+  if [ -n "$changed" ]; then
+    line+=$(awk -v r="$read" -v w="$written" -v z="$zeroed" -v c="$changed" \
+      'BEGIN { printf " changed=%d read=%d written=%d zeroed=%d read_per_changed=%.3f written_per_changed=%.3f", c, r, w, z, r / c, w / c }')
+  fi
+  echo "$line"
+  # Sparse targets: allocation must follow the data, not the virtual size.
+  if [ "$alloc" -gt $((data + data / 10 + 64 * MiB)) ]; then
+    fail "$name: target allocated $alloc bytes for $data bytes of data"
+  fi
+  eval "time_$name=$t_ours"
+}
+
+bench_case sparse "$bench/sparse.raw" $((4 * GiB)) "$GiB"
+bench_case zeros "$bench/zeros.raw" $((4 * GiB)) "$GiB"
+bench_case dense1g "$bench/dense1g.raw" "$GiB" "$GiB"
+bench_case virtual64g "$bench/v64.raw" $((64 * GiB)) "$GiB"
+changed=$(( $(wc -l <"$bench/inc.blocks") * MiB ))
+bench_case incremental "$bench/inc.raw" $((4 * GiB)) "$changed" "$bench/inc-base.qcow2" "$bench/inc.areas.json" "$changed"
+# shellcheck disable=SC2154 # set by bench_case through eval
+awk -v v="$time_virtual64g" -v d="$time_dense1g" 'BEGIN { printf "bench virtual64g/dense1g time=%.2f (target <= 1.3)\n", v / d }'

@@ -1,0 +1,123 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/diskferry/diskferry/internal/blockcopy"
+)
+
+type copyFlags struct {
+	connections       int
+	requestSize       int64
+	changedAreas      string
+	destinationIsZero bool
+	verbose           bool
+}
+
+func newCopyCommand() *cobra.Command {
+	var f copyFlags
+	cmd := &cobra.Command{
+		Use:   "copy SOURCE TARGET",
+		Short: "Copy one NBD export to another (allocated extents only, zeros as zero requests)",
+		Long: `Copy a disk between two NBD exports.
+
+URIs: nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH,
+nbds://USER@HOST:PORT/EXPORT?tls-psk-file=PATH (TLS with a pre-shared key file).
+Without --changed-areas the whole disk is copied, reading only the source's allocated
+extents; holes and all-zero blocks become zero requests on the target.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return runCopy(cmd, args[0], args[1], f)
+		},
+	}
+	fl := cmd.Flags()
+	fl.IntVar(&f.connections, "connections", blockcopy.DefaultConnections, "connections per side (one where the server lacks multi-conn)")
+	fl.Int64Var(&f.requestSize, "request-size", blockcopy.DefaultRequestSize, "bytes per read/write request, a multiple of 1 MiB")
+	fl.StringVar(&f.changedAreas, "changed-areas", "", `JSON file with the areas to copy: [{"start":N,"length":N}, ...]`)
+	fl.BoolVar(&f.destinationIsZero, "destination-is-zero", false, "the target reads as zeros already: skip zero requests")
+	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log the copy's steps to stderr")
+	return cmd
+}
+
+func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
+	level := slog.LevelWarn
+	if f.verbose {
+		level = slog.LevelInfo
+	}
+	opts := blockcopy.Options{
+		Connections:       f.connections,
+		RequestSize:       f.requestSize,
+		DestinationIsZero: f.destinationIsZero,
+		Logger:            slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),
+	}
+	if f.changedAreas != "" {
+		areas, err := readAreas(f.changedAreas)
+		if err != nil {
+			return err
+		}
+		opts.Areas = areas
+	}
+	var bar *progressbar.ProgressBar
+	if isTerminal(cmd.OutOrStdout()) || isTerminal(cmd.ErrOrStderr()) {
+		opts.ProgressInterval = 200 * time.Millisecond
+		opts.OnProgress = func(p blockcopy.Progress) {
+			if bar == nil {
+				bar = progressbar.NewOptions64(p.BytesTotal, progressbar.OptionSetWriter(cmd.ErrOrStderr()),
+					progressbar.OptionShowBytes(true), progressbar.OptionSetDescription("copy"),
+					progressbar.OptionThrottle(200*time.Millisecond), progressbar.OptionClearOnFinish())
+			}
+			_ = bar.Set64(p.BytesDone)
+		}
+	}
+	c, err := blockcopy.New(src, dst, opts)
+	if err != nil {
+		return err
+	}
+	res, err := c.Run(cmd.Context())
+	if bar != nil {
+		_ = bar.Finish()
+	}
+	if err != nil {
+		if res != nil {
+			fmt.Fprintf(cmd.ErrOrStderr(), "copy stopped at checkpoint %d (%d of %d bytes done)\n",
+				res.Checkpoint.Offset, res.BytesDone, res.BytesTotal)
+		}
+		return fmt.Errorf("copy: %w", err)
+	}
+	secs := res.Duration.Seconds()
+	fmt.Fprintf(cmd.OutOrStdout(), "copied %d bytes in %.2fs: read %d, written %d, zeroed %d bytes, %.1f MB/s\n",
+		res.BytesDone, secs, res.BytesRead, res.BytesWritten, res.BytesZeroed, float64(res.BytesDone)/1e6/max(secs, 1e-9))
+	return nil
+}
+
+// readAreas loads a changed-areas file.
+func readAreas(path string) ([]blockcopy.Extent, error) {
+	data, err := os.ReadFile(filepath.Clean(path))
+	if err != nil {
+		return nil, fmt.Errorf("read changed areas: %w", err)
+	}
+	var areas []blockcopy.Extent
+	if err := json.Unmarshal(data, &areas); err != nil {
+		return nil, fmt.Errorf("parse changed areas %s: %w", path, err)
+	}
+	if areas == nil {
+		return nil, errors.New("changed areas file holds no array")
+	}
+	return areas, nil
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}

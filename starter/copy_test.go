@@ -1,0 +1,65 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/diskferry/diskferry/internal/testenv"
+)
+
+func TestCopyCommand(t *testing.T) {
+	qemuImg := testenv.RequireCommand(t, "qemu-img")
+	src := filepath.Join(t.TempDir(), "src.raw")
+	data := make([]byte, 3<<20)
+	_, err := rand.Read(data)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(src, nil, 0o600))
+	require.NoError(t, os.Truncate(src, 32<<20))
+	testenv.WriteFileAt(t, src, 4<<20, data)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	dst := testenv.CreateQcow2(t, 32<<20)
+	target := testenv.StartQemuNBD(t, dst, testenv.QemuNBDOptions{})
+
+	var out bytes.Buffer
+	root := newRootCommand()
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"copy", "--connections", "2", "--request-size", "2097152", source.URI, target.URI})
+	require.NoError(t, root.ExecuteContext(context.Background()), out.String())
+	assert.Regexp(t, `^copied 33554432 bytes in [0-9.]+s: read 3145728, written 3145728, zeroed 30408704 bytes, [0-9.]+ MB/s\n$`, out.String())
+	cmp, err := exec.Command(qemuImg, "compare", "-U", "-f", "raw", "-F", "qcow2", src, dst).CombinedOutput()
+	require.NoError(t, err, "%s", cmp)
+
+	areas := filepath.Join(t.TempDir(), "areas.json")
+	require.NoError(t, os.WriteFile(areas, []byte(`[{"start":4194304,"length":1048576}]`), 0o600))
+	out.Reset()
+	root = newRootCommand()
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"copy", "--changed-areas", areas, source.URI, target.URI})
+	require.NoError(t, root.ExecuteContext(context.Background()), out.String())
+	assert.Contains(t, out.String(), "copied 1048576 bytes")
+}
+
+func TestCopyCommandRejectsBadAreas(t *testing.T) {
+	areas := filepath.Join(t.TempDir(), "areas.json")
+	require.NoError(t, os.WriteFile(areas, []byte(`{"start":1}`), 0o600))
+	_, err := readAreas(areas)
+	assert.ErrorContains(t, err, "parse changed areas")
+	_, err = readAreas(filepath.Join(t.TempDir(), "missing.json"))
+	assert.Error(t, err)
+
+	root := newRootCommand()
+	root.SetOut(&bytes.Buffer{})
+	root.SetErr(&bytes.Buffer{})
+	root.SetArgs([]string{"copy", "nbd://127.0.0.1:1/"})
+	assert.Error(t, root.Execute(), "two URIs required")
+}

@@ -1,0 +1,251 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
+
+	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/workflows"
+)
+
+func newScheduleCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "schedule", Short: "Run backups on Temporal Schedules (overlap: skip)"}
+	cmd.AddCommand(newScheduleCreateCommand(), newScheduleListCommand(), newScheduleDescribeCommand(),
+		newScheduleActionCommand("pause", "Pause a schedule", func(h client.ScheduleHandle, cmd *cobra.Command) error {
+			return h.Pause(cmd.Context(), client.SchedulePauseOptions{Note: "paused with diskferry"})
+		}),
+		newScheduleActionCommand("unpause", "Resume a paused schedule", func(h client.ScheduleHandle, cmd *cobra.Command) error {
+			return h.Unpause(cmd.Context(), client.ScheduleUnpauseOptions{Note: "unpaused with diskferry"})
+		}),
+		newScheduleActionCommand("trigger", "Start a backup now (skipped if one is running)", func(h client.ScheduleHandle, cmd *cobra.Command) error {
+			return h.Trigger(cmd.Context(), client.ScheduleTriggerOptions{Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP})
+		}),
+		newScheduleActionCommand("delete", "Delete a schedule (running backups go on)", func(h client.ScheduleHandle, cmd *cobra.Command) error {
+			return h.Delete(cmd.Context())
+		}),
+	)
+	return cmd
+}
+
+// ScheduleID is the ID of a VM's backup schedule, unless the operator names it.
+func scheduleID(vm string) string { return "backup-schedule-" + vm }
+
+// backupSchedule builds the schedule of one VM's backups: one action per tick, a tick that
+// finds the previous backup still running is skipped.
+func backupSchedule(id string, in workflows.BackupInput, cron []string, every time.Duration, paused bool) (client.ScheduleOptions, error) {
+	if err := in.Validate(); err != nil {
+		return client.ScheduleOptions{}, err
+	}
+	if (len(cron) == 0) == (every == 0) {
+		return client.ScheduleOptions{}, errors.New("schedule: give exactly one of --cron or --every")
+	}
+	if every < 0 {
+		return client.ScheduleOptions{}, fmt.Errorf("schedule: --every %s is negative", every)
+	}
+	spec := client.ScheduleSpec{CronExpressions: cron}
+	if every > 0 {
+		spec.Intervals = []client.ScheduleIntervalSpec{{Every: every}}
+	}
+	attrs := temporal.NewSearchAttributes(workflows.VMNameKey.ValueSet(in.VM), workflows.SiteKey.ValueSet(in.Site))
+	return client.ScheduleOptions{
+		ID:      id,
+		Spec:    spec,
+		Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP,
+		Paused:  paused,
+		Note:    fmt.Sprintf("diskferry backups of %s at site %s", in.VM, in.Site),
+		Action: &client.ScheduleWorkflowAction{
+			ID:                    workflows.BackupWorkflowID(in.VM),
+			Workflow:              workflows.BackupWorkflowName,
+			Args:                  []any{in},
+			TaskQueue:             activities.HubQueue,
+			TypedSearchAttributes: attrs,
+		},
+		TypedSearchAttributes: attrs,
+	}, nil
+}
+
+func newScheduleCreateCommand() *cobra.Command {
+	var in workflows.BackupInput
+	var id string
+	var cron []string
+	var every time.Duration
+	var paused bool
+	cmd := &cobra.Command{
+		Use:   "create --vm VM --site SITE (--cron EXPR | --every DURATION)",
+		Short: "Create a backup schedule for one VM",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if id == "" {
+				id = scheduleID(in.VM)
+			}
+			opts, err := backupSchedule(id, in, cron, every, paused)
+			if err != nil {
+				return err
+			}
+			c, err := dialTemporal(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if _, err := c.ScheduleClient().Create(cmd.Context(), opts); err != nil {
+				return fmt.Errorf("create schedule %s: %w", id, err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created schedule %s\n", id)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&id, "id", "", "schedule ID (default backup-schedule-<vm>)")
+	f.StringVar(&in.VM, "vm", "", "VM inventory path, name or moref (required)")
+	f.StringVar(&in.Site, "site", "", "source site (required)")
+	f.StringVar(&in.Mode, "mode", "auto", "auto, full or incremental")
+	f.BoolVar(&in.Quiesce, "quiesce", false, "quiesce the guest file systems")
+	f.StringArrayVar(&cron, "cron", nil, `cron expression, e.g. "0 1 * * *" (repeatable)`)
+	f.DurationVar(&every, "every", 0, "interval, e.g. 24h")
+	f.BoolVar(&paused, "paused", false, "create the schedule paused")
+	_ = cmd.MarkFlagRequired("vm")
+	_ = cmd.MarkFlagRequired("site")
+	return cmd
+}
+
+func newScheduleListCommand() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "list",
+		Short: "List schedules",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := dialTemporal(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			it, err := c.ScheduleClient().List(cmd.Context(), client.ScheduleListOptions{PageSize: 100})
+			if err != nil {
+				return fmt.Errorf("list schedules: %w", err)
+			}
+			type row struct {
+				ID     string      `json:"id"`
+				Paused bool        `json:"paused"`
+				Next   []time.Time `json:"next"`
+				Note   string      `json:"note"`
+			}
+			var rows []row
+			for it.HasNext() {
+				e, err := it.Next()
+				if err != nil {
+					return fmt.Errorf("list schedules: %w", err)
+				}
+				rows = append(rows, row{ID: e.ID, Paused: e.Paused, Next: e.NextActionTimes, Note: e.Note})
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return writeJSON(out, rows)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tPAUSED\tNEXT\tNOTE")
+			for _, r := range rows {
+				next := "-"
+				if len(r.Next) > 0 {
+					next = r.Next[0].Local().Format(time.DateTime)
+				}
+				fmt.Fprintf(tw, "%s\t%t\t%s\t%s\n", r.ID, r.Paused, next, r.Note)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	return cmd
+}
+
+func newScheduleDescribeCommand() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "describe SCHEDULE-ID",
+		Short: "Show a schedule: spec, state, recent and next runs",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dialTemporal(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			d, err := c.ScheduleClient().GetHandle(cmd.Context(), args[0]).Describe(cmd.Context())
+			if err != nil {
+				return fmt.Errorf("describe schedule %s: %w", args[0], err)
+			}
+			type recent struct {
+				WorkflowID string    `json:"workflowId"`
+				At         time.Time `json:"at"`
+			}
+			view := struct {
+				ID       string      `json:"id"`
+				Paused   bool        `json:"paused"`
+				Note     string      `json:"note"`
+				Cron     []string    `json:"cron,omitempty"`
+				Every    []string    `json:"every,omitempty"`
+				Next     []time.Time `json:"next"`
+				Recent   []recent    `json:"recent"`
+				Actions  int         `json:"actions"`
+				Overlaps int         `json:"skippedOverlaps"`
+			}{ID: args[0], Paused: d.Schedule.State.Paused, Note: d.Schedule.State.Note,
+				Next: d.Info.NextActionTimes, Actions: d.Info.NumActions, Overlaps: d.Info.NumActionsSkippedOverlap}
+			view.Cron = append(view.Cron, d.Schedule.Spec.CronExpressions...)
+			for _, iv := range d.Schedule.Spec.Intervals {
+				view.Every = append(view.Every, iv.Every.String())
+			}
+			for _, r := range d.Info.RecentActions {
+				if r.StartWorkflowResult != nil {
+					view.Recent = append(view.Recent, recent{WorkflowID: r.StartWorkflowResult.WorkflowID, At: r.ActualTime})
+				}
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				return writeJSON(out, view)
+			}
+			fmt.Fprintf(out, "schedule %s: paused=%t actions=%d skipped-overlaps=%d\n", view.ID, view.Paused, view.Actions, view.Overlaps)
+			if view.Note != "" {
+				fmt.Fprintf(out, "note: %s\n", view.Note)
+			}
+			for _, e := range view.Every {
+				fmt.Fprintf(out, "every %s\n", e)
+			}
+			for _, n := range view.Next {
+				fmt.Fprintf(out, "next: %s\n", n.Local().Format(time.DateTime))
+			}
+			for _, r := range view.Recent {
+				fmt.Fprintf(out, "ran: %s %s\n", r.At.Local().Format(time.DateTime), r.WorkflowID)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
+	return cmd
+}
+
+func newScheduleActionCommand(name, short string, act func(client.ScheduleHandle, *cobra.Command) error) *cobra.Command {
+	return &cobra.Command{
+		Use:   name + " SCHEDULE-ID",
+		Short: short,
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := dialTemporal(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if err := act(c.ScheduleClient().GetHandle(cmd.Context(), args[0]), cmd); err != nil {
+				return fmt.Errorf("%s schedule %s: %w", name, args[0], err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: done for %s\n", name, args[0])
+			return nil
+		},
+	}
+}
