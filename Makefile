@@ -5,7 +5,7 @@ GO ?= go
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 BIN := $(CURDIR)/bin
 
-.PHONY: setup build test test-unit bench lint
+.PHONY: setup build demo test test-unit bench lint
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,11 @@ build:
 	$(GO) build -o $(BIN)/diskferry ./starter
 	$(GO) build -o $(BIN)/diskferry-hub ./workers/hub
 	$(GO) build -o $(BIN)/diskferry-sna ./workers/sna
+	$(GO) build -o $(BIN)/diskferry-demo ./internal/lab/demo
+
+# The main job on an embedded lab; KEEP=1 leaves it up for browsing the Web UI until Ctrl-C.
+demo: setup build
+	DISKFERRY_DEMO_KEEP=$(if $(KEEP),1,0) $(BIN)/diskferry-demo
 
 # Everything, integration tests on real parts included. CI=true turns a missing part into a failure.
 test: setup lint

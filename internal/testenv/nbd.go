@@ -12,7 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -44,7 +43,7 @@ type QemuNBDOptions struct {
 }
 
 // CreateQcow2 makes an empty qcow2 of size bytes in a temp dir and returns its path.
-func CreateQcow2(t testing.TB, size int64) string {
+func CreateQcow2(t TB, size int64) string {
 	t.Helper()
 	qemuImg := RequireCommand(t, "qemu-img")
 	path := filepath.Join(t.TempDir(), "disk.qcow2")
@@ -57,7 +56,7 @@ func CreateQcow2(t testing.TB, size int64) string {
 
 // StartQemuNBD serves path with `qemu-nbd -t --shared=N -b 127.0.0.1 -p PORT` and waits until
 // the server greets. It is killed on cleanup.
-func StartQemuNBD(t testing.TB, path string, opts QemuNBDOptions) *NBDServer {
+func StartQemuNBD(t TB, path string, opts QemuNBDOptions) *NBDServer {
 	t.Helper()
 	bin := RequireCommand(t, "qemu-nbd")
 	if opts.Format == "" {
@@ -97,7 +96,7 @@ type NbdkitOptions struct {
 
 // StartNbdkitFile serves path with `nbdkit --exit-with-parent -U SOCK file file=PATH`
 // (foreground, so the test owns the PID) and waits until it greets. Killed on cleanup.
-func StartNbdkitFile(t testing.TB, path string, opts NbdkitOptions) *NBDServer {
+func StartNbdkitFile(t TB, path string, opts NbdkitOptions) *NBDServer {
 	t.Helper()
 	bin := RequireCommand(t, "nbdkit")
 	sock := filepath.Join(ShortTempDir(t), "nbd.sock")
@@ -120,7 +119,7 @@ func StartNbdkitFile(t testing.TB, path string, opts NbdkitOptions) *NBDServer {
 
 // startNBD runs the server and waits for the NBD newstyle greeting ("NBDMAGIC" "IHAVEOPT"),
 // which proves the server negotiates, not merely that the port accepts.
-func startNBD(t testing.TB, bin string, args []string, dial func() (net.Conn, error)) (*NBDServer, error) {
+func startNBD(t TB, bin string, args []string, dial func() (net.Conn, error)) (*NBDServer, error) {
 	t.Helper()
 	var stderr bytes.Buffer
 	cmd := exec.Command(bin, args...)
@@ -173,7 +172,7 @@ func greet(dial func() (net.Conn, error)) error {
 
 // WriteFileAt writes data at off in the file at path (creating it), for building fixtures
 // with holes.
-func WriteFileAt(t testing.TB, path string, off int64, data []byte) {
+func WriteFileAt(t TB, path string, off int64, data []byte) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
