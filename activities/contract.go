@@ -181,8 +181,8 @@ type Extent struct {
 type VerifyTargetInput struct {
 	Path      string   `json:"path"`
 	BlockSize int64    `json:"blockSize"`
-	Digest    string   `json:"digest"`          // from CopyDiskResult
-	Areas     []Extent `json:"areas,omitempty"` // nil: the whole disk
+	Digest    string   `json:"digest"` // from CopyDiskResult
+	Areas     []Extent `json:"areas"`  // nil (null): the whole disk; empty: nothing
 }
 
 // Verification is the result of VerifyTarget.
@@ -246,8 +246,10 @@ type CopyDiskResult struct {
 	BlockSize     int64         `json:"blockSize"`
 	// Digest is SHA-256 over the SHA-256 of each piece of the copied areas (areas split at
 	// BlockSize boundaries), in offset order; the hub recomputes it from the file.
-	Digest string   `json:"digest"`
-	Areas  []Extent `json:"areas,omitempty"` // incremental: the changed areas copied; nil for full
+	Digest string `json:"digest"`
+	// Areas are the areas copied (CBT's changed or allocated areas); nil (null) means the
+	// whole disk, empty means nothing. Not omitempty: an empty list must not become nil.
+	Areas []Extent `json:"areas"`
 }
 
 // ReadChangeIDsInput asks for each disk's changeId inside the snapshot.

@@ -1,0 +1,389 @@
+// Package sna adapts the source-side mechanisms (vSphere, nbdkit sources, the SSH tunnel,
+// the copy engine) to Temporal activities on the site's queue, diskferry-sna.<site>.
+package sna
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/url"
+	"slices"
+	"sync"
+	"time"
+
+	"go.temporal.io/sdk/activity"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/worker"
+
+	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/nbdkit"
+	"github.com/diskferry/diskferry/internal/tunnel"
+	"github.com/diskferry/diskferry/internal/vsphere"
+)
+
+// Transports for reading a snapshot's disks.
+const (
+	TransportHTTPS = "https" // nbdkit curl on the datastore's /folder URL of the flat file
+	TransportVDDK  = "vddk"  // nbdkit vddk plugin with VMware's VDDK
+)
+
+// Settings are the SNA's copy settings; none of them is secret except the vCenter password,
+// which only reaches nbdkit through a file (password=+FILE).
+type Settings struct {
+	Transport       string
+	VDDKLibDir      string
+	VCenterHost     string // host[:port] of vCenter, for VDDK
+	VCenterUser     string
+	VCenterPassword string
+	Thumbprint      string // vCenter certificate pin, used by the https source too
+	Insecure        bool   // explicit opt-in, already warned about at connect
+	Connections     int
+	RequestSize     int64
+	// SourceFilters are nbdkit filters stacked on every source, e.g. retry (survive a
+	// flaky vCenter) or rate (cap the bandwidth a copy takes from the datastore).
+	SourceFilters  []nbdkit.Filter
+	HeartbeatEvery time.Duration
+	// CheckpointEvery is how often a copy flushes the target to advance its resume
+	// checkpoint: what a crashed attempt's successor may have to redo. 0: blockcopy's default.
+	CheckpointEvery time.Duration
+}
+
+// Activities are the SNA activities. One instance per worker; safe for concurrent use.
+type Activities struct {
+	vc       *vsphere.Client
+	tunnels  *Tunnels
+	settings Settings
+	log      *slog.Logger
+
+	mu       sync.Mutex
+	snapshot map[string]bool // VM morefs this process snapshotted, for the orphan sweep
+}
+
+// New returns the SNA activities over a connected vSphere client and the tunnel pool.
+func New(vc *vsphere.Client, tunnels *Tunnels, settings Settings, log *slog.Logger) *Activities {
+	if settings.Connections <= 0 {
+		settings.Connections = 4
+	}
+	if settings.HeartbeatEvery <= 0 {
+		settings.HeartbeatEvery = 2 * time.Second
+	}
+	if settings.Transport == "" {
+		settings.Transport = TransportHTTPS
+	}
+	return &Activities{vc: vc, tunnels: tunnels, settings: settings, log: log, snapshot: map[string]bool{}}
+}
+
+// Register registers every SNA activity under its contract name.
+func (a *Activities) Register(w worker.ActivityRegistry) {
+	reg := func(f any, name string) {
+		w.RegisterActivityWithOptions(f, activity.RegisterOptions{Name: name})
+	}
+	reg(a.InspectVM, activities.InspectVMName)
+	reg(a.EnsureTunnel, activities.EnsureTunnelName)
+	reg(a.DropTunnel, activities.DropTunnelName)
+	reg(a.CreateSnapshot, activities.CreateSnapshotName)
+	reg(a.RemoveSnapshot, activities.RemoveSnapshotName)
+	reg(a.CopyDisk, activities.CopyDiskName)
+	reg(a.ReadChangeIDs, activities.ReadChangeIDsName)
+}
+
+// ErrHostKeyMismatch is the error type of EnsureTunnel when the hub's SSH host key is not
+// the one pinned in known_hosts: retrying cannot help until an operator checks the hub.
+const ErrHostKeyMismatch = "HostKeyMismatch"
+
+// classify turns mechanism errors the workflow must not retry into non-retryable ones.
+func classify(err error) error {
+	var hostKey *tunnel.HostKeyError
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, vsphere.ErrNotFound):
+		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrNotFound, err)
+	case errors.Is(err, vsphere.ErrInvalidChangeID):
+		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
+	case errors.As(err, &hostKey):
+		return temporal.NewNonRetryableApplicationError(err.Error(), ErrHostKeyMismatch, err)
+	}
+	return err
+}
+
+// InspectVM describes the VM: disks, CBT, power state.
+func (a *Activities) InspectVM(ctx context.Context, in activities.InspectVMInput) (activities.VM, error) {
+	if in.VM == "" {
+		return activities.VM{}, temporal.NewNonRetryableApplicationError("inspect VM: empty VM reference", activities.ErrBadInput, nil)
+	}
+	vm, err := a.vc.FindVM(ctx, in.VM)
+	if err != nil {
+		return activities.VM{}, classify(err)
+	}
+	info, err := a.vc.Inspect(ctx, vm)
+	if err != nil {
+		return activities.VM{}, classify(err)
+	}
+	out := activities.VM{
+		InstanceUUID: info.InstanceUUID,
+		Moref:        info.Moref,
+		Name:         info.Name,
+		PowerState:   info.PowerState,
+		CBTEnabled:   info.CBTEnabled,
+	}
+	for _, d := range info.Disks {
+		out.Disks = append(out.Disks, activities.Disk{
+			Key: d.Key, Label: d.Label, CapacityBytes: d.CapacityBytes,
+			BackingFile: d.BackingFile, Datastore: d.Datastore, ChangeID: d.ChangeID,
+		})
+	}
+	return out, nil
+}
+
+// EnsureTunnel makes every export port reachable on the SNA and checks each with an NBD
+// handshake (the exports are started before the tunnel).
+func (a *Activities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
+	m, err := a.tunnels.Get(in.HubID)
+	if err != nil {
+		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
+	}
+	// The SNA listens on 127.0.0.1:P for the hub's export port P.
+	if err := m.EnsureForwards(ctx, tunnel.Ports(in.Ports...)); err != nil {
+		return classify(fmt.Errorf("ensure forwards to hub %s: %w", in.HubID, err))
+	}
+	for _, p := range in.Ports {
+		if err := m.Health(ctx, p); err != nil {
+			return fmt.Errorf("tunnel to hub %s port %d: %w", in.HubID, p, err)
+		}
+	}
+	return nil
+}
+
+// DropTunnel closes the forwards; idempotent.
+func (a *Activities) DropTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
+	m, err := a.tunnels.Get(in.HubID)
+	if err != nil {
+		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
+	}
+	m.DropForwards(in.Ports)
+	return nil
+}
+
+// SnapshottedVMs lists the VMs this process created snapshots on: the ones worth
+// sweeping for snapshots a crashed run left behind, without listing every VM's snapshots.
+func (a *Activities) SnapshottedVMs() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Sorted(maps.Keys(a.snapshot))
+}
+
+// CreateSnapshot creates the backup snapshot. A retried attempt finds the snapshot its
+// predecessor made (same name) instead of making a second one.
+func (a *Activities) CreateSnapshot(ctx context.Context, in activities.CreateSnapshotInput) (activities.Snapshot, error) {
+	vm, err := a.vc.FindVM(ctx, in.VMMoref)
+	if err != nil {
+		return activities.Snapshot{}, classify(err)
+	}
+	a.mu.Lock()
+	a.snapshot[vm.Reference().Value] = true
+	a.mu.Unlock()
+	existing, err := a.vc.ListSnapshots(ctx, vm)
+	if err != nil {
+		return activities.Snapshot{}, fmt.Errorf("list snapshots of %s: %w", in.VMMoref, err)
+	}
+	for _, s := range existing {
+		if s.Name == in.Name {
+			return activities.Snapshot{VMMoref: s.VMMoref, Moref: s.Moref, Name: s.Name}, nil
+		}
+	}
+	s, err := a.vc.CreateSnapshot(ctx, vm, in.Name, in.Quiesce)
+	if err != nil {
+		return activities.Snapshot{}, classify(err)
+	}
+	return activities.Snapshot{VMMoref: s.VMMoref, Moref: s.Moref, Name: s.Name}, nil
+}
+
+// RemoveSnapshot removes (and consolidates) the snapshot; "not found" counts as removed.
+func (a *Activities) RemoveSnapshot(ctx context.Context, in activities.Snapshot) error {
+	vm, err := a.vc.FindVM(ctx, in.VMMoref)
+	if errors.Is(err, vsphere.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return a.vc.RemoveSnapshot(ctx, vm, in.Moref)
+}
+
+// ReadChangeIDs reads each disk's changeId from the snapshot's disk backings.
+func (a *Activities) ReadChangeIDs(ctx context.Context, in activities.ReadChangeIDsInput) (map[int32]string, error) {
+	ids, err := a.vc.ChangeIDs(ctx, in.Snapshot.Moref)
+	return ids, classify(err)
+}
+
+// CopyDisk copies one disk of the snapshot into its hub export through the tunnel,
+// heartbeating progress and the resume checkpoint; a retried attempt resumes from it.
+func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
+	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
+	vm, err := a.vc.FindVM(ctx, in.Snapshot.VMMoref)
+	if err != nil {
+		return activities.CopyDiskResult{}, classify(err)
+	}
+
+	opts := blockcopy.Options{
+		Connections: in.Connections,
+		RequestSize: a.settings.RequestSize,
+		// Both transports read through vCenter/ESXi, whose NFC fails on larger reads.
+		MaxRequestSize:     blockcopy.VCenterMaxRequestSize,
+		CheckpointInterval: a.settings.CheckpointEvery,
+		Logger:             log,
+	}
+	if opts.Connections <= 0 {
+		opts.Connections = a.settings.Connections
+	}
+	switch in.Mode {
+	case activities.ModeFull:
+		// CBT "*" maps the allocated areas without VDDK's QueryAllocatedBlocks (which failed
+		// in the field on >1 TB disks); the fresh qcow2 reads as zeros everywhere else.
+		areas, err := a.vc.QueryChangedAreas(ctx, vm, in.Snapshot.Moref, in.DiskKey, in.CapacityBytes, vsphere.AllAllocated)
+		switch {
+		case err == nil:
+			opts.Areas = toBlockExtents(areas)
+		case errors.Is(err, vsphere.ErrInvalidChangeID):
+			log.Info("no CBT allocation map, copying the whole disk with zero detection", "err", err)
+		default:
+			return activities.CopyDiskResult{}, classify(err)
+		}
+		opts.DestinationIsZero = true
+	case activities.ModeIncremental:
+		areas, err := a.vc.QueryChangedAreas(ctx, vm, in.Snapshot.Moref, in.DiskKey, in.CapacityBytes, in.PrevChangeID)
+		if err != nil {
+			return activities.CopyDiskResult{}, classify(err)
+		}
+		opts.Areas = toBlockExtents(areas)
+	default:
+		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("copy disk %d: unknown mode %q", in.DiskKey, in.Mode), activities.ErrBadInput, nil)
+	}
+
+	if activity.HasHeartbeatDetails(ctx) {
+		var p activities.CopyProgress
+		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil && p.Checkpoint > 0 {
+			opts.Resume = &blockcopy.Checkpoint{Offset: p.Checkpoint, DigestState: p.DigestState, BytesDone: p.BytesDone}
+			log.Info("resuming copy", "checkpoint", p.Checkpoint)
+		}
+	}
+
+	src, err := a.startSource(ctx, in)
+	if err != nil {
+		return activities.CopyDiskResult{}, err
+	}
+	defer func() {
+		if err := src.Stop(context.WithoutCancel(ctx)); err != nil {
+			log.Warn("stop nbdkit source", "err", err)
+		}
+	}()
+
+	target := fmt.Sprintf("nbd://127.0.0.1:%d/%s", in.TargetPort, url.PathEscape(in.ExportName))
+	opts.ProgressInterval = a.settings.HeartbeatEvery
+	opts.OnProgress = func(p blockcopy.Progress) {
+		activity.RecordHeartbeat(ctx, activities.CopyProgress{
+			Checkpoint:   p.Checkpoint.Offset,
+			DigestState:  p.Checkpoint.DigestState,
+			BytesDone:    p.BytesDone,
+			BytesTotal:   p.BytesTotal,
+			BytesRead:    p.BytesRead,
+			BytesWritten: p.BytesWritten,
+			BytesZeroed:  p.BytesZeroed,
+		})
+	}
+	cp, err := blockcopy.New(src.URI(), target, opts)
+	if err != nil {
+		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
+	}
+	res, err := cp.Run(ctx)
+	if err != nil {
+		return activities.CopyDiskResult{}, fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err)
+	}
+	log.Info("disk copied", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,
+		"recopied", res.BytesRecopied, "duration", res.Duration)
+	return activities.CopyDiskResult{
+		DiskKey:       in.DiskKey,
+		BytesRead:     res.BytesRead,
+		BytesWritten:  res.BytesWritten,
+		BytesZeroed:   res.BytesZeroed,
+		BytesRecopied: res.BytesRecopied,
+		Duration:      res.Duration,
+		BlockSize:     res.BlockSize,
+		Digest:        res.Digest,
+		Areas:         fromBlockExtents(res.Areas),
+	}, nil
+}
+
+// startSource serves the snapshot's disk with nbdkit on a private unix socket.
+func (a *Activities) startSource(ctx context.Context, in activities.CopyDiskInput) (*nbdkit.Server, error) {
+	var src nbdkit.Source
+	switch a.settings.Transport {
+	case TransportHTTPS:
+		flat, err := a.vc.DiskFlatURL(ctx, in.Snapshot.Moref, in.DiskKey)
+		if err != nil {
+			return nil, classify(err)
+		}
+		cs := nbdkit.CurlSource{URL: flat.URL, Cookie: flat.Cookie, Logger: a.log}
+		// The insecure opt-in wins over a configured pin, as it does for the API session.
+		if a.settings.Insecure {
+			cs.InsecureSkipVerify = true
+		} else {
+			cs.Thumbprint = a.settings.Thumbprint
+		}
+		src = cs
+	case TransportVDDK:
+		file, err := a.snapshotDiskFile(ctx, in)
+		if err != nil {
+			return nil, err
+		}
+		src = nbdkit.VDDKSource{
+			LibDir: a.settings.VDDKLibDir, Server: a.settings.VCenterHost,
+			User: a.settings.VCenterUser, Password: a.settings.VCenterPassword,
+			Thumbprint: a.settings.Thumbprint, VMMoref: in.Snapshot.VMMoref,
+			SnapshotMoref: in.Snapshot.Moref, File: file,
+		}
+	default:
+		return nil, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("unknown transport %q", a.settings.Transport), activities.ErrBadInput, nil)
+	}
+	srv, err := nbdkit.Start(ctx, src, nbdkit.Options{Filters: a.settings.SourceFilters, Logger: a.log})
+	if err != nil {
+		return nil, fmt.Errorf("start %s source for disk %d: %w", a.settings.Transport, in.DiskKey, err)
+	}
+	return srv, nil
+}
+
+// snapshotDiskFile is the disk's backing file as of the snapshot, which VDDK opens.
+func (a *Activities) snapshotDiskFile(ctx context.Context, in activities.CopyDiskInput) (string, error) {
+	d, err := a.vc.SnapshotDisk(ctx, in.Snapshot.Moref, in.DiskKey)
+	if err != nil {
+		return "", classify(err)
+	}
+	return d.BackingFile, nil
+}
+
+// toBlockExtents never returns nil: nil areas would make blockcopy copy the whole disk,
+// while an empty map (nothing allocated, nothing changed) means copy nothing.
+func toBlockExtents(in []vsphere.Extent) []blockcopy.Extent {
+	out := make([]blockcopy.Extent, len(in))
+	for i, e := range in {
+		out[i] = blockcopy.Extent{Start: e.Start, Length: e.Length}
+	}
+	return out
+}
+
+func fromBlockExtents(in []blockcopy.Extent) []activities.Extent {
+	if in == nil {
+		return nil
+	}
+	out := make([]activities.Extent, len(in))
+	for i, e := range in {
+		out[i] = activities.Extent{Start: e.Start, Length: e.Length}
+	}
+	return out
+}

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+
+	"go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
+	"go.temporal.io/api/workflowservice/v1"
+
+	"github.com/diskferry/diskferry/internal/vsphere"
+	"github.com/diskferry/diskferry/workflows"
+)
+
+// workflowDescriber is the part of the Temporal client the sweep needs.
+type workflowDescriber interface {
+	DescribeWorkflowExecution(ctx context.Context, workflowID, runID string) (*workflowservice.DescribeWorkflowExecutionResponse, error)
+}
+
+// sweeper removes backup snapshots whose workflow is closed: a run whose compensation
+// never happened (worker killed, vCenter down at the time) leaves one behind, and it grows
+// on the datastore until removed. A snapshot of a running workflow is never touched.
+type sweeper struct {
+	vc        *vsphere.Client
+	workflows workflowDescriber
+	vms       func() []string // VM morefs to look at
+	log       *slog.Logger
+}
+
+// snapshotPrefix starts the name of every backup snapshot, followed by the workflow ID.
+var snapshotPrefix = workflows.SnapshotName("")
+
+// sweep checks each VM once; failures are logged and retried at the next sweep.
+func (s *sweeper) sweep(ctx context.Context) {
+	for _, moref := range s.vms() {
+		if err := s.sweepVM(ctx, moref); err != nil {
+			s.log.Warn("snapshot sweep", "vm", moref, "error", err)
+		}
+	}
+}
+
+func (s *sweeper) sweepVM(ctx context.Context, moref string) error {
+	vm, err := s.vc.FindVM(ctx, moref)
+	if errors.Is(err, vsphere.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	snaps, err := s.vc.ListSnapshots(ctx, vm)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	// Children first: removing a parent first would merge it into the child.
+	for i := len(snaps) - 1; i >= 0; i-- {
+		snap := snaps[i]
+		workflowID, ours := strings.CutPrefix(snap.Name, snapshotPrefix)
+		if !ours || workflowID == "" {
+			continue
+		}
+		open, err := s.workflowOpen(ctx, workflowID)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if open {
+			continue
+		}
+		if err := s.vc.RemoveSnapshot(ctx, vm, snap.Moref); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.log.Warn("removed orphaned backup snapshot", "vm", moref, "snapshot", snap.Moref, "name", snap.Name, "workflowId", workflowID)
+	}
+	return errors.Join(errs...)
+}
+
+// workflowOpen reports whether the workflow's latest run is still running; a workflow the
+// server no longer knows is closed.
+func (s *sweeper) workflowOpen(ctx context.Context, workflowID string) (bool, error) {
+	resp, err := s.workflows.DescribeWorkflowExecution(ctx, workflowID, "")
+	var notFound *serviceerror.NotFound
+	switch {
+	case errors.As(err, &notFound):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("describe workflow %s: %w", workflowID, err)
+	}
+	return resp.GetWorkflowExecutionInfo().GetStatus() == enums.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
+}
