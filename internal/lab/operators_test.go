@@ -1,0 +1,145 @@
+package lab_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/diskferry/diskferry/internal/lab"
+	"github.com/diskferry/diskferry/internal/testenv"
+	"github.com/diskferry/diskferry/workflows"
+)
+
+// run runs a command with the lab's Temporal address and returns its stdout.
+func run(ctx context.Context, t *testing.T, l *lab.Lab, bin string, args ...string) string {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Env = append(os.Environ(),
+		"DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort, "DISKFERRY_TEMPORAL_NAMESPACE="+l.Temporal.Namespace)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	require.NoError(t, err, "%s %v\nstdout: %s\nstderr: %s\nhub log:\n%s\nsna log:\n%s",
+		filepath.Base(bin), args, out, stderr.String(), tail(l.WorkerLog("hub")), tail(l.WorkerLog("sna")))
+	return string(out)
+}
+
+// TestTemporalCLIStartsAndFindsBackup drives the real temporal binary the way the README
+// documents: start a BackupWorkflow with plain JSON input, find it by its VMName search
+// attribute, and create a schedule for it.
+func TestTemporalCLIStartsAndFindsBackup(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
+	temporal := testenv.ToolPath(t, "temporal")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	addr := "--address=" + l.Temporal.HostPort
+
+	input := fmt.Sprintf(`{"vm":%q,"site":%q}`, l.VC.VMName, l.Site)
+	run(ctx, t, l, temporal, "workflow", "start", addr, "--task-queue", "diskferry-hub", "--type", "BackupWorkflow",
+		"--workflow-id", "cli-backup-1", "--input", input)
+	out := run(ctx, t, l, temporal, "workflow", "result", addr, "--workflow-id", "cli-backup-1", "--output", "json")
+	require.Contains(t, out, `"pointId"`)
+	require.Contains(t, out, "COMPLETED")
+
+	out = run(ctx, t, l, temporal, "workflow", "list", addr, "--query", fmt.Sprintf(`VMName=%q`, l.VC.VMName), "--output", "json")
+	require.Contains(t, out, "cli-backup-1")
+	out = run(ctx, t, l, temporal, "workflow", "list", addr, "--query", `VMName="no-such-vm"`, "--output", "json")
+	require.NotContains(t, out, "cli-backup-1")
+
+	run(ctx, t, l, temporal, "schedule", "create", addr, "--schedule-id", "nightly-"+l.VC.VMName,
+		"--cron", "0 1 * * *", "--overlap-policy", "Skip", "--task-queue", "diskferry-hub",
+		"--type", "BackupWorkflow", "--workflow-id", "backup-"+l.VC.VMName, "--input", input)
+	out = run(ctx, t, l, temporal, "schedule", "describe", addr, "--schedule-id", "nightly-"+l.VC.VMName, "--output", "json")
+	require.Contains(t, out, "SCHEDULE_OVERLAP_POLICY_SKIP")
+	run(ctx, t, l, temporal, "schedule", "delete", addr, "--schedule-id", "nightly-"+l.VC.VMName)
+}
+
+// TestDiskferryCLI drives the diskferry binary: a waited backup with its JSON result, the
+// refusal of a second concurrent backup, list and status, and the schedule commands.
+func TestDiskferryCLI(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 16 << 20})
+	cli := lab.Build(t, t.TempDir(), "./starter", "diskferry")
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+
+	out := run(ctx, t, l, cli, "backup", "start", "--vm", l.VC.VMName, "--site", l.Site, "--wait", "--json")
+	var res workflows.BackupResult
+	require.NoError(t, json.Unmarshal([]byte(out), &res), out)
+	require.NotEmpty(t, res.PointID)
+	require.Len(t, res.Disks, 2)
+
+	out = run(ctx, t, l, cli, "backup", "list", "--vm", l.VC.VMName, "--json")
+	require.Contains(t, out, workflows.BackupWorkflowID(l.VC.VMName))
+	require.Contains(t, out, `"status": "complete"`)
+	out = run(ctx, t, l, cli, "backup", "status", workflows.BackupWorkflowID(l.VC.VMName))
+	require.Contains(t, out, "complete")
+	require.Contains(t, out, res.PointID)
+
+	// Bad input is refused before anything starts, naming the field.
+	bad := exec.CommandContext(ctx, cli, "backup", "start", "--vm", l.VC.VMName, "--site", l.Site, "--mode", "sometimes")
+	bad.Env = append(os.Environ(), "DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort)
+	msg, err := bad.CombinedOutput()
+	require.Error(t, err)
+	require.Contains(t, string(msg), "mode")
+
+	id := "sched-" + l.VC.VMName
+	run(ctx, t, l, cli, "schedule", "create", "--id", id, "--vm", l.VC.VMName, "--site", l.Site, "--every", "24h", "--paused")
+	out = run(ctx, t, l, cli, "schedule", "describe", id, "--json")
+	require.Contains(t, out, `"paused": true`)
+	run(ctx, t, l, cli, "schedule", "unpause", id)
+	out = run(ctx, t, l, cli, "schedule", "describe", id, "--json")
+	require.Contains(t, out, `"paused": false`)
+	run(ctx, t, l, cli, "schedule", "trigger", id)
+	require.Eventually(t, func() bool {
+		return strings.Contains(run(ctx, t, l, cli, "schedule", "describe", id, "--json"), `"workflowId"`)
+	}, time.Minute, 500*time.Millisecond, "the triggered backup never started")
+	out = run(ctx, t, l, cli, "schedule", "list")
+	require.Contains(t, out, id)
+	run(ctx, t, l, cli, "schedule", "delete", id)
+	require.NotContains(t, run(ctx, t, l, cli, "schedule", "list"), id)
+}
+
+// TestWebUIShowsBackup loads the dev server's Web UI in headless Chromium and finds a
+// backup by its VMName search attribute; it leaves a screenshot for docs/.
+func TestWebUIShowsBackup(t *testing.T) {
+	chromium := testenv.RequireCommand(t, "chromium")
+	uiPort := testenv.FreePort(t)
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20, UIPort: uiPort})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
+	wf, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
+	require.NoError(t, err)
+	require.NoError(t, wf.Get(ctx, nil))
+
+	page := fmt.Sprintf("http://127.0.0.1:%d/namespaces/default/workflows?query=%s", uiPort,
+		url.QueryEscape(fmt.Sprintf(`VMName=%q`, l.VC.VMName)))
+	shot := filepath.Join(t.TempDir(), "webui.png")
+	var dom string
+	require.Eventually(t, func() bool {
+		cmd := exec.CommandContext(ctx, chromium, "--headless", "--no-sandbox", "--disable-gpu",
+			"--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+			"--user-data-dir="+t.TempDir(), "--window-size=1400,900", "--virtual-time-budget=15000",
+			"--screenshot="+shot, "--dump-dom", page)
+		out, _ := cmd.Output()
+		dom = string(out)
+		return strings.Contains(dom, wf.GetID())
+	}, 2*time.Minute, time.Second, "the Web UI never listed %s", wf.GetID())
+	st, err := os.Stat(shot)
+	require.NoError(t, err)
+	require.Greater(t, st.Size(), int64(10_000), "screenshot is too small to show anything")
+	if dst := os.Getenv("DISKFERRY_SCREENSHOT"); dst != "" {
+		data, err := os.ReadFile(shot)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(dst, data, 0o644))
+	}
+}

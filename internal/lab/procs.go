@@ -1,0 +1,50 @@
+package lab
+
+import (
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// DataPlaneProcesses lists live processes (pid: command line) that serve or read this lab's
+// data: qemu-nbd on files of its repository and nbdkit on its vCenter's datastore. After
+// every backup has ended there must be none.
+func (l *Lab) DataPlaneProcesses() []string {
+	markers := []string{l.RepoRoot}
+	if u, err := url.Parse(l.VC.URL); err == nil {
+		markers = append(markers, u.Host)
+	}
+	var found []string
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		if e.Name()[0] < '0' || e.Name()[0] > '9' {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil || len(raw) == 0 {
+			continue
+		}
+		cmdline := strings.ReplaceAll(strings.TrimRight(string(raw), "\x00"), "\x00", " ")
+		if isZombie(e.Name()) {
+			continue
+		}
+		for _, m := range markers {
+			if (strings.Contains(cmdline, "qemu-nbd") || strings.Contains(cmdline, "nbdkit")) && strings.Contains(cmdline, m) {
+				found = append(found, e.Name()+": "+cmdline)
+				break
+			}
+		}
+	}
+	return found
+}
+
+func isZombie(pid string) bool {
+	stat, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+	if err != nil {
+		return true
+	}
+	// The state follows the parenthesised command name.
+	i := strings.LastIndexByte(string(stat), ')')
+	return i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z'
+}
