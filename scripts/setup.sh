@@ -24,7 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     || fail "apt-get install ${missing[*]} failed, see /tmp/diskferry-apt.log"
 fi
 
-if [ ! -x "$tools/temporal" ] || ! "$tools/temporal" --version 2>/dev/null | grep -q "${temporal_version#v}"; then
+# go-installed binaries report 0.0.0-DEV; the module version is in the build info.
+if [ ! -x "$tools/temporal" ] || ! go version -m "$tools/temporal" 2>/dev/null | grep -q "mod[[:space:]]*github.com/temporalio/cli[[:space:]]*$temporal_version"; then
   echo "setup: installing temporal CLI $temporal_version into $tools (about 6 minutes on a cold machine)"
   mkdir -p "$tools"
   GOBIN="$tools" go install "github.com/temporalio/cli/cmd/temporal@$temporal_version" >/tmp/diskferry-temporal.log 2>&1 \
