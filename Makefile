@@ -36,3 +36,5 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' ; git ls-files -o --exclude-standard '*.go')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags record ./workflows
+	TEMPORAL_DB_PASSWORD=validate docker-compose -f docker-compose.yml --profile sna config -q

@@ -6,7 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools/bin"
 temporal_version=v1.5.1
-apt_packages=(qemu-utils nbdkit libnbd-dev libnbd-bin mariadb-server openssh-server iproute2 chromium)
+apt_packages=(qemu-utils nbdkit libnbd-dev libnbd-bin mariadb-server openssh-server iproute2 chromium docker-compose)
 
 fail() { echo "setup: $*" >&2; exit 1; }
 
