@@ -41,6 +41,7 @@ type fakeActivities struct {
 	release        chan struct{}  // closed by the test's cleanup
 	flaky          map[string]int // call label → attempts that fail retryably before success
 	attempts       map[string]int
+	copies         int // disks PlanBackup planned: the CopyDisk calls a run starts together
 }
 
 func newFakeActivities(planMode string) *fakeActivities {
@@ -185,6 +186,9 @@ func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBacku
 		}
 		plan.Disks = append(plan.Disks, dp)
 	}
+	f.mu.Lock()
+	f.copies = len(plan.Disks)
+	f.mu.Unlock()
 	return plan, nil
 }
 
@@ -266,6 +270,9 @@ func (f *fakeActivities) RemoveSnapshot(ctx context.Context, in activities.Snaps
 
 func (f *fakeActivities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
 	if err := f.call(ctx, label(activities.CopyDiskName, in.DiskKey)); err != nil {
+		// The copies run in parallel: a failure waits until its siblings started, so the
+		// recorded calls do not depend on how the test environment schedules them.
+		f.waitForCopies()
 		return activities.CopyDiskResult{}, err
 	}
 	read := in.CapacityBytes / 64
@@ -276,6 +283,25 @@ func (f *fakeActivities) CopyDisk(ctx context.Context, in activities.CopyDiskInp
 		DiskKey: in.DiskKey, BytesRead: read, BytesWritten: read, BytesZeroed: read / 2,
 		Duration: 2 * time.Second, BlockSize: 1 << 20, Digest: fmt.Sprintf("sha256:%d", in.DiskKey),
 	}, nil
+}
+
+// waitForCopies waits (up to 5 s) until every planned CopyDisk has been called.
+func (f *fakeActivities) waitForCopies() {
+	for range 500 {
+		f.mu.Lock()
+		started := 0
+		for _, c := range f.calls {
+			if strings.HasPrefix(c, activities.CopyDiskName+" ") {
+				started++
+			}
+		}
+		want := f.copies
+		f.mu.Unlock()
+		if started >= want {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 func (f *fakeActivities) ReadChangeIDs(ctx context.Context, in activities.ReadChangeIDsInput) (map[int32]string, error) {
