@@ -31,6 +31,7 @@ test-unit:
 
 bench: setup build
 	@bash scripts/bench.sh
+	@$(GO) test -run '^$$' -bench BackupEndToEnd -benchtime 3x ./internal/lab | grep '^bench '
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' ; git ls-files -o --exclude-standard '*.go')); \
