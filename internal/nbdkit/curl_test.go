@@ -28,6 +28,7 @@ import (
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
@@ -142,11 +143,11 @@ func TestCurlSourceUntrustedCertificate(t *testing.T) {
 
 	_, err := Start(testCtx(t), CurlSource{URL: disk.url, CAFile: wrongCA}, Options{Dir: testenv.ShortTempDir(t)})
 	require.Error(t, err)
-	assert.ErrorIs(t, err, errExportRefused)
+	assert.ErrorIs(t, err, nbdprobe.ErrExportRefused)
 
 	_, err = Start(context.Background(), CurlSource{URL: disk.url + "-missing", InsecureSkipVerify: true},
 		Options{Dir: testenv.ShortTempDir(t)})
-	assert.ErrorIs(t, err, errExportRefused, "a missing file is refused, insecure or not")
+	assert.ErrorIs(t, err, nbdprobe.ErrExportRefused, "a missing file is refused, insecure or not")
 }
 
 func writeSelfSignedCA(t *testing.T, path string) {

@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"maps"
+	"net"
 	"net/url"
 	"os"
 	"os/exec"
@@ -21,6 +22,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
 const (
@@ -192,11 +195,11 @@ func (s *Server) waitReady(ctx context.Context) error {
 		default:
 		}
 		if _, err := os.Stat(s.Socket); err == nil {
-			last = probeNBD(ctx, "unix", s.Socket)
+			last = openExport(ctx, s.Socket)
 			if last == nil {
 				return nil
 			}
-			if errors.Is(last, errExportRefused) {
+			if errors.Is(last, nbdprobe.ErrExportRefused) {
 				return fmt.Errorf("%w: %s", last, s.stderr.String())
 			}
 		}
@@ -207,6 +210,18 @@ func (s *Server) waitReady(ctx context.Context) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// openExport proves the source opens: nbdkit opens its plugin (curl's first request,
+// vddk's login) only at NBD_OPT_GO, so a greeting alone is not enough.
+func openExport(ctx context.Context, socket string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return nbdprobe.Open(ctx, conn, "")
 }
 
 // URI is the source's NBD URI.

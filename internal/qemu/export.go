@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -19,6 +18,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
 const (
@@ -416,7 +417,7 @@ func (e *Export) waitGone(ctx context.Context, timeout time.Duration) bool {
 // waitHandshake retries an NBD greeting until one completes or ctx ends.
 func waitHandshake(ctx context.Context, network, addr string) error {
 	for {
-		err := probeNBD(ctx, network, addr)
+		err := greetExport(ctx, network, addr)
 		if err == nil {
 			return nil
 		}
@@ -428,45 +429,20 @@ func waitHandshake(ctx context.Context, network, addr string) error {
 	}
 }
 
-// NBD newstyle negotiation constants (NBD protocol spec).
-var nbdGreeting = []byte("NBDMAGICIHAVEOPT")
+// greetTimeout bounds one greeting attempt. The greeting, not the TCP connect, proves a
+// client slot: a qemu-nbd whose --shared limit is reached accepts the connection but stays
+// silent, so an attempt gives up and retries rather than wait out the whole ready timeout.
+const greetTimeout = 2 * time.Second
 
-const nbdOptAbort = 2
-
-// probeNBD reads the newstyle greeting and ends negotiation politely with NBD_OPT_ABORT.
-// The greeting, not the TCP connect, proves a client slot: a qemu-nbd whose --shared
-// limit is reached accepts the connection but stays silent.
-func probeNBD(ctx context.Context, network, addr string) error {
+// greetExport dials the export and completes an NBD greeting (ending with NBD_OPT_ABORT).
+func greetExport(ctx context.Context, network, addr string) error {
+	ctx, cancel := context.WithTimeout(ctx, greetTimeout)
+	defer cancel()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	deadline := time.Now().Add(2 * time.Second)
-	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
-		deadline = d
-	}
-	if err := conn.SetDeadline(deadline); err != nil {
-		return err
-	}
-	greeting := make([]byte, len(nbdGreeting)+2) // + 16-bit handshake flags
-	if _, err := io.ReadFull(conn, greeting); err != nil {
-		return fmt.Errorf("read greeting: %w", err)
-	}
-	if !bytes.Equal(greeting[:len(nbdGreeting)], nbdGreeting) {
-		return fmt.Errorf("not an NBD newstyle server: greeting %q", greeting[:len(nbdGreeting)])
-	}
-	serverFlags := uint32(greeting[len(nbdGreeting)])<<8 | uint32(greeting[len(nbdGreeting)+1])
-	reply := make([]byte, 0, 20)
-	reply = be32(reply, serverFlags&0x3) // echo fixed-newstyle and no-zeroes
-	reply = append(reply, nbdGreeting[8:]...)
-	reply = be32(reply, nbdOptAbort)
-	reply = be32(reply, 0)
-	_, err = conn.Write(reply)
-	return err
-}
-
-func be32(b []byte, v uint32) []byte {
-	return append(b, byte(v>>24), byte(v>>16), byte(v>>8), byte(v))
+	return nbdprobe.Greet(ctx, conn)
 }

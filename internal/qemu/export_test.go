@@ -162,7 +162,7 @@ func TestExportLifecycle(t *testing.T) {
 	greet(t, "tcp", addr)
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Second)
 	defer cancel()
-	require.NoError(t, probeNBD(ctx, "tcp", addr))
+	require.NoError(t, greetExport(ctx, "tcp", addr))
 
 	info, err := Info(testCtx(t), f.image)
 	require.NoError(t, err, "info -U works on a served image")

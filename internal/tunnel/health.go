@@ -1,26 +1,14 @@
 package tunnel
 
 import (
-	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"strconv"
-	"time"
-)
 
-// NBD newstyle handshake constants (NBD protocol, "Newstyle negotiation").
-const (
-	nbdMagic          = "NBDMAGIC"
-	nbdOptMagic       = "IHAVEOPT"
-	nbdFlagFixed      = 1 << 0 // server handshake flag / client flag: fixed newstyle
-	nbdFlagNoZeroes   = 1 << 1 // server handshake flag / client flag: no zero padding
-	nbdOptAbort       = 2
-	nbdGreetingLength = 18 // magic, option magic, 16-bit handshake flags
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
 // Health proves a forward end to end: it connects to 127.0.0.1:localPort, which goes
@@ -51,6 +39,12 @@ func (m *Manager) Health(ctx context.Context, localPort int) error {
 }
 
 func (m *Manager) nbdHandshake(ctx context.Context, port int) error {
+	if _, ok := ctx.Deadline(); !ok {
+		// The greeting crosses the tunnel once; a dial's worth of time is plenty.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, 2*m.cfg.DialTimeout)
+		defer cancel()
+	}
 	var dialer net.Dialer
 	conn, err := dialer.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 	if err != nil {
@@ -58,42 +52,5 @@ func (m *Manager) nbdHandshake(ctx context.Context, port int) error {
 	}
 	defer conn.Close()
 	setNoDelay(conn)
-	deadline, callerDeadline := ctx.Deadline()
-	if !callerDeadline {
-		// The greeting crosses the tunnel once; a dial's worth of time is plenty.
-		deadline = time.Now().Add(2 * m.cfg.DialTimeout)
-	}
-	_ = conn.SetDeadline(deadline)
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
-	defer stop()
-
-	greeting := make([]byte, nbdGreetingLength)
-	if _, err := io.ReadFull(conn, greeting); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
-		}
-		if ctx.Err() != nil {
-			return fmt.Errorf("read NBD greeting: %w", ctx.Err())
-		}
-		// The socket deadline is the caller's and may fire a moment before ctx notices.
-		if callerDeadline && errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("read NBD greeting: %w", context.DeadlineExceeded)
-		}
-		return fmt.Errorf("read NBD greeting: %w", err)
-	}
-	if !bytes.Equal(greeting[:8], []byte(nbdMagic)) || !bytes.Equal(greeting[8:16], []byte(nbdOptMagic)) {
-		return fmt.Errorf("not an NBD newstyle server: greeting %q", greeting[:16])
-	}
-	serverFlags := binary.BigEndian.Uint16(greeting[16:])
-
-	// Echo the flags we understand, then abort the option haggling.
-	msg := make([]byte, 0, 20)
-	msg = binary.BigEndian.AppendUint32(msg, uint32(serverFlags&(nbdFlagFixed|nbdFlagNoZeroes)))
-	msg = append(msg, nbdOptMagic...)
-	msg = binary.BigEndian.AppendUint32(msg, nbdOptAbort)
-	msg = binary.BigEndian.AppendUint32(msg, 0)
-	if _, err := conn.Write(msg); err != nil {
-		return fmt.Errorf("send NBD_OPT_ABORT: %w", err)
-	}
-	return nil
+	return nbdprobe.Greet(ctx, conn)
 }
