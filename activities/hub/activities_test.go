@@ -23,6 +23,7 @@ import (
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/blockcopy"
 	"github.com/diskferry/diskferry/internal/catalog"
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 	"github.com/diskferry/diskferry/internal/qemu"
 	"github.com/diskferry/diskferry/internal/repo"
 	"github.com/diskferry/diskferry/internal/testenv"
@@ -426,15 +427,9 @@ func handshake(port int) error {
 		return err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-	hello := make([]byte, 16)
-	if _, err := c.Read(hello); err != nil {
-		return err
-	}
-	if string(hello) != "NBDMAGICIHAVEOPT" {
-		return fmt.Errorf("greeting %q", hello)
-	}
-	return nil
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return nbdprobe.Greet(ctx, c)
 }
 
 func processAlive(pid int) bool {

@@ -2,9 +2,8 @@ package testenv
 
 import (
 	"bytes"
-	"errors"
+	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -13,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
 // NBDServer is a running NBD server started for a test.
@@ -159,15 +160,9 @@ func greet(dial func() (net.Conn, error)) error {
 		return err
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
-	hello := make([]byte, 16)
-	if _, err := io.ReadFull(c, hello); err != nil {
-		return fmt.Errorf("read greeting: %w", err)
-	}
-	if string(hello) != "NBDMAGICIHAVEOPT" {
-		return errors.New("not an NBD newstyle server")
-	}
-	return nil
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	return nbdprobe.Greet(ctx, c)
 }
 
 // WriteFileAt writes data at off in the file at path (creating it), for building fixtures
