@@ -2,6 +2,7 @@ package lab_test
 
 import (
 	"context"
+	"crypto/rand"
 	"io"
 	"os"
 	"path/filepath"
@@ -10,6 +11,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/catalog"
@@ -185,4 +188,62 @@ func tail(s string) string {
 		lines = lines[len(lines)-60:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// TestBackupCancelledMidCopyLeavesNothing cancels a backup while its disk copy runs and
+// checks the compensation on real parts: no snapshot, export, lease or file is left, and
+// the catalog marks the point failed.
+func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	// Enough data that the copy is still running when the cancel lands.
+	chunk := make([]byte, 4<<20)
+	_, err := rand.Read(chunk)
+	require.NoError(t, err)
+	key := l.VC.Disks[0].Key
+	for off := int64(0); off < 768<<20; off += int64(len(chunk)) {
+		require.NoError(t, l.VC.WriteDisk(key, off, chunk))
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
+	c := l.Temporal.Client
+	run, err := c.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		desc, err := c.DescribeWorkflowExecution(ctx, run.GetID(), run.GetRunID())
+		if err != nil {
+			return false
+		}
+		live, err := workflows.LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
+		return err == nil && live[key].BytesDone > 0
+	}, time.Minute, 20*time.Millisecond, "the copy never reported progress")
+	require.NoError(t, c.CancelWorkflow(ctx, run.GetID(), run.GetRunID()))
+
+	err = run.Get(ctx, nil)
+	var canceled *temporal.CanceledError
+	require.ErrorAs(t, err, &canceled, "the run ends cancelled")
+
+	var p workflows.Progress
+	v, err := c.QueryWorkflow(ctx, run.GetID(), run.GetRunID(), workflows.ProgressQueryName)
+	require.NoError(t, err)
+	require.NoError(t, v.Get(&p))
+	require.Equal(t, workflows.StatusCancelled, p.Status)
+	require.Empty(t, p.UndoErrors)
+
+	store, err := catalog.Open(ctx, l.DB.DSN, nil)
+	require.NoError(t, err)
+	defer store.Close()
+	point, err := store.GetPoint(ctx, p.PointID)
+	require.NoError(t, err)
+	require.Equal(t, catalog.StatusFailed, point.Status)
+	requireNothingLeaked(ctx, t, l)
+	exports, err := store.ListExports(ctx, l.HubID)
+	require.NoError(t, err)
+	require.Empty(t, exports)
+	ports, err := catalog.NewPorts(store, catalog.DefaultPortRange)
+	require.NoError(t, err)
+	leases, err := ports.ListLeases(ctx, l.HubID)
+	require.NoError(t, err)
+	require.Empty(t, leases)
 }
