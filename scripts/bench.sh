@@ -4,13 +4,22 @@
 # in .bench/ (git-ignored) once, runs the two tools alternately, checks every copy with
 # `qemu-img compare` and the qcow2's allocated size, and prints one line per case:
 #   bench <case> ours=<s> nbdcopy=<s> ratio=<nbdcopy/ours> ...
-# Times are medians of BENCH_RUNS runs (default 3). Exits non-zero when a copy is wrong.
+# Times are medians of BENCH_RUNS runs (default 3); BENCH_CASES picks cases (default all).
+# Each case also prints a "<case>-digest" line: `diskferry copy --digest` computes the per-block
+# SHA-256 a backup records (nbdcopy hashes nothing), so the price of verification shows.
+# Same flags for both tools where both have them: a fresh qcow2 target reads as zeros, so
+# both get --destination-is-zero there; diskferry always flushes the target before it
+# reports success, so nbdcopy gets --flush. Exits non-zero when a copy is wrong.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench="$root/.bench"
 ours="$root/bin/diskferry"
 runs=${BENCH_RUNS:-3}
+cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental}
+# Target cache options, the same for both tools. writeback is qemu's default (what the hub
+# runs today); "--cache=none --aio=native" writes with O_DIRECT (no page-cache copy).
+target_cache=${BENCH_TARGET_CACHE:---cache=writeback}
 GiB=$((1 << 30))
 MiB=$((1 << 20))
 
@@ -93,7 +102,8 @@ serve_target() {
   local qcow2=$1 port
   for _ in 1 2 3 4 5; do
     port=$((20000 + RANDOM % 20000))
-    qemu-nbd -t --shared=16 -b 127.0.0.1 -p "$port" -f qcow2 --cache=writeback \
+    # shellcheck disable=SC2086 # target_cache holds one or two options
+    qemu-nbd -t --shared=16 -b 127.0.0.1 -p "$port" -f qcow2 $target_cache \
       --discard=unmap --detect-zeroes=unmap "$qcow2" 2>"$work/qemu-nbd.err" &
     dst_pid=$!
     for _ in $(seq 100); do
@@ -112,8 +122,8 @@ allocated() { qemu-img info -U --output=json "$1" | sed -n 's/.*"actual-size": *
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-# copy_once TOOL RAW SIZE [BACKING] [AREAS]: one copy into a fresh target; prints
-# "seconds maxrss_kib allocated read written zeroed".
+# copy_once TOOL RAW SIZE [BACKING] [AREAS]: one copy into a fresh target (TOOL: ours,
+# ours-digest or nbdcopy); prints "seconds maxrss_kib allocated read written zeroed".
 copy_once() {
   local tool=$1 raw=$2 size=$3 backing=${4:-} areas=${5:-}
   local qcow2="$work/target.qcow2"
@@ -125,18 +135,21 @@ copy_once() {
   fi
   serve_target "$qcow2"
   local cmd
-  if [ "$tool" = ours ]; then
+  case $tool in
+  ours*)
     cmd=("$ours" copy "$src_uri" "$dst_uri")
     [ -n "$areas" ] && cmd+=(--changed-areas "$areas")
-  else
-    cmd=(nbdcopy "$src_uri" "$dst_uri")
-  fi
+    [ "$tool" = ours-digest ] && cmd+=(--digest)
+    ;;
+  *) cmd=(nbdcopy --flush "$src_uri" "$dst_uri") ;;
+  esac
+  [ -z "$backing" ] && cmd+=(--destination-is-zero)
   /usr/bin/time -f "%e %M" -o "$work/time" "${cmd[@]}" >"$work/out" 2>"$work/err" \
     || fail "$tool copy of $raw: $(cat "$work/err")"
   stop_target
   qemu-img compare -q -f raw -F qcow2 "$raw" "$qcow2" || fail "$tool copy of $raw differs from the source"
   local bytes="0 0 0"
-  if [ "$tool" = ours ]; then
+  if [ "$tool" != nbdcopy ]; then
     bytes=$(sed -n 's/.*read \([0-9]*\), written \([0-9]*\), zeroed \([0-9]*\) bytes.*/\1 \2 \3/p' "$work/out")
   fi
   echo "$(cat "$work/time") $(allocated "$qcow2") $bytes"
@@ -146,26 +159,32 @@ copy_once() {
 bench_case() {
   local name=$1 raw=$2 size=$3 data=$4 backing=${5:-} areas=${6:-} changed=${7:-}
   serve_source "$raw"
-  : >"$work/ours" ; : >"$work/nbdcopy"
+  local tool
+  for tool in ours nbdcopy ours-digest; do : >"$work/$tool"; done
   for _ in $(seq "$runs"); do
-    copy_once ours "$raw" "$size" "$backing" "$areas" >>"$work/ours"
-    copy_once nbdcopy "$raw" "$size" "$backing" >>"$work/nbdcopy"
+    for tool in ours nbdcopy ours-digest; do
+      copy_once "$tool" "$raw" "$size" "$backing" "$areas" >>"$work/$tool"
+    done
   done
   stop_source
-  local t_ours t_nbd rss alloc read written zeroed
+  local t_ours t_nbd t_digest rss rss_digest alloc read written zeroed
   t_ours=$(cut -d' ' -f1 "$work/ours" | median)
   t_nbd=$(cut -d' ' -f1 "$work/nbdcopy" | median)
+  t_digest=$(cut -d' ' -f1 "$work/ours-digest" | median)
   rss=$(cut -d' ' -f2 "$work/ours" | sort -n | tail -1)
-  alloc=$(cut -d' ' -f3 "$work/ours" | sort -n | tail -1)
+  rss_digest=$(cut -d' ' -f2 "$work/ours-digest" | sort -n | tail -1)
+  alloc=$(cut -d' ' -f3 "$work/ours" "$work/ours-digest" | sort -n | tail -1)
   read -r _ _ _ read written zeroed < <(tail -1 "$work/ours")
   local line
-  line=$(awk -v n="$name" -v o="$t_ours" -v c="$t_nbd" -v r="$rss" -v a="$alloc" -v d="$data" \
-    'BEGIN { printf "bench %s ours=%.2f nbdcopy=%.2f ratio=%.2f peak_rss=%.1fMiB allocated=%.0fMiB data=%.0fMiB", n, o, c, c / o, r / 1024, a / 1048576, d / 1048576 }')
+  line=$(awk -v n="$name" -v o="$t_ours" -v c="$t_nbd" -v r="$rss" -v a="$alloc" -v d="$data" -v l="$(cut -d' ' -f1-3 /proc/loadavg)" \
+    'BEGIN { printf "bench %s ours=%.2f nbdcopy=%.2f ratio=%.2f peak_rss=%.1fMiB allocated=%.0fMiB data=%.0fMiB load=%s", n, o, c, c / o, r / 1024, a / 1048576, d / 1048576, l }')
   if [ -n "$changed" ]; then
     line+=$(awk -v r="$read" -v w="$written" -v z="$zeroed" -v c="$changed" \
       'BEGIN { printf " changed=%d read=%d written=%d zeroed=%d read_per_changed=%.3f written_per_changed=%.3f", c, r, w, z, r / c, w / c }')
   fi
   echo "$line"
+  awk -v n="$name" -v o="$t_digest" -v c="$t_nbd" -v r="$rss_digest" \
+    'BEGIN { printf "bench %s-digest ours=%.2f nbdcopy=%.2f ratio=%.2f peak_rss=%.1fMiB\n", n, o, c, c / o, r / 1024 }'
   # Sparse targets: allocation must follow the data, not the virtual size.
   if [ "$alloc" -gt $((data + data / 10 + 64 * MiB)) ]; then
     fail "$name: target allocated $alloc bytes for $data bytes of data"
@@ -173,11 +192,21 @@ bench_case() {
   eval "time_$name=$t_ours"
 }
 
-bench_case sparse "$bench/sparse.raw" $((4 * GiB)) "$GiB"
-bench_case zeros "$bench/zeros.raw" $((4 * GiB)) "$GiB"
-bench_case dense1g "$bench/dense1g.raw" "$GiB" "$GiB"
-bench_case virtual64g "$bench/v64.raw" $((64 * GiB)) "$GiB"
-changed=$(( $(wc -l <"$bench/inc.blocks") * MiB ))
-bench_case incremental "$bench/inc.raw" $((4 * GiB)) "$changed" "$bench/inc-base.qcow2" "$bench/inc.areas.json" "$changed"
-# shellcheck disable=SC2154 # set by bench_case through eval
-awk -v v="$time_virtual64g" -v d="$time_dense1g" 'BEGIN { printf "bench virtual64g/dense1g time=%.2f (target <= 1.3)\n", v / d }'
+log "target options: $target_cache; load average before: $(cat /proc/loadavg)"
+for c in $cases; do
+  case $c in
+  sparse) bench_case sparse "$bench/sparse.raw" $((4 * GiB)) "$GiB" ;;
+  zeros) bench_case zeros "$bench/zeros.raw" $((4 * GiB)) "$GiB" ;;
+  dense1g) bench_case dense1g "$bench/dense1g.raw" "$GiB" "$GiB" ;;
+  virtual64g) bench_case virtual64g "$bench/v64.raw" $((64 * GiB)) "$GiB" ;;
+  incremental)
+    changed=$(($(wc -l <"$bench/inc.blocks") * MiB))
+    bench_case incremental "$bench/inc.raw" $((4 * GiB)) "$changed" "$bench/inc-base.qcow2" "$bench/inc.areas.json" "$changed"
+    ;;
+  *) fail "unknown case $c (sparse zeros dense1g virtual64g incremental)" ;;
+  esac
+done
+log "load average after: $(cat /proc/loadavg)"
+if [ -n "${time_virtual64g:-}" ] && [ -n "${time_dense1g:-}" ]; then
+  awk -v v="$time_virtual64g" -v d="$time_dense1g" 'BEGIN { printf "bench virtual64g/dense1g time=%.2f (target <= 1.3)\n", v / d }'
+fi

@@ -22,6 +22,7 @@ type copyFlags struct {
 	requestSize       int64
 	changedAreas      string
 	destinationIsZero bool
+	digest            bool
 	verbose           bool
 }
 
@@ -46,6 +47,7 @@ extents; holes and all-zero blocks become zero requests on the target.`,
 	fl.Int64Var(&f.requestSize, "request-size", blockcopy.DefaultRequestSize, "bytes per read/write request, a multiple of 1 MiB")
 	fl.StringVar(&f.changedAreas, "changed-areas", "", `JSON file with the areas to copy: [{"start":N,"length":N}, ...]`)
 	fl.BoolVar(&f.destinationIsZero, "destination-is-zero", false, "the target reads as zeros already: skip zero requests")
+	fl.BoolVar(&f.digest, "digest", false, "also compute the SHA-256 digest a backup records (per 1 MiB block) and print it")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log the copy's steps to stderr")
 	return cmd
 }
@@ -59,6 +61,7 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 		Connections:       f.connections,
 		RequestSize:       f.requestSize,
 		DestinationIsZero: f.destinationIsZero,
+		SkipDigest:        !f.digest,
 		Logger:            slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),
 	}
 	if f.changedAreas != "" {
@@ -98,6 +101,9 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 	secs := res.Duration.Seconds()
 	fmt.Fprintf(cmd.OutOrStdout(), "copied %d bytes in %.2fs: read %d, written %d, zeroed %d bytes, %.1f MB/s\n",
 		res.BytesDone, secs, res.BytesRead, res.BytesWritten, res.BytesZeroed, float64(res.BytesDone)/1e6/max(secs, 1e-9))
+	if f.digest {
+		fmt.Fprintf(cmd.OutOrStdout(), "digest sha256-of-%d-byte-block-sha256s %s\n", res.BlockSize, res.Digest)
+	}
 	return nil
 }
 

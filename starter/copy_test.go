@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/diskferry/diskferry/internal/blockcopy"
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
@@ -47,6 +48,16 @@ func TestCopyCommand(t *testing.T) {
 	root.SetArgs([]string{"copy", "--changed-areas", areas, source.URI, target.URI})
 	require.NoError(t, root.ExecuteContext(context.Background()), out.String())
 	assert.Contains(t, out.String(), "copied 1048576 bytes")
+
+	out.Reset()
+	root = newRootCommand()
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"copy", "--digest", source.URI, target.URI})
+	require.NoError(t, root.ExecuteContext(context.Background()), out.String())
+	want, err := blockcopy.ComputeDigest(context.Background(), source.URI, blockcopy.Options{})
+	require.NoError(t, err)
+	assert.Regexp(t, `\ndigest sha256-of-1048576-byte-block-sha256s `+want+`\n$`, out.String())
 }
 
 func TestCopyCommandRejectsBadAreas(t *testing.T) {

@@ -144,6 +144,36 @@ func TestCopyToZeroDestinationAndSmallBlocks(t *testing.T) {
 	assert.Equal(t, fileDigest(t, src, nil, 64*1024), res.Digest)
 }
 
+func TestSkipDigestCopiesAndResumesWithoutDigestState(t *testing.T) {
+	src := fixture(t, 40*mib)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	dstPath := testenv.CreateQcow2(t, 40*mib)
+	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
+
+	// First half, as an interrupted copy would have left it.
+	half := []blockcopy.Extent{{Start: 0, Length: 20 * mib}}
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{Areas: half, SkipDigest: true, DestinationIsZero: true})
+	require.NoError(t, err)
+	res, err := c.Run(context.Background())
+	require.NoError(t, err)
+	assert.Empty(t, res.Digest)
+	assert.Empty(t, res.Checkpoint.DigestState)
+	assert.Equal(t, int64(20*mib), res.Checkpoint.Offset)
+
+	c, err = blockcopy.New(source.URI, target.URI, blockcopy.Options{SkipDigest: true, DestinationIsZero: true,
+		Resume: &blockcopy.Checkpoint{Offset: res.Checkpoint.Offset, BytesDone: res.BytesDone}})
+	require.NoError(t, err)
+	res, err = c.Run(context.Background())
+	require.NoError(t, err, "resume needs no digest state when no digest is wanted")
+	requireSame(t, src, dstPath)
+	assert.Empty(t, res.Digest)
+	assert.Equal(t, int64(2*mib), res.BytesRead, "only the second half's two allocated pieces were read")
+
+	got, err := blockcopy.ComputeDigest(context.Background(), target.URI, blockcopy.Options{SkipDigest: true})
+	require.NoError(t, err)
+	assert.Equal(t, fileDigest(t, src, nil, blockcopy.DefaultBlockSize), got, "ComputeDigest always hashes")
+}
+
 func TestChangedAreasIntoOverlay(t *testing.T) {
 	src := fixture(t, 32*mib)
 	base := testenv.CreateQcow2(t, 32*mib)

@@ -13,7 +13,7 @@ type commitState struct {
 	digest string
 }
 
-// commit folds finished chunks in sequence (offset) order into the digest, frees their
+// commit folds finished chunks in sequence (offset) order into the digest (dg nil: none), frees their
 // slots, and every CheckpointInterval hands a candidate checkpoint to a goroutine that
 // flushes the target before publishing it: writes below the offset have all completed
 // before the flush is sent, so the flush covers them.
@@ -65,6 +65,9 @@ func (r *run) commit(dg *digest, offset, done int64) commitState {
 
 // fold adds a chunk's piece hashes; pieces of zero and skipped chunks hash as zeros.
 func (r *run) fold(dg *digest, s *slot) {
+	if dg == nil {
+		return
+	}
 	if s.c.kind == kindData {
 		for i := range s.hashes {
 			dg.fold(&s.hashes[i])

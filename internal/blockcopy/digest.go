@@ -62,7 +62,11 @@ func newDigest(state []byte) (*digest, error) {
 
 func (d *digest) fold(sum *[32]byte) { d.h.Write(sum[:]) }
 
+// state is nil for a nil digest (SkipDigest).
 func (d *digest) state() ([]byte, error) {
+	if d == nil {
+		return nil, nil
+	}
 	b, err := d.h.(encoding.BinaryMarshaler).MarshalBinary()
 	if err != nil {
 		return nil, fmt.Errorf("save digest state: %w", err)
@@ -70,4 +74,9 @@ func (d *digest) state() ([]byte, error) {
 	return b, nil
 }
 
-func (d *digest) hex() string { return hex.EncodeToString(d.h.Sum(nil)) }
+func (d *digest) hex() string {
+	if d == nil {
+		return ""
+	}
+	return hex.EncodeToString(d.h.Sum(nil))
+}

@@ -82,9 +82,11 @@ func (w *worker) copyData(r *run, s *slot) error {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
 		piece := data[p-off : pe-off]
 		zero := r.zh.isZero(piece)
-		if zero {
+		switch {
+		case r.opts.SkipDigest:
+		case zero:
 			s.hashes = append(s.hashes, r.zh.sum(pe-p))
-		} else {
+		default:
 			s.hashes = append(s.hashes, sha256.Sum256(piece))
 		}
 		if p > off && zero != runZero {
