@@ -17,9 +17,10 @@ bench="$root/.bench"
 ours="$root/bin/diskferry"
 runs=${BENCH_RUNS:-3}
 cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental}
-# Target cache options, the same for both tools. writeback is qemu's default (what the hub
-# runs today); "--cache=none --aio=native" writes with O_DIRECT (no page-cache copy).
-target_cache=${BENCH_TARGET_CACHE:---cache=writeback}
+# Target cache options, the same for both tools: by default what the hub's exports run
+# (DISKFERRY_EXPORT_CACHE=none: O_DIRECT with native AIO, no page-cache copy);
+# BENCH_TARGET_CACHE=--cache=writeback measures qemu's default instead.
+target_cache=${BENCH_TARGET_CACHE:---cache=none --aio=native}
 GiB=$((1 << 30))
 MiB=$((1 << 20))
 

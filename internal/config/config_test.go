@@ -160,6 +160,7 @@ func TestLoadHubRejects(t *testing.T) {
 		{"dsn file missing", map[string]string{"DISKFERRY_DB_DSN": "<unset>", "DISKFERRY_DB_DSN_FILE": filepath.Join(dir, "nope")}, "DISKFERRY_DB_DSN_FILE", "read secret file"},
 		{"dsn file empty", map[string]string{"DISKFERRY_DB_DSN": "<unset>", "DISKFERRY_DB_DSN_FILE": writeFile(t, "empty", "\n")}, "DISKFERRY_DB_DSN_FILE", "is empty"},
 		{"export bind hostname", map[string]string{"DISKFERRY_EXPORT_BIND": "localhost"}, "DISKFERRY_EXPORT_BIND", "IP address"},
+		{"export cache unknown", map[string]string{"DISKFERRY_EXPORT_CACHE": "fast"}, "DISKFERRY_EXPORT_CACHE", "want none, writeback"},
 		{"metrics without port", map[string]string{"DISKFERRY_METRICS_ADDR": "127.0.0.1"}, "DISKFERRY_METRICS_ADDR", "host:port"},
 		{"temporal address bad port", map[string]string{"DISKFERRY_TEMPORAL_ADDRESS": "temporal:0"}, "DISKFERRY_TEMPORAL_ADDRESS", "not 1-65535"},
 		{"empty namespace", map[string]string{"DISKFERRY_TEMPORAL_NAMESPACE": ""}, "DISKFERRY_TEMPORAL_NAMESPACE", "required"},

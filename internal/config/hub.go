@@ -34,6 +34,10 @@ type Hub struct {
 	// DISKFERRY_EXPORT_BIND is the IP address qemu-nbd exports listen on. Default
 	// 127.0.0.1: exports are reached through the SSH tunnel only.
 	ExportBind string `envconfig:"DISKFERRY_EXPORT_BIND" default:"127.0.0.1"`
+	// DISKFERRY_EXPORT_CACHE is qemu-nbd's cache mode for the targets: none (default: O_DIRECT
+	// with native AIO, no page-cache copy on the hub; needs a file system with O_DIRECT, such
+	// as ext4 or XFS), writeback, writethrough or directsync.
+	ExportCache string `envconfig:"DISKFERRY_EXPORT_CACHE" default:"none"`
 	// DISKFERRY_METRICS_ADDR is where Prometheus metrics are served (host:port).
 	// Default 127.0.0.1:9464; empty disables the endpoint.
 	MetricsAddr string `envconfig:"DISKFERRY_METRICS_ADDR" default:"127.0.0.1:9464"`
@@ -71,6 +75,11 @@ func (c *Hub) resolveAndValidate() error {
 		}
 	}
 	v.portRange("DISKFERRY_PORT_MIN", c.PortMin, "DISKFERRY_PORT_MAX", c.PortMax)
+	switch c.ExportCache {
+	case "none", "writeback", "writethrough", "directsync":
+	default:
+		v.fail("DISKFERRY_EXPORT_CACHE", fmt.Errorf("want none, writeback, writethrough or directsync, got %q", c.ExportCache))
+	}
 	if net.ParseIP(c.ExportBind) == nil {
 		v.fail("DISKFERRY_EXPORT_BIND", fmt.Errorf("want an IP address, got %q", c.ExportBind))
 	}
