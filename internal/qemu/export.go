@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -336,6 +337,38 @@ func exportArgs(pid int, pidFile string) ([]string, error) {
 	return argv[1:], nil
 }
 
+// exited reports whether pid has finished exiting: no such process, or every thread a
+// zombie. An empty cmdline is not enough (the kernel drops the memory map before it closes
+// the files), nor is the leader's state alone: qemu-nbd is multi-threaded and its listening
+// socket stays open until the last thread is done.
+func exited(pid int) bool {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return errors.Is(err, fs.ErrNotExist)
+	}
+	for _, task := range tasks {
+		stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil || !zombieStat(stat) {
+			return false
+		}
+	}
+	return true
+}
+
+// zombieStat reads the state from a /proc stat line; it follows the parenthesised command
+// name, which may itself hold ')'.
+func zombieStat(stat []byte) bool {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 || i+2 >= len(stat) {
+		return false
+	}
+	state := stat[i+2]
+	return state == 'Z' || state == 'X'
+}
+
 // Stop sends SIGTERM (qemu-nbd flushes and closes the image), waits up to timeout, then
 // sends SIGKILL. A process already gone counts as stopped. It removes the pid file, which
 // qemu-nbd leaves behind, and a unix socket.
@@ -401,7 +434,7 @@ func (e *Export) waitGone(ctx context.Context, timeout time.Duration) bool {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for {
-		if _, err := exportArgs(e.PID, e.PidFile); errors.Is(err, ErrNotRunning) {
+		if exited(e.PID) {
 			return true
 		}
 		select {
