@@ -67,7 +67,8 @@ func TestBackupEndToEnd(t *testing.T) {
 		requireSameContent(ctx, t, atFull[d.Key], d.Path)
 	}
 
-	requireCatalog(ctx, t, l, full.PointID, incr.PointID)
+	points := requireComplete(ctx, t, l, full.PointID, incr.PointID)
+	require.Equal(t, full.PointID, points[1].ParentID, "the incremental builds on the full point")
 	requireNothingLeaked(ctx, t, l, full, incr)
 }
 
@@ -116,22 +117,30 @@ func requireSameContent(ctx context.Context, t *testing.T, raw, qcow2 string) {
 	require.True(t, res.Equal, "%s differs from %s: %s", qcow2, raw, res.Message)
 }
 
-func requireCatalog(ctx context.Context, t *testing.T, l *lab.Lab, fullID, incrID string) {
+// requireComplete checks the points are complete in the catalog, each disk with its
+// changeId and digest, and that no port lease or export row is left; it returns the points.
+func requireComplete(ctx context.Context, t *testing.T, l *lab.Lab, ids ...string) []catalog.Point {
 	t.Helper()
 	store, err := catalog.Open(ctx, l.DB.DSN, nil)
 	require.NoError(t, err)
 	defer store.Close()
-	full, err := store.GetPoint(ctx, fullID)
-	require.NoError(t, err)
-	require.Equal(t, catalog.StatusComplete, full.Status)
-	incr, err := store.GetPoint(ctx, incrID)
-	require.NoError(t, err)
-	require.Equal(t, catalog.StatusComplete, incr.Status)
-	require.Equal(t, fullID, incr.ParentID)
-	for _, d := range incr.Disks {
-		require.NotEmpty(t, d.ChangeID, "disk %d has no changeId", d.Key)
-		require.NotEmpty(t, d.Digest)
+	var points []catalog.Point
+	for _, id := range ids {
+		p, err := store.GetPoint(ctx, id)
+		require.NoError(t, err)
+		require.Equal(t, catalog.StatusComplete, p.Status, "point %s", id)
+		for _, d := range p.Disks {
+			require.NotEmpty(t, d.ChangeID, "disk %d of point %s has no changeId", d.Key, id)
+			require.NotEmpty(t, d.Digest, "disk %d of point %s has no digest", d.Key, id)
+		}
+		points = append(points, p)
 	}
+	requireNoLeases(ctx, t, l, store)
+	return points
+}
+
+func requireNoLeases(ctx context.Context, t *testing.T, l *lab.Lab, store *catalog.Store) {
+	t.Helper()
 	ports, err := catalog.NewPorts(store, catalog.DefaultPortRange)
 	require.NoError(t, err)
 	leases, err := ports.ListLeases(ctx, l.HubID)
@@ -195,14 +204,8 @@ func tail(s string) string {
 // the catalog marks the point failed.
 func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
 	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
-	// Enough data that the copy is still running when the cancel lands.
-	chunk := make([]byte, 4<<20)
-	_, err := rand.Read(chunk)
-	require.NoError(t, err)
 	key := l.VC.Disks[0].Key
-	for off := int64(0); off < 768<<20; off += int64(len(chunk)) {
-		require.NoError(t, l.VC.WriteDisk(key, off, chunk))
-	}
+	fillDisk(t, l, key, 768<<20) // the copy is still running when the cancel lands
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -210,14 +213,7 @@ func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
 	c := l.Temporal.Client
 	run, err := c.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		desc, err := c.DescribeWorkflowExecution(ctx, run.GetID(), run.GetRunID())
-		if err != nil {
-			return false
-		}
-		live, err := workflows.LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
-		return err == nil && live[key].BytesDone > 0
-	}, time.Minute, 20*time.Millisecond, "the copy never reported progress")
+	waitForCopyProgress(ctx, t, l, run.GetID(), key)
 	require.NoError(t, c.CancelWorkflow(ctx, run.GetID(), run.GetRunID()))
 
 	err = run.Get(ctx, nil)
@@ -238,12 +234,59 @@ func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, catalog.StatusFailed, point.Status)
 	requireNothingLeaked(ctx, t, l)
-	exports, err := store.ListExports(ctx, l.HubID)
+	requireNoLeases(ctx, t, l, store)
+}
+
+// TestHubWorkerKilledMidBackup kills the hub worker (SIGKILL) while a disk copy runs and
+// starts it again: its reconcile keeps the running backup's export, the backup completes,
+// the restore point equals the source and nothing is left behind.
+func TestHubWorkerKilledMidBackup(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	key := l.VC.Disks[0].Key
+	fillDisk(t, l, key, 768<<20)
+	source := snapshotSources(t, l)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
+	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 	require.NoError(t, err)
-	require.Empty(t, exports)
-	ports, err := catalog.NewPorts(store, catalog.DefaultPortRange)
+	waitForCopyProgress(ctx, t, l, run.GetID(), key)
+
+	l.KillWorker("hub")
+	l.StartWorker("hub")
+
+	var res workflows.BackupResult
+	if err := run.Get(ctx, &res); err != nil {
+		t.Fatalf("backup after hub restart: %v\nhub log:\n%s", err, tail(l.WorkerLog("hub")))
+	}
+	require.Len(t, res.Disks, 1)
+	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
+	requireComplete(ctx, t, l, res.PointID)
+	requireNothingLeaked(ctx, t, l, res)
+}
+
+// fillDisk writes size bytes of random data from the start of the disk, so a copy of it
+// takes long enough to be interrupted.
+func fillDisk(t *testing.T, l *lab.Lab, key int32, size int64) {
+	t.Helper()
+	chunk := make([]byte, 4<<20)
+	_, err := rand.Read(chunk)
 	require.NoError(t, err)
-	leases, err := ports.ListLeases(ctx, l.HubID)
-	require.NoError(t, err)
-	require.Empty(t, leases)
+	for off := int64(0); off < size; off += int64(len(chunk)) {
+		require.NoError(t, l.VC.WriteDisk(key, off, chunk))
+	}
+}
+
+// waitForCopyProgress waits until the run's copy of the disk has heartbeated progress.
+func waitForCopyProgress(ctx context.Context, t *testing.T, l *lab.Lab, workflowID string, key int32) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		desc, err := l.Temporal.Client.DescribeWorkflowExecution(ctx, workflowID, "")
+		if err != nil {
+			return false
+		}
+		live, err := workflows.LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
+		return err == nil && live[key].BytesDone > 0
+	}, time.Minute, 20*time.Millisecond, "the copy never reported progress")
 }
