@@ -191,13 +191,8 @@ func newBackupStatusCommand() *cobra.Command {
 		Use:   "status WORKFLOW-ID",
 		Short: "Show a backup's state and per-disk progress",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
 			ctx := cmd.Context()
-			c, err := dialTemporal(ctx)
-			if err != nil {
-				return err
-			}
-			defer c.Close()
 			p, err := liveProgress(ctx, c, args[0], "")
 			if err != nil {
 				return err
@@ -219,7 +214,7 @@ func newBackupStatusCommand() *cobra.Command {
 				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s/s\n", d.Key, d.Mode, d.Phase, humanBytes(d.BytesDone), humanBytes(d.BytesTotal), humanBytes(int64(d.Rate)))
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
@@ -233,13 +228,8 @@ func newBackupListCommand() *cobra.Command {
 		Use:   "list [--vm NAME] [--status STATUS]",
 		Short: "List backups, newest first (from Temporal visibility)",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		RunE: withTemporal(func(cmd *cobra.Command, _ []string, c client.Client) error {
 			ctx := cmd.Context()
-			c, err := dialTemporal(ctx)
-			if err != nil {
-				return err
-			}
-			defer c.Close()
 			query := fmt.Sprintf("WorkflowType = %q", workflows.BackupWorkflowName)
 			if vm != "" {
 				query += fmt.Sprintf(" AND VMName = %q", vm)
@@ -283,7 +273,7 @@ func newBackupListCommand() *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.WorkflowID, r.VM, r.Site, r.Mode, r.Status, r.State, r.Start.Local().Format(time.DateTime))
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	f := cmd.Flags()
 	f.StringVar(&vm, "vm", "", "only backups of this VM name")
@@ -310,19 +300,14 @@ func newBackupCancelCommand() *cobra.Command {
 		Use:   "cancel WORKFLOW-ID",
 		Short: "Cancel a running backup; its cleanup removes the snapshot, exports and partial files",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
 			ctx := cmd.Context()
-			c, err := dialTemporal(ctx)
-			if err != nil {
-				return err
-			}
-			defer c.Close()
 			if err := c.CancelWorkflow(ctx, args[0], ""); err != nil {
 				return fmt.Errorf("cancel %s: %w", args[0], err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "cancel requested for %s; cleanup runs before it closes\n", args[0])
 			return nil
-		},
+		}),
 	}
 }
 

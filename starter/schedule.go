@@ -121,12 +121,7 @@ func newScheduleListCommand() *cobra.Command {
 		Use:   "list",
 		Short: "List schedules",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := dialTemporal(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: withTemporal(func(cmd *cobra.Command, _ []string, c client.Client) error {
 			it, err := c.ScheduleClient().List(cmd.Context(), client.ScheduleListOptions{PageSize: 100})
 			if err != nil {
 				return fmt.Errorf("list schedules: %w", err)
@@ -159,7 +154,7 @@ func newScheduleListCommand() *cobra.Command {
 				fmt.Fprintf(tw, "%s\t%t\t%s\t%s\n", r.ID, r.Paused, next, r.Note)
 			}
 			return tw.Flush()
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
@@ -171,12 +166,7 @@ func newScheduleDescribeCommand() *cobra.Command {
 		Use:   "describe SCHEDULE-ID",
 		Short: "Show a schedule: spec, state, recent and next runs",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := dialTemporal(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
 			d, err := c.ScheduleClient().GetHandle(cmd.Context(), args[0]).Describe(cmd.Context())
 			if err != nil {
 				return fmt.Errorf("describe schedule %s: %w", args[0], err)
@@ -224,7 +214,7 @@ func newScheduleDescribeCommand() *cobra.Command {
 				fmt.Fprintf(out, "ran: %s %s\n", r.At.Local().Format(time.DateTime), r.WorkflowID)
 			}
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
@@ -235,17 +225,12 @@ func newScheduleActionCommand(name, short string, act func(client.ScheduleHandle
 		Use:   name + " SCHEDULE-ID",
 		Short: short,
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := dialTemporal(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
+		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
 			if err := act(c.ScheduleClient().GetHandle(cmd.Context(), args[0]), cmd); err != nil {
 				return fmt.Errorf("%s schedule %s: %w", name, args[0], err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: done for %s\n", name, args[0])
 			return nil
-		},
+		}),
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/spf13/cobra"
 	"go.temporal.io/sdk/client"
 	sdklog "go.temporal.io/sdk/log"
 
@@ -33,4 +34,17 @@ func dialTemporal(ctx context.Context) (client.Client, error) {
 		return nil, fmt.Errorf("cannot reach Temporal at %s (namespace %s; set DISKFERRY_TEMPORAL_ADDRESS): %w", cfg.Address, cfg.Namespace, err)
 	}
 	return c, nil
+}
+
+// withTemporal turns a command body that needs a Temporal client into a cobra RunE: it
+// dials before the body and closes the client after it.
+func withTemporal(run func(cmd *cobra.Command, args []string, c client.Client) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		c, err := dialTemporal(cmd.Context())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return run(cmd, args, c)
+	}
 }
