@@ -64,6 +64,7 @@ type worker struct {
 // Start brings the lab up: Temporal, MariaDB, vcsim, sshd, then both workers.
 func Start(t testenv.TB, opts Options) *Lab {
 	t.Helper()
+	testenv.Integration(t)
 	if opts.Disks == 0 {
 		opts.Disks = 2
 	}

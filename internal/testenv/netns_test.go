@@ -36,6 +36,7 @@ func serveCounts(t *testing.T, l net.Listener) {
 }
 
 func TestWANLinkDelaysAndLimitsRate(t *testing.T) {
+	testenv.Integration(t)
 	var hubNS, snaNS string
 	t.Run("link", func(t *testing.T) {
 		link := testenv.StartWANLink(t, testenv.WANOptions{})
