@@ -119,11 +119,11 @@ func liveProgress(ctx context.Context, c client.Client, id, runID string) (workf
 	if err := v.Get(&p); err != nil {
 		return p, fmt.Errorf("decode progress of %s: %w", id, err)
 	}
-	desc, err := c.DescribeWorkflowExecution(ctx, id, runID)
+	desc, err := c.DescribeWorkflow(ctx, id, runID)
 	if err != nil {
 		return p, fmt.Errorf("describe %s: %w", id, err)
 	}
-	live, err := workflows.LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
+	live, err := workflows.LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
 	if err != nil {
 		return p, err
 	}

@@ -282,11 +282,11 @@ func fillDisk(t *testing.T, l *lab.Lab, key int32, size int64) {
 func waitForCopyProgress(ctx context.Context, t *testing.T, l *lab.Lab, workflowID string, key int32) {
 	t.Helper()
 	require.Eventually(t, func() bool {
-		desc, err := l.Temporal.Client.DescribeWorkflowExecution(ctx, workflowID, "")
+		desc, err := l.Temporal.Client.DescribeWorkflow(ctx, workflowID, "")
 		if err != nil {
 			return false
 		}
-		live, err := workflows.LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
+		live, err := workflows.LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
 		return err == nil && live[key].BytesDone > 0
 	}, time.Minute, 20*time.Millisecond, "the copy never reported progress")
 }
