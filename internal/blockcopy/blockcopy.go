@@ -225,8 +225,9 @@ type run struct {
 	actx     context.Context // cancelled on the first error
 }
 
-// Run copies. On failure or cancel it returns the error together with a Result whose
-// Checkpoint says where to resume.
+// Run copies. On failure or cancel once the copy has started it returns the error together
+// with a Result whose Checkpoint says where to resume; when it could not start (connect,
+// bad areas or resume point) the Result is nil.
 func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	start := time.Now()
 	conns, err := connect(ctx, c.src, c.dst, c.opts)

@@ -1,6 +1,7 @@
 package blockcopy_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -19,6 +21,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/nbd"
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
@@ -309,4 +312,50 @@ func TestRefusedSource(t *testing.T) {
 	_, err = c.Run(context.Background())
 	require.Error(t, err)
 	assert.True(t, errors.Is(err, syscall.ECONNREFUSED), "%v", err)
+}
+
+// dirtyCHeap leaves freed C buffers full of non-zero bytes on this thread's malloc arena,
+// the state a long-running worker is in after earlier copies.
+func dirtyCHeap(t *testing.T, size int) {
+	t.Helper()
+	var bufs []*nbd.Buffer
+	for range 8 {
+		b, err := nbd.NewBuffer(size)
+		require.NoError(t, err)
+		for i := range b.Bytes() {
+			b.Bytes()[i] = 0xa5
+		}
+		bufs = append(bufs, b)
+	}
+	for _, b := range bufs {
+		b.Free()
+	}
+}
+
+// A target without zero support gets zeros written from a shared buffer: holes and
+// all-zero pieces of the source must arrive as zeros, whatever the C heap held before.
+func TestTargetWithoutZeroSupport(t *testing.T) {
+	src := fixture(t, 40*mib)
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{})
+	dst := filepath.Join(t.TempDir(), "dst.raw")
+	require.NoError(t, os.WriteFile(dst, bytes.Repeat([]byte{0x5a}, 40*mib), 0o600))
+	target := testenv.StartNbdkitFile(t, dst, testenv.NbdkitOptions{Filters: []string{"nozero"}})
+
+	// The copy allocates its buffers on the calling goroutine's thread: keep it on the
+	// thread whose arena was dirtied.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	// Requests below glibc's mmap threshold come from the heap, which reuses freed memory.
+	const request = 64 << 10
+	dirtyCHeap(t, request)
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{BlockSize: request, RequestSize: request})
+	require.NoError(t, err)
+	res, err := c.Run(context.Background())
+	require.NoError(t, err)
+	assert.NotZero(t, res.BytesZeroed)
+	want, err := os.ReadFile(src)
+	require.NoError(t, err)
+	got, err := os.ReadFile(dst)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "target differs from the source")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 
 	"github.com/diskferry/diskferry/internal/nbd"
@@ -132,7 +133,7 @@ func (c *connections) close() {
 	for _, h := range c.dst {
 		h.Close()
 	}
-	if c.meta != nil {
+	if c.meta != nil && !slices.Contains(c.src, c.meta) {
 		c.meta.Close()
 	}
 	for _, f := range c.cleanups {

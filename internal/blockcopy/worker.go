@@ -13,7 +13,7 @@ const workersPerConnection = 2
 type worker struct {
 	src, dst *nbd.Handle // dst nil when only computing the digest
 	buf      *nbd.Buffer
-	zeros    *nbd.Buffer // shared zero source when the target cannot zero
+	zeros    *nbd.Buffer // shared zero source when the target cannot zero (never written)
 }
 
 func (r *run) startWorkers() ([]*worker, error) {

@@ -564,7 +564,7 @@ type Buffer struct {
 	n int
 }
 
-// NewBuffer allocates a page-aligned buffer of size bytes.
+// NewBuffer allocates a page-aligned buffer of size bytes, all zeros.
 func NewBuffer(size int) (*Buffer, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("nbd buffer: size %d", size)
@@ -573,6 +573,9 @@ func NewBuffer(size int) (*Buffer, error) {
 	if C.posix_memalign(&p, 4096, C.size_t(size)) != 0 {
 		return nil, fmt.Errorf("nbd buffer of %d bytes: %w", size, syscall.ENOMEM)
 	}
+	// posix_memalign hands back freed heap memory as it was; callers use a fresh buffer
+	// as a source of zeros.
+	C.memset(p, 0, C.size_t(size))
 	return &Buffer{p: p, n: size}, nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"syscall"
 	"testing"
@@ -280,4 +281,25 @@ func TestCancelStopsWait(t *testing.T) {
 	err := h.Pread(ctx, b, 0, mib, 0)
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 	assert.Less(t, time.Since(start), time.Second)
+}
+
+// A new buffer reads as zeros even where the C heap reuses memory a freed buffer filled:
+// the copy engine writes a fresh buffer as zeros to targets without zero requests.
+func TestNewBufferIsZeroed(t *testing.T) {
+	runtime.LockOSThread() // one malloc arena for the frees and the allocations
+	defer runtime.UnlockOSThread()
+	const size = 64 << 10 // below glibc's mmap threshold, so served from the heap
+	for range 4 {
+		var bufs []*nbd.Buffer
+		for range 8 {
+			b, err := nbd.NewBuffer(size)
+			require.NoError(t, err)
+			require.Equal(t, make([]byte, size), b.Bytes(), "new buffer holds old bytes")
+			copy(b.Bytes(), bytes.Repeat([]byte{0xa5}, size))
+			bufs = append(bufs, b)
+		}
+		for _, b := range bufs {
+			b.Free()
+		}
+	}
 }
