@@ -268,7 +268,10 @@ func decideDisk(mode string, cbt bool, d activities.Disk, last catalog.Point, ha
 		dp.Reason = fmt.Sprintf("disk resized from %d to %d bytes", prev.CapacityBytes, d.CapacityBytes)
 	case prev.ChangeID == "":
 		dp.Reason = "previous restore point has no changeId"
-	case d.ChangeID != "" && changeIDEpoch(d.ChangeID) != changeIDEpoch(prev.ChangeID):
+	case d.ChangeID == "":
+		// CBT is on but not active yet (it starts at the next stun): no changes to ask for.
+		dp.Reason = "the disk reports no changeId yet (changed block tracking not active)"
+	case changeIDEpoch(d.ChangeID) != changeIDEpoch(prev.ChangeID):
 		dp.Reason = "changed block tracking was reset since the previous restore point"
 	default:
 		dp.Mode = activities.ModeIncremental

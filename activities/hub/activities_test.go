@@ -230,6 +230,7 @@ func TestPlanBackup(t *testing.T) {
 		reason string
 	}{
 		{"cbt reset", func(v *activities.VM) { v.Disks[0].ChangeID = "52cc 99/1" }, activities.ModeAuto, "reset"},
+		{"cbt not active yet", func(v *activities.VM) { v.Disks[0].ChangeID = "" }, activities.ModeAuto, "no changeId yet"},
 		{"cbt off", func(v *activities.VM) { v.CBTEnabled = false }, activities.ModeAuto, "changed block tracking is off"},
 		{"full requested", func(*activities.VM) {}, activities.ModeFull, "full backup requested"},
 	}
