@@ -271,6 +271,12 @@ func (b *backup) planBackup(ctx workflow.Context) error {
 func (b *backup) prepareTargets(ctx workflow.Context) error {
 	hubHost := activities.HubHostQueue(b.plan.HubID)
 	wfID := b.info.WorkflowExecution.ID
+	// Registered before the first lease: an AllocatePort that failed after its lease was
+	// written (a timeout, a lost reply) still leaves it behind, and the release is idempotent.
+	release := activities.ReleasePortsInput{HubID: b.plan.HubID, WorkflowID: wfID}
+	b.undo.add("release-ports", func(ctx workflow.Context, _ error) error {
+		return b.execute(ctx, activities.ReleasePortsName, activities.HubQueue, "release the port leases", release, nil)
+	})
 	for _, d := range b.disks {
 		key := d.plan.Key
 		b.step(ctx, "preparing target of disk %d", key)
@@ -278,12 +284,6 @@ func (b *backup) prepareTargets(ctx workflow.Context) error {
 		if err := b.execute(ctx, activities.AllocatePortName, activities.HubQueue, fmt.Sprintf("lease a port for disk %d", key),
 			activities.AllocatePortInput{HubID: b.plan.HubID, WorkflowID: wfID, DiskKey: key}, &d.port); err != nil {
 			return err
-		}
-		if !b.undo.has("release-ports") {
-			release := activities.ReleasePortsInput{HubID: b.plan.HubID, WorkflowID: wfID}
-			b.undo.add("release-ports", func(ctx workflow.Context, _ error) error {
-				return b.execute(ctx, activities.ReleasePortsName, activities.HubQueue, "release the port leases", release, nil)
-			})
 		}
 
 		if err := b.execute(ctx, activities.PrepareTargetName, hubHost,
@@ -296,15 +296,18 @@ func (b *backup) prepareTargets(ctx workflow.Context) error {
 			return b.execute(ctx, activities.DiscardTargetName, hubHost, fmt.Sprintf("discard target of disk %d", key), discard, nil)
 		})
 
+		// Registered before the start: a StartExport that failed after qemu-nbd came up
+		// would otherwise leave it serving (and holding the image's lock). Stopping is
+		// idempotent and leaves an export of another file on the port alone.
+		stop := activities.StopExportInput{Port: d.port, Path: d.target.Path}
+		b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
+			return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
+		})
 		if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
 			activities.StartExportInput{WorkflowID: wfID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
 			&d.export); err != nil {
 			return err
 		}
-		stop := activities.StopExportInput{Port: d.export.Port, Path: d.export.Path}
-		b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
-			return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
-		})
 		b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
 	}
 	return nil
@@ -316,12 +319,14 @@ func (b *backup) ensureTunnel(ctx workflow.Context) error {
 		in.Ports = append(in.Ports, d.export.Port)
 	}
 	b.step(ctx, "opening tunnel forwards to hub %s", b.plan.HubID)
-	if err := b.execute(ctx, activities.EnsureTunnelName, b.snaQueue(), fmt.Sprintf("forward ports %v to hub %s", in.Ports, in.HubID), in, nil); err != nil {
-		return err
-	}
+	// Registered before the step: EnsureTunnel keeps the forwards it made when a later port
+	// fails (or its health check does), and dropping is idempotent.
 	b.undo.add("tunnel", func(ctx workflow.Context, _ error) error {
 		return b.execute(ctx, activities.DropTunnelName, b.snaQueue(), fmt.Sprintf("drop forwards %v", in.Ports), in, nil)
 	})
+	if err := b.execute(ctx, activities.EnsureTunnelName, b.snaQueue(), fmt.Sprintf("forward ports %v to hub %s", in.Ports, in.HubID), in, nil); err != nil {
+		return err
+	}
 	b.journal.add(ctx, "tunnel forwards %v to hub %s ready", in.Ports, in.HubID)
 	return nil
 }
@@ -329,13 +334,19 @@ func (b *backup) ensureTunnel(ctx workflow.Context) error {
 func (b *backup) createSnapshot(ctx workflow.Context) error {
 	in := activities.CreateSnapshotInput{VMMoref: b.vm.Moref, Name: SnapshotName(b.info.WorkflowExecution.ID), Quiesce: b.in.Quiesce}
 	b.step(ctx, "creating snapshot %s", in.Name)
+	// Registered before the step: a create that failed or timed out may still have made the
+	// snapshot (the task ran on in vCenter), and an orphan grows until its datastore is full.
+	// Without a moref RemoveSnapshot removes the snapshot by its run-specific name.
+	b.undo.add("snapshot", func(ctx workflow.Context, _ error) error {
+		snapshot := b.snapshot
+		if snapshot.Moref == "" {
+			snapshot = activities.Snapshot{VMMoref: in.VMMoref, Name: in.Name}
+		}
+		return b.execute(ctx, activities.RemoveSnapshotName, b.snaQueue(), "remove snapshot "+snapshot.Name, snapshot, nil)
+	})
 	if err := b.execute(ctx, activities.CreateSnapshotName, b.snaQueue(), fmt.Sprintf("snapshot %s (quiesce %t)", b.vm.Name, in.Quiesce), in, &b.snapshot); err != nil {
 		return err
 	}
-	snapshot := b.snapshot
-	b.undo.add("snapshot", func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.RemoveSnapshotName, b.snaQueue(), "remove snapshot "+snapshot.Name, snapshot, nil)
-	})
 	b.journal.add(ctx, "snapshot %s (%s) created", b.snapshot.Name, b.snapshot.Moref)
 	return nil
 }

@@ -197,16 +197,16 @@ func TestBackupSelectedDisk(t *testing.T) {
 var undosAfter = map[string][]string{
 	"InspectVM":          nil,
 	"PlanBackup":         nil,
-	"AllocatePort 2000":  {"FailPoint"},
+	"AllocatePort 2000":  {"ReleasePorts", "FailPoint"},
 	"PrepareTarget 2000": {"ReleasePorts", "FailPoint"},
-	"StartExport 2000":   {"DiscardTarget 2000", "ReleasePorts", "FailPoint"},
+	"StartExport 2000":   {"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"AllocatePort 2001":  {"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"PrepareTarget 2001": {"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
-	"StartExport 2001": {"DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000",
+	"StartExport 2001": {"StopExport 2001", "DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000",
 		"ReleasePorts", "FailPoint"},
-	"EnsureTunnel": {"StopExport 2001", "DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000",
+	"EnsureTunnel": {"DropTunnel", "StopExport 2001", "DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000",
 		"ReleasePorts", "FailPoint"},
-	"CreateSnapshot": {"DropTunnel", "StopExport 2001", "DiscardTarget 2001", "StopExport 2000",
+	"CreateSnapshot": {"RemoveSnapshot", "DropTunnel", "StopExport 2001", "DiscardTarget 2001", "StopExport 2000",
 		"DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"CopyDisk 2001": {"RemoveSnapshot", "DropTunnel", "StopExport 2001", "DiscardTarget 2001",
 		"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
@@ -227,7 +227,7 @@ var undosAfter = map[string][]string{
 // have run, so its undo stays registered and the compensation runs it.
 var undosAfterCancelledTeardown = map[string][]string{
 	"RemoveSnapshot":  undosAfter["CopyDisk 2001"],
-	"DropTunnel":      undosAfter["CreateSnapshot"],
+	"DropTunnel":      undosAfter["EnsureTunnel"],
 	"StopExport 2000": undosAfter["DropTunnel"],
 	"StopExport 2001": undosAfter["StopExport 2000"],
 }
@@ -301,6 +301,28 @@ func (r *run) assertFailed(t *testing.T, status, errText string) {
 	require.Len(t, r.fakes.failPoints, 1)
 	assert.Equal(t, "p1", r.fakes.failPoints[0].PointID)
 	assert.Contains(t, r.fakes.failPoints[0].Error, errText)
+}
+
+// A step that failed may have done its work anyway (a timed-out create whose vCenter task ran
+// on, a qemu-nbd started before a lost reply): its undo runs with what the workflow knows.
+func TestBackupFailedStepIsUndoneWithoutItsResult(t *testing.T) {
+	t.Run("CreateSnapshot", func(t *testing.T) {
+		r := newRun(t, activities.ModeFull)
+		r.fakes.fail["CreateSnapshot"] = injected("CreateSnapshot")
+		_, err := r.execute(validInput())
+		require.Error(t, err)
+		require.Len(t, r.fakes.removed, 1)
+		assert.Equal(t, activities.Snapshot{VMMoref: "vm-42", Name: SnapshotName("backup-web01")}, r.fakes.removed[0],
+			"without a moref the snapshot is removed by its name")
+	})
+	t.Run("StartExport", func(t *testing.T) {
+		r := newRun(t, activities.ModeFull)
+		r.fakes.fail["StartExport 2000"] = injected("StartExport 2000")
+		_, err := r.execute(validInput())
+		require.Error(t, err)
+		require.Len(t, r.fakes.stops, 1)
+		assert.Equal(t, activities.StopExportInput{Port: testPort(2000), Path: testTargetPath(2000)}, r.fakes.stops[0])
+	})
 }
 
 func TestBackupUndoFailureContinues(t *testing.T) {

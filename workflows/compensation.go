@@ -36,11 +36,6 @@ func (c *compensations) find(key string) (undoFunc, bool) {
 	return nil, false
 }
 
-func (c *compensations) has(key string) bool {
-	_, ok := c.find(key)
-	return ok
-}
-
 // forget drops an undo that must no longer run.
 func (c *compensations) forget(key string) {
 	c.list = slices.DeleteFunc(c.list, func(e compensation) bool { return e.key == key })

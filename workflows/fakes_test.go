@@ -31,6 +31,8 @@ type fakeActivities struct {
 	// inputs of the calls whose content tests check
 	failPoints []activities.FailPointInput
 	commits    []activities.CommitPointInput
+	removed    []activities.Snapshot
+	stops      []activities.StopExportInput
 
 	planMode string           // full | incremental: what PlanBackup decides for every disk
 	fail     map[string]error // call label → error to return
@@ -98,6 +100,11 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 		return fmt.Errorf("transient failure of %s", label)
 	}
 	if block {
+		if strings.HasPrefix(label, activities.CopyDiskName+" ") {
+			// A cancel before the sibling copies started would cancel them unstarted and
+			// make the recorded calls depend on scheduling.
+			f.waitForCopies()
+		}
 		if f.onBlock != nil {
 			f.onBlock()
 		}
@@ -239,6 +246,9 @@ func (f *fakeActivities) StartExport(ctx context.Context, in activities.StartExp
 }
 
 func (f *fakeActivities) StopExport(ctx context.Context, in activities.StopExportInput) error {
+	f.mu.Lock()
+	f.stops = append(f.stops, in)
+	f.mu.Unlock()
 	return f.call(ctx, label(activities.StopExportName, keyOfPath(in.Path)))
 }
 
@@ -265,6 +275,9 @@ func (f *fakeActivities) CreateSnapshot(ctx context.Context, in activities.Creat
 }
 
 func (f *fakeActivities) RemoveSnapshot(ctx context.Context, in activities.Snapshot) error {
+	f.mu.Lock()
+	f.removed = append(f.removed, in)
+	f.mu.Unlock()
 	return f.call(ctx, activities.RemoveSnapshotName)
 }
 

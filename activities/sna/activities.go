@@ -203,7 +203,12 @@ func (a *Activities) CreateSnapshot(ctx context.Context, in activities.CreateSna
 }
 
 // RemoveSnapshot removes (and consolidates) the snapshot; "not found" counts as removed.
+// Without a moref (the create failed or its reply was lost) it removes the snapshots
+// carrying exactly the name, which is unique to the backup run.
 func (a *Activities) RemoveSnapshot(ctx context.Context, in activities.Snapshot) error {
+	if in.Moref == "" && in.Name == "" {
+		return temporal.NewNonRetryableApplicationError("remove snapshot: neither moref nor name given", activities.ErrBadInput, nil)
+	}
 	vm, err := a.vc.FindVM(ctx, in.VMMoref)
 	if errors.Is(err, vsphere.ErrNotFound) {
 		return nil
@@ -211,7 +216,23 @@ func (a *Activities) RemoveSnapshot(ctx context.Context, in activities.Snapshot)
 	if err != nil {
 		return err
 	}
-	return a.vc.RemoveSnapshot(ctx, vm, in.Moref)
+	if in.Moref != "" {
+		return a.vc.RemoveSnapshot(ctx, vm, in.Moref)
+	}
+	all, err := a.vc.ListSnapshots(ctx, vm)
+	if err != nil {
+		return err
+	}
+	// Children first: removing a parent first would merge it into the child.
+	for _, s := range slices.Backward(all) {
+		if s.Name != in.Name {
+			continue
+		}
+		if err := a.vc.RemoveSnapshot(ctx, vm, s.Moref); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ReadChangeIDs reads each disk's changeId from the snapshot's disk backings.

@@ -267,9 +267,21 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 	execute[struct{}](t, env, activities.RemoveSnapshotName, snap)
 	execute[struct{}](t, env, activities.RemoveSnapshotName, snap) // already gone counts as removed
 
+	// A create whose reply was lost leaves only the name to the compensation.
+	lost := r.snapshot(env, vm, "diskferry-wf-lost")
+	other := r.snapshot(env, vm, "diskferry-wf-lost-not")
+	execute[struct{}](t, env, activities.RemoveSnapshotName, activities.Snapshot{VMMoref: vm.Moref, Name: lost.Name})
+	vmObj, err := r.vc.FindVM(context.Background(), vm.Moref)
+	require.NoError(t, err)
+	left, err := r.vc.ListSnapshots(context.Background(), vmObj)
+	require.NoError(t, err)
+	require.Len(t, left, 1, "only the exactly named snapshot is removed")
+	require.Equal(t, other.Moref, left[0].Moref)
+	execute[struct{}](t, env, activities.RemoveSnapshotName, other)
+
 	execute[struct{}](t, env, activities.DropTunnelName, tin)
 	execute[struct{}](t, env, activities.DropTunnelName, tin) // idempotent
-	_, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), time.Second)
+	_, err = net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), time.Second)
 	require.Error(t, err, "the SNA-side listener is gone after DropTunnel")
 
 	for i, d := range vm.Disks {

@@ -435,10 +435,11 @@ func (m *Manager) watch(client *ssh.Client) {
 		m.wg.Add(1)
 	}
 	m.mu.Unlock()
-	if m.ctx.Err() != nil {
-		return
+	if m.ctx.Err() == nil {
+		m.log.Warn("ssh connection lost", "reason", reason)
 	}
-	m.log.Warn("ssh connection lost", "reason", reason)
+	// Started even when Close ran meanwhile: reconnect sees it and returns, releasing the
+	// WaitGroup slot taken above, which Close waits for.
 	if redial {
 		go m.reconnect()
 	}
