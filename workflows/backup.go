@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 
 	enumspb "go.temporal.io/api/enums/v1"
@@ -74,9 +75,26 @@ func StartBackupOptions(in BackupInput) client.StartWorkflowOptions {
 	}
 }
 
-// SnapshotName is the name of the snapshot a backup run creates, unique per workflow ID so a
-// leftover is attributable to its run.
-func SnapshotName(workflowID string) string { return "diskferry-" + workflowID }
+// SnapshotPrefix starts the name of every backup snapshot.
+const SnapshotPrefix = "diskferry-"
+
+// SnapshotName is the name of the snapshot a backup run creates. It is unique per run, not
+// per workflow ID (IDs are reused): a new run must never take a snapshot an earlier failed
+// run left behind for its own, and a leftover names the exact run that made it.
+func SnapshotName(workflowID, runID string) string { return SnapshotPrefix + workflowID + "@" + runID }
+
+// ParseSnapshotName returns the run that made a backup snapshot; ok is false for any other name.
+func ParseSnapshotName(name string) (workflowID, runID string, ok bool) {
+	rest, ok := strings.CutPrefix(name, SnapshotPrefix)
+	if !ok {
+		return "", "", false
+	}
+	i := strings.LastIndexByte(rest, '@')
+	if i <= 0 || i == len(rest)-1 {
+		return "", "", false
+	}
+	return rest[:i], rest[i+1:], true
+}
 
 // siteName keeps the site usable inside a task queue name.
 var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
@@ -332,7 +350,7 @@ func (b *backup) ensureTunnel(ctx workflow.Context) error {
 }
 
 func (b *backup) createSnapshot(ctx workflow.Context) error {
-	in := activities.CreateSnapshotInput{VMMoref: b.vm.Moref, Name: SnapshotName(b.info.WorkflowExecution.ID), Quiesce: b.in.Quiesce}
+	in := activities.CreateSnapshotInput{VMMoref: b.vm.Moref, Name: SnapshotName(b.info.WorkflowExecution.ID, b.info.WorkflowExecution.RunID), Quiesce: b.in.Quiesce}
 	b.step(ctx, "creating snapshot %s", in.Name)
 	// Registered before the step: a create that failed or timed out may still have made the
 	// snapshot (the task ran on in vCenter), and an orphan grows until its datastore is full.

@@ -312,7 +312,7 @@ func TestBackupFailedStepIsUndoneWithoutItsResult(t *testing.T) {
 		_, err := r.execute(validInput())
 		require.Error(t, err)
 		require.Len(t, r.fakes.removed, 1)
-		assert.Equal(t, activities.Snapshot{VMMoref: "vm-42", Name: SnapshotName("backup-web01")}, r.fakes.removed[0],
+		assert.Equal(t, activities.Snapshot{VMMoref: "vm-42", Name: SnapshotName("backup-web01", "default-test-run-id")}, r.fakes.removed[0],
 			"without a moref the snapshot is removed by its name")
 	})
 	t.Run("StartExport", func(t *testing.T) {
@@ -463,9 +463,22 @@ func TestBackupCurrentDetails(t *testing.T) {
 		"**Backup of web01 (site lab)**",
 		"planned full backup as point p1 on hub hub1: disk 2000 full 64 GiB, disk 2001 full 8 GiB",
 		"disk 2000 copied: 1 GiB read",
-		"snapshot diskferry-backup-web01 (snapshot-7) created",
+		"snapshot diskferry-backup-web01@default-test-run-id (snapshot-7) created",
 		"point p1 complete: 2 disk(s), 1.1 GiB read",
 	} {
 		assert.True(t, strings.Contains(meta.GetCurrentDetails(), line), "details lack %q:\n%s", line, meta.GetCurrentDetails())
+	}
+}
+
+func TestSnapshotNameNamesTheRun(t *testing.T) {
+	name := SnapshotName("backup-db@prod-01", "0192-run")
+	wf, run, ok := ParseSnapshotName(name)
+	require.True(t, ok)
+	assert.Equal(t, "backup-db@prod-01", wf)
+	assert.Equal(t, "0192-run", run)
+	assert.NotEqual(t, name, SnapshotName("backup-db@prod-01", "0193-run"), "each run has its own snapshot")
+	for _, other := range []string{"operator snapshot", "diskferry-", "diskferry-wf", "diskferry-@run", "diskferry-wf@"} {
+		_, _, ok := ParseSnapshotName(other)
+		assert.False(t, ok, other)
 	}
 }

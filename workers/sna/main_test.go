@@ -19,6 +19,7 @@ import (
 	"github.com/diskferry/diskferry/internal/testenv"
 	"github.com/diskferry/diskferry/internal/vsphere"
 	"github.com/diskferry/diskferry/internal/vsphere/vcsimtest"
+	"github.com/diskferry/diskferry/workflows"
 )
 
 const site = "lab1"
@@ -126,7 +127,11 @@ func TestSweepRemovesSnapshotsOfClosedWorkflows(t *testing.T) {
 	// No worker serves this queue, so the workflow stays running.
 	running, err := ts.Client.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: "backup-running", TaskQueue: "nobody"}, "BackupWorkflow")
 	require.NoError(t, err)
-	for _, name := range []string{snapshotPrefix + "backup-running", snapshotPrefix + "backup-gone", "operator-snapshot"} {
+	// A finished earlier run of the same workflow ID left one behind too: only the exact
+	// run that made a snapshot keeps it.
+	runningSnap := workflows.SnapshotName("backup-running", running.GetRunID())
+	for _, name := range []string{runningSnap, workflows.SnapshotName("backup-running", "00000000-0000-4000-8000-000000000001"),
+		workflows.SnapshotName("backup-gone", "00000000-0000-4000-8000-000000000002"), "operator-snapshot"} {
 		_, err := vc.CreateSnapshot(ctx, vm, name, false)
 		require.NoError(t, err)
 	}
@@ -142,7 +147,7 @@ func TestSweepRemovesSnapshotsOfClosedWorkflows(t *testing.T) {
 
 	sw := &sweeper{vc: vc, workflows: ts.Client, vms: func() []string { return []string{lab.VMMoref} }, log: log}
 	sw.sweep(ctx)
-	require.ElementsMatch(t, []string{snapshotPrefix + "backup-running", "operator-snapshot"}, names())
+	require.ElementsMatch(t, []string{runningSnap, "operator-snapshot"}, names())
 
 	require.NoError(t, ts.Client.TerminateWorkflow(ctx, running.GetID(), "", "test"))
 	sw.sweep(ctx)

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"strings"
 
 	"go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
@@ -29,9 +28,6 @@ type sweeper struct {
 	vms       func() []string // VM morefs to look at
 	log       *slog.Logger
 }
-
-// snapshotPrefix starts the name of every backup snapshot, followed by the workflow ID.
-var snapshotPrefix = workflows.SnapshotName("")
 
 // sweep checks each VM once; failures are logged and retried at the next sweep.
 func (s *sweeper) sweep(ctx context.Context) {
@@ -58,11 +54,11 @@ func (s *sweeper) sweepVM(ctx context.Context, moref string) error {
 	// Children first: removing a parent first would merge it into the child.
 	for i := len(snaps) - 1; i >= 0; i-- {
 		snap := snaps[i]
-		workflowID, ours := strings.CutPrefix(snap.Name, snapshotPrefix)
-		if !ours || workflowID == "" {
+		workflowID, runID, ours := workflows.ParseSnapshotName(snap.Name)
+		if !ours {
 			continue
 		}
-		open, err := s.workflowOpen(ctx, workflowID)
+		open, err := s.runOpen(ctx, workflowID, runID)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -74,21 +70,22 @@ func (s *sweeper) sweepVM(ctx context.Context, moref string) error {
 			errs = append(errs, err)
 			continue
 		}
-		s.log.Warn("removed orphaned backup snapshot", "vm", moref, "snapshot", snap.Moref, "name", snap.Name, "workflowId", workflowID)
+		s.log.Warn("removed orphaned backup snapshot", "vm", moref, "snapshot", snap.Moref, "name", snap.Name,
+			"workflowId", workflowID, "runId", runID)
 	}
 	return errors.Join(errs...)
 }
 
-// workflowOpen reports whether the workflow's latest run is still running; a workflow the
-// server no longer knows is closed.
-func (s *sweeper) workflowOpen(ctx context.Context, workflowID string) (bool, error) {
-	resp, err := s.workflows.DescribeWorkflowExecution(ctx, workflowID, "")
+// runOpen reports whether the run that made a snapshot is still running; a run the server
+// no longer knows is closed.
+func (s *sweeper) runOpen(ctx context.Context, workflowID, runID string) (bool, error) {
+	resp, err := s.workflows.DescribeWorkflowExecution(ctx, workflowID, runID)
 	var notFound *serviceerror.NotFound
 	switch {
 	case errors.As(err, &notFound):
 		return false, nil
 	case err != nil:
-		return false, fmt.Errorf("describe workflow %s: %w", workflowID, err)
+		return false, fmt.Errorf("describe workflow %s run %s: %w", workflowID, runID, err)
 	}
 	return resp.GetWorkflowExecutionInfo().GetStatus() == enums.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
 }
