@@ -7,10 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/url"
 	"slices"
-	"sync"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -57,9 +55,6 @@ type Activities struct {
 	tunnels  *Tunnels
 	settings Settings
 	log      *slog.Logger
-
-	mu       sync.Mutex
-	snapshot map[string]bool // VM morefs this process snapshotted, for the orphan sweep
 }
 
 // New returns the SNA activities over a connected vSphere client and the tunnel pool.
@@ -73,7 +68,7 @@ func New(vc *vsphere.Client, tunnels *Tunnels, settings Settings, log *slog.Logg
 	if settings.Transport == "" {
 		settings.Transport = TransportHTTPS
 	}
-	return &Activities{vc: vc, tunnels: tunnels, settings: settings, log: log, snapshot: map[string]bool{}}
+	return &Activities{vc: vc, tunnels: tunnels, settings: settings, log: log}
 }
 
 // Register registers every SNA activity under its contract name.
@@ -168,14 +163,6 @@ func (a *Activities) DropTunnel(ctx context.Context, in activities.EnsureTunnelI
 	return nil
 }
 
-// SnapshottedVMs lists the VMs this process created snapshots on: the ones worth
-// sweeping for snapshots a crashed run left behind, without listing every VM's snapshots.
-func (a *Activities) SnapshottedVMs() []string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return slices.Sorted(maps.Keys(a.snapshot))
-}
-
 // CreateSnapshot creates the backup snapshot. A retried attempt finds the snapshot its
 // predecessor made (same name) instead of making a second one.
 func (a *Activities) CreateSnapshot(ctx context.Context, in activities.CreateSnapshotInput) (activities.Snapshot, error) {
@@ -183,9 +170,6 @@ func (a *Activities) CreateSnapshot(ctx context.Context, in activities.CreateSna
 	if err != nil {
 		return activities.Snapshot{}, classify(err)
 	}
-	a.mu.Lock()
-	a.snapshot[vm.Reference().Value] = true
-	a.mu.Unlock()
 	existing, err := a.vc.ListSnapshots(ctx, vm)
 	if err != nil {
 		return activities.Snapshot{}, fmt.Errorf("list snapshots of %s: %w", in.VMMoref, err)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
+	"github.com/vmware/govmomi/view"
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
@@ -177,29 +178,41 @@ func (c *Client) ListSnapshots(ctx context.Context, vm *object.VirtualMachine) (
 	return out, nil
 }
 
-// SweepSnapshots removes the VM's snapshots whose name starts with prefix (ours, left
-// behind by a crashed run) and returns what it removed. Others' snapshots are untouched.
-func (c *Client) SweepSnapshots(ctx context.Context, vm *object.VirtualMachine, prefix string) ([]Snapshot, error) {
+// SnapshotsByPrefix lists every VM's snapshots whose name starts with prefix, in one
+// property-collector round trip over the whole inventory: how the SNA finds snapshots a
+// crashed run left behind on any VM, after a restart too. Within a VM, parents come before
+// their children.
+func (c *Client) SnapshotsByPrefix(ctx context.Context, prefix string) ([]Snapshot, error) {
 	if prefix == "" {
-		return nil, errors.New("sweep snapshots: empty prefix would match every snapshot")
+		return nil, errors.New("list snapshots: empty prefix would match every snapshot")
 	}
-	all, err := c.ListSnapshots(ctx, vm)
+	m := view.NewManager(c.vim)
+	v, err := m.CreateContainerView(ctx, c.vim.ServiceContent.RootFolder, []string{"VirtualMachine"}, true)
 	if err != nil {
-		return nil, fmt.Errorf("sweep snapshots: %w", err)
+		return nil, fmt.Errorf("list snapshots: %w", err)
 	}
-	var removed []Snapshot
-	// Children first: removing a parent first would merge it into the child.
-	for i := len(all) - 1; i >= 0; i-- {
-		s := all[i]
-		if !strings.HasPrefix(s.Name, prefix) {
+	defer func() { _ = v.Destroy(context.WithoutCancel(ctx)) }()
+	var vms []mo.VirtualMachine
+	if err := v.Retrieve(ctx, []string{"VirtualMachine"}, []string{"snapshot"}, &vms); err != nil {
+		return nil, fmt.Errorf("list snapshots: %w", err)
+	}
+	var out []Snapshot
+	for _, vm := range vms {
+		if vm.Snapshot == nil {
 			continue
 		}
-		if err := c.RemoveSnapshot(ctx, vm, s.Moref); err != nil {
-			return removed, fmt.Errorf("sweep snapshots: %w", err)
+		var walk func([]types.VirtualMachineSnapshotTree)
+		walk = func(trees []types.VirtualMachineSnapshotTree) {
+			for _, t := range trees {
+				if strings.HasPrefix(t.Name, prefix) {
+					out = append(out, Snapshot{VMMoref: vm.Self.Value, Moref: t.Snapshot.Value, Name: t.Name, Created: t.CreateTime})
+				}
+				walk(t.ChildSnapshotList)
+			}
 		}
-		removed = append(removed, s)
+		walk(vm.Snapshot.RootSnapshotList)
 	}
-	return removed, nil
+	return out, nil
 }
 
 // snapshotDisks reads the disks as they are inside the snapshot; their backings hold

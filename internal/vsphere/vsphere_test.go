@@ -235,7 +235,7 @@ func TestSnapshotGuardRefusesConcurrentTask(t *testing.T) {
 	require.NoError(t, c.RemoveSnapshot(ctx, vm, snap.Moref))
 }
 
-func TestSweepSnapshots(t *testing.T) {
+func TestSnapshotsByPrefix(t *testing.T) {
 	lab := newLab(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize})
 	c := connect(t, lab)
 	ctx := context.Background()
@@ -245,20 +245,18 @@ func TestSweepSnapshots(t *testing.T) {
 		_, err := c.CreateSnapshot(ctx, vm, name, false)
 		require.NoError(t, err)
 	}
-	removed, err := c.SweepSnapshots(ctx, vm, "diskferry-")
+	found, err := c.SnapshotsByPrefix(ctx, "diskferry-")
 	require.NoError(t, err)
 	var names []string
-	for _, s := range removed {
+	for _, s := range found {
 		names = append(names, s.Name)
+		assert.Equal(t, lab.VMMoref, s.VMMoref)
+		assert.NotEmpty(t, s.Moref)
 	}
-	assert.ElementsMatch(t, []string{"diskferry-a", "diskferry-b"}, names)
-	left, err := c.ListSnapshots(ctx, vm)
-	require.NoError(t, err)
-	require.Len(t, left, 1)
-	assert.Equal(t, "operator-keep", left[0].Name)
+	assert.Equal(t, []string{"diskferry-a", "diskferry-b"}, names, "ours only, parent before child")
 
-	_, err = c.SweepSnapshots(ctx, vm, "")
-	assert.Error(t, err, "an empty prefix must not sweep everything")
+	_, err = c.SnapshotsByPrefix(ctx, "")
+	assert.Error(t, err, "an empty prefix must not match everything")
 }
 
 func TestChangeIDsFromSnapshot(t *testing.T) {

@@ -107,7 +107,8 @@ func run(ctx context.Context, cfg config.SNA, log *slog.Logger) error {
 	}
 	log.Info("sna worker polling", "taskQueue", queue)
 
-	sw := &sweeper{vc: vc, workflows: tc, vms: acts.SnapshottedVMs, log: log.With("component", "sweep")}
+	sw := &sweeper{vc: vc, workflows: tc, log: log.With("component", "sweep")}
+	sw.sweep(ctx)
 	ticker := time.NewTicker(sweepEvery)
 	defer ticker.Stop()
 	for {

@@ -145,7 +145,7 @@ func TestSweepRemovesSnapshotsOfClosedWorkflows(t *testing.T) {
 		return out
 	}
 
-	sw := &sweeper{vc: vc, workflows: ts.Client, vms: func() []string { return []string{lab.VMMoref} }, log: log}
+	sw := &sweeper{vc: vc, workflows: ts.Client, log: log}
 	sw.sweep(ctx)
 	require.ElementsMatch(t, []string{runningSnap, "operator-snapshot"}, names())
 

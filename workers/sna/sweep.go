@@ -25,55 +25,47 @@ type workflowDescriber interface {
 type sweeper struct {
 	vc        *vsphere.Client
 	workflows workflowDescriber
-	vms       func() []string // VM morefs to look at
 	log       *slog.Logger
 }
 
-// sweep checks each VM once; failures are logged and retried at the next sweep.
+// sweep looks at every backup snapshot in the inventory once; failures are logged and
+// retried at the next sweep.
 func (s *sweeper) sweep(ctx context.Context) {
-	for _, moref := range s.vms() {
-		if err := s.sweepVM(ctx, moref); err != nil {
-			s.log.Warn("snapshot sweep", "vm", moref, "error", err)
+	snaps, err := s.vc.SnapshotsByPrefix(ctx, workflows.SnapshotPrefix)
+	if err != nil {
+		s.log.Warn("snapshot sweep", "error", err)
+		return
+	}
+	// Children first: removing a parent first would merge it into the child.
+	for i := len(snaps) - 1; i >= 0; i-- {
+		if err := s.sweepSnapshot(ctx, snaps[i]); err != nil {
+			s.log.Warn("snapshot sweep", "vm", snaps[i].VMMoref, "snapshot", snaps[i].Moref, "error", err)
 		}
 	}
 }
 
-func (s *sweeper) sweepVM(ctx context.Context, moref string) error {
-	vm, err := s.vc.FindVM(ctx, moref)
+func (s *sweeper) sweepSnapshot(ctx context.Context, snap vsphere.Snapshot) error {
+	workflowID, runID, ours := workflows.ParseSnapshotName(snap.Name)
+	if !ours {
+		return nil
+	}
+	open, err := s.runOpen(ctx, workflowID, runID)
+	if err != nil || open {
+		return err
+	}
+	vm, err := s.vc.FindVM(ctx, snap.VMMoref)
 	if errors.Is(err, vsphere.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	snaps, err := s.vc.ListSnapshots(ctx, vm)
-	if err != nil {
+	if err := s.vc.RemoveSnapshot(ctx, vm, snap.Moref); err != nil {
 		return err
 	}
-	var errs []error
-	// Children first: removing a parent first would merge it into the child.
-	for i := len(snaps) - 1; i >= 0; i-- {
-		snap := snaps[i]
-		workflowID, runID, ours := workflows.ParseSnapshotName(snap.Name)
-		if !ours {
-			continue
-		}
-		open, err := s.runOpen(ctx, workflowID, runID)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if open {
-			continue
-		}
-		if err := s.vc.RemoveSnapshot(ctx, vm, snap.Moref); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		s.log.Warn("removed orphaned backup snapshot", "vm", moref, "snapshot", snap.Moref, "name", snap.Name,
-			"workflowId", workflowID, "runId", runID)
-	}
-	return errors.Join(errs...)
+	s.log.Warn("removed orphaned backup snapshot", "vm", snap.VMMoref, "snapshot", snap.Moref, "name", snap.Name,
+		"workflowId", workflowID, "runId", runID)
+	return nil
 }
 
 // runOpen reports whether the run that made a snapshot is still running; a run the server
