@@ -141,9 +141,14 @@ type Target struct {
 	Path    string `json:"path"`
 }
 
-// DiscardTargetInput deletes an unfinished target file; idempotent.
+// DiscardTargetInput deletes an unfinished target file; idempotent. The target is named by
+// its point and disk, so the undo can be registered before PrepareTarget runs: a prepare that
+// created the file and then failed or lost its reply leaves nothing behind either.
 type DiscardTargetInput struct {
-	Path string `json:"path"`
+	PointID string `json:"pointId"`
+	VMName  string `json:"vmName"`
+	VMMoref string `json:"vmMoref"`
+	DiskKey int32  `json:"diskKey"`
 }
 
 // StartExportInput serves a target with qemu-nbd on 127.0.0.1:Port.

@@ -304,15 +304,17 @@ func (b *backup) prepareTargets(ctx workflow.Context) error {
 			return err
 		}
 
+		// Registered before the prepare: one that created the file and then failed (or lost
+		// its reply) would leave it behind. The target is named by point and disk.
+		discard := activities.DiscardTargetInput{PointID: b.plan.PointID, VMName: b.vm.Name, VMMoref: b.vm.Moref, DiskKey: key}
+		b.undo.add(discardKey(key), func(ctx workflow.Context, _ error) error {
+			return b.execute(ctx, activities.DiscardTargetName, hubHost, fmt.Sprintf("discard target of disk %d", key), discard, nil)
+		})
 		if err := b.execute(ctx, activities.PrepareTargetName, hubHost,
 			fmt.Sprintf("create %s target of disk %d (%s)", d.plan.Mode, key, humanBytes(d.plan.CapacityBytes)),
 			activities.PrepareTargetInput{PointID: b.plan.PointID, VM: b.vm, Disk: d.plan}, &d.target); err != nil {
 			return err
 		}
-		discard := activities.DiscardTargetInput{Path: d.target.Path}
-		b.undo.add(discardKey(key), func(ctx workflow.Context, _ error) error {
-			return b.execute(ctx, activities.DiscardTargetName, hubHost, fmt.Sprintf("discard target of disk %d", key), discard, nil)
-		})
 
 		// Registered before the start: a StartExport that failed after qemu-nbd came up
 		// would otherwise leave it serving (and holding the image's lock). Stopping is

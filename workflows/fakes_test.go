@@ -235,7 +235,7 @@ func (f *fakeActivities) PrepareTarget(ctx context.Context, in activities.Prepar
 }
 
 func (f *fakeActivities) DiscardTarget(ctx context.Context, in activities.DiscardTargetInput) error {
-	return f.call(ctx, label(activities.DiscardTargetName, keyOfPath(in.Path)))
+	return f.call(ctx, label(activities.DiscardTargetName, in.DiskKey))
 }
 
 func (f *fakeActivities) StartExport(ctx context.Context, in activities.StartExportInput) (activities.Export, error) {

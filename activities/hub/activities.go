@@ -381,15 +381,26 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 	return activities.Target{DiskKey: in.Disk.Key, Path: path}, nil
 }
 
-// DiscardTarget deletes an unfinished target and, once empty, its point directory.
-// A path that is not a target inside the repository is refused (non-retryable).
+// DiscardTarget deletes an unfinished target and, once empty, its point directory. The
+// path comes from the layout, as PrepareTarget made it; a complete point is never touched.
 func (a *Activities) DiscardTarget(ctx context.Context, in activities.DiscardTargetInput) error {
-	if err := a.layout.RemoveTarget(in.Path); err != nil {
+	point, err := a.store.GetPoint(ctx, in.PointID)
+	if err != nil {
+		return classify("discard target", err)
+	}
+	if point.Status == catalog.StatusComplete {
+		return badInput("discard target: point %s is complete", in.PointID)
+	}
+	path, err := a.layout.TargetPath(in.VMName, in.VMMoref, in.PointID, in.DiskKey)
+	if err != nil {
+		return classify("discard target", err)
+	}
+	if err := a.layout.RemoveTarget(path); err != nil {
 		return classify("discard target", err)
 	}
 	// The point directory goes once its last disk is gone; a sibling still there keeps it.
 	// RemoveTarget checked that the parent is a point directory inside the root.
-	if err := os.Remove(filepath.Dir(in.Path)); err != nil && !errors.Is(err, os.ErrNotExist) && !isNotEmpty(err) {
+	if err := os.Remove(filepath.Dir(path)); err != nil && !errors.Is(err, os.ErrNotExist) && !isNotEmpty(err) {
 		return fmt.Errorf("discard target: %w", err)
 	}
 	return nil

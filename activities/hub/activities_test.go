@@ -388,24 +388,34 @@ func TestDiscardTarget(t *testing.T) {
 	}
 	pointDir := filepath.Dir(targets[0].Path)
 
-	discard := func(path string) error {
-		return r.run(t, activities.DiscardTargetName, activities.DiscardTargetInput{Path: path}, nil)
+	vm := testVM()
+	discard := func(key int32) error {
+		return r.run(t, activities.DiscardTargetName, activities.DiscardTargetInput{
+			PointID: plan.PointID, VMName: vm.Name, VMMoref: vm.Moref, DiskKey: key,
+		}, nil)
 	}
-	require.NoError(t, discard(targets[0].Path))
+	require.NoError(t, discard(targets[0].DiskKey))
 	assert.NoFileExists(t, targets[0].Path)
 	assert.DirExists(t, pointDir, "a sibling target keeps the point directory")
-	require.NoError(t, discard(targets[0].Path), "discard is idempotent")
-	require.NoError(t, discard(targets[1].Path))
+	require.NoError(t, discard(targets[0].DiskKey), "discard is idempotent")
+	require.NoError(t, discard(targets[1].DiskKey))
 	assert.NoDirExists(t, pointDir, "the empty point directory goes")
 	assert.DirExists(t, filepath.Dir(pointDir), "the VM directory stays")
-	require.NoError(t, discard(targets[1].Path))
+	require.NoError(t, discard(targets[1].DiskKey))
 
-	victim := filepath.Join(t.TempDir(), "precious.qcow2")
+	// Hostile names are sanitised into the repository: nothing outside it is touched.
+	victim := filepath.Join(filepath.Dir(r.layout.Root), "disk-2000.qcow2")
 	require.NoError(t, os.WriteFile(victim, []byte("keep"), 0o600))
-	for _, path := range []string{victim, r.layout.Root + "/../" + filepath.Base(victim), "relative/disk.qcow2", filepath.Dir(pointDir)} {
-		requireAppError(t, discard(path), activities.ErrBadInput, true)
+	for _, name := range []string{"../..", "../" + filepath.Base(r.layout.Root), "/"} {
+		require.NoError(t, r.run(t, activities.DiscardTargetName, activities.DiscardTargetInput{
+			PointID: plan.PointID, VMName: name, VMMoref: "..", DiskKey: 2000,
+		}, nil))
 	}
 	assert.FileExists(t, victim)
+
+	// An unknown point is a clear, final error.
+	err = r.run(t, activities.DiscardTargetName, activities.DiscardTargetInput{PointID: "no-such-point", VMName: vm.Name, VMMoref: vm.Moref, DiskKey: 1}, nil)
+	requireAppError(t, err, activities.ErrNotFound, true)
 }
 
 // export allocates a port and starts the target's export for workflow wf.
@@ -577,6 +587,12 @@ func TestCommitAndFailPoint(t *testing.T) {
 
 	err = r.run(t, activities.FailPointName, activities.FailPointInput{PointID: plan.PointID, Error: "late"}, nil)
 	requireAppError(t, err, activities.ErrBadInput, true) // a complete point stays complete
+	vm := testVM()
+	err = r.run(t, activities.DiscardTargetName, activities.DiscardTargetInput{
+		PointID: plan.PointID, VMName: vm.Name, VMMoref: vm.Moref, DiskKey: diskA,
+	}, nil)
+	requireAppError(t, err, activities.ErrBadInput, true)
+	assert.FileExists(t, target.Path, "a complete point's file is never discarded")
 
 	next, err := r.plan(t, "wf-2", testVM(), activities.ModeAuto, diskA)
 	require.NoError(t, err)
