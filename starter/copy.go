@@ -15,11 +15,12 @@ import (
 	"golang.org/x/term"
 
 	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/config"
 )
 
 type copyFlags struct {
 	connections       int
-	requestSize       int64
+	requestSize       config.ByteSize
 	changedAreas      string
 	destinationIsZero bool
 	digest            bool
@@ -44,7 +45,8 @@ extents; holes and all-zero blocks become zero requests on the target.`,
 	}
 	fl := cmd.Flags()
 	fl.IntVar(&f.connections, "connections", blockcopy.DefaultConnections, "connections per side (one where the server lacks multi-conn)")
-	fl.Int64Var(&f.requestSize, "request-size", blockcopy.DefaultRequestSize, "bytes per read/write request, a multiple of 1 MiB")
+	f.requestSize = blockcopy.DefaultRequestSize
+	fl.Var(&f.requestSize, "request-size", "bytes per read/write request, a multiple of 1 MiB (e.g. 2MiB)")
 	fl.StringVar(&f.changedAreas, "changed-areas", "", `JSON file with the areas to copy: [{"start":N,"length":N}, ...]`)
 	fl.BoolVar(&f.destinationIsZero, "destination-is-zero", false, "the target reads as zeros already: skip zero requests")
 	fl.BoolVar(&f.digest, "digest", false, "also compute the SHA-256 digest a backup records (per 1 MiB block) and print it")
@@ -59,7 +61,7 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 	}
 	opts := blockcopy.Options{
 		Connections:       f.connections,
-		RequestSize:       f.requestSize,
+		RequestSize:       int64(f.requestSize),
 		DestinationIsZero: f.destinationIsZero,
 		SkipDigest:        !f.digest,
 		Logger:            slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),

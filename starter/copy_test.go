@@ -33,7 +33,7 @@ func TestCopyCommand(t *testing.T) {
 	root := newRootCommand()
 	root.SetOut(&out)
 	root.SetErr(&out)
-	root.SetArgs([]string{"copy", "--connections", "2", "--request-size", "2097152", source.URI, target.URI})
+	root.SetArgs([]string{"copy", "--connections", "2", "--request-size", "2MiB", source.URI, target.URI})
 	require.NoError(t, root.ExecuteContext(context.Background()), out.String())
 	assert.Regexp(t, `^copied 33554432 bytes in [0-9.]+s: read 3145728, written 3145728, zeroed 30408704 bytes, [0-9.]+ MB/s\n$`, out.String())
 	cmp, err := exec.Command(qemuImg, "compare", "-U", "-f", "raw", "-F", "qcow2", src, dst).CombinedOutput()

@@ -301,6 +301,12 @@ found:
 }
 
 // String renders the size with the largest binary unit that divides it.
+// Set parses a size, so a ByteSize also serves as a command-line flag (pflag.Value).
+func (b *ByteSize) Set(value string) error { return b.Decode(value) }
+
+// Type names the flag's value in help output.
+func (ByteSize) Type() string { return "size" }
+
 func (b ByteSize) String() string {
 	switch {
 	case b != 0 && b%(1<<30) == 0:
