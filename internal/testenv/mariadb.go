@@ -177,7 +177,14 @@ func startMariaDBServer(ctx context.Context, bins mariaDBBinaries) (*mariaDBServ
 		return nil, fmt.Errorf("temp dir: %w", err)
 	}
 	datadir := filepath.Join(dir, "data")
-	userArgs := []string{}
+	// A private tmpdir: servers of test binaries running side by side otherwise share /tmp
+	// and collide on their temporary table files.
+	tmpdir := filepath.Join(dir, "tmp")
+	if err := os.Mkdir(tmpdir, 0o700); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("temp dir: %w", err)
+	}
+	userArgs := []string{"--tmpdir=" + tmpdir}
 	if os.Geteuid() == 0 {
 		// mariadbd refuses to run as root unless told to.
 		userArgs = append(userArgs, "--user=root")
