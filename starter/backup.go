@@ -17,6 +17,7 @@ import (
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
+	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/workflows"
 )
@@ -92,7 +93,7 @@ func waitBackup(ctx context.Context, c client.Client, run client.WorkflowRun, ou
 		case err := <-done:
 			bars.finish()
 			if err != nil {
-				return fmt.Errorf("backup %s failed: %w", run.GetID(), err)
+				return backupFailure(run.GetID(), err)
 			}
 			if asJSON {
 				return writeJSON(out, result)
@@ -106,6 +107,25 @@ func waitBackup(ctx context.Context, c client.Client, run client.WorkflowRun, ou
 			}
 		}
 	}
+}
+
+// backupFailure says what failed in operator terms: the step and its own message, not the
+// SDK's whole chain of wrappers.
+func backupFailure(id string, err error) error {
+	var canceled *temporal.CanceledError
+	if errors.As(err, &canceled) {
+		return fmt.Errorf("backup %s was cancelled; its cleanup has run", id)
+	}
+	step := ""
+	var actErr *temporal.ActivityError
+	if errors.As(err, &actErr) {
+		step = " in " + actErr.ActivityType().GetName()
+	}
+	var appErr *temporal.ApplicationError
+	if errors.As(err, &appErr) {
+		return fmt.Errorf("backup %s failed%s: %s", id, step, appErr.Message())
+	}
+	return fmt.Errorf("backup %s failed%s: %w", id, step, err)
 }
 
 // liveProgress is the workflow's progress query plus the bytes of copies in flight from

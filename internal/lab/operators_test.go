@@ -84,10 +84,17 @@ func TestDiskferryCLI(t *testing.T) {
 	require.Contains(t, out, "complete")
 	require.Contains(t, out, res.PointID)
 
+	// A VM vCenter does not know fails at once with an error naming it and the step.
+	missing := exec.CommandContext(ctx, cli, "backup", "start", "--vm", "no-such-vm", "--site", l.Site, "--wait")
+	missing.Env = append(os.Environ(), "DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort)
+	msg, err := missing.CombinedOutput()
+	require.Error(t, err, "the exit code reports the failed backup")
+	require.Contains(t, string(msg), `backup backup-no-such-vm failed in InspectVM: find VM "no-such-vm": not found`)
+
 	// Bad input is refused before anything starts, naming the field.
 	bad := exec.CommandContext(ctx, cli, "backup", "start", "--vm", l.VC.VMName, "--site", l.Site, "--mode", "sometimes")
 	bad.Env = append(os.Environ(), "DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort)
-	msg, err := bad.CombinedOutput()
+	msg, err = bad.CombinedOutput()
 	require.Error(t, err)
 	require.Contains(t, string(msg), "mode")
 
