@@ -254,6 +254,27 @@ func TestCancelThenResume(t *testing.T) {
 	assert.Less(t, res2.BytesRead, int64(80*mib-10*mib), "finished work not redone")
 }
 
+// A cancel reaches a block-status request the source is slow to answer at once, instead of
+// waiting for it (or for the command timeout).
+func TestCancelDuringBlockStatus(t *testing.T) {
+	src := fixture(t, 64*mib)
+	testenv.WriteFileAt(t, src, 8*mib, random(t, 8*mib))
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{Filters: []string{"delay"}, Params: []string{"delay-extents=30"}})
+	dstPath := testenv.CreateQcow2(t, 64*mib)
+	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
+
+	c, err := blockcopy.New(source.URI, target.URI, blockcopy.Options{CommandTimeout: time.Minute})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = c.Run(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Less(t, time.Since(start), 5*time.Second, "the cancel did not wait for the block-status reply")
+	out, err := qemuImg(t, "check", "-U", dstPath)
+	require.NoError(t, err, "target consistent after cancel: %s", out)
+}
+
 func TestTargetDiesMidCopy(t *testing.T) {
 	src := fixture(t, 64*mib)
 	testenv.WriteFileAt(t, src, 40*mib, random(t, 16*mib))

@@ -38,7 +38,7 @@ func (r *run) dispatch(ctx context.Context, areas []Extent) error {
 			// Windows end on a block boundary, so no piece is split; BlockSize is at most
 			// the 32 MiB request limit, far below the window, so the window is never empty.
 			we := min(a.End(), (ws+blockStatusWindow)/bs*bs)
-			ext, err := r.extents(ws, we)
+			ext, err := r.extents(ctx, ws, we)
 			if err != nil {
 				return err
 			}
@@ -52,11 +52,20 @@ func (r *run) dispatch(ctx context.Context, areas []Extent) error {
 }
 
 // extents maps [start, end) of the source; without block status everything is data.
-func (r *run) extents(start, end int64) ([]nbd.Extent, error) {
+func (r *run) extents(ctx context.Context, start, end int64) ([]nbd.Extent, error) {
 	if !r.conns.blockStatus {
 		return []nbd.Extent{{Offset: start, Length: end - start}}, nil
 	}
-	ext, err := r.conns.meta.BlockStatus(r.actx, start, end-start)
+	// The caller's cancel must reach a request a hung source never answers, not wait for
+	// the command timeout: the copy ends anyway, and only what was flushed counts.
+	bctx, stop := context.WithCancelCause(r.actx)
+	defer stop(nil)
+	unlink := context.AfterFunc(ctx, func() { stop(context.Cause(ctx)) })
+	defer unlink()
+	ext, err := r.conns.meta.BlockStatus(bctx, start, end-start)
+	if err != nil && ctx.Err() != nil {
+		return nil, fmt.Errorf("copy cancelled: %w", context.Cause(ctx))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("source block status at %d: %w", start, err)
 	}
