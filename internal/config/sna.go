@@ -1,7 +1,6 @@
 package config
 
 import (
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -12,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/certpin"
 )
 
 // Source transports: how nbdkit reads a snapshot's disk.
@@ -113,11 +114,12 @@ func (c *SNA) resolveAndValidate() error {
 	}
 	v.vcenterURL("DISKFERRY_VCENTER_URL", c.VCenterURL)
 	if c.VCenterThumbprint != "" {
-		tp, err := normalizeThumbprint(c.VCenterThumbprint)
-		if err != nil {
+		// Normalised to govmomi's form: upper case, colon separated.
+		if pin, err := certpin.Parse(c.VCenterThumbprint); err != nil {
 			v.fail("DISKFERRY_VCENTER_THUMBPRINT", err)
+		} else {
+			c.VCenterThumbprint = pin.String()
 		}
-		c.VCenterThumbprint = tp
 	} else if !c.VCenterInsecure {
 		v.fail("DISKFERRY_VCENTER_THUMBPRINT", errors.New("required to pin vCenter's certificate (or DISKFERRY_VCENTER_INSECURE=true, lab only)"))
 	}
@@ -198,20 +200,6 @@ func (v *validator) vcenterURL(name, raw string) {
 	case u.Host == "":
 		v.fail(name, fmt.Errorf("malformed URL %q: no host", raw))
 	}
-}
-
-// normalizeThumbprint accepts a SHA-1 or SHA-256 certificate fingerprint in hex, with or
-// without colons, and returns govmomi's form: upper case, colon separated.
-func normalizeThumbprint(tp string) (string, error) {
-	raw, err := hex.DecodeString(strings.ReplaceAll(strings.TrimSpace(tp), ":", ""))
-	if err != nil || (len(raw) != 20 && len(raw) != 32) {
-		return tp, fmt.Errorf("%q is not a SHA-1 or SHA-256 fingerprint (hex pairs, e.g. AB:CD:...)", tp)
-	}
-	pairs := make([]string, len(raw))
-	for i, b := range raw {
-		pairs[i] = fmt.Sprintf("%02X", b)
-	}
-	return strings.Join(pairs, ":"), nil
 }
 
 func withDefaultPort(addr, port string) string {

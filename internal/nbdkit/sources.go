@@ -2,11 +2,8 @@ package nbdkit
 
 import (
 	"context"
-	"crypto/sha1"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -19,6 +16,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/certpin"
 )
 
 // FileSource serves a local file or block device (lab sources, benchmarks).
@@ -157,9 +156,9 @@ func DatastoreURL(host, datacenter, datastore, path string) string {
 // against thumbprint (hex, colons optional; 20 bytes SHA-1 or 32 bytes SHA-256) and returns
 // it PEM-encoded.
 func FetchPinnedCertificate(ctx context.Context, hostport, thumbprint string) ([]byte, error) {
-	want, err := hex.DecodeString(strings.ReplaceAll(strings.TrimSpace(thumbprint), ":", ""))
-	if err != nil || (len(want) != sha1.Size && len(want) != sha256.Size) {
-		return nil, fmt.Errorf("thumbprint %q: want hex SHA-1 or SHA-256", thumbprint)
+	want, err := certpin.Parse(thumbprint)
+	if err != nil {
+		return nil, err
 	}
 	if _, _, err := net.SplitHostPort(hostport); err != nil {
 		hostport = net.JoinHostPort(hostport, "443")
@@ -172,17 +171,10 @@ func FetchPinnedCertificate(ctx context.Context, hostport, thumbprint string) ([
 			if len(raw) == 0 {
 				return errors.New("no server certificate")
 			}
-			var sum []byte
-			if len(want) == sha1.Size {
-				s := sha1.Sum(raw[0])
-				sum = s[:]
-			} else {
-				s := sha256.Sum256(raw[0])
-				sum = s[:]
-			}
-			if hex.EncodeToString(sum) != hex.EncodeToString(want) {
-				return fmt.Errorf("server certificate thumbprint %s does not match the pinned %s",
-					colonHex(sum), colonHex(want))
+			if !want.Matches(raw[0]) {
+				sha1Print, sha256Print := certpin.Thumbprints(raw[0])
+				return fmt.Errorf("server certificate (SHA-1 %s, SHA-256 %s) does not match the pinned thumbprint %s",
+					sha1Print, sha256Print, want)
 			}
 			cert, err := x509.ParseCertificate(raw[0])
 			leaf = cert
@@ -195,14 +187,6 @@ func FetchPinnedCertificate(ctx context.Context, hostport, thumbprint string) ([
 	}
 	_ = conn.Close()
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}), nil
-}
-
-func colonHex(b []byte) string {
-	parts := make([]string, len(b))
-	for i, v := range b {
-		parts[i] = fmt.Sprintf("%02X", v)
-	}
-	return strings.Join(parts, ":")
 }
 
 // VDDKSource serves a disk of a VM snapshot through VMware's VDDK (nbdkit-vddk-plugin,

@@ -5,17 +5,13 @@ package vsphere
 
 import (
 	"context"
-	"crypto/sha1"
-	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/url"
-	"strings"
 	"time"
 
 	"github.com/vmware/govmomi/fault"
@@ -25,6 +21,8 @@ import (
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/diskferry/diskferry/internal/certpin"
 )
 
 // Errors callers branch on; match them with errors.Is.
@@ -124,11 +122,11 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 		log.Warn("vCenter certificate verification DISABLED (insecure opt-in): the connection can be intercepted",
 			"url", u.String(), "user", cfg.User)
 	case cfg.Thumbprint != "":
-		want, err := parseThumbprint(cfg.Thumbprint)
+		want, err := certpin.Parse(cfg.Thumbprint)
 		if err != nil {
 			return nil, fmt.Errorf("connect to vCenter %s: %w", u.Host, err)
 		}
-		sc.SetThumbprint(u.Host, formatThumbprint(want))
+		sc.SetThumbprint(u.Host, want.String())
 		pinTransport(sc, u.Host, want)
 	}
 
@@ -215,7 +213,7 @@ func (c *Client) SessionCookie() (string, error) {
 // pinTransport makes every TLS connection of the client accept exactly the pinned
 // certificate. govmomi's own SetThumbprint only applies when CA verification fails,
 // so a CA-signed impostor would pass; this does not.
-func pinTransport(sc *soap.Client, host string, want []byte) {
+func pinTransport(sc *soap.Client, host string, want certpin.Pin) {
 	cfg := &tls.Config{
 		MinVersion:         tls.VersionTLS12,
 		InsecureSkipVerify: true, // replaced by the exact pin in VerifyConnection
@@ -250,39 +248,16 @@ func presentedThumbprint(ctx context.Context, host string) string {
 	if len(certs) == 0 {
 		return ""
 	}
-	sum := sha1.Sum(certs[0].Raw)
-	return " (server presents SHA-1 " + formatThumbprint(sum[:]) + ")"
+	sha1Print, _ := certpin.Thumbprints(certs[0].Raw)
+	return " (server presents SHA-1 " + sha1Print + ")"
 }
 
-func checkPin(host string, want []byte, cert *x509.Certificate) error {
-	s1 := sha1.Sum(cert.Raw)
-	s256 := sha256.Sum256(cert.Raw)
-	if string(want) == string(s1[:]) || string(want) == string(s256[:]) {
+func checkPin(host string, want certpin.Pin, cert *x509.Certificate) error {
+	if want.Matches(cert.Raw) {
 		return nil
 	}
-	return &ThumbprintMismatchError{
-		Host:         host,
-		Expected:     formatThumbprint(want),
-		ActualSHA1:   formatThumbprint(s1[:]),
-		ActualSHA256: formatThumbprint(s256[:]),
-	}
-}
-
-func parseThumbprint(s string) ([]byte, error) {
-	clean := strings.NewReplacer(":", "", " ", "", "-", "").Replace(strings.TrimSpace(s))
-	b, err := hex.DecodeString(clean)
-	if err != nil || (len(b) != sha1.Size && len(b) != sha256.Size) {
-		return nil, fmt.Errorf("thumbprint %q is not a SHA-1 or SHA-256 hex digest", s)
-	}
-	return b, nil
-}
-
-func formatThumbprint(b []byte) string {
-	parts := make([]string, len(b))
-	for i, x := range b {
-		parts[i] = fmt.Sprintf("%02X", x)
-	}
-	return strings.Join(parts, ":")
+	sha1Print, sha256Print := certpin.Thumbprints(cert.Raw)
+	return &ThumbprintMismatchError{Host: host, Expected: want.String(), ActualSHA1: sha1Print, ActualSHA256: sha256Print}
 }
 
 func isInvalidLogin(err error) bool { return fault.Is(err, &types.InvalidLogin{}) }
