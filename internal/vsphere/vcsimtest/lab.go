@@ -183,7 +183,15 @@ func (l *Lab) build(ctx context.Context, opts Options) error {
 		return fmt.Errorf("lab URL: %w", err)
 	}
 	sc := soap.NewClient(u, false)
-	sc.SetThumbprint(u.Host, l.Thumbprint)
+	// Trust the simulator's own certificate: a thumbprint alone makes govmomi try the
+	// system CAs first, and the failed handshake ends up in the simulator's log.
+	caFile, err := l.server.CertificateFile()
+	if err != nil {
+		return fmt.Errorf("lab certificate: %w", err)
+	}
+	if err := sc.SetRootCAs(caFile); err != nil {
+		return fmt.Errorf("lab certificate: %w", err)
+	}
 	vc, err := vim25.NewClient(ctx, sc)
 	if err != nil {
 		return fmt.Errorf("lab admin client: %w", err)
