@@ -33,7 +33,8 @@ const (
 type Settings struct {
 	Transport       string
 	VDDKLibDir      string
-	VCenterHost     string // host[:port] of vCenter, for VDDK
+	VCenterHost     string // host name of vCenter, for VDDK
+	VCenterPort     int    // 0: 443
 	VCenterUser     string
 	VCenterPassword string
 	Thumbprint      string // vCenter certificate pin, used by the https source too
@@ -347,7 +348,7 @@ func (a *Activities) startSource(ctx context.Context, in activities.CopyDiskInpu
 			return nil, err
 		}
 		src = nbdkit.VDDKSource{
-			LibDir: a.settings.VDDKLibDir, Server: a.settings.VCenterHost,
+			LibDir: a.settings.VDDKLibDir, Server: a.settings.VCenterHost, Port: a.settings.VCenterPort,
 			User: a.settings.VCenterUser, Password: a.settings.VCenterPassword,
 			Thumbprint: a.settings.Thumbprint, VMMoref: in.Snapshot.VMMoref,
 			SnapshotMoref: in.Snapshot.Moref, File: file,

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"crypto/sha1"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -153,6 +154,10 @@ func (c *SNA) resolveAndValidate() error {
 	switch c.Transport {
 	case TransportHTTPS:
 	case TransportVDDK:
+		// VDDK pins vCenter by SHA-1 only.
+		if pin, err := certpin.Parse(c.VCenterThumbprint); err == nil && len(pin) != sha1.Size {
+			v.fail("DISKFERRY_VCENTER_THUMBPRINT", errors.New("VDDK needs the SHA-1 thumbprint (20 hex pairs) with DISKFERRY_TRANSPORT=vddk"))
+		}
 		if v.required("DISKFERRY_VDDK_LIBDIR", c.VDDKLibdir) {
 			if info, err := os.Stat(c.VDDKLibdir); err != nil {
 				v.fail("DISKFERRY_VDDK_LIBDIR", fmt.Errorf("VDDK directory: %w", err))

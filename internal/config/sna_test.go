@@ -163,6 +163,8 @@ func TestLoadSNARejects(t *testing.T) {
 		{"keepalive zero", map[string]string{"DISKFERRY_SSH_KEEPALIVE": "0s"}, "DISKFERRY_SSH_KEEPALIVE", "positive duration"},
 		{"unknown transport", map[string]string{"DISKFERRY_TRANSPORT": "nfc"}, "DISKFERRY_TRANSPORT", "want https or vddk"},
 		{"vddk without libdir", map[string]string{"DISKFERRY_TRANSPORT": "vddk"}, "DISKFERRY_VDDK_LIBDIR", "required"},
+		{"vddk with a sha-256 pin", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": dir,
+			"DISKFERRY_VCENTER_THUMBPRINT": strings.Repeat("AB:", 31) + "AB"}, "DISKFERRY_VCENTER_THUMBPRINT", "VDDK needs the SHA-1"},
 		{"vddk libdir missing", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": filepath.Join(dir, "vddk")}, "DISKFERRY_VDDK_LIBDIR", "no such file"},
 		{"vddk libdir is a file", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": writeFile(t, "lib", "")}, "DISKFERRY_VDDK_LIBDIR", "not a directory"},
 		{"zero connections", map[string]string{"DISKFERRY_COPY_CONNECTIONS": "0"}, "DISKFERRY_COPY_CONNECTIONS", "want 1-16"},

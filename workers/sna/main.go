@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -147,10 +148,17 @@ func snaSettings(cfg config.SNA) (sna.Settings, error) {
 	if err != nil || u.Hostname() == "" {
 		return sna.Settings{}, errors.New("DISKFERRY_VCENTER_URL: no host name for VDDK")
 	}
+	var port int
+	if p := u.Port(); p != "" {
+		if port, err = strconv.Atoi(p); err != nil {
+			return sna.Settings{}, fmt.Errorf("DISKFERRY_VCENTER_URL: port %q: %w", p, err)
+		}
+	}
 	return sna.Settings{
 		Transport:       cfg.Transport,
 		VDDKLibDir:      cfg.VDDKLibdir,
 		VCenterHost:     u.Hostname(),
+		VCenterPort:     port,
 		VCenterUser:     cfg.VCenterUser,
 		VCenterPassword: cfg.VCenterPassword.Value(),
 		Thumbprint:      cfg.VCenterThumbprint,
