@@ -50,6 +50,9 @@ func TestTemporalCLIStartsAndFindsBackup(t *testing.T) {
 	require.Contains(t, out, `"pointId"`)
 	require.Contains(t, out, "COMPLETED")
 
+	out = run(ctx, t, l, temporal, "workflow", "query", addr, "--workflow-id", "cli-backup-1", "--type", "progress", "--output", "json")
+	require.Contains(t, out, `"status": "complete"`, "the progress query as docs/operations.md shows it")
+
 	out = run(ctx, t, l, temporal, "workflow", "list", addr, "--query", fmt.Sprintf(`VMName=%q`, l.VC.VMName), "--output", "json")
 	require.Contains(t, out, "cli-backup-1")
 	out = run(ctx, t, l, temporal, "workflow", "list", addr, "--query", `VMName="no-such-vm"`, "--output", "json")
