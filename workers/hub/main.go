@@ -6,8 +6,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -80,7 +78,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 
 	registry := prometheus.NewRegistry()
 	sdk := newSDKMetrics()
-	tlsConfig, err := temporalTLS(cfg.Temporal)
+	tlsConfig, err := cfg.TLS()
 	if err != nil {
 		return err
 	}
@@ -210,31 +208,4 @@ func serveMetrics(addr string, registry *prometheus.Registry, log *slog.Logger) 
 		_ = srv.Shutdown(ctx)
 		<-done
 	}, nil
-}
-
-// temporalTLS builds the TLS configuration for the Temporal connection; nil without TLS.
-func temporalTLS(t config.Temporal) (*tls.Config, error) {
-	if !t.TLSEnabled() {
-		return nil, nil
-	}
-	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: t.TLSServerName}
-	if t.TLSCert != "" {
-		cert, err := tls.LoadX509KeyPair(t.TLSCert, t.TLSKey)
-		if err != nil {
-			return nil, fmt.Errorf("temporal client certificate: %w", err)
-		}
-		c.Certificates = []tls.Certificate{cert}
-	}
-	if t.TLSCA != "" {
-		pem, err := os.ReadFile(t.TLSCA)
-		if err != nil {
-			return nil, fmt.Errorf("temporal CA: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("temporal CA %s: no PEM certificate", t.TLSCA)
-		}
-		c.RootCAs = pool
-	}
-	return c, nil
 }
