@@ -204,12 +204,18 @@ func (l *Lab) StartWorker(name string) {
 	l.t.Cleanup(func() { l.StopWorker(name) })
 }
 
-// StopWorker stops a worker gracefully (SIGTERM), killing it after 15 s; idempotent.
-func (l *Lab) StopWorker(name string) {
+// take removes a worker from the running set; nil when it is not running.
+func (l *Lab) take(name string) *worker {
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	w := l.workers[name]
 	delete(l.workers, name)
-	l.mu.Unlock()
+	return w
+}
+
+// StopWorker stops a worker gracefully (SIGTERM), killing it after 15 s; idempotent.
+func (l *Lab) StopWorker(name string) {
+	w := l.take(name)
 	if w == nil {
 		return
 	}
@@ -225,10 +231,7 @@ func (l *Lab) StopWorker(name string) {
 
 // KillWorker kills a worker at once (SIGKILL), as a crash would.
 func (l *Lab) KillWorker(name string) {
-	l.mu.Lock()
-	w := l.workers[name]
-	delete(l.workers, name)
-	l.mu.Unlock()
+	w := l.take(name)
 	if w == nil {
 		return
 	}
