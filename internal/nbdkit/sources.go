@@ -2,13 +2,10 @@ package nbdkit
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -160,32 +157,10 @@ func FetchPinnedCertificate(ctx context.Context, hostport, thumbprint string) ([
 	if err != nil {
 		return nil, err
 	}
-	if _, _, err := net.SplitHostPort(hostport); err != nil {
-		hostport = net.JoinHostPort(hostport, "443")
-	}
-	var leaf *x509.Certificate
-	dialer := tls.Dialer{Config: &tls.Config{
-		// Verification is the thumbprint comparison below, on the certificate presented.
-		InsecureSkipVerify: true,
-		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			if len(raw) == 0 {
-				return errors.New("no server certificate")
-			}
-			if !want.Matches(raw[0]) {
-				sha1Print, sha256Print := certpin.Thumbprints(raw[0])
-				return fmt.Errorf("server certificate (SHA-1 %s, SHA-256 %s) does not match the pinned thumbprint %s",
-					sha1Print, sha256Print, want)
-			}
-			cert, err := x509.ParseCertificate(raw[0])
-			leaf = cert
-			return err
-		},
-	}}
-	conn, err := dialer.DialContext(ctx, "tcp", hostport)
+	leaf, err := want.Fetch(ctx, hostport)
 	if err != nil {
-		return nil, fmt.Errorf("fetch certificate of %s: %w", hostport, err)
+		return nil, fmt.Errorf("fetch certificate: %w", err)
 	}
-	_ = conn.Close()
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: leaf.Raw}), nil
 }
 

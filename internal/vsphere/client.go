@@ -6,7 +6,6 @@ package vsphere
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -72,18 +71,8 @@ func (c Config) LogValue() slog.Value {
 	)
 }
 
-// ThumbprintMismatchError reports a server certificate that is not the pinned one.
-type ThumbprintMismatchError struct {
-	Host         string
-	Expected     string
-	ActualSHA1   string
-	ActualSHA256 string
-}
-
-func (e *ThumbprintMismatchError) Error() string {
-	return fmt.Sprintf("certificate of %s does not match the pinned thumbprint: expected %s, server presents SHA-1 %s (SHA-256 %s)",
-		e.Host, e.Expected, e.ActualSHA1, e.ActualSHA256)
-}
+// ThumbprintMismatchError means vCenter presents a certificate other than the pinned one.
+type ThumbprintMismatchError = certpin.MismatchError
 
 // Client is a logged-in vCenter session kept alive in the background.
 type Client struct {
@@ -214,16 +203,7 @@ func (c *Client) SessionCookie() (string, error) {
 // certificate. govmomi's own SetThumbprint only applies when CA verification fails,
 // so a CA-signed impostor would pass; this does not.
 func pinTransport(sc *soap.Client, host string, want certpin.Pin) {
-	cfg := &tls.Config{
-		MinVersion:         tls.VersionTLS12,
-		InsecureSkipVerify: true, // replaced by the exact pin in VerifyConnection
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return fmt.Errorf("%s presented no certificate", host)
-			}
-			return checkPin(host, want, cs.PeerCertificates[0])
-		},
-	}
+	cfg := want.TLSConfig(host)
 	tr := sc.DefaultTransport()
 	tr.TLSClientConfig = cfg
 	dialer := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 30 * time.Second}, Config: cfg}
@@ -233,31 +213,14 @@ func pinTransport(sc *soap.Client, host string, want certpin.Pin) {
 // presentedThumbprint names the certificate a server presents, so an operator can
 // compare it with the one vCenter shows before pinning it.
 func presentedThumbprint(ctx context.Context, host string) string {
-	dialer := &tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true}} // only to read the certificate
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	if _, _, err := net.SplitHostPort(host); err != nil {
-		host = net.JoinHostPort(host, "443")
-	}
-	conn, err := dialer.DialContext(ctx, "tcp", host)
+	cert, err := certpin.Presented(ctx, host)
 	if err != nil {
 		return ""
 	}
-	defer conn.Close()
-	certs := conn.(*tls.Conn).ConnectionState().PeerCertificates
-	if len(certs) == 0 {
-		return ""
-	}
-	sha1Print, _ := certpin.Thumbprints(certs[0].Raw)
+	sha1Print, _ := certpin.Thumbprints(cert.Raw)
 	return " (server presents SHA-1 " + sha1Print + ")"
-}
-
-func checkPin(host string, want certpin.Pin, cert *x509.Certificate) error {
-	if want.Matches(cert.Raw) {
-		return nil
-	}
-	sha1Print, sha256Print := certpin.Thumbprints(cert.Raw)
-	return &ThumbprintMismatchError{Host: host, Expected: want.String(), ActualSHA1: sha1Print, ActualSHA256: sha256Print}
 }
 
 func isInvalidLogin(err error) bool { return fault.Is(err, &types.InvalidLogin{}) }
