@@ -31,8 +31,11 @@ const (
 	// VCenterMaxRequestSize is the largest read vCenter's NFC serves reliably.
 	VCenterMaxRequestSize = 2 << 20
 
-	maxZeroRequest     = 1 << 30 // NBD lengths are 32-bit
-	blockStatusWindow  = 1 << 30 // block status is fetched lazily, this much at a time
+	maxZeroRequest    = 1 << 30 // NBD lengths are 32-bit
+	blockStatusWindow = 1 << 30 // block status is fetched lazily, this much at a time
+	// aheadWindow is how far the ahead lane may get beyond the checkpoint (see queue.go);
+	// an interrupted copy redoes at most this much finished work beyond its checkpoint.
+	aheadWindow        = 512 << 20
 	defaultTimeout     = 60 * time.Second
 	defaultCheckpoint  = 10 * time.Second
 	defaultProgress    = time.Second
@@ -219,10 +222,12 @@ type run struct {
 	zh       *zeroHasher
 	slots    []slot
 	tokens   chan struct{} // free slots
-	work     chan int64    // sequence numbers for workers
+	work     *queue        // sequence numbers for workers
 	finished chan int64    // finished sequence numbers for the committer
 	abort    context.CancelCauseFunc
-	actx     context.Context // cancelled on the first error
+	// cancelled: a worker left a chunk undone because the caller cancelled.
+	cancelled atomic.Bool
+	actx      context.Context // cancelled on the first error
 }
 
 // Run copies. On failure or cancel once the copy has started it returns the error together
@@ -265,7 +270,7 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	r := &run{Copy: c, conns: conns, zh: newZeroHasher(c.opts.BlockSize)}
 	r.actx, r.abort = context.WithCancelCause(context.Background())
 	defer r.abort(nil)
-	window := 4 * workersPerConnection * c.opts.Connections
+	window := max(4*workersPerConnection*c.opts.Connections, int(aheadWindow/c.opts.RequestSize))
 	r.slots = make([]slot, window)
 	perChunk := int(c.opts.RequestSize/c.opts.BlockSize) + 1
 	for i := range r.slots {
@@ -275,7 +280,7 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	for range window {
 		r.tokens <- struct{}{}
 	}
-	r.work = make(chan int64, window)
+	r.work = newQueue(window)
 	r.finished = make(chan int64, window)
 
 	c.log.Info("copy starting", "source", nbd.RedactURI(c.src), "target", nbd.RedactURI(c.dst),
@@ -294,7 +299,7 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	var dispatchErr error
 	producers.Go(func() { dispatchErr = r.dispatch(ctx, clipAreas(areas, resume.Offset)) })
 	for _, w := range workers {
-		producers.Go(func() { w.loop(r) })
+		producers.Go(func() { w.loop(ctx, r) })
 	}
 	committed := make(chan commitState, 1)
 	go func() { committed <- r.commit(dg, resume.Offset, doneBefore) }()
@@ -305,6 +310,9 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	runErr := context.Cause(r.actx)
 	if runErr == nil && dispatchErr != nil {
 		runErr = dispatchErr
+	}
+	if runErr == nil && r.cancelled.Load() {
+		runErr = fmt.Errorf("copy cancelled: %w", context.Cause(ctx))
 	}
 	// Flush what completed, also after a cancel or a source failure, so the checkpoint
 	// covers it; a dead target fails this flush and the earlier checkpoint stands.

@@ -26,12 +26,12 @@ func (r *run) dispatch(ctx context.Context, areas []Extent) error {
 			r.nDone.Add(ch.n)
 			r.finished <- seq
 		} else {
-			r.work <- seq
+			r.work.push(seq)
 		}
 		seq++
 		return nil
 	}
-	defer close(r.work)
+	defer r.work.close()
 	bs := r.opts.BlockSize
 	for _, a := range areas {
 		for ws := a.Start; ws < a.End(); {

@@ -1,6 +1,7 @@
 package blockcopy
 
 import (
+	"context"
 	"crypto/sha256"
 	"fmt"
 
@@ -12,6 +13,7 @@ const workersPerConnection = 2
 // worker owns one buffer and uses one source and one target connection.
 type worker struct {
 	src, dst *nbd.Handle // dst nil when only computing the digest
+	lane     int
 	buf      *nbd.Buffer
 	zeros    *nbd.Buffer // shared zero source when the target cannot zero (never written)
 }
@@ -36,7 +38,8 @@ func (r *run) startWorkers() ([]*worker, error) {
 			return nil, err
 		}
 		r.conns.afterClose(buf.Free)
-		w := &worker{src: r.conns.src[i%len(r.conns.src)], buf: buf, zeros: zeros}
+		// Each connection serves both lanes.
+		w := &worker{src: r.conns.src[i%len(r.conns.src)], buf: buf, zeros: zeros, lane: i / len(r.conns.src) % 2}
 		if len(r.conns.dst) > 0 {
 			w.dst = r.conns.dst[i%len(r.conns.dst)]
 		}
@@ -45,16 +48,30 @@ func (r *run) startWorkers() ([]*worker, error) {
 	return workers, nil
 }
 
-func (w *worker) loop(r *run) {
-	for seq := range r.work {
+// loop works until the queue is drained. After a failure or a cancel (ctx) it only drains:
+// up to aheadWindow is queued, so finishing it would delay the stop; commands already in
+// flight complete, so the target stays consistent and the final flush covers them.
+func (w *worker) loop(ctx context.Context, r *run) {
+	for {
+		seq, ok := r.work.take(w.lane)
+		if !ok {
+			return
+		}
 		if r.actx.Err() != nil {
-			continue // drain; the copy failed
+			continue
+		}
+		if ctx.Err() != nil {
+			r.cancelled.Store(true)
+			continue
 		}
 		s := &r.slots[seq%int64(len(r.slots))]
-		var err error
+		var (
+			wrote bool
+			err   error
+		)
 		switch s.c.kind {
 		case kindData:
-			err = w.copyData(r, s)
+			wrote, err = w.copyData(r, s)
 		case kindZero:
 			err = w.zero(r, s.c.off, s.c.n)
 		}
@@ -62,16 +79,18 @@ func (w *worker) loop(r *run) {
 			r.abort(err)
 			continue
 		}
+		r.work.finished(w.lane, seq, wrote)
 		r.nDone.Add(s.c.n)
 		r.finished <- seq
 	}
 }
 
-// copyData reads a chunk, hashes its pieces and writes data pieces and zeroes all-zero ones.
-func (w *worker) copyData(r *run, s *slot) error {
+// copyData reads a chunk, hashes its pieces and writes data pieces and zeroes all-zero
+// ones; wrote says whether any piece held data.
+func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	off, n := s.c.off, s.c.n
 	if err := w.src.Pread(r.actx, w.buf, 0, int(n), off); err != nil {
-		return fmt.Errorf("read source at %d+%d: %w", off, n, err)
+		return false, fmt.Errorf("read source at %d+%d: %w", off, n, err)
 	}
 	r.nRead.Add(n)
 	data := w.buf.Bytes()[:n]
@@ -82,6 +101,7 @@ func (w *worker) copyData(r *run, s *slot) error {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
 		piece := data[p-off : pe-off]
 		zero := r.zh.isZero(piece)
+		wrote = wrote || !zero
 		switch {
 		case r.opts.SkipDigest:
 		case zero:
@@ -91,14 +111,14 @@ func (w *worker) copyData(r *run, s *slot) error {
 		}
 		if p > off && zero != runZero {
 			if err := w.write(r, off, runStart, p, runZero); err != nil {
-				return err
+				return wrote, err
 			}
 			runStart = p
 		}
 		runZero = zero
 		p = pe
 	}
-	return w.write(r, off, runStart, end, runZero)
+	return wrote, w.write(r, off, runStart, end, runZero)
 }
 
 // write sends [from, to) of the chunk at base as data or as a zero request.

@@ -7,6 +7,10 @@ package nbd
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
 
 // libnbd keeps the last error per OS thread, and a goroutine may change threads between
 // two cgo calls, so every shim captures the message and errno inside the failing call.
@@ -59,6 +63,14 @@ static int df_connect_step(struct nbd_handle *h, int slice_ms, df_err *e) {
 		df_capture(e);
 		return -1;
 	}
+	// qemu-nbd answers some options in several small writes; without a prompt ACK, Nagle
+	// holds the second one for the client's delayed ACK: 40 ms per handshake. The kernel
+	// drops quick-ACK mode again by itself, hence before every poll. Not TCP: ignored.
+	int fd = nbd_aio_get_fd(h);
+	if (fd >= 0) {
+		int one = 1;
+		(void)setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+	}
 	if (nbd_poll(h, slice_ms) == -1) {
 		df_capture(e);
 		return -1;
@@ -72,19 +84,33 @@ static int df_connect_step(struct nbd_handle *h, int slice_ms, df_err *e) {
 	return 0;
 }
 
-// df_wait polls once for a command: 1 done, 0 pending, -1 failed.
+// df_wait polls until the command completes or slice_ms pass: 1 done, 0 pending, -1 failed.
+// One cgo call per command, not per poll: a 1 MiB reply arrives in many socket reads, and
+// returning to Go between them cost context switches (scripts/bench.sh, zeros case).
 static int df_wait(struct nbd_handle *h, int64_t cookie, int slice_ms, df_err *e) {
-	int r = nbd_aio_command_completed(h, (uint64_t)cookie);
-	if (r == 0) {
-		if (nbd_poll(h, slice_ms) == -1) {
+	struct timespec now, end;
+	clock_gettime(CLOCK_MONOTONIC, &end);
+	end.tv_sec += slice_ms / 1000;
+	end.tv_nsec += (long)(slice_ms % 1000) * 1000000L;
+	if (end.tv_nsec >= 1000000000L) {
+		end.tv_sec++;
+		end.tv_nsec -= 1000000000L;
+	}
+	for (;;) {
+		int r = nbd_aio_command_completed(h, (uint64_t)cookie);
+		if (r == -1)
+			df_capture(e);
+		if (r != 0)
+			return r;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		long left = (end.tv_sec - now.tv_sec) * 1000L + (end.tv_nsec - now.tv_nsec) / 1000000L;
+		if (left <= 0)
+			return 0;
+		if (nbd_poll(h, (int)left) == -1) {
 			df_capture(e);
 			return -1;
 		}
-		r = nbd_aio_command_completed(h, (uint64_t)cookie);
 	}
-	if (r == -1)
-		df_capture(e);
-	return r;
 }
 
 static int64_t df_pread(struct nbd_handle *h, void *buf, size_t n, uint64_t off, df_err *e) {
