@@ -28,8 +28,8 @@ func (r *run) startWorkers() ([]*worker, error) {
 		zeros = b
 		r.conns.afterClose(zeros.Free)
 	}
-	// Two workers per connection: while one waits for its write, the other reads and hashes
-	// the next chunk, so the target is never idle for the source's latency (handles
+	// Two workers per connection, one per lane: while one waits for its write, the other
+	// reads and hashes, so the target is never idle for the source's latency (handles
 	// serialise the two).
 	workers := make([]*worker, workersPerConnection*r.opts.Connections)
 	for i := range workers {
@@ -38,7 +38,6 @@ func (r *run) startWorkers() ([]*worker, error) {
 			return nil, err
 		}
 		r.conns.afterClose(buf.Free)
-		// Each connection serves both lanes.
 		w := &worker{src: r.conns.src[i%len(r.conns.src)], buf: buf, zeros: zeros, lane: i / len(r.conns.src) % 2}
 		if len(r.conns.dst) > 0 {
 			w.dst = r.conns.dst[i%len(r.conns.dst)]
