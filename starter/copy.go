@@ -24,6 +24,7 @@ type copyFlags struct {
 	changedAreas      string
 	destinationIsZero bool
 	digest            bool
+	manifest          string
 	verbose           bool
 }
 
@@ -50,6 +51,7 @@ extents; holes and all-zero blocks become zero requests on the target.`,
 	fl.StringVar(&f.changedAreas, "changed-areas", "", `JSON file with the areas to copy: [{"start":N,"length":N}, ...]`)
 	fl.BoolVar(&f.destinationIsZero, "destination-is-zero", false, "the target reads as zeros already: skip zero requests")
 	fl.BoolVar(&f.digest, "digest", false, "also compute the SHA-256 digest a backup records (per 1 MiB block) and print it")
+	fl.StringVar(&f.manifest, "manifest", "", "write the SHA-256 of every 1 MiB block to this new file (see diskferry verify)")
 	fl.BoolVarP(&f.verbose, "verbose", "v", false, "log the copy's steps to stderr")
 	return cmd
 }
@@ -85,13 +87,27 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 			_ = bar.Set64(p.BytesDone)
 		}
 	}
-	c, err := blockcopy.New(src, dst, opts)
-	if err != nil {
-		return err
+	var manifest *manifestFile
+	if f.manifest != "" {
+		m, err := createManifest(f.manifest, blockcopy.DefaultBlockSize)
+		if err != nil {
+			return err
+		}
+		manifest = m
+		opts.SkipDigest = false
+		opts.OnBlock = m.Add
 	}
-	res, err := c.Run(cmd.Context())
+	res, err := copyDisk(cmd, src, dst, opts)
 	if bar != nil {
 		_ = bar.Finish()
+	}
+	if manifest != nil {
+		if err != nil {
+			manifest.Discard()
+		} else if err := manifest.Close(); err != nil {
+			manifest.Discard()
+			return fmt.Errorf("copy: the target is complete, but the manifest is not: %w", err)
+		}
 	}
 	if err != nil {
 		if res != nil {
@@ -107,6 +123,55 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 		fmt.Fprintf(cmd.OutOrStdout(), "digest sha256-of-%d-byte-block-sha256s %s\n", res.BlockSize, res.Digest)
 	}
 	return nil
+}
+
+// manifestFile is a manifest written to a new file while copying; it is removed when the
+// copy fails, so a manifest on disk always describes a finished copy.
+type manifestFile struct {
+	*blockcopy.ManifestWriter
+	f *os.File
+}
+
+func createManifest(path string, blockSize int64) (*manifestFile, error) {
+	f, err := os.OpenFile(filepath.Clean(path), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("create manifest: %w", err)
+	}
+	w, err := blockcopy.NewManifestWriter(f, blockSize)
+	if err != nil {
+		_ = f.Close()
+		_ = os.Remove(f.Name())
+		return nil, err
+	}
+	return &manifestFile{ManifestWriter: w, f: f}, nil
+}
+
+// Close makes the manifest durable.
+func (m *manifestFile) Close() error {
+	if err := m.Flush(); err != nil {
+		return err
+	}
+	if err := m.f.Sync(); err != nil {
+		return fmt.Errorf("sync manifest: %w", err)
+	}
+	if err := m.f.Close(); err != nil {
+		return fmt.Errorf("close manifest: %w", err)
+	}
+	return nil
+}
+
+// Discard removes an unfinished manifest.
+func (m *manifestFile) Discard() {
+	_ = m.f.Close()
+	_ = os.Remove(m.f.Name())
+}
+
+func copyDisk(cmd *cobra.Command, src, dst string, opts blockcopy.Options) (*blockcopy.Result, error) {
+	c, err := blockcopy.New(src, dst, opts)
+	if err != nil {
+		return nil, err
+	}
+	return c.Run(cmd.Context())
 }
 
 // readAreas loads a changed-areas file.

@@ -26,6 +26,6 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: false,
 	}
-	root.AddCommand(newCopyCommand(), newBackupCommand(), newScheduleCommand(), newVersionCommand())
+	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newVersionCommand())
 	return root
 }

@@ -68,6 +68,10 @@ type Options struct {
 	CommandTimeout time.Duration
 	// ConnectTimeout bounds each connection's handshake.
 	ConnectTimeout time.Duration
+	// OnBlock, when set, receives the hash of every piece of the areas in offset order (a
+	// manifest: ManifestWriter.Add), from one goroutine; an error fails the copy. It needs
+	// the digest (not SkipDigest). After a Resume it starts at the checkpoint.
+	OnBlock func(BlockHash) error
 	// OnProgress, when set, is called every ProgressInterval and once at the end.
 	OnProgress       func(Progress)
 	ProgressInterval time.Duration
@@ -146,6 +150,9 @@ func newCopy(src, dst string, opts Options) (*Copy, error) {
 	}
 	if opts.RequestSize > 32<<20 {
 		return nil, fmt.Errorf("blockcopy: request size %d above the NBD limit of 32 MiB", opts.RequestSize)
+	}
+	if opts.OnBlock != nil && opts.SkipDigest {
+		return nil, errors.New("blockcopy: block hashes (OnBlock) need the digest, but SkipDigest is set")
 	}
 	if opts.CommandTimeout <= 0 {
 		opts.CommandTimeout = defaultTimeout

@@ -1,6 +1,7 @@
 package blockcopy
 
 import (
+	"fmt"
 	"sync"
 	"time"
 )
@@ -63,22 +64,27 @@ func (r *run) commit(dg *digest, offset, done int64) commitState {
 	return commitState{offset: offset, state: state, done: done, digest: dg.hex()}
 }
 
-// fold adds a chunk's piece hashes; pieces of zero and skipped chunks hash as zeros.
+// fold adds a chunk's piece hashes and hands them to OnBlock; pieces of zero and skipped
+// chunks hash as zeros.
 func (r *run) fold(dg *digest, s *slot) {
 	if dg == nil {
 		return
 	}
-	if s.c.kind == kindData {
-		for i := range s.hashes {
-			dg.fold(&s.hashes[i])
-		}
-		return
-	}
 	end := s.c.off + s.c.n
-	for p := s.c.off; p < end; {
+	for i, p := 0, s.c.off; p < end; i++ {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
-		sum := r.zh.sum(pe - p)
+		var sum [32]byte
+		if s.c.kind == kindData {
+			sum = s.hashes[i]
+		} else {
+			sum = r.zh.sum(pe - p)
+		}
 		dg.fold(&sum)
+		if r.opts.OnBlock != nil && r.actx.Err() == nil {
+			if err := r.opts.OnBlock(BlockHash{Offset: p, Length: pe - p, Sum: sum}); err != nil {
+				r.abort(fmt.Errorf("block hash at %d: %w", p, err))
+			}
+		}
 		p = pe
 	}
 }
