@@ -208,6 +208,20 @@ for c in $cases; do
   esac
 done
 log "load average after: $(cat /proc/loadavg)"
+# 64 GiB virtual against 1 GiB dense: copied alternately, so the target disk's speed
+# drifting between the two cases (it does, by up to 30 % here) does not pass for a
+# difference between them.
 if [ -n "${time_virtual64g:-}" ] && [ -n "${time_dense1g:-}" ]; then
-  awk -v v="$time_virtual64g" -v d="$time_dense1g" 'BEGIN { printf "bench virtual64g/dense1g time=%.2f (target <= 1.3)\n", v / d }'
+  : >"$work/pair-dense"
+  : >"$work/pair-virtual"
+  for _ in $(seq "$runs"); do
+    serve_source "$bench/dense1g.raw"
+    copy_once ours "$bench/dense1g.raw" "$GiB" >>"$work/pair-dense"
+    stop_source
+    serve_source "$bench/v64.raw"
+    copy_once ours "$bench/v64.raw" $((64 * GiB)) >>"$work/pair-virtual"
+    stop_source
+  done
+  awk -v v="$(cut -d' ' -f1 "$work/pair-virtual" | median)" -v d="$(cut -d' ' -f1 "$work/pair-dense" | median)" \
+    'BEGIN { printf "bench virtual64g/dense1g virtual=%.2f dense=%.2f time=%.2f (target <= 1.3)\n", v, d, v / d }'
 fi
