@@ -57,16 +57,12 @@ extents; holes and all-zero blocks become zero requests on the target.`,
 }
 
 func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
-	level := slog.LevelWarn
-	if f.verbose {
-		level = slog.LevelInfo
-	}
 	opts := blockcopy.Options{
 		Connections:       f.connections,
 		RequestSize:       int64(f.requestSize),
 		DestinationIsZero: f.destinationIsZero,
 		SkipDigest:        !f.digest,
-		Logger:            slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),
+		Logger:            stderrLogger(cmd, f.verbose),
 	}
 	if f.changedAreas != "" {
 		areas, err := readAreas(f.changedAreas)
@@ -123,6 +119,15 @@ func runCopy(cmd *cobra.Command, src, dst string, f copyFlags) error {
 		fmt.Fprintf(cmd.OutOrStdout(), "digest sha256-of-%d-byte-block-sha256s %s\n", res.BlockSize, res.Digest)
 	}
 	return nil
+}
+
+// stderrLogger logs warnings to stderr, and the steps too when verbose.
+func stderrLogger(cmd *cobra.Command, verbose bool) *slog.Logger {
+	level := slog.LevelWarn
+	if verbose {
+		level = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level}))
 }
 
 // manifestFile is a manifest written to a new file while copying; it is removed when the

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"log/slog"
 
 	"github.com/spf13/cobra"
 
@@ -37,13 +36,9 @@ the first 100.`,
 }
 
 func runVerify(cmd *cobra.Command, uri string, f verifyFlags) error {
-	level := slog.LevelWarn
-	if f.verbose {
-		level = slog.LevelInfo
-	}
 	v, err := blockcopy.VerifyManifest(cmd.Context(), uri, f.manifest, blockcopy.Options{
 		Connections: f.connections,
-		Logger:      slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),
+		Logger:      stderrLogger(cmd, f.verbose),
 	})
 	if err != nil {
 		return fmt.Errorf("verify: %w", err)
