@@ -238,6 +238,16 @@ type CopyProgress struct {
 	BytesWritten int64  `json:"bytesWritten"`
 	BytesZeroed  int64  `json:"bytesZeroed"`
 	DigestState  []byte `json:"digestState,omitempty"` // digest of the areas below Checkpoint
+	// Ahead are stretches beyond Checkpoint already written and flushed (the copy works up
+	// to 512 MiB ahead of it); a retried attempt does not redo them.
+	Ahead []CopyStretch `json:"ahead,omitempty"`
+}
+
+// CopyStretch is a finished stretch beyond a copy's checkpoint.
+type CopyStretch struct {
+	Start  int64  `json:"start"`
+	Length int64  `json:"length"`
+	Sums   []byte `json:"sums,omitempty"` // SHA-256 of each block, 32 bytes each
 }
 
 // CopyDiskResult is what CopyDisk returns.

@@ -273,9 +273,10 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 
 	if activity.HasHeartbeatDetails(ctx) {
 		var p activities.CopyProgress
-		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil && p.Checkpoint > 0 {
-			opts.Resume = &blockcopy.Checkpoint{Offset: p.Checkpoint, DigestState: p.DigestState, BytesDone: p.BytesDone}
-			log.Info("resuming copy", "checkpoint", p.Checkpoint)
+		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil && (p.Checkpoint > 0 || len(p.Ahead) > 0) {
+			opts.Resume = &blockcopy.Checkpoint{Offset: p.Checkpoint, DigestState: p.DigestState, BytesDone: p.BytesDone,
+				Ahead: toFinished(p.Ahead)}
+			log.Info("resuming copy", "checkpoint", p.Checkpoint, "finishedAhead", len(p.Ahead))
 		}
 	}
 
@@ -295,6 +296,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 		activity.RecordHeartbeat(ctx, activities.CopyProgress{
 			Checkpoint:   p.Checkpoint.Offset,
 			DigestState:  p.Checkpoint.DigestState,
+			Ahead:        fromFinished(p.Checkpoint.Ahead),
 			BytesDone:    p.BytesDone,
 			BytesTotal:   p.BytesTotal,
 			BytesRead:    p.BytesRead,
@@ -375,6 +377,25 @@ func (a *Activities) snapshotDiskFile(ctx context.Context, in activities.CopyDis
 
 // toBlockExtents never returns nil: nil areas would make blockcopy copy the whole disk,
 // while an empty map (nothing allocated, nothing changed) means copy nothing.
+func toFinished(in []activities.CopyStretch) []blockcopy.Finished {
+	out := make([]blockcopy.Finished, len(in))
+	for i, f := range in {
+		out[i] = blockcopy.Finished{Start: f.Start, Length: f.Length, Sums: f.Sums}
+	}
+	return out
+}
+
+func fromFinished(in []blockcopy.Finished) []activities.CopyStretch {
+	if len(in) == 0 {
+		return nil
+	}
+	out := make([]activities.CopyStretch, len(in))
+	for i, f := range in {
+		out[i] = activities.CopyStretch{Start: f.Start, Length: f.Length, Sums: f.Sums}
+	}
+	return out
+}
+
 func toBlockExtents(in []vsphere.Extent) []blockcopy.Extent {
 	out := make([]blockcopy.Extent, len(in))
 	for i, e := range in {

@@ -34,7 +34,7 @@ const (
 	maxZeroRequest    = 1 << 30 // NBD lengths are 32-bit
 	blockStatusWindow = 1 << 30 // block status is fetched lazily, this much at a time
 	// aheadWindow is how far the ahead lane may get beyond the checkpoint (see queue.go);
-	// an interrupted copy redoes at most this much finished work beyond its checkpoint.
+	// it also bounds Checkpoint.Ahead: at 1 MiB pieces, 512 hashes (16 KiB) at most.
 	aheadWindow        = 512 << 20
 	defaultTimeout     = 60 * time.Second
 	defaultCheckpoint  = 10 * time.Second
@@ -86,6 +86,8 @@ type Checkpoint struct {
 	DigestState []byte `json:"digestState,omitempty"`
 	// BytesDone is the progress the interrupted attempt had reported (for BytesRecopied).
 	BytesDone int64 `json:"bytesDone"`
+	// Ahead are finished stretches beyond Offset, ascending; a resume skips them.
+	Ahead []Finished `json:"ahead,omitempty"`
 }
 
 // Progress is a snapshot of a running copy.
@@ -209,11 +211,13 @@ const (
 	kindData = iota // read, then written (or zeroed where all zero)
 	kindZero        // a zero request, no read
 	kindSkip        // nothing to do (target already zero); only hashed
+	kindDone        // finished before a resume; its sums come from the checkpoint
 )
 
 type chunk struct {
 	off, n int64
 	kind   int
+	sums   []byte // kindDone: the pieces' SHA-256, 32 bytes each
 }
 
 // slot holds one in-flight chunk; slots are reused round robin by sequence number.
@@ -259,10 +263,14 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	if resume.Offset < 0 || resume.Offset > conns.size {
 		return nil, fmt.Errorf("blockcopy: resume offset %d outside the disk of %d bytes", resume.Offset, conns.size)
 	}
-	doneBefore := bytesBelow(areas, resume.Offset)
-	if doneBefore > 0 && len(resume.DigestState) == 0 && !c.opts.SkipDigest {
+	if err := checkAhead(resume.Ahead, resume.Offset, areas, c.opts.BlockSize, !c.opts.SkipDigest); err != nil {
+		return nil, fmt.Errorf("blockcopy: resume: %w", err)
+	}
+	doneBelow := bytesBelow(areas, resume.Offset)
+	if doneBelow > 0 && len(resume.DigestState) == 0 && !c.opts.SkipDigest {
 		return nil, errors.New("blockcopy: resuming after offset 0 needs the digest state of the checkpoint")
 	}
+	doneBefore := doneBelow + finishedBytes(resume.Ahead)
 	var dg *digest
 	if !c.opts.SkipDigest {
 		if dg, err = newDigest(resume.DigestState); err != nil {
@@ -271,7 +279,7 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	}
 	c.nTotal.Store(totalBytes(areas))
 	c.nDone.Store(doneBefore)
-	c.checkpoint.Store(&Checkpoint{Offset: resume.Offset, DigestState: resume.DigestState, BytesDone: doneBefore})
+	c.checkpoint.Store(&Checkpoint{Offset: resume.Offset, DigestState: resume.DigestState, BytesDone: doneBelow, Ahead: resume.Ahead})
 	recopied := max(0, resume.BytesDone-doneBefore)
 
 	r := &run{Copy: c, conns: conns, zh: newZeroHasher(c.opts.BlockSize)}
@@ -304,12 +312,12 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	}
 	var producers sync.WaitGroup
 	var dispatchErr error
-	producers.Go(func() { dispatchErr = r.dispatch(ctx, clipAreas(areas, resume.Offset)) })
+	producers.Go(func() { dispatchErr = r.dispatch(ctx, clipAreas(areas, resume.Offset), resume.Ahead) })
 	for _, w := range workers {
 		producers.Go(func() { w.loop(ctx, r) })
 	}
 	committed := make(chan commitState, 1)
-	go func() { committed <- r.commit(dg, resume.Offset, doneBefore) }()
+	go func() { committed <- r.commit(dg, resume.Offset, doneBelow) }()
 	producers.Wait()
 	close(r.finished)
 	final := <-committed
@@ -324,7 +332,7 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	// Flush what completed, also after a cancel or a source failure, so the checkpoint
 	// covers it; a dead target fails this flush and the earlier checkpoint stands.
 	if err := r.flushTarget(); err == nil {
-		c.checkpoint.Store(&Checkpoint{Offset: final.offset, DigestState: final.state, BytesDone: final.done})
+		c.checkpoint.Store(&Checkpoint{Offset: final.offset, DigestState: final.state, BytesDone: final.done, Ahead: final.ahead})
 	} else if runErr == nil {
 		runErr = err
 	}

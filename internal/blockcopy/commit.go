@@ -11,6 +11,7 @@ type commitState struct {
 	offset int64  // end of the last chunk folded in order
 	state  []byte // digest state at offset
 	done   int64  // area bytes below offset
+	ahead  []Finished
 	digest string
 }
 
@@ -51,7 +52,7 @@ func (r *run) commit(dg *digest, offset, done int64) commitState {
 				r.abort(err)
 				continue
 			}
-			candidates <- Checkpoint{Offset: offset, DigestState: state, BytesDone: done}
+			candidates <- Checkpoint{Offset: offset, DigestState: state, BytesDone: done, Ahead: r.ahead(next, finished)}
 			last = time.Now()
 		}
 	}
@@ -61,7 +62,33 @@ func (r *run) commit(dg *digest, offset, done int64) commitState {
 	if err != nil {
 		r.abort(err)
 	}
-	return commitState{offset: offset, state: state, done: done, digest: dg.hex()}
+	return commitState{offset: offset, state: state, done: done, ahead: r.ahead(next, finished), digest: dg.hex()}
+}
+
+// ahead lists the chunks finished beyond next (the first not finished), which a resume need
+// not redo. Zero requests and skips are left out: redoing them costs no reads.
+func (r *run) ahead(next int64, finished []bool) []Finished {
+	window := int64(len(r.slots))
+	var out []Finished
+	for seq := next + 1; seq < next+window; seq++ {
+		if !finished[seq%window] {
+			continue
+		}
+		s := &r.slots[seq%window]
+		f := Finished{Start: s.c.off, Length: s.c.n}
+		switch s.c.kind {
+		case kindData:
+			for i := range s.hashes {
+				f.Sums = append(f.Sums, s.hashes[i][:]...)
+			}
+		case kindDone:
+			f.Sums = s.c.sums
+		default:
+			continue
+		}
+		out = appendFinished(out, f)
+	}
+	return out
 }
 
 // fold adds a chunk's piece hashes and hands them to OnBlock; pieces of zero and skipped
@@ -74,9 +101,12 @@ func (r *run) fold(dg *digest, s *slot) {
 	for i, p := 0, s.c.off; p < end; i++ {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
 		var sum [32]byte
-		if s.c.kind == kindData {
+		switch s.c.kind {
+		case kindData:
 			sum = s.hashes[i]
-		} else {
+		case kindDone:
+			copy(sum[:], s.c.sums[32*i:])
+		default:
 			sum = r.zh.sum(pe - p)
 		}
 		dg.fold(&sum)

@@ -7,10 +7,11 @@ import (
 	"github.com/diskferry/diskferry/internal/nbd"
 )
 
-// dispatch cuts the areas into chunks in offset order and hands them out. A piece (the
-// areas split at BlockSize) is a hole only when block status says all of it reads as
-// zeros; chunks never split a piece, so each piece's hash comes from one chunk.
-func (r *run) dispatch(ctx context.Context, areas []Extent) error {
+// dispatch cuts the areas into chunks in offset order and hands them out; stretches a
+// resumed copy finished before go straight to the committer. A piece (the areas split at
+// BlockSize) is a hole only when block status says all of it reads as zeros; chunks never
+// split a piece, so each piece's hash comes from one chunk.
+func (r *run) dispatch(ctx context.Context, areas []Extent, ahead []Finished) error {
 	var seq int64
 	emit := func(ch chunk) error {
 		select {
@@ -22,8 +23,10 @@ func (r *run) dispatch(ctx context.Context, areas []Extent) error {
 		}
 		s := &r.slots[seq%int64(len(r.slots))]
 		s.c = ch
-		if ch.kind == kindSkip {
-			r.nDone.Add(ch.n)
+		if ch.kind == kindSkip || ch.kind == kindDone {
+			if ch.kind == kindSkip {
+				r.nDone.Add(ch.n) // finished stretches count in the resumed progress already
+			}
 			r.finished <- seq
 		} else {
 			r.work.push(seq)
@@ -33,7 +36,13 @@ func (r *run) dispatch(ctx context.Context, areas []Extent) error {
 	}
 	defer r.work.close()
 	bs := r.opts.BlockSize
-	for _, a := range areas {
+	for _, a := range segments(areas, ahead) {
+		if a.finished != nil {
+			if err := emit(chunk{off: a.Start, n: a.Length, kind: kindDone, sums: a.finished.Sums}); err != nil {
+				return err
+			}
+			continue
+		}
 		for ws := a.Start; ws < a.End(); {
 			// Windows end on a block boundary, so no piece is split; BlockSize is at most
 			// the 32 MiB request limit, far below the window, so the window is never empty.
