@@ -223,10 +223,13 @@ type CopyDiskInput struct {
 	DiskKey       int32    `json:"diskKey"`
 	CapacityBytes int64    `json:"capacityBytes"`
 	TargetPort    int      `json:"targetPort"` // 127.0.0.1:port on the SNA, forwarded to the hub
-	ExportName    string   `json:"exportName"`
-	Mode          string   `json:"mode"`                   // full|incremental
-	PrevChangeID  string   `json:"prevChangeId,omitempty"` // incremental base
-	Connections   int      `json:"connections"`
+	// HubID is the hub TargetPort is forwarded to: an attempt retried on a restarted SNA
+	// opens the forward again.
+	HubID        string `json:"hubId,omitempty"`
+	ExportName   string `json:"exportName"`
+	Mode         string `json:"mode"`                   // full|incremental
+	PrevChangeID string `json:"prevChangeId,omitempty"` // incremental base
+	Connections  int    `json:"connections"`
 }
 
 // CopyProgress is heartbeated by CopyDisk; a retried attempt resumes from Checkpoint.

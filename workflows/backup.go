@@ -388,6 +388,7 @@ func (b *backup) copyDisks(ctx workflow.Context) error {
 			DiskKey:       d.plan.Key,
 			CapacityBytes: d.plan.CapacityBytes,
 			TargetPort:    d.export.Port,
+			HubID:         b.plan.HubID,
 			ExportName:    d.export.Name,
 			Mode:          d.plan.Mode,
 			PrevChangeID:  d.plan.PrevChangeID,

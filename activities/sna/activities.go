@@ -138,17 +138,21 @@ func (a *Activities) InspectVM(ctx context.Context, in activities.InspectVMInput
 // EnsureTunnel makes every export port reachable on the SNA and checks each with an NBD
 // handshake (the exports are started before the tunnel).
 func (a *Activities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
-	m, err := a.tunnels.Get(in.HubID)
+	return a.ensureForwards(ctx, in.HubID, in.Ports)
+}
+
+func (a *Activities) ensureForwards(ctx context.Context, hubID string, ports []int) error {
+	m, err := a.tunnels.Get(hubID)
 	if err != nil {
 		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
 	}
 	// The SNA listens on 127.0.0.1:P for the hub's export port P.
-	if err := m.EnsureForwards(ctx, tunnel.Ports(in.Ports...)); err != nil {
-		return classify(fmt.Errorf("ensure forwards to hub %s: %w", in.HubID, err))
+	if err := m.EnsureForwards(ctx, tunnel.Ports(ports...)); err != nil {
+		return classify(fmt.Errorf("ensure forwards to hub %s: %w", hubID, err))
 	}
-	for _, p := range in.Ports {
+	for _, p := range ports {
 		if err := m.Health(ctx, p); err != nil {
-			return fmt.Errorf("tunnel to hub %s port %d: %w", in.HubID, p, err)
+			return fmt.Errorf("tunnel to hub %s port %d: %w", hubID, p, err)
 		}
 	}
 	return nil
@@ -280,6 +284,12 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 		}
 	}
 
+	// Usually a no-op; after an SNA restart the forward EnsureTunnel made is gone.
+	if in.HubID != "" {
+		if err := a.ensureForwards(ctx, in.HubID, []int{in.TargetPort}); err != nil {
+			return activities.CopyDiskResult{}, err
+		}
+	}
 	src, err := a.startSource(ctx, in)
 	if err != nil {
 		return activities.CopyDiskResult{}, err

@@ -352,7 +352,7 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 	execute[struct{}](t, env, activities.EnsureTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{exp.Port}})
 	in := activities.CopyDiskInput{
 		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
-		TargetPort: exp.Port, ExportName: exp.Name, Mode: activities.ModeFull,
+		TargetPort: exp.Port, HubID: hubID, ExportName: exp.Name, Mode: activities.ModeFull,
 		// One connection keeps few chunks in flight, so the first attempt stops early.
 		Connections: 1,
 	}
@@ -382,6 +382,8 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 	require.Greater(t, progress.Checkpoint, int64(0))
 	require.Less(t, progress.BytesDone, total, "the first attempt stopped mid-way")
 
+	// The second attempt runs in a restarted SNA: the forward EnsureTunnel made is gone.
+	execute[struct{}](t, env, activities.DropTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{exp.Port}})
 	second := r.env(r.activities("", nil))
 	second.SetHeartbeatDetails(progress)
 	res := execute[activities.CopyDiskResult](t, second, activities.CopyDiskName, in)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
@@ -264,6 +265,55 @@ func TestHubWorkerKilledMidBackup(t *testing.T) {
 	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
 	requireComplete(ctx, t, l, res.PointID)
 	requireNothingLeaked(ctx, t, l, res)
+}
+
+// The SNA dies mid-copy (its nbdkit and tunnel forwards with it): Temporal retries the copy
+// after the heartbeat timeout on the restarted SNA, which opens the forward again and resumes
+// from the last heartbeated checkpoint.
+func TestSNAWorkerKilledMidCopy(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	key := l.VC.Disks[0].Key
+	fillDisk(t, l, key, 768<<20)
+	source := snapshotSources(t, l)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
+	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
+	require.NoError(t, err)
+	waitForCopyProgress(ctx, t, l, run.GetID(), key)
+
+	l.KillWorker("sna")
+	l.StartWorker("sna")
+
+	var res workflows.BackupResult
+	if err := run.Get(ctx, &res); err != nil {
+		t.Fatalf("backup after SNA restart: %v\nSNA log:\n%s", err, tail(l.WorkerLog("sna")))
+	}
+	require.Len(t, res.Disks, 1)
+	require.Greater(t, copyAttempts(ctx, t, l, run.GetID()), int32(1), "the copy was retried")
+	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
+	requireComplete(ctx, t, l, res.PointID)
+	requireNothingLeaked(ctx, t, l, res)
+}
+
+// copyAttempts is the highest attempt of the run's CopyDisk activities.
+func copyAttempts(ctx context.Context, t *testing.T, l *lab.Lab, workflowID string) int32 {
+	t.Helper()
+	copies := map[int64]bool{} // scheduled event IDs of CopyDisk
+	var most int32
+	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
+	for it.HasNext() {
+		ev, err := it.Next()
+		require.NoError(t, err)
+		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil && a.GetActivityType().GetName() == activities.CopyDiskName {
+			copies[ev.GetEventId()] = true
+		}
+		if a := ev.GetActivityTaskStartedEventAttributes(); a != nil && copies[a.GetScheduledEventId()] {
+			most = max(most, a.GetAttempt())
+		}
+	}
+	return most
 }
 
 // fillDisk writes size bytes of random data from the start of the disk, so a copy of it
