@@ -51,9 +51,9 @@ func TestBackupOnServer(t *testing.T) {
 
 	var live Progress
 	require.Eventually(t, func() bool {
-		desc, err := srv.Client.DescribeWorkflowExecution(ctx, first.GetID(), first.GetRunID())
+		desc, err := srv.Client.DescribeWorkflow(ctx, first.GetID(), first.GetRunID())
 		require.NoError(t, err)
-		copies, err := LiveCopies(desc.GetPendingActivities(), converter.GetDefaultDataConverter())
+		copies, err := LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
 		require.NoError(t, err)
 		if _, ok := copies[2001]; !ok {
 			return false

@@ -22,7 +22,7 @@ import (
 // Temporal does not know (deleted, archived, never started) counts as closed.
 func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 	return func(ctx context.Context, workflowID string) (bool, error) {
-		resp, err := c.DescribeWorkflowExecution(ctx, workflowID, "")
+		resp, err := c.DescribeWorkflow(ctx, workflowID, "")
 		var notFound *serviceerror.NotFound
 		if errors.As(err, &notFound) {
 			return true, nil
@@ -30,7 +30,7 @@ func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 		if err != nil {
 			return false, fmt.Errorf("describe workflow %s: %w", workflowID, err)
 		}
-		return resp.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
+		return resp.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
 	}
 }
 

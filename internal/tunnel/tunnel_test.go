@@ -534,7 +534,6 @@ type freezingProxy struct {
 	accepted atomic.Int32
 
 	mu      sync.Mutex
-	frozen  []*atomic.Bool
 	conns   []net.Conn
 	wg      sync.WaitGroup
 	current *atomic.Bool
