@@ -47,7 +47,7 @@ extents; holes and all-zero blocks become zero requests on the target.`,
 	fl := cmd.Flags()
 	fl.IntVar(&f.connections, "connections", blockcopy.DefaultConnections, "connections per side (one where the server lacks multi-conn)")
 	f.requestSize = blockcopy.DefaultRequestSize
-	fl.Var(&f.requestSize, "request-size", "bytes per read/write request, a multiple of 1 MiB (e.g. 2MiB)")
+	fl.Var(&f.requestSize, "request-size", "bytes per read/write request, a multiple of 1 MiB (at most 2MiB from vCenter)")
 	fl.StringVar(&f.changedAreas, "changed-areas", "", `JSON file with the areas to copy: [{"start":N,"length":N}, ...]`)
 	fl.BoolVar(&f.destinationIsZero, "destination-is-zero", false, "the target reads as zeros already: skip zero requests")
 	fl.BoolVar(&f.digest, "digest", false, "also compute the SHA-256 digest a backup records (per 1 MiB block) and print it")

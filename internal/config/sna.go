@@ -76,7 +76,7 @@ type SNA struct {
 	// DISKFERRY_COPY_REQUEST_SIZE is the size of one read/write request: bytes or with a
 	// KiB/MiB suffix, a multiple of 4 KiB from 64 KiB to 32 MiB. Default 1MiB. Through
 	// vCenter keep it at 2 MiB or less (larger NFC reads fail).
-	CopyRequestSize ByteSize `envconfig:"DISKFERRY_COPY_REQUEST_SIZE" default:"1MiB"`
+	CopyRequestSize ByteSize `envconfig:"DISKFERRY_COPY_REQUEST_SIZE" default:"2MiB"`
 
 	// DISKFERRY_LOG_LEVEL is debug, info, warn or error. Default info.
 	LogLevel slog.Level `envconfig:"DISKFERRY_LOG_LEVEL" default:"info"`
@@ -171,8 +171,9 @@ func (c *SNA) resolveAndValidate() error {
 	if c.CopyConnections < 1 || c.CopyConnections > 16 {
 		v.fail("DISKFERRY_COPY_CONNECTIONS", fmt.Errorf("want 1-16, got %d", c.CopyConnections))
 	}
-	if c.CopyRequestSize < 64<<10 || c.CopyRequestSize > 32<<20 || c.CopyRequestSize%(4<<10) != 0 {
-		v.fail("DISKFERRY_COPY_REQUEST_SIZE", fmt.Errorf("want a multiple of 4KiB from 64KiB to 32MiB, got %s", c.CopyRequestSize))
+	// The copy engine cuts requests at its 1 MiB digest blocks, and vCenter serves 2 MiB at most.
+	if c.CopyRequestSize < 1<<20 || c.CopyRequestSize > 2<<20 || c.CopyRequestSize%(1<<20) != 0 {
+		v.fail("DISKFERRY_COPY_REQUEST_SIZE", fmt.Errorf("want 1MiB or 2MiB (a multiple of the 1MiB digest block, at most what vCenter serves), got %s", c.CopyRequestSize))
 	}
 	return v.err("sna")
 }

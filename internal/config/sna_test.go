@@ -42,7 +42,7 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"keepalive", c.SSHKeepalive, 15 * time.Second},
 		{"transport", c.Transport, config.TransportHTTPS},
 		{"connections", c.CopyConnections, 4},
-		{"request size", c.CopyRequestSize, config.ByteSize(1 << 20)},
+		{"request size", c.CopyRequestSize, config.ByteSize(2 << 20)},
 		{"temporal", c.Address, "127.0.0.1:7233"},
 	}
 	for _, check := range checks {
@@ -60,7 +60,7 @@ func TestLoadSNANormalises(t *testing.T) {
 		"DISKFERRY_HUB_SSH_ADDRS":      "hub-b=10.0.0.6:2222, hub-c=[fd00::7]",
 		"DISKFERRY_TRANSPORT":          "vddk",
 		"DISKFERRY_VDDK_LIBDIR":        libdir,
-		"DISKFERRY_COPY_REQUEST_SIZE":  "2MiB",
+		"DISKFERRY_COPY_REQUEST_SIZE":  "1MiB",
 		"DISKFERRY_COPY_CONNECTIONS":   "8",
 	}))
 	c, err := config.LoadSNA()
@@ -73,7 +73,7 @@ func TestLoadSNANormalises(t *testing.T) {
 	if c.HubSSHAddr != "hub.example.com:22" {
 		t.Errorf("hub ssh addr = %q, want port 22 added", c.HubSSHAddr)
 	}
-	if c.CopyRequestSize != 2<<20 || c.CopyConnections != 8 || c.VDDKLibdir != libdir {
+	if c.CopyRequestSize != 1<<20 || c.CopyConnections != 8 || c.VDDKLibdir != libdir {
 		t.Errorf("copy/vddk settings = %s, %d, %q", c.CopyRequestSize, c.CopyConnections, c.VDDKLibdir)
 	}
 	for hub, want := range map[string]string{"hub-b": "10.0.0.6:2222", "hub-c": "[fd00::7]:22", "hub-z": "hub.example.com:22"} {
@@ -168,8 +168,8 @@ func TestLoadSNARejects(t *testing.T) {
 		{"vddk libdir missing", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": filepath.Join(dir, "vddk")}, "DISKFERRY_VDDK_LIBDIR", "no such file"},
 		{"vddk libdir is a file", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": writeFile(t, "lib", "")}, "DISKFERRY_VDDK_LIBDIR", "not a directory"},
 		{"zero connections", map[string]string{"DISKFERRY_COPY_CONNECTIONS": "0"}, "DISKFERRY_COPY_CONNECTIONS", "want 1-16"},
-		{"request size too large", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "64MiB"}, "DISKFERRY_COPY_REQUEST_SIZE", "64KiB to 32MiB"},
-		{"request size unaligned", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "100000"}, "DISKFERRY_COPY_REQUEST_SIZE", "multiple of 4KiB"},
+		{"request size too large", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "64MiB"}, "DISKFERRY_COPY_REQUEST_SIZE", "want 1MiB or 2MiB"},
+		{"request size unaligned", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "1536KiB"}, "DISKFERRY_COPY_REQUEST_SIZE", "multiple of the 1MiB digest block"},
 		{"request size unparseable", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "lots"}, "DISKFERRY_COPY_REQUEST_SIZE", "not a size"},
 	}
 	for _, tc := range cases {
