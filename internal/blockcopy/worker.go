@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"sync"
 
 	"github.com/diskferry/diskferry/internal/nbd"
 )
@@ -16,6 +17,7 @@ type worker struct {
 	lane     int
 	buf      *nbd.Buffer
 	zeros    *nbd.Buffer // shared zero source when the target cannot zero (never written)
+	allZero  []bool      // per piece of the current chunk: all zero
 }
 
 func (r *run) startWorkers() ([]*worker, error) {
@@ -84,8 +86,10 @@ func (w *worker) loop(ctx context.Context, r *run) {
 	}
 }
 
-// copyData reads a chunk, hashes its pieces and writes data pieces and zeroes all-zero
-// ones; wrote says whether any piece held data.
+// copyData reads a chunk, writes its data pieces and zeroes its all-zero ones, and hashes
+// the pieces; wrote says whether any piece held data. The hashing runs while the target
+// writes: a write mostly waits for the target's disk, so on two cores the digest then
+// costs little time.
 func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	off, n := s.c.off, s.c.n
 	if err := w.src.Pread(r.actx, w.buf, 0, int(n), off); err != nil {
@@ -93,31 +97,43 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	}
 	r.nRead.Add(n)
 	data := w.buf.Bytes()[:n]
-	s.hashes = s.hashes[:0]
 	end := off + n
-	runStart, runZero := off, false
-	for p := off; p < end; {
-		pe := pieceEnd(p, end, r.opts.BlockSize)
-		piece := data[p-off : pe-off]
-		zero := r.zh.isZero(piece)
+	w.allZero = w.allZero[:0]
+	for p := off; p < end; p = pieceEnd(p, end, r.opts.BlockSize) {
+		zero := r.zh.isZero(data[p-off : pieceEnd(p, end, r.opts.BlockSize)-off])
+		w.allZero = append(w.allZero, zero)
 		wrote = wrote || !zero
-		switch {
-		case r.opts.SkipDigest:
-		case zero:
-			s.hashes = append(s.hashes, r.zh.sum(pe-p))
-		default:
-			s.hashes = append(s.hashes, sha256.Sum256(piece))
-		}
-		if p > off && zero != runZero {
+	}
+	var hashing sync.WaitGroup
+	if !r.opts.SkipDigest {
+		hashing.Go(func() { w.hash(r, s, data) })
+	}
+	defer hashing.Wait() // the buffer and the slot stay the chunk's until hashed
+	runStart, runZero := off, w.allZero[0]
+	for i, p := 0, off; p < end; i, p = i+1, pieceEnd(p, end, r.opts.BlockSize) {
+		if w.allZero[i] != runZero {
 			if err := w.write(r, off, runStart, p, runZero); err != nil {
 				return wrote, err
 			}
-			runStart = p
+			runStart, runZero = p, w.allZero[i]
 		}
-		runZero = zero
-		p = pe
 	}
 	return wrote, w.write(r, off, runStart, end, runZero)
+}
+
+// hash sets the slot's piece hashes from the chunk's data and the zero map.
+func (w *worker) hash(r *run, s *slot, data []byte) {
+	off, end := s.c.off, s.c.off+s.c.n
+	s.hashes = s.hashes[:0]
+	for i, p := 0, off; p < end; i++ {
+		pe := pieceEnd(p, end, r.opts.BlockSize)
+		if w.allZero[i] {
+			s.hashes = append(s.hashes, r.zh.sum(pe-p))
+		} else {
+			s.hashes = append(s.hashes, sha256.Sum256(data[p-off:pe-off]))
+		}
+		p = pe
+	}
 }
 
 // write sends [from, to) of the chunk at base as data or as a zero request.
