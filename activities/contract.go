@@ -195,6 +195,9 @@ type Verification struct {
 	Path           string `json:"path"`
 	AllocatedBytes int64  `json:"allocatedBytes"`
 	VirtualBytes   int64  `json:"virtualBytes"`
+	// Manifest is the block manifest kept beside the target (diskferry verify checks the
+	// point against it later); it covers the copied areas.
+	Manifest string `json:"manifest,omitempty"`
 }
 
 // EnsureTunnelInput makes 127.0.0.1:P on the SNA reach 127.0.0.1:P on the hub for each port.

@@ -506,14 +506,21 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	if err != nil {
 		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
 	}
-	digest, err := a.digest(ctx, in)
+	// The block manifest is written while the digest is recomputed and kept beside the
+	// target only when the digest matches, for checking the point later (diskferry verify).
+	manifest := repo.ManifestPath(in.Path)
+	digest, err := a.digestWithManifest(ctx, in, manifest+".tmp")
 	if err != nil {
 		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
 	}
 	if digest != in.Digest {
+		_ = os.Remove(manifest + ".tmp")
 		return activities.Verification{}, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("verify %s: content digest %s differs from the copy's %s", in.Path, digest, in.Digest),
 			activities.ErrBadInput, nil)
+	}
+	if err := os.Rename(manifest+".tmp", manifest); err != nil {
+		return activities.Verification{}, fmt.Errorf("verify %s: keep manifest: %w", in.Path, err)
 	}
 	verified := info.VirtualSize
 	if in.Areas != nil {
@@ -523,14 +530,52 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 		}
 	}
 	a.settings.CountVerified(verified)
-	return activities.Verification{Path: in.Path, AllocatedBytes: info.ActualSize, VirtualBytes: info.VirtualSize}, nil
+	return activities.Verification{Path: in.Path, AllocatedBytes: info.ActualSize, VirtualBytes: info.VirtualSize,
+		Manifest: manifest}, nil
+}
+
+// digestWithManifest computes the digest and writes the block manifest to path; on failure
+// the file is removed.
+func (a *Activities) digestWithManifest(ctx context.Context, in activities.VerifyTargetInput, path string) (digest string, err error) {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return "", fmt.Errorf("create manifest: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(path)
+		}
+	}()
+	blockSize := in.BlockSize
+	if blockSize <= 0 {
+		blockSize = blockcopy.DefaultBlockSize // what the digest uses then
+	}
+	m, err := blockcopy.NewManifestWriter(f, blockSize)
+	if err != nil {
+		return "", err
+	}
+	if digest, err = a.digest(ctx, in, m.Add); err != nil {
+		return "", err
+	}
+	if err = m.Flush(); err != nil {
+		return "", err
+	}
+	if err = f.Sync(); err != nil {
+		return "", fmt.Errorf("sync manifest: %w", err)
+	}
+	if err = f.Close(); err != nil {
+		return "", fmt.Errorf("close manifest: %w", err)
+	}
+	return digest, nil
 }
 
 // verifyDirPrefix names the run-dir entries of verification exports.
 const verifyDirPrefix = "verify"
 
-// digest serves the target read-only on a private unix socket and computes the digest.
-func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput) (string, error) {
+// digest serves the target read-only on a private unix socket and computes the digest,
+// handing each block's hash to onBlock.
+func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput, onBlock func(blockcopy.BlockHash) error) (string, error) {
 	a.mu.Lock()
 	dir, err := os.MkdirTemp(a.settings.RunDir, verifyDirPrefix)
 	if err == nil {
@@ -566,7 +611,7 @@ func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput
 		}
 	}
 	return blockcopy.ComputeDigest(ctx, exp.URI(), blockcopy.Options{
-		Areas: areas, BlockSize: in.BlockSize, Connections: 4,
+		Areas: areas, BlockSize: in.BlockSize, Connections: 4, OnBlock: onBlock,
 		OnProgress:       func(p blockcopy.Progress) { activity.RecordHeartbeat(ctx, p.BytesDone) },
 		ProgressInterval: 5 * time.Second,
 	})

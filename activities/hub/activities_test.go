@@ -387,6 +387,11 @@ func TestDiscardTarget(t *testing.T) {
 		targets = append(targets, target)
 	}
 	pointDir := filepath.Dir(targets[0].Path)
+	// A target verified before the run failed has its manifest (and maybe a partial one).
+	for _, target := range targets {
+		require.NoError(t, os.WriteFile(repo.ManifestPath(target.Path), []byte("manifest"), 0o600))
+	}
+	require.NoError(t, os.WriteFile(repo.ManifestPath(targets[1].Path)+".tmp", []byte("partial"), 0o600))
 
 	vm := testVM()
 	discard := func(key int32) error {
@@ -396,6 +401,8 @@ func TestDiscardTarget(t *testing.T) {
 	}
 	require.NoError(t, discard(targets[0].DiskKey))
 	assert.NoFileExists(t, targets[0].Path)
+	assert.NoFileExists(t, repo.ManifestPath(targets[0].Path))
+	assert.FileExists(t, repo.ManifestPath(targets[1].Path), "a sibling's manifest stays")
 	assert.DirExists(t, pointDir, "a sibling target keeps the point directory")
 	require.NoError(t, discard(targets[0].DiskKey), "discard is idempotent")
 	require.NoError(t, discard(targets[1].DiskKey))
@@ -540,6 +547,13 @@ func TestVerifyTarget(t *testing.T) {
 	assert.Equal(t, capacity, v.VirtualBytes)
 	assert.Positive(t, v.AllocatedBytes)
 	assert.Equal(t, capacity, verified)
+	// The point keeps its block manifest, which matches the source block for block.
+	assert.Equal(t, repo.ManifestPath(target.Path), v.Manifest)
+	check, err := blockcopy.VerifyManifest(ctx, source.URI, v.Manifest, blockcopy.Options{})
+	require.NoError(t, err)
+	assert.Equal(t, &blockcopy.Verification{Blocks: capacity / mib, Bytes: capacity}, check)
+	kept, err := os.ReadFile(v.Manifest)
+	require.NoError(t, err)
 
 	areas := []activities.Extent{{Start: 3 * mib, Length: 2 * mib}}
 	wantAreas, err := blockcopy.ComputeDigest(ctx, source.URI, blockcopy.Options{
@@ -547,6 +561,7 @@ func TestVerifyTarget(t *testing.T) {
 	})
 	require.NoError(t, err)
 	require.NoError(t, r.run(t, activities.VerifyTargetName, activities.VerifyTargetInput{Path: target.Path, BlockSize: mib, Digest: wantAreas, Areas: areas}, nil))
+	require.NoError(t, r.run(t, activities.VerifyTargetName, in, nil))
 
 	// One byte differs from the source.
 	off := 3*mib + 4096 + 100
@@ -557,6 +572,15 @@ func TestVerifyTarget(t *testing.T) {
 	assert.Contains(t, appErr.Error(), "differs from the copy's")
 	err = r.run(t, activities.VerifyTargetName, activities.VerifyTargetInput{Path: target.Path, BlockSize: mib, Digest: wantAreas, Areas: areas}, nil)
 	requireAppError(t, err, activities.ErrBadInput, true)
+	// A failed verification leaves the manifest of the last good one, which names the block.
+	after, err := os.ReadFile(v.Manifest)
+	require.NoError(t, err)
+	assert.Equal(t, kept, after)
+	assert.NoFileExists(t, v.Manifest+".tmp")
+	damaged := testenv.StartQemuNBD(t, target.Path, testenv.QemuNBDOptions{Args: []string{"--read-only"}})
+	check, err = blockcopy.VerifyManifest(ctx, damaged.URI, v.Manifest, blockcopy.Options{})
+	require.NoError(t, err)
+	assert.Equal(t, []blockcopy.Extent{{Start: 3 * mib, Length: mib}}, check.First)
 
 	leftovers, err := filepath.Glob(filepath.Join(r.settings.RunDir, verifyDirPrefix+"*"))
 	require.NoError(t, err)

@@ -19,6 +19,7 @@ import (
 	"github.com/diskferry/diskferry/internal/catalog"
 	"github.com/diskferry/diskferry/internal/lab"
 	"github.com/diskferry/diskferry/internal/qemu"
+	"github.com/diskferry/diskferry/internal/repo"
 	"github.com/diskferry/diskferry/internal/vsphere"
 	"github.com/diskferry/diskferry/workflows"
 )
@@ -173,11 +174,12 @@ func requireNothingLeaked(ctx context.Context, t *testing.T, l *lab.Lab, points 
 	}
 	require.Empty(t, l.DataPlaneProcesses(), "data-plane processes left running")
 
-	// The repository holds exactly the points' files.
+	// The repository holds exactly the points' files: each disk's qcow2 and block manifest.
 	want := map[string]bool{}
 	for _, p := range points {
 		for _, d := range p.Disks {
 			want[d.Path] = true
+			want[repo.ManifestPath(d.Path)] = true
 		}
 	}
 	err = filepath.Walk(l.RepoRoot, func(path string, info os.FileInfo, err error) error {

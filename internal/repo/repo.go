@@ -128,8 +128,13 @@ func (l Layout) EnsurePointDir(vmName, moref, pointID string) (string, error) {
 	return current, nil
 }
 
-// RemoveTarget deletes a disk target (<root>/<vm>/<point>/<file>); a missing file counts as
-// removed. A path anywhere else, or a directory, is refused.
+// ManifestPath is where a disk target's block manifest is kept: beside it, disk-N.manifest.
+func ManifestPath(targetPath string) string {
+	return strings.TrimSuffix(targetPath, ".qcow2") + ".manifest"
+}
+
+// RemoveTarget deletes a disk target (<root>/<vm>/<point>/<file>) and its manifest; a
+// missing file counts as removed. A path anywhere else, or a directory, is refused.
 func (l Layout) RemoveTarget(path string) error {
 	resolved, err := l.resolve(path, 3)
 	if err != nil {
@@ -145,8 +150,10 @@ func (l Layout) RemoveTarget(path string) error {
 	if st.IsDir() {
 		return fmt.Errorf("remove target %s: %w: a directory", path, ErrOutsideRoot)
 	}
-	if err := os.Remove(resolved); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("remove target: %w", err)
+	for _, p := range []string{resolved, ManifestPath(resolved), ManifestPath(resolved) + ".tmp"} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove target: %w", err)
+		}
 	}
 	return nil
 }
