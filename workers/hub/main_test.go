@@ -68,11 +68,14 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 			return err == nil && len(resp.GetPollers()) > 0
 		}, 20*time.Second, 100*time.Millisecond, "no activity poller on %s", queue)
 	}
-	resp, err := srv.Client.DescribeTaskQueue(ctx, activities.HubQueue, enumspb.TASK_QUEUE_TYPE_WORKFLOW)
-	require.NoError(t, err)
-	assert.NotEmpty(t, resp.GetPollers(), "no workflow poller on %s", activities.HubQueue)
+	// The workflow poller starts on its own, possibly after the activity pollers.
+	require.Eventually(t, func() bool {
+		resp, err := srv.Client.DescribeTaskQueue(ctx, activities.HubQueue, enumspb.TASK_QUEUE_TYPE_WORKFLOW)
+		return err == nil && len(resp.GetPollers()) > 0
+	}, 20*time.Second, 100*time.Millisecond, "no workflow poller on %s", activities.HubQueue)
 
 	var body string
+	var err error
 	require.Eventually(t, func() bool {
 		body, err = scrape("http://" + metricsAddr + "/metrics")
 		return err == nil && strings.Contains(body, "\ntemporal_")
