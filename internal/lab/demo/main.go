@@ -20,6 +20,8 @@ import (
 
 	"github.com/diskferry/diskferry/internal/lab"
 	"github.com/diskferry/diskferry/internal/qemu"
+	"github.com/diskferry/diskferry/internal/repo"
+	"github.com/diskferry/diskferry/internal/testenv"
 	"github.com/diskferry/diskferry/workflows"
 )
 
@@ -92,6 +94,11 @@ func demo(r *lab.Runner, binDir string, keep bool) {
 	step("verifying every restore point against the source at its snapshot (qemu-img compare)")
 	verify(ctx, r, full, atFull)
 	verify(ctx, r, incr, atIncr)
+	step("checking the incremental point against its block manifests (diskferry verify --manifest)")
+	for _, d := range incr.Disks {
+		exp := testenv.StartQemuNBD(r, d.Path, testenv.QemuNBDOptions{Args: []string{"--read-only"}})
+		fmt.Printf("   disk %d: %s", d.Key, cli("verify", "--manifest", repo.ManifestPath(d.Path), exp.URI))
+	}
 	os.Stdout.Write(cli("backup", "list", "--vm", l.VC.VMName))
 
 	fmt.Printf("\nWeb UI: http://127.0.0.1:%d/namespaces/default/workflows?query=VMName%%3D%%22%s%%22\n", uiPort, l.VC.VMName)
