@@ -385,8 +385,6 @@ func (a *Activities) snapshotDiskFile(ctx context.Context, in activities.CopyDis
 	return d.BackingFile, nil
 }
 
-// toBlockExtents never returns nil: nil areas would make blockcopy copy the whole disk,
-// while an empty map (nothing allocated, nothing changed) means copy nothing.
 func toFinished(in []activities.CopyStretch) []blockcopy.Finished {
 	out := make([]blockcopy.Finished, len(in))
 	for i, f := range in {
@@ -406,6 +404,8 @@ func fromFinished(in []blockcopy.Finished) []activities.CopyStretch {
 	return out
 }
 
+// toBlockExtents never returns nil: nil areas would make blockcopy copy the whole disk,
+// while an empty map (nothing allocated, nothing changed) means copy nothing.
 func toBlockExtents(in []vsphere.Extent) []blockcopy.Extent {
 	out := make([]blockcopy.Extent, len(in))
 	for i, e := range in {

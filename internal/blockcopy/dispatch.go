@@ -23,12 +23,13 @@ func (r *run) dispatch(ctx context.Context, areas []Extent, ahead []Finished) er
 		}
 		s := &r.slots[seq%int64(len(r.slots))]
 		s.c = ch
-		if ch.kind == kindSkip || ch.kind == kindDone {
-			if ch.kind == kindSkip {
-				r.nDone.Add(ch.n) // finished stretches count in the resumed progress already
-			}
+		switch ch.kind {
+		case kindSkip:
+			r.nDone.Add(ch.n)
 			r.finished <- seq
-		} else {
+		case kindDone: // counted in the resumed progress already
+			r.finished <- seq
+		default:
 			r.work.push(seq)
 		}
 		seq++

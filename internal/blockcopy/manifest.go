@@ -143,18 +143,13 @@ func VerifyManifest(ctx context.Context, uri, path string, opts Options) (*Verif
 	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Clean(path))
-	if err != nil {
-		return nil, fmt.Errorf("open manifest: %w", err)
-	}
-	defer f.Close()
 	// The second pass hands the entries over one at a time, in step with the read.
 	entries := make(chan BlockHash)
 	stop := make(chan struct{})
 	defer close(stop)
 	go func() {
 		defer close(entries)
-		_, _ = ReadManifest(f, func(b BlockHash) error {
+		_, _ = readManifestFile(path, func(b BlockHash) error {
 			select {
 			case entries <- b:
 				return nil

@@ -99,10 +99,12 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	data := w.buf.Bytes()[:n]
 	end := off + n
 	w.allZero = w.allZero[:0]
-	for p := off; p < end; p = pieceEnd(p, end, r.opts.BlockSize) {
-		zero := r.zh.isZero(data[p-off : pieceEnd(p, end, r.opts.BlockSize)-off])
+	for p := off; p < end; {
+		pe := pieceEnd(p, end, r.opts.BlockSize)
+		zero := r.zh.isZero(data[p-off : pe-off])
 		w.allZero = append(w.allZero, zero)
 		wrote = wrote || !zero
+		p = pe
 	}
 	var hashing sync.WaitGroup
 	if !r.opts.SkipDigest {

@@ -244,59 +244,45 @@ func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
 // starts it again: its reconcile keeps the running backup's export, the backup completes,
 // the restore point equals the source and nothing is left behind.
 func TestHubWorkerKilledMidBackup(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
-	key := l.VC.Disks[0].Key
-	fillDisk(t, l, key, 768<<20)
-	source := snapshotSources(t, l)
-
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
-	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
-	require.NoError(t, err)
-	waitForCopyProgress(ctx, t, l, run.GetID(), key)
-
-	l.KillWorker("hub")
-	l.StartWorker("hub")
-
-	var res workflows.BackupResult
-	if err := run.Get(ctx, &res); err != nil {
-		t.Fatalf("backup after hub restart: %v\nhub log:\n%s", err, tail(l.WorkerLog("hub")))
-	}
-	require.Len(t, res.Disks, 1)
-	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
-	requireComplete(ctx, t, l, res.PointID)
-	requireNothingLeaked(ctx, t, l, res)
+	backupSurvivesWorkerKill(t, "hub")
 }
 
 // The SNA dies mid-copy (its nbdkit and tunnel forwards with it): Temporal retries the copy
 // after the heartbeat timeout on the restarted SNA, which opens the forward again and resumes
 // from the last heartbeated checkpoint.
 func TestSNAWorkerKilledMidCopy(t *testing.T) {
+	l, ctx, runID := backupSurvivesWorkerKill(t, "sna")
+	require.Greater(t, copyAttempts(ctx, t, l, runID), int32(1), "the copy was retried")
+}
+
+// backupSurvivesWorkerKill SIGKILLs a worker while a backup copies and restarts it: the
+// backup completes, equals the source and leaves nothing behind.
+func backupSurvivesWorkerKill(t *testing.T, worker string) (*lab.Lab, context.Context, string) {
+	t.Helper()
 	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
 	fillDisk(t, l, key, 768<<20)
 	source := snapshotSources(t, l)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
 	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
 	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 	require.NoError(t, err)
 	waitForCopyProgress(ctx, t, l, run.GetID(), key)
 
-	l.KillWorker("sna")
-	l.StartWorker("sna")
+	l.KillWorker(worker)
+	l.StartWorker(worker)
 
 	var res workflows.BackupResult
 	if err := run.Get(ctx, &res); err != nil {
-		t.Fatalf("backup after SNA restart: %v\nSNA log:\n%s", err, tail(l.WorkerLog("sna")))
+		t.Fatalf("backup after %s restart: %v\n%s log:\n%s", worker, err, worker, tail(l.WorkerLog(worker)))
 	}
 	require.Len(t, res.Disks, 1)
-	require.Greater(t, copyAttempts(ctx, t, l, run.GetID()), int32(1), "the copy was retried")
 	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
 	requireComplete(ctx, t, l, res.PointID)
 	requireNothingLeaked(ctx, t, l, res)
+	return l, ctx, run.GetID()
 }
 
 // copyAttempts is the highest attempt of the run's CopyDisk activities.
