@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,7 +41,7 @@ func TestCloseDuringConnectionLossReturns(t *testing.T) {
 
 	cancel() // as Close does once watch has read closed == false
 	m.wg.Add(1)
-	m.watch(client)
+	m.watch(client, new(atomic.Uint64))
 
 	done := make(chan struct{})
 	go func() {
