@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -29,8 +30,17 @@ type TB interface {
 	Name() string
 }
 
-// InCI reports whether the tests run under CI (CI=true), where missing parts are failures.
-func InCI() bool { return os.Getenv("CI") == "true" }
+// InCI reports whether the tests run under CI, where missing parts are failures: CI set to
+// a true value as CI services and people write it (1, true, yes, on; any case).
+func InCI() bool { return truthy(os.Getenv("CI")) }
+
+func truthy(s string) bool {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "1", "t", "true", "y", "yes", "on":
+		return true
+	}
+	return false
+}
 
 // Integration marks a test that needs real parts: `go test -short` (make test-unit) skips it.
 // Every helper below calls it, so tests using them need not.
