@@ -42,10 +42,10 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func baseConfig(s *testenv.SSHD) tunnel.Config {
 	return tunnel.Config{
-		Addr:              s.Addr,
-		User:              s.User,
-		KeyFile:           s.ClientKeyPath,
-		KnownHostsFile:    s.KnownHostsPath,
+		Addr:           s.Addr,
+		User:           s.User,
+		KeyFile:        s.ClientKeyPath,
+		KnownHostsFile: s.KnownHostsPath,
 		// Tests about keepalives set their own; these only bound a reconnect.
 		KeepaliveInterval: time.Second,
 		DialTimeout:       10 * time.Second,
