@@ -146,7 +146,7 @@ func (c *SNA) resolveAndValidate() error {
 	}
 	v.required("DISKFERRY_HUB_SSH_USER", c.HubSSHUser)
 	if v.required("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile) {
-		v.readableFile("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile)
+		v.privateKeyFile("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile)
 	}
 	if v.required("DISKFERRY_SSH_KNOWN_HOSTS_FILE", c.SSHKnownHostsFile) {
 		v.readableFile("DISKFERRY_SSH_KNOWN_HOSTS_FILE", c.SSHKnownHostsFile)

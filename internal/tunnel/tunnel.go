@@ -154,9 +154,9 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		log = slog.Default()
 	}
 
-	keyPEM, err := os.ReadFile(cfg.KeyFile)
+	keyPEM, err := readPrivateKey(cfg.KeyFile)
 	if err != nil {
-		return nil, fmt.Errorf("read ssh key: %w", err)
+		return nil, err
 	}
 	signer, err := ssh.ParsePrivateKey(keyPEM)
 	if err != nil {
@@ -185,6 +185,28 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		cancel:    cancel,
 		forwards:  map[int]*forward{},
 	}, nil
+}
+
+// readPrivateKey reads the key file, refusing it, as ssh does, when its owner is not the
+// only one who may read it.
+func readPrivateKey(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key: %w", err)
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key: %w", err)
+	}
+	if perm := info.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("ssh key %s has mode %04o: group or others may access it; make it 0600 (chmod 600 %s)", path, perm, path)
+	}
+	key, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key %s: %w", path, err)
+	}
+	return key, nil
 }
 
 // hostKeyAlgorithms lists the algorithms of the keys known_hosts holds for addr, so the

@@ -421,6 +421,14 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	if err := os.WriteFile(encPath, encrypted, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	_, plain := newEd25519(t)
+	openPath := filepath.Join(t.TempDir(), "world-readable")
+	if err := os.WriteFile(openPath, plain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(openPath, 0o644); err != nil { // past the umask
+		t.Fatal(err)
+	}
 	cases := map[string]struct {
 		edit func(*tunnel.Config)
 		want string
@@ -429,6 +437,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		"address without port": {func(c *tunnel.Config) { c.Addr = "127.0.0.1" }, "ssh address"},
 		"unreadable key":       {func(c *tunnel.Config) { c.KeyFile = "/nonexistent/key" }, "read ssh key"},
 		"passphrase key":       {func(c *tunnel.Config) { c.KeyFile = encPath }, "passphrase-protected"},
+		"key others can read":  {func(c *tunnel.Config) { c.KeyFile = openPath }, "ssh key " + openPath + " has mode 0644: group or others may access it"},
 		"missing known_hosts":  {func(c *tunnel.Config) { c.KnownHostsFile = "/nonexistent/known_hosts" }, "read known_hosts"},
 	}
 	for name, tc := range cases {
