@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -123,4 +124,15 @@ func ShortTempDir(t TB) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+// ProcessEnviron returns the environment a running process was started with, from
+// /proc/<pid>/environ.
+func ProcessEnviron(t TB, pid int) []string {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "environ"))
+	if err != nil {
+		t.Fatalf("read environment of pid %d: %v", pid, err)
+	}
+	return strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
 }
