@@ -55,10 +55,11 @@ type Config struct {
 	// KeepaliveInterval is how often a keepalive@openssh.com request checks the connection.
 	// Default DefaultKeepaliveInterval.
 	KeepaliveInterval time.Duration
-	// KeepaliveCountMax is how many intervals in a row may pass with nothing at all arriving
-	// from the hub, keepalive reply or data, before the connection is declared dead (as
-	// OpenSSH's ServerAliveCountMax). A busy connection is never dropped for a late reply.
-	// Default DefaultKeepaliveCountMax.
+	// KeepaliveCountMax is how many intervals in a row a keepalive may wait for its reply
+	// with nothing else arriving from the hub either before the connection is declared dead
+	// (as OpenSSH's ServerAliveCountMax). Data arriving proves life as well as a reply, so a
+	// busy connection is never dropped for a reply queued behind it. Default
+	// DefaultKeepaliveCountMax.
 	KeepaliveCountMax int
 	// DialTimeout bounds TCP connect plus SSH handshake, and how long a new forwarded
 	// connection waits for the SSH connection to come back. Default DefaultDialTimeout.
