@@ -176,6 +176,15 @@ func (v *validator) readableFile(name, path string) {
 	}
 }
 
+// privateKeyFile checks a private key file is readable and, as ssh demands, accessible to
+// its owner only.
+func (v *validator) privateKeyFile(name, path string) {
+	v.readableFile(name, path)
+	if info, err := os.Stat(path); err == nil && info.Mode().Perm()&0o077 != 0 {
+		v.fail(name, fmt.Errorf("%s has mode %04o: group or others may access it; make it 0600", path, info.Mode().Perm()))
+	}
+}
+
 // secret resolves a secret from its variable or its *_FILE variable.
 func (v *validator) secret(name string, value *Secret, file string) {
 	fileVar := name + "_FILE"

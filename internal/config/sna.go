@@ -65,6 +65,10 @@ type SNA struct {
 	SSHKnownHostsFile string `envconfig:"DISKFERRY_SSH_KNOWN_HOSTS_FILE"`
 	// DISKFERRY_SSH_KEEPALIVE is how often the tunnel checks the SSH connection. Default 15s.
 	SSHKeepalive time.Duration `envconfig:"DISKFERRY_SSH_KEEPALIVE" default:"15s"`
+	// DISKFERRY_SSH_KEEPALIVE_COUNT is how many keepalive intervals in a row may pass with a
+	// check unanswered and nothing else arriving from the hub before the tunnel redials (as
+	// OpenSSH's ServerAliveCountMax). Default 3.
+	SSHKeepaliveCount int `envconfig:"DISKFERRY_SSH_KEEPALIVE_COUNT" default:"3"`
 
 	// DISKFERRY_TRANSPORT is how disks are read: https (default) or vddk.
 	Transport string `envconfig:"DISKFERRY_TRANSPORT" default:"https"`
@@ -142,13 +146,16 @@ func (c *SNA) resolveAndValidate() error {
 	}
 	v.required("DISKFERRY_HUB_SSH_USER", c.HubSSHUser)
 	if v.required("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile) {
-		v.readableFile("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile)
+		v.privateKeyFile("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile)
 	}
 	if v.required("DISKFERRY_SSH_KNOWN_HOSTS_FILE", c.SSHKnownHostsFile) {
 		v.readableFile("DISKFERRY_SSH_KNOWN_HOSTS_FILE", c.SSHKnownHostsFile)
 	}
 	if c.SSHKeepalive <= 0 {
 		v.fail("DISKFERRY_SSH_KEEPALIVE", fmt.Errorf("want a positive duration, got %s", c.SSHKeepalive))
+	}
+	if c.SSHKeepaliveCount < 1 {
+		v.fail("DISKFERRY_SSH_KEEPALIVE_COUNT", fmt.Errorf("want 1 or more, got %d", c.SSHKeepaliveCount))
 	}
 
 	switch c.Transport {

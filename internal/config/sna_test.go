@@ -1,6 +1,7 @@
 package config_test
 
 import (
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -40,6 +41,7 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"ssh user", c.HubSSHUser, "diskferry"},
 		{"hub export host", c.HubExportHost, "127.0.0.1"},
 		{"keepalive", c.SSHKeepalive, 15 * time.Second},
+		{"keepalive count", c.SSHKeepaliveCount, 3},
 		{"transport", c.Transport, config.TransportHTTPS},
 		{"connections", c.CopyConnections, 4},
 		{"request size", c.CopyRequestSize, config.ByteSize(2 << 20)},
@@ -131,6 +133,10 @@ func TestHubSSHAddrForWithoutDefault(t *testing.T) {
 
 func TestLoadSNARejects(t *testing.T) {
 	dir := t.TempDir()
+	openKey := writeFile(t, "id_open", "key")
+	if err := os.Chmod(openKey, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cases := []struct {
 		name     string
 		changes  map[string]string
@@ -159,8 +165,10 @@ func TestLoadSNARejects(t *testing.T) {
 		{"empty ssh user", map[string]string{"DISKFERRY_HUB_SSH_USER": ""}, "DISKFERRY_HUB_SSH_USER", "required"},
 		{"missing key file", map[string]string{"DISKFERRY_SSH_KEY_FILE": "<unset>"}, "DISKFERRY_SSH_KEY_FILE", "required"},
 		{"unreadable key file", map[string]string{"DISKFERRY_SSH_KEY_FILE": filepath.Join(dir, "id_missing")}, "DISKFERRY_SSH_KEY_FILE", "unreadable file"},
+		{"key file others can read", map[string]string{"DISKFERRY_SSH_KEY_FILE": openKey}, "DISKFERRY_SSH_KEY_FILE", openKey + " has mode 0644"},
 		{"unreadable known_hosts", map[string]string{"DISKFERRY_SSH_KNOWN_HOSTS_FILE": filepath.Join(dir, "kh")}, "DISKFERRY_SSH_KNOWN_HOSTS_FILE", "unreadable file"},
 		{"keepalive zero", map[string]string{"DISKFERRY_SSH_KEEPALIVE": "0s"}, "DISKFERRY_SSH_KEEPALIVE", "positive duration"},
+		{"keepalive count zero", map[string]string{"DISKFERRY_SSH_KEEPALIVE_COUNT": "0"}, "DISKFERRY_SSH_KEEPALIVE_COUNT", "want 1 or more"},
 		{"unknown transport", map[string]string{"DISKFERRY_TRANSPORT": "nfc"}, "DISKFERRY_TRANSPORT", "want https or vddk"},
 		{"vddk without libdir", map[string]string{"DISKFERRY_TRANSPORT": "vddk"}, "DISKFERRY_VDDK_LIBDIR", "required"},
 		{"vddk with a sha-256 pin", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": dir,

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/diskferry/diskferry/internal/childenv"
 	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
@@ -163,6 +164,7 @@ func Start(ctx context.Context, src Source, opts Options) (*Server, error) {
 	}
 	began := time.Now()
 	s.cmd = exec.Command(cmp.Or(opts.Binary, "nbdkit"), args...)
+	s.cmd.Env = childenv.Environ()
 	s.cmd.Stdout, s.cmd.Stderr = s.stderr, s.stderr
 	// Its own process group: a terminal's ^C goes to the worker, which stops nbdkit in order.
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -100,6 +100,21 @@ func TestFileSourceServes(t *testing.T) {
 	require.NoError(t, s.Stop(testCtx(t)), "stopping twice succeeds")
 }
 
+// The vCenter password reaches nbdkit only as a file; the worker's environment, which may
+// hold it too, does not.
+func TestServerGetsNoWorkerSecrets(t *testing.T) {
+	t.Setenv("DISKFERRY_VCENTER_PASSWORD", "not-for-children")
+	path := filepath.Join(t.TempDir(), "disk.raw")
+	require.NoError(t, os.WriteFile(path, randomBytes(t, 4096), 0o600))
+	s := startServer(t, FileSource{Path: path}, Options{})
+	env := testenv.ProcessEnviron(t, s.PID())
+	assert.NotEmpty(t, env)
+	for _, kv := range env {
+		assert.False(t, strings.HasPrefix(kv, "DISKFERRY_"), "nbdkit's environment holds %q", kv)
+		assert.NotContains(t, kv, "not-for-children")
+	}
+}
+
 func TestStartFailureReportsStderr(t *testing.T) {
 	testenv.RequireCommand(t, "nbdkit")
 	path := filepath.Join(t.TempDir(), "disk.raw")

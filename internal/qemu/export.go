@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/diskferry/diskferry/internal/childenv"
 	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
@@ -213,6 +214,7 @@ func Start(ctx context.Context, opts ExportOptions) (*Export, error) {
 
 	began := time.Now()
 	cmd := exec.CommandContext(ctx, qemuNBD, args...)
+	cmd.Env = childenv.Environ()
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// A session of its own: a signal to the worker's process group must not reach the export.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

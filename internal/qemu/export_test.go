@@ -184,6 +184,21 @@ func TestExportLifecycle(t *testing.T) {
 	assert.NoError(t, err, "the image is clean and unlocked after stop")
 }
 
+// qemu-nbd outlives the worker's call; whatever secret the worker's environment holds
+// must not be readable in the daemon's.
+func TestExportGetsNoWorkerSecrets(t *testing.T) {
+	t.Setenv("DISKFERRY_VCENTER_PASSWORD", "not-for-children")
+	f := newExportFixture(t)
+	exp, err := f.start(t, ExportOptions{Socket: filepath.Join(f.dir, "e.sock"), Name: "disk"})
+	require.NoError(t, err)
+	env := testenv.ProcessEnviron(t, exp.PID)
+	assert.NotEmpty(t, env)
+	for _, kv := range env {
+		assert.False(t, strings.HasPrefix(kv, "DISKFERRY_"), "qemu-nbd's environment holds %q", kv)
+		assert.NotContains(t, kv, "not-for-children")
+	}
+}
+
 func TestExportUnixSocket(t *testing.T) {
 	f := newExportFixture(t)
 	sock := filepath.Join(f.dir, "e.sock")

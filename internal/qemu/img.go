@@ -12,6 +12,8 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+
+	"github.com/diskferry/diskferry/internal/childenv"
 )
 
 const (
@@ -49,10 +51,11 @@ func CreateImage(ctx context.Context, path string, virtualSize int64) error {
 	if virtualSize <= 0 {
 		return fmt.Errorf("create image %s: virtual size %d must be positive", path, virtualSize)
 	}
-	if err := refuseExisting(path); err != nil {
+	if err := createPrivate(path); err != nil {
 		return fmt.Errorf("create image %s: %w", path, err)
 	}
 	if _, err := runImg(ctx, "create", "-q", "-f", FormatQCOW2, path, fmt.Sprint(virtualSize)); err != nil {
+		_ = os.Remove(path)
 		return fmt.Errorf("create image %s: %w", path, err)
 	}
 	return nil
@@ -64,20 +67,33 @@ func CreateOverlay(ctx context.Context, path, parent string) error {
 	if parent == "" {
 		return fmt.Errorf("create overlay %s: empty backing file", path)
 	}
-	if err := refuseExisting(path); err != nil {
+	if err := createPrivate(path); err != nil {
 		return fmt.Errorf("create overlay %s: %w", path, err)
 	}
 	// -F is mandatory: without it qemu probes the backing format (and newer versions refuse).
 	if _, err := runImg(ctx, "create", "-q", "-f", FormatQCOW2, "-b", parent, "-F", FormatQCOW2, path); err != nil {
+		_ = os.Remove(path)
 		return fmt.Errorf("create overlay %s on %s: %w", path, parent, err)
 	}
 	return nil
 }
 
-func refuseExisting(path string) error {
-	if _, err := os.Lstat(path); err == nil {
-		return fmt.Errorf("%w: refusing to overwrite", fs.ErrExist)
-	} else if !errors.Is(err, fs.ErrNotExist) {
+// TargetMode is the mode of the images the hub creates: a restore point holds a VM's whole
+// disk, so only the hub's user and group may read it (qemu-img alone would make it 0644).
+const TargetMode fs.FileMode = 0o640
+
+// createPrivate creates the empty file qemu-img then formats in place, so the image never
+// exists with a wider mode. O_EXCL refuses any existing file or symlink there.
+func createPrivate(path string) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, TargetMode)
+	if err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return fmt.Errorf("%w: refusing to overwrite", fs.ErrExist)
+		}
+		return err
+	}
+	if err := f.Close(); err != nil {
+		_ = os.Remove(path)
 		return err
 	}
 	return nil
@@ -210,6 +226,7 @@ func Map(ctx context.Context, img Image) ([]MapExtent, error) {
 func runImg(ctx context.Context, args ...string) ([]byte, error) {
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, qemuImg, args...)
+	cmd.Env = childenv.Environ()
 	cmd.Stdout = &stdout
 	cmd.Stderr = &stderr
 	err := cmd.Run()

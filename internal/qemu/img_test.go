@@ -49,6 +49,7 @@ func TestCreateImageAndInfo(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "base.qcow2")
 
 	require.NoError(t, CreateImage(ctx, path, testSize))
+	assertPrivate(t, path)
 	info, err := Info(ctx, path)
 	require.NoError(t, err)
 	assert.Equal(t, FormatQCOW2, info.Format)
@@ -62,6 +63,23 @@ func TestCreateImageAndInfo(t *testing.T) {
 	assert.Error(t, CreateImage(ctx, filepath.Join(t.TempDir(), "zero.qcow2"), 0))
 }
 
+// assertPrivate checks a restore point's image is not readable by others: it holds a
+// VM's disk.
+func assertPrivate(t *testing.T, path string) {
+	t.Helper()
+	st, err := os.Stat(path)
+	require.NoError(t, err)
+	assert.Zero(t, st.Mode().Perm()&^TargetMode, "image %s has mode %04o, want 0640 or tighter", path, st.Mode().Perm())
+}
+
+func TestCreateFailureLeavesNoFile(t *testing.T) {
+	requireQemuImg(t)
+	dir := t.TempDir()
+	top := filepath.Join(dir, "top.qcow2")
+	require.Error(t, CreateOverlay(testCtx(t), top, filepath.Join(dir, "missing.qcow2")))
+	assert.NoFileExists(t, top, "a failed create removes the file made for it")
+}
+
 func TestCreateOverlay(t *testing.T) {
 	requireQemuImg(t)
 	ctx := testCtx(t)
@@ -71,6 +89,7 @@ func TestCreateOverlay(t *testing.T) {
 	writePattern(t, base, 0xaa, mib, mib)
 
 	require.NoError(t, CreateOverlay(ctx, top, base))
+	assertPrivate(t, top)
 	info, err := Info(ctx, top)
 	require.NoError(t, err)
 	assert.Equal(t, base, info.BackingFile)

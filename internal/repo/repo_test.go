@@ -88,6 +88,19 @@ func TestEnsurePointDirAndRemoveAreIdempotent(t *testing.T) {
 	assert.DirExists(t, filepath.Dir(dir), "the VM directory stays")
 }
 
+// Restore points hold whole disks: neither the root nor a VM's or a point's directory is
+// open to others.
+func TestDirectoriesAreClosedToOthers(t *testing.T) {
+	l := newLayout(t)
+	dir, err := l.EnsurePointDir("vm", "vm-1", "p1")
+	require.NoError(t, err)
+	for _, d := range []string{l.Root, filepath.Dir(dir), dir} {
+		st, err := os.Stat(d)
+		require.NoError(t, err)
+		assert.Zero(t, st.Mode().Perm()&0o027, "%s has mode %04o, want 0750 or tighter", d, st.Mode().Perm())
+	}
+}
+
 func TestRemoveRefusesPathsOutsideTheLayout(t *testing.T) {
 	l := newLayout(t)
 	outside := t.TempDir()

@@ -11,6 +11,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -29,8 +31,17 @@ type TB interface {
 	Name() string
 }
 
-// InCI reports whether the tests run under CI (CI=true), where missing parts are failures.
-func InCI() bool { return os.Getenv("CI") == "true" }
+// InCI reports whether the tests run under CI, where missing parts are failures: CI set to
+// a true value as CI services and people write it (1, true, yes, on; any case).
+func InCI() bool { return truthy(os.Getenv("CI")) }
+
+func truthy(s string) bool {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "1", "t", "true", "y", "yes", "on":
+		return true
+	}
+	return false
+}
 
 // Integration marks a test that needs real parts: `go test -short` (make test-unit) skips it.
 // Every helper below calls it, so tests using them need not.
@@ -113,4 +124,15 @@ func ShortTempDir(t TB) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+// ProcessEnviron returns the environment a running process was started with, from
+// /proc/<pid>/environ.
+func ProcessEnviron(t TB, pid int) []string {
+	t.Helper()
+	raw, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "environ"))
+	if err != nil {
+		t.Fatalf("read environment of pid %d: %v", pid, err)
+	}
+	return strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
 }

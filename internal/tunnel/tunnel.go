@@ -1,8 +1,9 @@
 // Package tunnel keeps SSH local forwards from the SNA to the hub: 127.0.0.1:P on the SNA
 // reaches 127.0.0.1:P (Config.RemoteHost) on the hub, where qemu-nbd exports listen. One SSH connection carries
-// every forward; keepalives detect a dead connection and it is redialled with backoff, so
-// forwards outlive an sshd restart or a network outage (connections open at the time die,
-// new ones use the new SSH connection).
+// every forward; keepalives detect a dead connection (silent for several intervals; one
+// still delivering data is alive) and it is redialled with backoff, so forwards outlive
+// an sshd restart or a network outage (connections open at the time die, new ones use
+// the new SSH connection).
 //
 // The hub's host key is pinned through a known_hosts file; there is no insecure mode.
 package tunnel
@@ -18,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -28,6 +30,7 @@ import (
 // Defaults for the zero values of Config.
 const (
 	DefaultKeepaliveInterval = 15 * time.Second
+	DefaultKeepaliveCountMax = 3
 	DefaultDialTimeout       = 10 * time.Second
 	DefaultMaxBackoff        = 30 * time.Second
 )
@@ -49,9 +52,15 @@ type Config struct {
 	// one machine binds exports to 127.0.0.2 so equal ports do not collide.
 	RemoteHost string
 
-	// KeepaliveInterval is how often a keepalive@openssh.com request checks the connection;
-	// one unanswered for an interval marks it dead. Default DefaultKeepaliveInterval.
+	// KeepaliveInterval is how often a keepalive@openssh.com request checks the connection.
+	// Default DefaultKeepaliveInterval.
 	KeepaliveInterval time.Duration
+	// KeepaliveCountMax is how many intervals in a row a keepalive may wait for its reply
+	// with nothing else arriving from the hub either before the connection is declared dead
+	// (as OpenSSH's ServerAliveCountMax). Data arriving proves life as well as a reply, so a
+	// busy connection is never dropped for a reply queued behind it. Default
+	// DefaultKeepaliveCountMax.
+	KeepaliveCountMax int
 	// DialTimeout bounds TCP connect plus SSH handshake, and how long a new forwarded
 	// connection waits for the SSH connection to come back. Default DefaultDialTimeout.
 	DialTimeout time.Duration
@@ -133,6 +142,9 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 	if cfg.KeepaliveInterval <= 0 {
 		cfg.KeepaliveInterval = DefaultKeepaliveInterval
 	}
+	if cfg.KeepaliveCountMax <= 0 {
+		cfg.KeepaliveCountMax = DefaultKeepaliveCountMax
+	}
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = DefaultDialTimeout
 	}
@@ -143,9 +155,9 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		log = slog.Default()
 	}
 
-	keyPEM, err := os.ReadFile(cfg.KeyFile)
+	keyPEM, err := readPrivateKey(cfg.KeyFile)
 	if err != nil {
-		return nil, fmt.Errorf("read ssh key: %w", err)
+		return nil, err
 	}
 	signer, err := ssh.ParsePrivateKey(keyPEM)
 	if err != nil {
@@ -174,6 +186,28 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		cancel:    cancel,
 		forwards:  map[int]*forward{},
 	}, nil
+}
+
+// readPrivateKey reads the key file, refusing it, as ssh does, when its owner is not the
+// only one who may read it.
+func readPrivateKey(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key: %w", err)
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key: %w", err)
+	}
+	if perm := info.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("ssh key %s has mode %04o: group or others may access it; make it 0600 (chmod 600 %s)", path, perm, path)
+	}
+	key, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("read ssh key %s: %w", path, err)
+	}
+	return key, nil
 }
 
 // hostKeyAlgorithms lists the algorithms of the keys known_hosts holds for addr, so the
@@ -359,7 +393,7 @@ func (m *Manager) connection(ctx context.Context) (*ssh.Client, error) {
 
 func (m *Manager) dial(done chan struct{}) {
 	defer m.wg.Done()
-	client, err := m.connect(m.ctx)
+	client, inbound, err := m.connect(m.ctx)
 
 	m.mu.Lock()
 	m.dialing = nil
@@ -370,18 +404,20 @@ func (m *Manager) dial(done chan struct{}) {
 		} else {
 			m.client = client
 			m.wg.Add(1)
-			go m.watch(client)
+			go m.watch(client, inbound)
 		}
 	}
 	m.mu.Unlock()
 	close(done)
 }
 
-func (m *Manager) connect(ctx context.Context) (*ssh.Client, error) {
+// connect dials and logs in. The counter it returns moves whenever bytes arrive on the
+// connection, which is what the keepalive watches.
+func (m *Manager) connect(ctx context.Context) (*ssh.Client, *atomic.Uint64, error) {
 	dialer := net.Dialer{Timeout: m.cfg.DialTimeout, KeepAlive: 30 * time.Second}
 	conn, err := dialer.DialContext(ctx, "tcp", m.cfg.Addr)
 	if err != nil {
-		return nil, fmt.Errorf("connect to hub sshd %s: %w", m.cfg.Addr, err)
+		return nil, nil, fmt.Errorf("connect to hub sshd %s: %w", m.cfg.Addr, err)
 	}
 	setNoDelay(conn)
 	// The handshake has no context of its own; a deadline bounds it.
@@ -402,27 +438,30 @@ func (m *Manager) connect(ctx context.Context) (*ssh.Client, error) {
 			return err
 		},
 	}
-	sshConn, chans, reqs, err := ssh.NewClientConn(quickAck(conn), m.cfg.Addr, config)
+	inbound := new(atomic.Uint64)
+	sshConn, chans, reqs, err := ssh.NewClientConn(countReads(quickAck(conn), inbound), m.cfg.Addr, config)
 	if err != nil {
 		conn.Close()
 		if hostKeyErr != nil {
-			return nil, hostKeyErr
+			return nil, nil, hostKeyErr
 		}
-		return nil, fmt.Errorf("ssh login to %s as %s with key %s: %w", m.cfg.Addr, m.cfg.User, m.cfg.KeyFile, err)
+		return nil, nil, fmt.Errorf("ssh login to %s as %s with key %s: %w", m.cfg.Addr, m.cfg.User, m.cfg.KeyFile, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
 	m.log.Info("ssh connected")
-	return ssh.NewClient(sshConn, chans, reqs), nil
+	return ssh.NewClient(sshConn, chans, reqs), inbound, nil
 }
 
 // watch ends when the connection does: closed by the server, the network, a failed
 // keepalive or Close. It then forgets the connection and, while forwards remain, redials.
-func (m *Manager) watch(client *ssh.Client) {
+func (m *Manager) watch(client *ssh.Client, inbound *atomic.Uint64) {
 	defer m.wg.Done()
 	ended := make(chan error, 1)
 	go func() { ended <- client.Wait() }()
 
-	reason := m.keepalive(client, ended)
+	ticker := time.NewTicker(m.cfg.KeepaliveInterval)
+	reason := m.keepalive(client, inbound, ticker.C, ended)
+	ticker.Stop()
 	client.Close()
 
 	m.mu.Lock()
@@ -445,11 +484,19 @@ func (m *Manager) watch(client *ssh.Client) {
 	}
 }
 
-// keepalive sends keepalive@openssh.com every interval until the connection ends or a
-// reply is late, and says why it stopped.
-func (m *Manager) keepalive(client *ssh.Client, ended <-chan error) string {
-	ticker := time.NewTicker(m.cfg.KeepaliveInterval)
-	defer ticker.Stop()
+// requester sends SSH global requests; *ssh.Client is one.
+type requester interface {
+	SendRequest(name string, wantReply bool, payload []byte) (bool, []byte, error)
+}
+
+// keepalive sends keepalive@openssh.com on every tick, one at a time, until the connection
+// ends or a keepalive waited KeepaliveCountMax intervals in a row with nothing arriving
+// from the hub, and says why it stopped. A
+// reply may take many intervals: on a busy link it waits behind the data queued ahead of
+// it, and that data arriving proves the connection alive just as well.
+func (m *Manager) keepalive(client requester, inbound *atomic.Uint64, ticks <-chan time.Time, ended <-chan error) string {
+	quiet := silence{countMax: m.cfg.KeepaliveCountMax, seen: inbound.Load()}
+	var replied chan error // nil while no request is outstanding
 	for {
 		select {
 		case err := <-ended:
@@ -459,34 +506,69 @@ func (m *Manager) keepalive(client *ssh.Client, ended <-chan error) string {
 			return err.Error()
 		case <-m.ctx.Done():
 			return "manager closed"
-		case <-ticker.C:
-		}
-		replied := make(chan error, 1)
-		go func() {
-			// OpenSSH answers an unknown global request with a failure; any answer proves life.
-			_, _, err := client.SendRequest("keepalive@openssh.com", true, nil)
-			replied <- err
-		}()
-		timer := time.NewTimer(m.cfg.KeepaliveInterval)
-		select {
 		case err := <-replied:
-			timer.Stop()
+			replied = nil
 			if err != nil {
 				return "keepalive: " + err.Error()
 			}
-		case <-timer.C:
-			return fmt.Sprintf("keepalive unanswered for %s", m.cfg.KeepaliveInterval)
-		case err := <-ended:
-			timer.Stop()
-			if err == nil {
-				return "closed"
+		case <-ticks:
+			if quiet.tick(inbound.Load(), replied != nil) {
+				return fmt.Sprintf("keepalive unanswered and nothing received from the hub for %d intervals of %s",
+					m.cfg.KeepaliveCountMax, m.cfg.KeepaliveInterval)
 			}
-			return err.Error()
-		case <-m.ctx.Done():
-			timer.Stop()
-			return "manager closed"
+			if replied == nil {
+				replied = make(chan error, 1)
+				go func(replied chan<- error) {
+					// OpenSSH answers an unknown global request with a failure; any answer
+					// proves life. The call returns at the latest when the connection closes.
+					_, _, err := client.SendRequest("keepalive@openssh.com", true, nil)
+					replied <- err
+				}(replied)
+			}
 		}
 	}
+}
+
+// silence counts keepalive intervals in a row in which a keepalive was waiting for its
+// reply and nothing at all arrived from the hub.
+type silence struct {
+	countMax int
+	seen     uint64 // the inbound counter at the previous tick
+	missed   int
+}
+
+// tick takes the inbound counter at the end of an interval, and whether a keepalive sent
+// before the interval is still unanswered, and reports whether the connection is dead.
+func (s *silence) tick(inbound uint64, awaitingReply bool) bool {
+	if inbound != s.seen {
+		s.seen = inbound
+		s.missed = 0
+		return false
+	}
+	if !awaitingReply {
+		return false
+	}
+	s.missed++
+	return s.missed >= s.countMax
+}
+
+// countReads wraps the SSH connection's socket so that every read that returns bytes
+// moves the counter.
+func countReads(conn net.Conn, inbound *atomic.Uint64) net.Conn {
+	return &countingConn{Conn: conn, inbound: inbound}
+}
+
+type countingConn struct {
+	net.Conn
+	inbound *atomic.Uint64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.inbound.Add(1)
+	}
+	return n, err
 }
 
 // reconnect redials with exponential backoff until connected, closed, or no forwards remain.

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -41,12 +42,13 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 func baseConfig(s *testenv.SSHD) tunnel.Config {
 	return tunnel.Config{
-		Addr:              s.Addr,
-		User:              s.User,
-		KeyFile:           s.ClientKeyPath,
-		KnownHostsFile:    s.KnownHostsPath,
-		KeepaliveInterval: 300 * time.Millisecond,
-		DialTimeout:       3 * time.Second,
+		Addr:           s.Addr,
+		User:           s.User,
+		KeyFile:        s.ClientKeyPath,
+		KnownHostsFile: s.KnownHostsPath,
+		// Tests about keepalives set their own; these only bound a reconnect.
+		KeepaliveInterval: time.Second,
+		DialTimeout:       10 * time.Second,
 		MaxBackoff:        500 * time.Millisecond,
 	}
 }
@@ -62,7 +64,7 @@ func newManager(t testing.TB, cfg tunnel.Config) *tunnel.Manager {
 }
 
 func testContext(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
 	return ctx
 }
@@ -112,12 +114,13 @@ func localAddr(port int) string { return net.JoinHostPort("127.0.0.1", strconv.I
 
 // roundTrip sends payload through 127.0.0.1:port and expects it echoed back.
 func roundTrip(port int, payload []byte) error {
-	conn, err := net.DialTimeout("tcp", localAddr(port), 3*time.Second)
+	conn, err := net.DialTimeout("tcp", localAddr(port), 10*time.Second)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	// Bounds a hang; far beyond what a round trip takes even on a busy machine.
+	_ = conn.SetDeadline(time.Now().Add(2 * time.Minute))
 	writeErr := make(chan error, 1)
 	go func() {
 		_, err := conn.Write(payload)
@@ -215,7 +218,7 @@ func TestHalfCloseIsPassedOn(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = conn.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := conn.Write([]byte("last words")); err != nil {
 		t.Fatal(err)
 	}
@@ -302,7 +305,7 @@ func TestDropForwardsClosesListenerAndLiveConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer live.Close()
-	_ = live.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = live.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := live.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
@@ -418,6 +421,14 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	if err := os.WriteFile(encPath, encrypted, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	_, plain := newEd25519(t)
+	openPath := filepath.Join(t.TempDir(), "world-readable")
+	if err := os.WriteFile(openPath, plain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(openPath, 0o644); err != nil { // past the umask
+		t.Fatal(err)
+	}
 	cases := map[string]struct {
 		edit func(*tunnel.Config)
 		want string
@@ -426,6 +437,7 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		"address without port": {func(c *tunnel.Config) { c.Addr = "127.0.0.1" }, "ssh address"},
 		"unreadable key":       {func(c *tunnel.Config) { c.KeyFile = "/nonexistent/key" }, "read ssh key"},
 		"passphrase key":       {func(c *tunnel.Config) { c.KeyFile = encPath }, "passphrase-protected"},
+		"key others can read":  {func(c *tunnel.Config) { c.KeyFile = openPath }, "ssh key " + openPath + " has mode 0644: group or others may access it"},
 		"missing known_hosts":  {func(c *tunnel.Config) { c.KnownHostsFile = "/nonexistent/known_hosts" }, "read known_hosts"},
 	}
 	for name, tc := range cases {
@@ -488,7 +500,7 @@ func TestForwardSurvivesSSHDRestart(t *testing.T) {
 	if _, err := live.Write([]byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	_ = live.SetDeadline(time.Now().Add(10 * time.Second))
+	_ = live.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := io.ReadFull(live, make([]byte, 1)); err != nil {
 		t.Fatalf("echo before restart: %v", err)
 	}
@@ -500,14 +512,19 @@ func TestForwardSurvivesSSHDRestart(t *testing.T) {
 		t.Fatal("a connection over the killed SSH connection still reads")
 	}
 	// New connections on the same listener go over the redialled SSH connection.
-	eventually(t, 10*time.Second, "forward working after sshd restart", func() error {
+	eventually(t, time.Minute, "forward working after sshd restart", func() error {
 		return roundTrip(local, []byte("after restart"))
 	})
 }
 
 func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	m := newManager(t, baseConfig(s))
+	// The proxy counts the manager's connection attempts; it closes those it cannot relay.
+	proxy := startLinkProxy(t, s.Addr, 0)
+	cfg := baseConfig(s)
+	cfg.Addr = proxy.addr()
+	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
+	m := newManager(t, cfg)
 	remote := echoServer(t)
 	local := testenv.FreePort(t)
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
@@ -515,23 +532,31 @@ func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 	}
 	s.Stop()
 	// Several failed redials with backoff while the hub is gone.
-	time.Sleep(1500 * time.Millisecond)
+	eventually(t, time.Minute, "three failed redials", func() error {
+		if got := proxy.accepted.Load(); got < 4 {
+			return fmt.Errorf("%d connection attempts so far", got)
+		}
+		return nil
+	})
 	if err := roundTrip(local, []byte("hub down")); err == nil {
 		t.Fatal("round trip succeeded with sshd stopped")
 	}
 	s.Restart()
-	eventually(t, 10*time.Second, "forward working after sshd came back", func() error {
+	eventually(t, time.Minute, "forward working after sshd came back", func() error {
 		return roundTrip(local, []byte("hub back"))
 	})
 }
 
-// freezingProxy relays TCP to a target and can silently stop relaying on the connections
-// it holds, like a NAT or firewall that dropped its state: nothing is closed, nothing
-// arrives. Connections made after a freeze are relayed normally.
-type freezingProxy struct {
+// linkProxy relays TCP to a target like a network link. It can silently stop relaying on
+// the connections it holds, like a NAT or firewall that dropped its state: nothing is
+// closed, nothing arrives; connections made after a freeze are relayed normally. With a
+// rate, it delivers the target's bytes no faster than that, like a slow link.
+type linkProxy struct {
 	listener net.Listener
 	target   string
+	rate     int // bytes per second from the target; 0: unlimited
 	accepted atomic.Int32
+	returned atomic.Int64 // bytes delivered from the target
 
 	mu      sync.Mutex
 	conns   []net.Conn
@@ -539,13 +564,13 @@ type freezingProxy struct {
 	current *atomic.Bool
 }
 
-func startFreezingProxy(t testing.TB, target string) *freezingProxy {
+func startLinkProxy(t testing.TB, target string, rate int) *linkProxy {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &freezingProxy{listener: l, target: target, current: new(atomic.Bool)}
+	p := &linkProxy{listener: l, target: target, rate: rate, current: new(atomic.Bool)}
 	t.Cleanup(func() {
 		l.Close()
 		p.mu.Lock()
@@ -560,16 +585,16 @@ func startFreezingProxy(t testing.TB, target string) *freezingProxy {
 	return p
 }
 
-func (p *freezingProxy) addr() string { return p.listener.Addr().String() }
+func (p *linkProxy) addr() string { return p.listener.Addr().String() }
 
-func (p *freezingProxy) freeze() {
+func (p *linkProxy) freeze() {
 	p.mu.Lock()
 	p.current.Store(true)
 	p.current = new(atomic.Bool)
 	p.mu.Unlock()
 }
 
-func (p *freezingProxy) serve() {
+func (p *linkProxy) serve() {
 	defer p.wg.Done()
 	for {
 		in, err := p.listener.Accept()
@@ -587,14 +612,19 @@ func (p *freezingProxy) serve() {
 		p.conns = append(p.conns, in, out)
 		p.mu.Unlock()
 		p.wg.Add(2)
-		go p.relay(out, in, frozen)
-		go p.relay(in, out, frozen)
+		go p.relay(out, in, frozen, 0, nil)
+		go p.relay(in, out, frozen, p.rate, &p.returned)
 	}
 }
 
-func (p *freezingProxy) relay(dst, src net.Conn, frozen *atomic.Bool) {
+func (p *linkProxy) relay(dst, src net.Conn, frozen *atomic.Bool, rate int, delivered *atomic.Int64) {
 	defer p.wg.Done()
 	buf := make([]byte, 32<<10)
+	if rate > 0 {
+		buf = buf[:min(len(buf), rate/64)] // small steps keep the trickle steady
+	}
+	start := time.Now()
+	var sent int64
 	for {
 		n, err := src.Read(buf)
 		if err != nil {
@@ -604,19 +634,28 @@ func (p *freezingProxy) relay(dst, src net.Conn, frozen *atomic.Bool) {
 		if frozen.Load() {
 			continue
 		}
+		if rate > 0 {
+			// The link's pace, not synchronisation: bytes leave no sooner than the rate allows.
+			sent += int64(n)
+			time.Sleep(time.Until(start.Add(time.Duration(sent) * time.Second / time.Duration(rate))))
+		}
 		if _, err := dst.Write(buf[:n]); err != nil {
 			src.Close()
 			return
+		}
+		if delivered != nil {
+			delivered.Add(int64(n))
 		}
 	}
 }
 
 func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	proxy := startFreezingProxy(t, s.Addr)
+	proxy := startLinkProxy(t, s.Addr, 0)
 	cfg := baseConfig(s)
 	cfg.Addr = proxy.addr()
 	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
+	cfg.KeepaliveInterval = 300 * time.Millisecond // and the default KeepaliveCountMax
 	m := newManager(t, cfg)
 	remote := echoServer(t)
 	local := testenv.FreePort(t)
@@ -629,9 +668,9 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 
 	proxy.freeze()
 
-	// Without any forwarded traffic, only a keepalive timeout can notice the dead connection
-	// and make the manager dial again.
-	eventually(t, 5*time.Second, "redial after silent connection death", func() error {
+	// Without any forwarded traffic, only the keepalive can notice the dead connection and
+	// make the manager dial again: within five intervals, bounded here generously.
+	eventually(t, time.Minute, "redial after silent connection death", func() error {
 		if got := proxy.accepted.Load(); got < 2 {
 			return errors.New("no new ssh connection yet")
 		}
@@ -639,6 +678,71 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 	})
 	if err := roundTrip(local, []byte("over the new connection")); err != nil {
 		t.Fatalf("round trip after redial: %v", err)
+	}
+}
+
+// TestKeepaliveKeepsBusySlowConnection is a slow link carrying more data than it drains in
+// several keepalive intervals: a keepalive reply waits behind that data far longer than
+// KeepaliveCountMax intervals, yet the bytes arriving meanwhile prove the connection alive.
+// Declaring it dead (as the tunnel once did after one interval) would break the transfers
+// and make the manager dial again.
+func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	const rate = 1 << 20 // bytes per second from the hub
+	proxy := startLinkProxy(t, s.Addr, rate)
+	cfg := baseConfig(s)
+	cfg.Addr = proxy.addr()
+	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
+	cfg.KeepaliveInterval = 500 * time.Millisecond
+	cfg.KeepaliveCountMax = 3
+	m := newManager(t, cfg)
+	remote := echoServer(t)
+	local := testenv.FreePort(t)
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+
+	payload := randomBytes(t, 2<<20)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- roundTrip(local, payload)
+		}()
+	}
+
+	// The premise: while the bulk echoes queue on the link, a reply waits longer than the
+	// keepalive would have tolerated of a silent connection. A small echo on a channel of
+	// its own measures that wait; a slower machine only makes it longer.
+	began := proxy.returned.Load()
+	eventually(t, time.Minute, "bulk echoes queued on the link", func() error {
+		if got := proxy.returned.Load() - began; got < 1<<20 {
+			return fmt.Errorf("%d bytes echoed so far", got)
+		}
+		return nil
+	})
+	start := time.Now()
+	if err := roundTrip(local, []byte("behind the queue")); err != nil {
+		t.Fatalf("small round trip behind the bulk: %v", err)
+	}
+	waited := time.Since(start)
+	tolerated := time.Duration(cfg.KeepaliveCountMax) * cfg.KeepaliveInterval
+	t.Logf("a reply waited %s behind the queued data; a silent connection is dropped after %s", waited, tolerated)
+
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatalf("bulk round trip over the slow link: %v", err)
+		}
+	}
+	if got := proxy.accepted.Load(); got != 1 {
+		t.Fatalf("the manager dialled %d times: the busy connection was dropped", got)
+	}
+	if waited <= tolerated {
+		t.Fatalf("test premise not met: the reply waited %s, not more than %s", waited, tolerated)
 	}
 }
 
@@ -670,7 +774,7 @@ func startQemuNBD(t testing.TB) int {
 		_ = cmd.Process.Kill()
 		<-exited
 	})
-	eventually(t, 5*time.Second, "qemu-nbd listening", func() error {
+	eventually(t, time.Minute, "qemu-nbd listening", func() error {
 		select {
 		case <-exited:
 			t.Fatalf("qemu-nbd exited: %s", stderr.String())

@@ -138,6 +138,7 @@ func tunnelConfig(cfg config.SNA) func(hubID string) (tunnel.Config, error) {
 			KeyFile:           cfg.SSHKeyFile,
 			KnownHostsFile:    cfg.SSHKnownHostsFile,
 			KeepaliveInterval: cfg.SSHKeepalive,
+			KeepaliveCountMax: cfg.SSHKeepaliveCount,
 			RemoteHost:        cfg.HubExportHost,
 		}, nil
 	}
