@@ -142,7 +142,7 @@ func (in BackupInput) withDefaults() BackupInput {
 	return in
 }
 
-// BackupWorkflow backs up one VM into a new restore point (DESIGN §2). Every step that creates
+// BackupWorkflow backs up one VM into a new restore point (docs/architecture.md). Every step that creates
 // something registers its undo as soon as it succeeds; on failure or cancel the undos run in
 // reverse order on a disconnected context and the original error is returned.
 func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) {

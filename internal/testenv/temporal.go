@@ -14,7 +14,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 )
 
-// TemporalSearchAttributes are diskferry's search attributes (DESIGN §2), registered on every
+// TemporalSearchAttributes are diskferry's search attributes (docs/operations.md, Watching), registered on every
 // test server as `--search-attribute Name=Keyword`.
 var TemporalSearchAttributes = []string{"VMName", "Site", "BackupMode", "BackupStatus"}
 
