@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"testing"
@@ -21,4 +22,16 @@ func TestBackupFailureSaysWhatFailed(t *testing.T) {
 	err = backupFailure("backup-web01", plain)
 	assert.ErrorIs(t, err, plain)
 	assert.Contains(t, err.Error(), "backup backup-web01 failed")
+}
+
+// An unknown --status is refused before anything is asked of Temporal (no server here).
+func TestBackupListRefusesUnknownStatus(t *testing.T) {
+	t.Setenv("DISKFERRY_TEMPORAL_ADDRESS", "127.0.0.1:1")
+	root := newRootCommand()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"backup", "list", "--status", "bogus"})
+	err := root.Execute()
+	assert.EqualError(t, err, `--status "bogus" is not one of running, copying, verifying, complete, failed, cancelled`)
 }

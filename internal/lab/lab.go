@@ -30,6 +30,9 @@ type Options struct {
 	VMName   string
 	// UIPort serves the Temporal Web UI on 127.0.0.1:UIPort; 0 runs the server headless.
 	UIPort int
+	// WithoutSearchAttributes leaves diskferry's search attributes unregistered on the
+	// Temporal server, as on a fresh deployment before its init step.
+	WithoutSearchAttributes bool
 	// BinDir holds diskferry-hub and diskferry-sna; empty builds them into a temp dir.
 	BinDir string
 }
@@ -82,7 +85,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 		l.binDir = BuildWorkers(t)
 	}
 
-	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort})
+	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort, WithoutSearchAttributes: opts.WithoutSearchAttributes})
 	l.DB = testenv.StartMariaDB(t)
 	vc, err := vcsimtest.Start(context.Background(), vcsimtest.Options{
 		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, CBT: true, Seed: 1,
