@@ -99,6 +99,8 @@ func Start(t testenv.TB, opts Options) *Lab {
 
 	l.hubEnv = l.hubEnvironment()
 	l.snaEnv = l.snaEnvironment()
+	// Registered after the parts the workers use, so it runs before those stop.
+	t.Cleanup(l.shutdown)
 	l.StartWorker("hub")
 	l.StartWorker("sna")
 	return l
@@ -204,7 +206,6 @@ func (l *Lab) StartWorker(name string) {
 	l.mu.Lock()
 	l.workers[name] = w
 	l.mu.Unlock()
-	l.t.Cleanup(func() { l.StopWorker(name) })
 }
 
 // take removes a worker from the running set; nil when it is not running.
