@@ -35,3 +35,16 @@ func TestBackupListRefusesUnknownStatus(t *testing.T) {
 	err := root.Execute()
 	assert.EqualError(t, err, `--status "bogus" is not one of running, copying, verifying, complete, failed, cancelled`)
 }
+
+// Every command's help names the variables that point it at Temporal.
+func TestHelpListsEnvironment(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}} {
+		root := newRootCommand()
+		var out bytes.Buffer
+		root.SetOut(&out)
+		root.SetArgs(args)
+		assert.NoError(t, root.Execute())
+		assert.Contains(t, out.String(), "DISKFERRY_TEMPORAL_ADDRESS", "%v", args)
+		assert.Contains(t, out.String(), "DISKFERRY_TEMPORAL_NAMESPACE", "%v", args)
+	}
+}

@@ -42,6 +42,7 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"keepalive", c.SSHKeepalive, 15 * time.Second},
 		{"transport", c.Transport, config.TransportHTTPS},
 		{"connections", c.CopyConnections, 4},
+		{"checkpoint interval", c.CopyCheckpointInterval, 10 * time.Second},
 		{"request size", c.CopyRequestSize, config.ByteSize(2 << 20)},
 		{"temporal", c.Address, "127.0.0.1:7233"},
 	}

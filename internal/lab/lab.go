@@ -177,6 +177,8 @@ func (l *Lab) snaEnvironment() []string {
 		"DISKFERRY_SSH_KEY_FILE="+l.SSHD.ClientKeyPath,
 		"DISKFERRY_SSH_KNOWN_HOSTS_FILE="+l.SSHD.KnownHostsPath,
 		"DISKFERRY_HUB_EXPORT_HOST="+hubExportHost,
+		// Frequent checkpoints: a copy interrupted in a test has one to resume from.
+		"DISKFERRY_COPY_CHECKPOINT_INTERVAL=1s",
 	)
 }
 
@@ -224,6 +226,7 @@ func (l *Lab) StopWorker(name string) {
 		return
 	}
 	_ = w.cmd.Process.Signal(syscall.SIGTERM)
+	_ = w.cmd.Process.Signal(syscall.SIGCONT) // a paused worker must run to handle it
 	select {
 	case <-w.exited:
 	case <-time.After(15 * time.Second):
@@ -242,6 +245,27 @@ func (l *Lab) KillWorker(name string) {
 	_ = w.cmd.Process.Kill()
 	<-w.exited
 	w.log.Close()
+}
+
+// PauseWorker freezes a running worker (SIGSTOP) until ResumeWorker: it neither works nor
+// heartbeats meanwhile, but keeps its connections and children.
+func (l *Lab) PauseWorker(name string) { l.signalWorker(name, syscall.SIGSTOP) }
+
+// ResumeWorker continues a paused worker (SIGCONT).
+func (l *Lab) ResumeWorker(name string) { l.signalWorker(name, syscall.SIGCONT) }
+
+func (l *Lab) signalWorker(name string, sig syscall.Signal) {
+	l.t.Helper()
+	l.mu.Lock()
+	w := l.workers[name]
+	l.mu.Unlock()
+	if w == nil {
+		l.t.Fatalf("lab: %s worker is not running", name)
+		return
+	}
+	if err := w.cmd.Process.Signal(sig); err != nil {
+		l.t.Fatalf("lab: signal %v to %s worker: %v", sig, name, err)
+	}
 }
 
 // WorkerLogPath is where a worker's output goes.
