@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 
@@ -20,8 +21,8 @@ import (
 
 // Bounds of the lab's teardown.
 const (
-	drainTimeout      = 2 * time.Minute  // schedules deleted, running backups cancelled and closed
-	cancelGrace       = 90 * time.Second // a cancelled backup's cleanup, before it is terminated
+	drainTimeout      = 3 * time.Minute  // schedules deleted, running backups cancelled and closed
+	cancelGrace       = 60 * time.Second // a cancelled backup's cleanup, before it is terminated
 	exportStopTimeout = 10 * time.Second
 )
 
@@ -88,14 +89,19 @@ func (l *Lab) drainWorkflows(ctx context.Context) error {
 		if err := c.CancelWorkflow(ctx, id, runID); err != nil {
 			errs = append(errs, fmt.Errorf("cancel %s: %w", id, err))
 		}
+		start := time.Now()
 		waitCtx, cancel := context.WithTimeout(ctx, cancelGrace)
 		err := c.GetWorkflow(waitCtx, id, runID).Get(waitCtx, nil)
+		timedOut := waitCtx.Err() != nil
 		cancel()
-		if waitCtx.Err() != nil && err != nil {
-			l.t.Logf("lab teardown: backup %s did not finish its cleanup in %s; terminating it", id, cancelGrace)
-			if err := c.TerminateWorkflow(ctx, id, runID, "lab teardown"); err != nil {
-				errs = append(errs, fmt.Errorf("terminate %s: %w", id, err))
-			}
+		if !timedOut {
+			l.t.Logf("lab teardown: backup %s closed after %s (%v)", id, time.Since(start).Round(time.Millisecond), err)
+			continue
+		}
+		l.t.Logf("lab teardown: backup %s did not finish its cleanup in %s; terminating it", id, cancelGrace)
+		var closed *serviceerror.NotFound // it closed meanwhile
+		if err := c.TerminateWorkflow(ctx, id, runID, "lab teardown"); err != nil && !errors.As(err, &closed) {
+			errs = append(errs, fmt.Errorf("terminate %s: %w", id, err))
 		}
 	}
 	return errors.Join(errs...)
