@@ -22,8 +22,12 @@ demo: setup build
 	DISKFERRY_DEMO_KEEP=$(if $(KEEP),1,0) $(BIN)/diskferry-demo
 
 # Everything, integration tests on real parts included. CI=true turns a missing part into a failure.
+# The run gets a private TMPDIR; afterwards no process may still name it (scripts/leftovers.sh).
 test: setup lint
-	CI=$${CI:-true} $(GO) test -race -count=1 -timeout 25m ./...
+	@tmp=$$(mktemp -d /tmp/df.XXXXXX); \
+	  CI=$${CI:-true} TMPDIR=$$tmp $(GO) test -race -count=1 -timeout 25m ./...; rc=$$?; \
+	  bash scripts/leftovers.sh $$tmp || rc=1; \
+	  rm -rf $$tmp; exit $$rc
 
 # No external parts: seconds.
 test-unit:

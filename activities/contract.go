@@ -7,7 +7,7 @@ package activities
 
 import "time"
 
-// Task queues (DESIGN §1).
+// Task queues (docs/architecture.md, Control plane).
 const (
 	// HubQueue runs the workflows and host-agnostic hub activities (catalog, ports).
 	HubQueue = "diskferry-hub"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmarks `diskferry copy` against nbdcopy between the same endpoints (DESIGN §6):
+# Benchmarks `diskferry copy` against nbdcopy between the same endpoints (targets in docs/architecture.md, Data-plane performance):
 # source served by `nbdkit file`, target a fresh qcow2 behind qemu-nbd. Builds its fixtures
 # in .bench/ (git-ignored) once, runs the two tools alternately, checks every copy with
 # `qemu-img compare` and the qcow2's allocated size, and prints one line per case:

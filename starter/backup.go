@@ -6,11 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
@@ -85,13 +85,16 @@ func waitBackup(ctx context.Context, c client.Client, run client.WorkflowRun, ou
 	var result workflows.BackupResult
 	go func() { done <- run.Get(ctx, &result) }()
 
-	bars := newProgressBars(out, !asJSON && isTerminal(out))
+	view := newProgressView(out, !asJSON && isTerminal(out))
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	for {
 		select {
 		case err := <-done:
-			bars.finish()
+			// The last frame shows how the disks ended; a closed run still answers the query.
+			if p, qerr := liveProgress(ctx, c, run.GetID(), run.GetRunID()); qerr == nil {
+				view.update(p, time.Now())
+			}
 			if err != nil {
 				return backupFailure(run.GetID(), err)
 			}
@@ -103,7 +106,7 @@ func waitBackup(ctx context.Context, c client.Client, run client.WorkflowRun, ou
 		case <-tick.C:
 			p, err := liveProgress(ctx, c, run.GetID(), run.GetRunID())
 			if err == nil {
-				bars.update(p)
+				view.update(p, time.Now())
 			}
 		}
 	}
@@ -148,47 +151,6 @@ func liveProgress(ctx context.Context, c client.Client, id, runID string) (workf
 		return p, err
 	}
 	return p.WithLiveCopies(live, time.Now()), nil
-}
-
-// progressBars draws one bar per disk on a terminal; elsewhere it prints nothing.
-type progressBars struct {
-	out  io.Writer
-	on   bool
-	bars map[int32]*progressbar.ProgressBar
-}
-
-func newProgressBars(out io.Writer, on bool) *progressBars {
-	return &progressBars{out: out, on: on, bars: map[int32]*progressbar.ProgressBar{}}
-}
-
-func (b *progressBars) update(p workflows.Progress) {
-	if !b.on {
-		return
-	}
-	for _, d := range p.Disks {
-		if d.BytesTotal == 0 {
-			continue
-		}
-		bar, ok := b.bars[d.Key]
-		if !ok {
-			bar = progressbar.NewOptions64(d.BytesTotal,
-				progressbar.OptionSetWriter(b.out),
-				progressbar.OptionSetDescription(fmt.Sprintf("disk %d (%s)", d.Key, d.Mode)),
-				progressbar.OptionShowBytes(true),
-				progressbar.OptionSetWidth(30),
-				progressbar.OptionThrottle(200*time.Millisecond),
-			)
-			b.bars[d.Key] = bar
-		}
-		_ = bar.Set64(d.BytesDone)
-	}
-}
-
-func (b *progressBars) finish() {
-	for _, bar := range b.bars {
-		_ = bar.Finish()
-		fmt.Fprintln(b.out)
-	}
 }
 
 func printResult(out io.Writer, id string, r workflows.BackupResult) {
@@ -248,6 +210,12 @@ func newBackupListCommand() *cobra.Command {
 		Use:   "list [--vm NAME] [--status STATUS]",
 		Short: "List backups, newest first (from Temporal visibility)",
 		Args:  cobra.NoArgs,
+		PreRunE: func(*cobra.Command, []string) error {
+			if status != "" && !slices.Contains(backupStatuses, status) {
+				return fmt.Errorf("--status %q is not one of %s", status, strings.Join(backupStatuses, ", "))
+			}
+			return nil
+		},
 		RunE: withTemporal(func(cmd *cobra.Command, _ []string, c client.Client) error {
 			ctx := cmd.Context()
 			query := fmt.Sprintf("WorkflowType = %q", workflows.BackupWorkflowName)
@@ -297,11 +265,15 @@ func newBackupListCommand() *cobra.Command {
 	}
 	f := cmd.Flags()
 	f.StringVar(&vm, "vm", "", "only backups of this VM name")
-	f.StringVar(&status, "status", "", "only backups in this status (running, copying, verifying, complete, failed, cancelled)")
+	f.StringVar(&status, "status", "", "only backups in this status ("+strings.Join(backupStatuses, ", ")+")")
 	f.IntVar(&limit, "limit", 50, "at most this many rows")
 	f.BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	return cmd
 }
+
+// backupStatuses are the values of the BackupStatus search attribute.
+var backupStatuses = []string{workflows.StatusRunning, workflows.StatusCopying, workflows.StatusVerifying,
+	workflows.StatusComplete, workflows.StatusFailed, workflows.StatusCancelled}
 
 type backupRow struct {
 	WorkflowID string    `json:"workflowId"`

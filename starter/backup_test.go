@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"testing"
@@ -21,4 +22,29 @@ func TestBackupFailureSaysWhatFailed(t *testing.T) {
 	err = backupFailure("backup-web01", plain)
 	assert.ErrorIs(t, err, plain)
 	assert.Contains(t, err.Error(), "backup backup-web01 failed")
+}
+
+// An unknown --status is refused before anything is asked of Temporal (no server here).
+func TestBackupListRefusesUnknownStatus(t *testing.T) {
+	t.Setenv("DISKFERRY_TEMPORAL_ADDRESS", "127.0.0.1:1")
+	root := newRootCommand()
+	var out bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&out)
+	root.SetArgs([]string{"backup", "list", "--status", "bogus"})
+	err := root.Execute()
+	assert.EqualError(t, err, `--status "bogus" is not one of running, copying, verifying, complete, failed, cancelled`)
+}
+
+// Every command's help names the variables that point it at Temporal.
+func TestHelpListsEnvironment(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}} {
+		root := newRootCommand()
+		var out bytes.Buffer
+		root.SetOut(&out)
+		root.SetArgs(args)
+		assert.NoError(t, root.Execute())
+		assert.Contains(t, out.String(), "DISKFERRY_TEMPORAL_ADDRESS", "%v", args)
+		assert.Contains(t, out.String(), "DISKFERRY_TEMPORAL_NAMESPACE", "%v", args)
+	}
 }

@@ -26,6 +26,17 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: false,
 	}
-	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newVersionCommand())
+	// Subcommands inherit the template: every --help lists the environment.
+	root.SetUsageTemplate(root.UsageTemplate() + "\n" + environmentHelp + "\n")
+	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newAdminCommand(), newVersionCommand())
 	return root
 }
+
+// environmentHelp is in every command's help: the settings come from the environment only.
+const environmentHelp = `Environment (every command that talks to Temporal):
+  DISKFERRY_TEMPORAL_ADDRESS     Temporal frontend host:port (default 127.0.0.1:7233)
+  DISKFERRY_TEMPORAL_NAMESPACE   namespace (default "default")
+  DISKFERRY_TEMPORAL_TLS_CERT, DISKFERRY_TEMPORAL_TLS_KEY, DISKFERRY_TEMPORAL_TLS_CA,
+  DISKFERRY_TEMPORAL_TLS_SERVER_NAME
+                                 mTLS client certificate, key, CA and server name
+  DISKFERRY_LOG_LEVEL            debug, info, warn (default) or error`

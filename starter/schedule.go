@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -24,9 +26,7 @@ func newScheduleCommand() *cobra.Command {
 		newScheduleActionCommand("unpause", "Resume a paused schedule", func(h client.ScheduleHandle, cmd *cobra.Command) error {
 			return h.Unpause(cmd.Context(), client.ScheduleUnpauseOptions{Note: "unpaused with diskferry"})
 		}),
-		newScheduleActionCommand("trigger", "Start a backup now (skipped if one is running)", func(h client.ScheduleHandle, cmd *cobra.Command) error {
-			return h.Trigger(cmd.Context(), client.ScheduleTriggerOptions{Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP})
-		}),
+		newScheduleTriggerCommand(),
 		newScheduleActionCommand("delete", "Delete a schedule (running backups go on)", func(h client.ScheduleHandle, cmd *cobra.Command) error {
 			return h.Delete(cmd.Context())
 		}),
@@ -232,5 +232,70 @@ func newScheduleActionCommand(name, short string, act func(client.ScheduleHandle
 			fmt.Fprintf(cmd.OutOrStdout(), "%s: done for %s\n", name, args[0])
 			return nil
 		}),
+	}
+}
+
+// triggerOutcomeWait bounds how long trigger waits for the schedule to record what it did.
+const triggerOutcomeWait = 30 * time.Second
+
+func newScheduleTriggerCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "trigger SCHEDULE-ID",
+		Short: "Start a backup now; skipped (exit status 1) while the schedule's previous backup runs",
+		Args:  cobra.ExactArgs(1),
+		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
+			ctx, cancel := context.WithTimeout(cmd.Context(), triggerOutcomeWait)
+			defer cancel()
+			h := c.ScheduleClient().GetHandle(ctx, args[0])
+			started, err := triggerSchedule(ctx, h)
+			if err != nil {
+				return fmt.Errorf("trigger schedule %s: %w", args[0], err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "trigger: schedule %s started backup %s\n", args[0], started)
+			return nil
+		}),
+	}
+}
+
+// errTriggerSkipped says the overlap policy skipped a trigger.
+var errTriggerSkipped = errors.New("skipped")
+
+// triggerSchedule triggers one action with overlap policy skip and waits until the schedule
+// counts it as taken or skipped (the server takes a trigger asynchronously). It returns the
+// ID of the backup it started.
+func triggerSchedule(ctx context.Context, h client.ScheduleHandle) (string, error) {
+	before, err := h.Describe(ctx)
+	if err != nil {
+		return "", err
+	}
+	if err := h.Trigger(ctx, client.ScheduleTriggerOptions{Overlap: enumspb.SCHEDULE_OVERLAP_POLICY_SKIP}); err != nil {
+		return "", err
+	}
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("the schedule recorded no start or skip of the trigger in %s (see schedule describe): %w", triggerOutcomeWait, ctx.Err())
+		case <-tick.C:
+		}
+		now, err := h.Describe(ctx)
+		if err != nil {
+			return "", err
+		}
+		if now.Info.NumActionsSkippedOverlap > before.Info.NumActionsSkippedOverlap {
+			var running []string
+			for _, w := range now.Info.RunningWorkflows {
+				running = append(running, w.WorkflowID)
+			}
+			return "", fmt.Errorf("%w: backup %s of this schedule is still running (overlap policy skip)", errTriggerSkipped, strings.Join(running, ", "))
+		}
+		if now.Info.NumActions > before.Info.NumActions {
+			recent := now.Info.RecentActions
+			if len(recent) > 0 && recent[len(recent)-1].StartWorkflowResult != nil {
+				return recent[len(recent)-1].StartWorkflowResult.WorkflowID, nil
+			}
+			return "", errors.New("the schedule took the action but lists no started workflow")
+		}
 	}
 }

@@ -142,7 +142,7 @@ func (in BackupInput) withDefaults() BackupInput {
 	return in
 }
 
-// BackupWorkflow backs up one VM into a new restore point (DESIGN §2). Every step that creates
+// BackupWorkflow backs up one VM into a new restore point (docs/architecture.md). Every step that creates
 // something registers its undo as soon as it succeeds; on failure or cancel the undos run in
 // reverse order on a disconnected context and the original error is returned.
 func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) {
@@ -164,6 +164,7 @@ func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) 
 	result, err := b.run(ctx)
 	if err == nil {
 		b.setStatus(ctx, StatusComplete)
+		b.step(ctx, "%s", StatusComplete)
 		b.journal.add(ctx, "point %s complete: %d disk(s), %s read in %s",
 			result.PointID, len(result.Disks), humanBytes(result.bytesRead()), result.Duration.Round(time.Second))
 		return result, nil
@@ -601,7 +602,8 @@ func (b *backup) setPhase(key int32, phase string) {
 	}
 }
 
-// upsert updates search attributes; a failure only costs visibility, never the backup.
+// upsert updates search attributes. The error is only the SDK's local check: the server checks the
+// names when the task completes, and an unregistered one fails every workflow task of the run.
 func (b *backup) upsert(ctx workflow.Context, updates ...temporal.SearchAttributeUpdate) {
 	if err := workflow.UpsertTypedSearchAttributes(ctx, updates...); err != nil {
 		workflow.GetLogger(ctx).Warn("upsert search attributes", "error", err)

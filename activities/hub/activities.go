@@ -244,7 +244,7 @@ func selectDisks(all []activities.Disk, keys []int32) ([]activities.Disk, error)
 	return out, nil
 }
 
-// decideDisk picks full or incremental for one disk (DESIGN §2 step 2).
+// decideDisk picks full or incremental for one disk (docs/architecture.md, Full or incremental).
 func decideDisk(mode string, cbt bool, d activities.Disk, last catalog.Point, hasLast bool) activities.DiskPlan {
 	dp := activities.DiskPlan{Key: d.Key, CapacityBytes: d.CapacityBytes, Mode: activities.ModeFull}
 	var prev *catalog.PointDisk

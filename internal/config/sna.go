@@ -81,6 +81,10 @@ type SNA struct {
 	// KiB/MiB suffix, a multiple of 4 KiB from 64 KiB to 32 MiB. Default 1MiB. Through
 	// vCenter keep it at 2 MiB or less (larger NFC reads fail).
 	CopyRequestSize ByteSize `envconfig:"DISKFERRY_COPY_REQUEST_SIZE" default:"2MiB"`
+	// DISKFERRY_COPY_CHECKPOINT_INTERVAL is how often a copy flushes its target to advance the
+	// checkpoint a retried copy resumes from (after an SNA restart it redoes at most what was
+	// copied since). Default 10s.
+	CopyCheckpointInterval time.Duration `envconfig:"DISKFERRY_COPY_CHECKPOINT_INTERVAL" default:"10s"`
 
 	// DISKFERRY_LOG_LEVEL is debug, info, warn or error. Default info.
 	LogLevel slog.Level `envconfig:"DISKFERRY_LOG_LEVEL" default:"info"`
@@ -174,6 +178,9 @@ func (c *SNA) resolveAndValidate() error {
 		}
 	default:
 		v.fail("DISKFERRY_TRANSPORT", fmt.Errorf("want %s or %s, got %q", TransportHTTPS, TransportVDDK, c.Transport))
+	}
+	if c.CopyCheckpointInterval <= 0 {
+		v.fail("DISKFERRY_COPY_CHECKPOINT_INTERVAL", fmt.Errorf("want a positive duration, got %s", c.CopyCheckpointInterval))
 	}
 	if c.CopyConnections < 1 || c.CopyConnections > 16 {
 		v.fail("DISKFERRY_COPY_CONNECTIONS", fmt.Errorf("want 1-16, got %d", c.CopyConnections))

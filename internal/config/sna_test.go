@@ -44,6 +44,7 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"keepalive count", c.SSHKeepaliveCount, 3},
 		{"transport", c.Transport, config.TransportHTTPS},
 		{"connections", c.CopyConnections, 4},
+		{"checkpoint interval", c.CopyCheckpointInterval, 10 * time.Second},
 		{"request size", c.CopyRequestSize, config.ByteSize(2 << 20)},
 		{"temporal", c.Address, "127.0.0.1:7233"},
 	}

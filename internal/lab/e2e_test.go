@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"github.com/vmware/govmomi/vim25/mo"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
@@ -241,23 +242,57 @@ func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
 }
 
 // TestHubWorkerKilledMidBackup kills the hub worker (SIGKILL) while a disk copy runs and
-// starts it again: its reconcile keeps the running backup's export, the backup completes,
-// the restore point equals the source and nothing is left behind.
+// starts it again: its reconcile adopts the running backup's export (the same qemu-nbd
+// process), the backup completes, the restore point equals the source and nothing is left
+// behind.
 func TestHubWorkerKilledMidBackup(t *testing.T) {
-	backupSurvivesWorkerKill(t, "hub")
+	backupSurvivesWorkerKill(t, func(ctx context.Context, l *lab.Lab, key int32) {
+		before := exportPID(t, l)
+		// Frozen, the SNA cannot finish the copy, so nothing can stop the export before the
+		// restarted hub's reconcile has run and the test has looked at it.
+		l.PauseWorker("sna")
+		defer l.ResumeWorker("sna")
+		reconciled := strings.Count(l.WorkerLog("hub"), "exports reconciled")
+		l.KillWorker("hub")
+		l.StartWorker("hub")
+		require.Eventually(t, func() bool {
+			return strings.Count(l.WorkerLog("hub"), "exports reconciled") > reconciled
+		}, time.Minute, 50*time.Millisecond, "the restarted hub never reconciled its exports")
+		require.Equal(t, before, exportPID(t, l), "the restarted hub adopted the running export")
+	})
 }
 
 // The SNA dies mid-copy (its nbdkit and tunnel forwards with it): Temporal retries the copy
 // after the heartbeat timeout on the restarted SNA, which opens the forward again and resumes
-// from the last heartbeated checkpoint.
+// from the last heartbeated checkpoint: it reads nothing below that checkpoint again.
 func TestSNAWorkerKilledMidCopy(t *testing.T) {
-	l, ctx, runID := backupSurvivesWorkerKill(t, "sna")
-	require.Greater(t, copyAttempts(ctx, t, l, runID), int32(1), "the copy was retried")
+	var last activities.CopyProgress
+	var areas []vsphere.Extent
+	l, ctx, res := backupSurvivesWorkerKill(t, func(ctx context.Context, l *lab.Lab, key int32) {
+		areas = l.VC.Allocated(key)
+		require.Eventually(t, func() bool { return copyHeartbeat(ctx, t, l, key).Checkpoint > 0 },
+			time.Minute, 20*time.Millisecond, "the copy never heartbeated a checkpoint")
+		l.KillWorker("sna")
+		// The SNA is dead: this is the heartbeat the retried copy resumes from.
+		last = copyHeartbeat(ctx, t, l, key)
+		l.StartWorker("sna")
+	})
+	require.Greater(t, copyAttempts(ctx, t, l, workflows.BackupWorkflowID(l.VC.VMName)), int32(1), "the copy was retried")
+
+	// A copy reads every byte of its areas (the https source has no holes inside them), so
+	// what the retry did not read again is what it resumed past.
+	below := bytesBelow(areas, last.Checkpoint)
+	skipped := last.BytesTotal - res.Disks[0].BytesRead
+	require.Positive(t, below)
+	require.GreaterOrEqual(t, skipped, below, "the retry read again below its checkpoint at %d", last.Checkpoint)
+	redone := last.BytesDone - skipped
+	t.Logf("checkpoint %d: %d of %d bytes done, %d skipped by the retry, %d done again", last.Checkpoint, last.BytesDone, last.BytesTotal, skipped, redone)
 }
 
-// backupSurvivesWorkerKill SIGKILLs a worker while a backup copies and restarts it: the
-// backup completes, equals the source and leaves nothing behind.
-func backupSurvivesWorkerKill(t *testing.T, worker string) (*lab.Lab, context.Context, string) {
+// backupSurvivesWorkerKill backs up a 1 GiB disk (768 MiB of data, snapshot quiesced) and,
+// once its copy reports progress, calls interrupt to kill and restart a worker: the backup
+// completes, equals the source and leaves nothing behind.
+func backupSurvivesWorkerKill(t *testing.T, interrupt func(ctx context.Context, l *lab.Lab, key int32)) (*lab.Lab, context.Context, workflows.BackupResult) {
 	t.Helper()
 	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
@@ -266,23 +301,70 @@ func backupSurvivesWorkerKill(t *testing.T, worker string) (*lab.Lab, context.Co
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	t.Cleanup(cancel)
-	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}
+	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site, Quiesce: true}
 	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 	require.NoError(t, err)
 	waitForCopyProgress(ctx, t, l, run.GetID(), key)
+	requireQuiescedSnapshot(ctx, t, l)
 
-	l.KillWorker(worker)
-	l.StartWorker(worker)
+	interrupt(ctx, l, key)
 
 	var res workflows.BackupResult
 	if err := run.Get(ctx, &res); err != nil {
-		t.Fatalf("backup after %s restart: %v\n%s log:\n%s", worker, err, worker, tail(l.WorkerLog(worker)))
+		t.Fatalf("backup after the restart: %v\nhub log:\n%s\nsna log:\n%s", err, tail(l.WorkerLog("hub")), tail(l.WorkerLog("sna")))
 	}
 	require.Len(t, res.Disks, 1)
 	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
 	requireComplete(ctx, t, l, res.PointID)
 	requireNothingLeaked(ctx, t, l, res)
-	return l, ctx, run.GetID()
+	return l, ctx, res
+}
+
+// requireQuiescedSnapshot checks the running backup asked vCenter for a quiesced snapshot.
+func requireQuiescedSnapshot(ctx context.Context, t *testing.T, l *lab.Lab) {
+	t.Helper()
+	vc, err := vsphere.Connect(ctx, vsphere.Config{URL: l.VC.URL, User: l.VC.User, Password: l.VC.Password, Thumbprint: l.VC.Thumbprint})
+	require.NoError(t, err)
+	defer vc.Close(context.WithoutCancel(ctx))
+	vm, err := vc.FindVM(ctx, l.VC.VMMoref)
+	require.NoError(t, err)
+	var o mo.VirtualMachine
+	require.NoError(t, vm.Properties(ctx, vm.Reference(), []string{"snapshot"}, &o))
+	require.NotNil(t, o.Snapshot, "the backup's snapshot is missing")
+	require.Len(t, o.Snapshot.RootSnapshotList, 1)
+	snap := o.Snapshot.RootSnapshotList[0]
+	require.True(t, strings.HasPrefix(snap.Name, workflows.SnapshotPrefix), snap.Name)
+	require.True(t, snap.Quiesced, "snapshot %s is not quiesced", snap.Name)
+}
+
+// exportPID is the pid of the one qemu-nbd export the hub runs for the lab's backup.
+func exportPID(t *testing.T, l *lab.Lab) int {
+	t.Helper()
+	pidFiles, err := filepath.Glob(filepath.Join(l.RunDir, "export-*.pid"))
+	require.NoError(t, err)
+	require.Len(t, pidFiles, 1, "one export runs")
+	exp, err := qemu.Find(pidFiles[0])
+	require.NoError(t, err)
+	return exp.PID
+}
+
+// copyHeartbeat is the last heartbeat of the disk's pending copy; zero when there is none.
+func copyHeartbeat(ctx context.Context, t *testing.T, l *lab.Lab, key int32) activities.CopyProgress {
+	t.Helper()
+	desc, err := l.Temporal.Client.DescribeWorkflow(ctx, workflows.BackupWorkflowID(l.VC.VMName), "")
+	require.NoError(t, err)
+	live, err := workflows.LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
+	require.NoError(t, err)
+	return live[key]
+}
+
+// bytesBelow is how much of areas lies below offset.
+func bytesBelow(areas []vsphere.Extent, offset int64) int64 {
+	var n int64
+	for _, a := range areas {
+		n += max(0, min(a.Start+a.Length, offset)-a.Start)
+	}
+	return n
 }
 
 // copyAttempts is the highest attempt of the run's CopyDisk activities.

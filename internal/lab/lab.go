@@ -30,6 +30,9 @@ type Options struct {
 	VMName   string
 	// UIPort serves the Temporal Web UI on 127.0.0.1:UIPort; 0 runs the server headless.
 	UIPort int
+	// WithoutSearchAttributes leaves diskferry's search attributes unregistered on the
+	// Temporal server, as on a fresh deployment before its init step.
+	WithoutSearchAttributes bool
 	// BinDir holds diskferry-hub and diskferry-sna; empty builds them into a temp dir.
 	BinDir string
 }
@@ -82,7 +85,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 		l.binDir = BuildWorkers(t)
 	}
 
-	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort})
+	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort, WithoutSearchAttributes: opts.WithoutSearchAttributes})
 	l.DB = testenv.StartMariaDB(t)
 	vc, err := vcsimtest.Start(context.Background(), vcsimtest.Options{
 		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, CBT: true, Seed: 1,
@@ -96,6 +99,8 @@ func Start(t testenv.TB, opts Options) *Lab {
 
 	l.hubEnv = l.hubEnvironment()
 	l.snaEnv = l.snaEnvironment()
+	// Registered after the parts the workers use, so it runs before those stop.
+	t.Cleanup(l.shutdown)
 	l.StartWorker("hub")
 	l.StartWorker("sna")
 	return l
@@ -172,6 +177,8 @@ func (l *Lab) snaEnvironment() []string {
 		"DISKFERRY_SSH_KEY_FILE="+l.SSHD.ClientKeyPath,
 		"DISKFERRY_SSH_KNOWN_HOSTS_FILE="+l.SSHD.KnownHostsPath,
 		"DISKFERRY_HUB_EXPORT_HOST="+hubExportHost,
+		// Frequent checkpoints: a copy interrupted in a test has one to resume from.
+		"DISKFERRY_COPY_CHECKPOINT_INTERVAL=1s",
 	)
 }
 
@@ -201,7 +208,6 @@ func (l *Lab) StartWorker(name string) {
 	l.mu.Lock()
 	l.workers[name] = w
 	l.mu.Unlock()
-	l.t.Cleanup(func() { l.StopWorker(name) })
 }
 
 // take removes a worker from the running set; nil when it is not running.
@@ -220,6 +226,7 @@ func (l *Lab) StopWorker(name string) {
 		return
 	}
 	_ = w.cmd.Process.Signal(syscall.SIGTERM)
+	_ = w.cmd.Process.Signal(syscall.SIGCONT) // a paused worker must run to handle it
 	select {
 	case <-w.exited:
 	case <-time.After(15 * time.Second):
@@ -238,6 +245,27 @@ func (l *Lab) KillWorker(name string) {
 	_ = w.cmd.Process.Kill()
 	<-w.exited
 	w.log.Close()
+}
+
+// PauseWorker freezes a running worker (SIGSTOP) until ResumeWorker: it neither works nor
+// heartbeats meanwhile, but keeps its connections and children.
+func (l *Lab) PauseWorker(name string) { l.signalWorker(name, syscall.SIGSTOP) }
+
+// ResumeWorker continues a paused worker (SIGCONT).
+func (l *Lab) ResumeWorker(name string) { l.signalWorker(name, syscall.SIGCONT) }
+
+func (l *Lab) signalWorker(name string, sig syscall.Signal) {
+	l.t.Helper()
+	l.mu.Lock()
+	w := l.workers[name]
+	l.mu.Unlock()
+	if w == nil {
+		l.t.Fatalf("lab: %s worker is not running", name)
+		return
+	}
+	if err := w.cmd.Process.Signal(sig); err != nil {
+		l.t.Fatalf("lab: signal %v to %s worker: %v", sig, name, err)
+	}
 }
 
 // WorkerLogPath is where a worker's output goes.

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/api/workflowservice/v1"
 
 	"github.com/diskferry/diskferry/internal/lab"
 	"github.com/diskferry/diskferry/internal/testenv"
@@ -84,7 +85,7 @@ func TestDiskferryCLI(t *testing.T) {
 	require.Contains(t, out, workflows.BackupWorkflowID(l.VC.VMName))
 	require.Contains(t, out, `"status": "complete"`)
 	out = run(ctx, t, l, cli, "backup", "status", workflows.BackupWorkflowID(l.VC.VMName))
-	require.Contains(t, out, "complete")
+	require.Contains(t, out, ": complete, complete\n", "status and current step of a finished backup")
 	require.Contains(t, out, res.PointID)
 
 	// A VM vCenter does not know fails at once with an error naming it and the step.
@@ -108,10 +109,27 @@ func TestDiskferryCLI(t *testing.T) {
 	run(ctx, t, l, cli, "schedule", "unpause", id)
 	out = run(ctx, t, l, cli, "schedule", "describe", id, "--json")
 	require.Contains(t, out, `"paused": false`)
-	run(ctx, t, l, cli, "schedule", "trigger", id)
-	require.Eventually(t, func() bool {
-		return strings.Contains(run(ctx, t, l, cli, "schedule", "describe", id, "--json"), `"workflowId"`)
-	}, time.Minute, 500*time.Millisecond, "the triggered backup never started")
+
+	// With the SNA stopped the triggered backup cannot get past its first step, so a second
+	// trigger finds it running and the overlap policy skips it.
+	l.StopWorker("sna")
+	out = run(ctx, t, l, cli, "schedule", "trigger", id)
+	started, ok := strings.CutPrefix(strings.TrimSpace(out), "trigger: schedule "+id+" started backup ")
+	require.True(t, ok, out)
+	skip := exec.CommandContext(ctx, cli, "schedule", "trigger", id)
+	skip.Env = append(os.Environ(), "DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort)
+	msg, err = skip.CombinedOutput()
+	require.Error(t, err, "a skipped trigger is not a success: %s", msg)
+	require.Contains(t, string(msg), "trigger schedule "+id+": skipped: backup "+started+" of this schedule is still running")
+	out = run(ctx, t, l, cli, "schedule", "describe", id, "--json")
+	require.Contains(t, out, `"skippedOverlaps": 1`)
+	require.Contains(t, out, started)
+
+	// The triggered backup completes once the SNA is back; none is left running.
+	l.StartWorker("sna")
+	var scheduled workflows.BackupResult
+	require.NoError(t, l.Temporal.Client.GetWorkflow(ctx, started, "").Get(ctx, &scheduled))
+	require.NotEmpty(t, scheduled.PointID)
 	out = run(ctx, t, l, cli, "schedule", "list")
 	require.Contains(t, out, id)
 	run(ctx, t, l, cli, "schedule", "delete", id)
@@ -119,7 +137,8 @@ func TestDiskferryCLI(t *testing.T) {
 }
 
 // TestWebUIShowsBackup loads the dev server's Web UI in headless Chromium and finds a
-// backup by its VMName search attribute; it leaves a screenshot for docs/.
+// backup by its VMName search attribute, while a backup of another VM stays out of that
+// list; it leaves a screenshot for docs/.
 func TestWebUIShowsBackup(t *testing.T) {
 	chromium := testenv.RequireCommand(t, "chromium")
 	uiPort := testenv.FreePort(t)
@@ -130,6 +149,14 @@ func TestWebUIShowsBackup(t *testing.T) {
 	wf, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 	require.NoError(t, err)
 	require.NoError(t, wf.Get(ctx, nil))
+	// A backup of a VM vCenter does not know: it fails, but carries its VMName too.
+	otherIn := workflows.BackupInput{VM: "other-vm", Site: l.Site}
+	other, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(otherIn), workflows.BackupWorkflowName, otherIn)
+	require.NoError(t, err)
+	require.Error(t, other.Get(ctx, nil))
+	all, err := l.Temporal.Client.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{Query: `VMName="other-vm"`})
+	require.NoError(t, err)
+	require.Len(t, all.GetExecutions(), 1, "visibility knows the other backup by its VMName")
 
 	page := fmt.Sprintf("http://127.0.0.1:%d/namespaces/default/workflows?query=%s", uiPort,
 		url.QueryEscape(fmt.Sprintf(`VMName=%q`, l.VC.VMName)))
@@ -144,6 +171,7 @@ func TestWebUIShowsBackup(t *testing.T) {
 		dom = string(out)
 		return strings.Contains(dom, wf.GetID())
 	}, 2*time.Minute, time.Second, "the Web UI never listed %s", wf.GetID())
+	require.NotContains(t, dom, other.GetID(), "the VMName filter lets another VM's backup through")
 	st, err := os.Stat(shot)
 	require.NoError(t, err)
 	require.Greater(t, st.Size(), int64(10_000), "screenshot is too small to show anything")

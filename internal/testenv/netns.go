@@ -28,7 +28,7 @@ const (
 	WANSNAIP = "10.231.0.2"
 )
 
-// Defaults of WANOptions: the "100 Mbit/20 ms link" of DESIGN §5.
+// Defaults of WANOptions: the "100 Mbit/20 ms link" of docs/architecture.md's performance targets.
 const (
 	DefaultWANRate         = 100_000_000 // bits per second, each direction
 	DefaultWANDelay        = 10 * time.Millisecond

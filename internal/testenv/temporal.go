@@ -14,7 +14,7 @@ import (
 	"go.temporal.io/sdk/testsuite"
 )
 
-// TemporalSearchAttributes are diskferry's search attributes (DESIGN §2), registered on every
+// TemporalSearchAttributes are diskferry's search attributes (docs/operations.md, Watching), registered on every
 // test server as `--search-attribute Name=Keyword`.
 var TemporalSearchAttributes = []string{"VMName", "Site", "BackupMode", "BackupStatus"}
 
@@ -36,6 +36,9 @@ func StartTemporal(t TB) *TemporalServer {
 type TemporalOptions struct {
 	// UIPort serves the Web UI on 127.0.0.1:UIPort; 0 runs headless.
 	UIPort int
+	// WithoutSearchAttributes starts the server without diskferry's search attributes, as a
+	// fresh deployment's server is before its init step registers them.
+	WithoutSearchAttributes bool
 }
 
 // StartTemporalWith is StartTemporal with options.
@@ -44,8 +47,10 @@ func StartTemporalWith(t TB, opts TemporalOptions) *TemporalServer {
 	bin := ToolPath(t, "temporal")
 
 	var extra []string
-	for _, name := range TemporalSearchAttributes {
-		extra = append(extra, "--search-attribute", name+"=Keyword")
+	if !opts.WithoutSearchAttributes {
+		for _, name := range TemporalSearchAttributes {
+			extra = append(extra, "--search-attribute", name+"=Keyword")
+		}
 	}
 	output := &syncBuffer{}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

@@ -809,7 +809,7 @@ type writerOnly struct{ io.Writer }
 type readerOnly struct{ io.Reader }
 
 // setNoDelay disables Nagle: NBD's small request headers otherwise stall on delayed ACKs
-// (~40 ms per round trip, DESIGN §3). Go sets it by default; this states the requirement.
+// (~40 ms per round trip, docs/architecture.md). Go sets it by default; this states the requirement.
 func setNoDelay(conn net.Conn) {
 	if tcp, ok := conn.(*net.TCPConn); ok {
 		_ = tcp.SetNoDelay(true)

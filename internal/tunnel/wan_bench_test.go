@@ -49,7 +49,7 @@ type wanResult struct {
 
 const wanResultPrefix = "wan-result "
 
-// BenchmarkTunnelWAN measures DESIGN §6's "through the SSH tunnel over an emulated
+// BenchmarkTunnelWAN measures docs/architecture.md's target "through the SSH tunnel over an emulated
 // 100 Mbit/20 ms link: at least 95% of link rate". Each iteration sends wanTransferBytes
 // SNA→hub (the direction of a backup) once over plain TCP across the link, the yardstick,
 // and once through tunnel.Manager's forward: 127.0.0.1:P in the SNA namespace → real

@@ -166,5 +166,6 @@ func snaSettings(cfg config.SNA) (sna.Settings, error) {
 		Insecure:        cfg.VCenterInsecure,
 		Connections:     cfg.CopyConnections,
 		RequestSize:     int64(cfg.CopyRequestSize),
+		CheckpointEvery: cfg.CopyCheckpointInterval,
 	}, nil
 }
