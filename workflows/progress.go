@@ -34,6 +34,8 @@ type Progress struct {
 	Site       string         `json:"site"`
 	Status     string         `json:"status"` // BackupStatus value
 	Step       string         `json:"step"`   // what the run is doing now
+	// WaitingFor names the worker and task queue the current step waits for.
+	WaitingFor string `json:"waitingFor,omitempty"`
 	PointID    string         `json:"pointId,omitempty"`
 	HubID      string         `json:"hubId,omitempty"`
 	Mode       string         `json:"mode"`
