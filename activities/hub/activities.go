@@ -328,7 +328,7 @@ func (a *Activities) CommitPoint(ctx context.Context, in activities.CommitPointI
 	disks := make([]catalog.PointDisk, len(in.Disks))
 	for i, d := range in.Disks {
 		disks[i] = catalog.PointDisk{
-			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, ChangeID: d.ChangeID,
+			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, Reason: d.Reason, ChangeID: d.ChangeID,
 			CapacityBytes: d.CapacityBytes, BytesRead: d.BytesRead, BytesWritten: d.BytesWritten,
 			BytesZeroed: d.BytesZeroed, Duration: d.Duration, Digest: d.Digest,
 		}
@@ -392,7 +392,8 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 		return activities.Target{}, classify("prepare target "+path, err)
 	}
 	err = a.store.AddPointDisk(ctx, in.PointID, catalog.PointDisk{
-		Key: in.Disk.Key, Path: path, ParentPath: in.Disk.ParentPath, Mode: in.Disk.Mode, CapacityBytes: in.Disk.CapacityBytes,
+		Key: in.Disk.Key, Path: path, ParentPath: in.Disk.ParentPath, Mode: in.Disk.Mode, Reason: in.Disk.Reason,
+		CapacityBytes: in.Disk.CapacityBytes,
 	})
 	if err != nil {
 		return activities.Target{}, classify("prepare target "+path, err)
