@@ -264,6 +264,8 @@ func TestJobLogEscapesMarkdown(t *testing.T) {
 		assert.False(t, containsUnescaped(details, markup), "details contain %q unescaped:\n%s", markup, details)
 	}
 	assert.Contains(t, details, `\[click\]`)
+	summary := (&backup{}).options(activities.InspectVMName, activities.SNAQueue(testSite), "inspect VM "+hostileName).Summary
+	assert.False(t, containsUnescaped(summary, "[click]"), "activity summaries are escaped too: %s", summary)
 
 	assert.Equal(t, `a \*b\* \[c\] \<d\> \&amp; \| \~ \@ \! \\ \_ https\://x www\.y WWW\.z plain: text (ok) - 1. #`,
 		escapeMarkdown("a *b* [c] <d> &amp; | ~ @ ! \\ _ https://x www.y WWW.z plain: text (ok) - 1. #"))

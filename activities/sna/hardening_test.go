@@ -170,3 +170,14 @@ func TestCancelStopsCopyMidWay(t *testing.T) {
 	require.Less(t, last.BytesDone, total, "the copy stopped before the end of the disk")
 	t.Logf("cancelled at %d of %d bytes; the copy stopped at %d", total/10, total, last.BytesDone)
 }
+
+// A VM reference no VM can have fails InspectVM at once as bad input (it was retried five
+// times as a transient error).
+func TestInspectVMRefusesInvalidReferences(t *testing.T) {
+	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: 1 << 20})
+	env := r.env(r.activities("", nil))
+	for _, ref := range []string{"../../etc", "a/b"} {
+		_, err := env.ExecuteActivity(activities.InspectVMName, activities.InspectVMInput{VM: ref})
+		requireAppError(t, err, activities.ErrBadInput)
+	}
+}
