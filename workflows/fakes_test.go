@@ -47,6 +47,8 @@ type fakeActivities struct {
 	// refuseChangeID are the disks whose incremental CopyDisk vCenter refuses.
 	refuseChangeID map[int32]bool
 	copyInputs     []activities.CopyDiskInput
+	// before runs once, at the first call of its label, before the call's own behaviour.
+	before map[string]func()
 	prepares       []activities.PrepareTargetInput
 	flaky          map[string]int // call label → attempts that fail retryably before success
 	attempts       map[string]int
@@ -98,9 +100,14 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 	}
 	details := f.blockHeartbeat
 	cancelErr := f.cancelErr
+	hook := f.before[label]
+	delete(f.before, label)
 	f.attempts[label]++
 	flaky := f.attempts[label] <= f.flaky[label]
 	f.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
 	if err != nil {
 		return err
 	}
