@@ -48,11 +48,11 @@ type fakeActivities struct {
 	refuseChangeID map[int32]bool
 	copyInputs     []activities.CopyDiskInput
 	// before runs once, at the first call of its label, before the call's own behaviour.
-	before map[string]func()
-	prepares       []activities.PrepareTargetInput
-	flaky          map[string]int // call label → attempts that fail retryably before success
-	attempts       map[string]int
-	copies         int // disks PlanBackup planned: the CopyDisk calls a run starts together
+	before   map[string]func()
+	prepares []activities.PrepareTargetInput
+	flaky    map[string]int // call label → attempts that fail retryably before success
+	attempts map[string]int
+	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
 }
 
 func newFakeActivities(planMode string) *fakeActivities {

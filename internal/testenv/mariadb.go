@@ -39,9 +39,9 @@ type mariaDBServer struct {
 	// how it was launched, for a restart on the same data and port
 	serverBin, datadir string
 	userArgs           []string
-	cmd    *exec.Cmd
-	exited chan struct{} // closed once cmd.Wait returned
-	admin  *sql.DB       // root over the unix socket
+	cmd                *exec.Cmd
+	exited             chan struct{} // closed once cmd.Wait returned
+	admin              *sql.DB       // root over the unix socket
 
 	mu    sync.Mutex
 	dbSeq int
