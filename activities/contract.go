@@ -52,6 +52,12 @@ const (
 	ErrNotFound       = "NotFound"       // the VM, disk or point does not exist
 	ErrPortsExhausted = "PortsExhausted" // no free port on the hub; retryable with backoff
 	ErrBackupRunning  = "BackupRunning"  // another backup of the same VM is running
+	ErrNoSpace        = "NoSpace"        // a disk (the hub's repository) is full
+	ErrRefused        = "Refused"        // vCenter refused the request (invalid argument, not supported, no permission)
+	ErrNoWorker       = "NoWorker"       // no worker took the step from its task queue in time
+	// ErrChangeIDRefused is CopyDisk's answer when vCenter refuses the previous changeId of
+	// an incremental copy: the workflow copies that disk in full instead.
+	ErrChangeIDRefused = "ChangeIDRefused"
 )
 
 // Backup modes.
@@ -291,6 +297,7 @@ type DiskResult struct {
 	BytesZeroed   int64         `json:"bytesZeroed"`
 	Duration      time.Duration `json:"duration"`
 	Digest        string        `json:"digest"`
+	Reason        string        `json:"reason,omitempty"` // why the disk was copied in full
 }
 
 // CommitPointInput marks a point complete; only then is it usable.

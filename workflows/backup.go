@@ -4,11 +4,15 @@
 package workflows
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/client"
@@ -36,6 +40,30 @@ type BackupInput struct {
 	Quiesce     bool    `json:"quiesce,omitempty"`     // quiesce the guest file systems for the snapshot
 	Disks       []int32 `json:"disks,omitempty"`       // disk keys; empty: every disk
 	Connections int     `json:"connections,omitempty"` // NBD connections per disk copy; 0: DefaultConnections
+	// WorkerWaitSeconds bounds how long an SNA or hub-host step waits for a worker to take
+	// it; 0: DefaultWorkerWait.
+	WorkerWaitSeconds int `json:"workerWaitSeconds,omitempty"`
+
+	// unknown is the error of a strict decoding (a field this version does not know, such as
+	// a misspelt "disk"); Validate reports it, so the run fails cleanly instead of ignoring it.
+	unknown error
+}
+
+// UnmarshalJSON decodes the input leniently and remembers whether a strict decoding would
+// have refused it: an error here would fail the workflow task over and over instead of the run.
+func (in *BackupInput) UnmarshalJSON(data []byte) error {
+	type plain BackupInput
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	var strict plain
+	unknown := dec.Decode(&strict)
+	var lenient plain
+	if err := json.Unmarshal(data, &lenient); err != nil {
+		return err
+	}
+	*in = BackupInput(lenient)
+	in.unknown = unknown
+	return nil
 }
 
 // BackupResult describes the committed restore point.
@@ -46,7 +74,8 @@ type BackupResult struct {
 	Mode     string                  `json:"mode"` // full if any disk was copied in full
 	Disks    []activities.DiskResult `json:"disks"`
 	Duration time.Duration           `json:"duration"`
-	// Warnings are cleanup steps that failed after the point was committed; the point is usable.
+	// Warnings are fallbacks the run took (a disk copied in full because vCenter refused its
+	// changeId) and cleanup steps that failed after the point was committed; the point is usable.
 	Warnings []string `json:"warnings,omitempty"`
 }
 
@@ -99,23 +128,37 @@ func ParseSnapshotName(name string) (workflowID, runID string, ok bool) {
 // siteName keeps the site usable inside a task queue name.
 var siteName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
 
+// MaxVMRefLength is the longest VM reference a backup accepts, in bytes: vSphere names have
+// at most 80 characters, inventory paths a few folders more; the catalog keeps 255.
+const MaxVMRefLength = 255
+
+// vmMoref is the shape of a VM moref given with its type prefix.
+var vmMoref = regexp.MustCompile(`^VirtualMachine:vm-[0-9]+$`)
+
 // Validate checks the input and returns a non-retryable ErrBadInput error naming the field.
 func (in BackupInput) Validate() error {
+	if in.unknown != nil {
+		return badInput(fmt.Sprintf("%v (known fields: vm, site, mode, quiesce, disks, connections, workerWaitSeconds)", in.unknown))
+	}
+	if err := validateVMRef(in.VM); err != nil {
+		return err
+	}
 	switch {
-	case in.VM == "":
-		return badInput("vm: required")
 	case in.Site == "":
 		return badInput("site: required")
 	case !siteName.MatchString(in.Site):
-		return badInput(fmt.Sprintf("site: %q is not a valid site name (letters, digits, '.', '_', '-')", in.Site))
+		return badInput(fmt.Sprintf("site: %q is not a valid site name (letters, digits, '.', '_', '-'; at most 63)", truncate(in.Site, 80)))
 	}
 	switch in.Mode {
 	case "", activities.ModeAuto, activities.ModeFull, activities.ModeIncremental:
 	default:
-		return badInput(fmt.Sprintf("mode: %q is not one of auto, full, incremental", in.Mode))
+		return badInput(fmt.Sprintf("mode: %q is not one of auto, full, incremental", truncate(in.Mode, 80)))
 	}
 	if in.Connections < 0 || in.Connections > MaxConnections {
 		return badInput(fmt.Sprintf("connections: %d is outside 0..%d", in.Connections, MaxConnections))
+	}
+	if in.WorkerWaitSeconds < 0 || in.WorkerWaitSeconds > int(MaxWorkerWait/time.Second) {
+		return badInput(fmt.Sprintf("workerWaitSeconds: %d is outside 0..%d", in.WorkerWaitSeconds, int(MaxWorkerWait/time.Second)))
 	}
 	seen := make(map[int32]bool, len(in.Disks))
 	for _, key := range in.Disks {
@@ -125,6 +168,48 @@ func (in BackupInput) Validate() error {
 		seen[key] = true
 	}
 	return nil
+}
+
+// validateVMRef accepts a name, a moref or an absolute inventory path of sane length.
+func validateVMRef(vm string) error {
+	switch {
+	case vm == "":
+		return badInput("vm: required")
+	case len(vm) > MaxVMRefLength:
+		return badInput(fmt.Sprintf("vm: %d bytes long, at most %d", len(vm), MaxVMRefLength))
+	case !utf8.ValidString(vm):
+		return badInput("vm: not valid UTF-8")
+	case strings.TrimSpace(vm) != vm:
+		return badInput(fmt.Sprintf("vm: %q has leading or trailing spaces", vm))
+	case strings.ContainsFunc(vm, unicode.IsControl):
+		return badInput(fmt.Sprintf("vm: %q contains control characters", vm))
+	case strings.HasPrefix(vm, "VirtualMachine:") && !vmMoref.MatchString(vm):
+		return badInput(fmt.Sprintf("vm: %q is not a VM moref (VirtualMachine:vm-<number>)", vm))
+	}
+	if !strings.Contains(vm, "/") {
+		return nil
+	}
+	// An inventory path: /datacenter/vm/folder.../name, nothing relative.
+	if !strings.HasPrefix(vm, "/") {
+		return badInput(fmt.Sprintf("vm: %q is neither a name nor an absolute inventory path (/datacenter/vm/name)", vm))
+	}
+	for _, elem := range strings.Split(vm[1:], "/") {
+		if elem == "" || elem == "." || elem == ".." {
+			return badInput(fmt.Sprintf("vm: inventory path %q has an empty, '.' or '..' element", vm))
+		}
+	}
+	return nil
+}
+
+// truncate shortens an echoed value, so an error about a huge field stays readable.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 func badInput(msg string) error {
@@ -169,8 +254,7 @@ func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) 
 			result.PointID, len(result.Disks), humanBytes(result.bytesRead()), result.Duration.Round(time.Second))
 		return result, nil
 	}
-	b.fail(ctx, err)
-	return BackupResult{}, err
+	return BackupResult{}, b.fail(ctx, err)
 }
 
 // diskRun is the state of one planned disk as the run goes.
@@ -197,6 +281,7 @@ type backup struct {
 	plan     activities.Plan
 	disks    []*diskRun
 	snapshot activities.Snapshot
+	warnings []string
 }
 
 func newBackup(ctx workflow.Context, in BackupInput) *backup {
@@ -206,8 +291,8 @@ func newBackup(ctx workflow.Context, in BackupInput) *backup {
 		info:     workflow.GetInfo(ctx),
 		started:  now,
 		undo:     &compensations{},
-		progress: &Progress{VM: in.VM, Site: in.Site, Mode: in.Mode, Started: now},
-		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", in.VM, in.Site)},
+		progress: &Progress{VM: truncate(in.VM, MaxVMRefLength), Site: truncate(in.Site, MaxVMRefLength), Mode: in.Mode, Started: now},
+		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", truncate(in.VM, MaxVMRefLength), truncate(in.Site, MaxVMRefLength))},
 	}
 }
 
@@ -232,6 +317,7 @@ func (b *backup) run(ctx workflow.Context) (BackupResult, error) {
 		}
 	}
 	result := b.result(ctx)
+	result.Warnings = append(result.Warnings, b.warnings...)
 	// The point is committed and usable: a cancel no longer stops the release of the leases,
 	// and a failure to release them is a warning, not a failed backup.
 	releaseCtx, _ := workflow.NewDisconnectedContext(ctx)
@@ -311,26 +397,41 @@ func (b *backup) prepareTargets(ctx workflow.Context) error {
 		b.undo.add(discardKey(key), func(ctx workflow.Context, _ error) error {
 			return b.execute(ctx, activities.DiscardTargetName, hubHost, fmt.Sprintf("discard target of disk %d", key), discard, nil)
 		})
-		if err := b.execute(ctx, activities.PrepareTargetName, hubHost,
-			fmt.Sprintf("create %s target of disk %d (%s)", d.plan.Mode, key, humanBytes(d.plan.CapacityBytes)),
-			activities.PrepareTargetInput{PointID: b.plan.PointID, VM: b.vm, Disk: d.plan}, &d.target); err != nil {
+		if err := b.prepareTarget(ctx, d); err != nil {
 			return err
 		}
-
-		// Registered before the start: a StartExport that failed after qemu-nbd came up
-		// would otherwise leave it serving (and holding the image's lock). Stopping is
-		// idempotent and leaves an export of another file on the port alone.
-		stop := activities.StopExportInput{Port: d.port, Path: d.target.Path}
-		b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
-			return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
-		})
-		if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
-			activities.StartExportInput{WorkflowID: wfID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
-			&d.export); err != nil {
+		if err := b.startExport(ctx, d); err != nil {
 			return err
 		}
-		b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
 	}
+	return nil
+}
+
+// prepareTarget creates the disk's qcow2 as its plan says (a retry replaces what an earlier
+// attempt made); the caller has registered its discard.
+func (b *backup) prepareTarget(ctx workflow.Context, d *diskRun) error {
+	return b.execute(ctx, activities.PrepareTargetName, activities.HubHostQueue(b.plan.HubID),
+		fmt.Sprintf("create %s target of disk %d (%s)", d.plan.Mode, d.plan.Key, humanBytes(d.plan.CapacityBytes)),
+		activities.PrepareTargetInput{PointID: b.plan.PointID, VM: b.vm, Disk: d.plan}, &d.target)
+}
+
+// startExport serves the disk's target on its leased port.
+func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
+	hubHost := activities.HubHostQueue(b.plan.HubID)
+	key := d.plan.Key
+	// Registered before the start: a StartExport that failed after qemu-nbd came up
+	// would otherwise leave it serving (and holding the image's lock). Stopping is
+	// idempotent and leaves an export of another file on the port alone.
+	stop := activities.StopExportInput{Port: d.port, Path: d.target.Path}
+	b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
+		return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
+	})
+	if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
+		activities.StartExportInput{WorkflowID: b.info.WorkflowExecution.ID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
+		&d.export); err != nil {
+		return err
+	}
+	b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
 	return nil
 }
 
@@ -378,12 +479,34 @@ func (b *backup) createSnapshot(ctx workflow.Context) error {
 func (b *backup) copyDisks(ctx workflow.Context) error {
 	b.setStatus(ctx, StatusCopying)
 	b.step(ctx, "copying %d disk(s)", len(b.disks))
+	b.waitFor(ctx, activities.CopyDiskName, b.snaQueue())
 	copyCtx, cancelCopies := workflow.WithCancel(ctx)
 	defer cancelCopies()
 
-	selector := workflow.NewSelector(ctx)
 	var firstErr error
+	wg := workflow.NewWaitGroup(ctx)
 	for _, d := range b.disks {
+		b.setPhase(d.plan.Key, PhaseCopying)
+		b.progress.disk(d.plan.Key).CopyStarted = workflow.Now(ctx)
+		wg.Add(1)
+		workflow.Go(copyCtx, func(copyCtx workflow.Context) {
+			defer wg.Done()
+			if err := b.copyDisk(copyCtx, d); err != nil && firstErr == nil {
+				firstErr = err
+				cancelCopies()
+			}
+		})
+	}
+	wg.Wait(ctx)
+	b.waitFor(ctx, "", "")
+	return firstErr
+}
+
+// copyDisk copies one disk. When vCenter refuses the previous changeId of an incremental
+// copy, the disk's target is made a fresh full one and the disk is copied in full: the next
+// run builds on this copy instead of failing on the same refusal again.
+func (b *backup) copyDisk(ctx workflow.Context, d *diskRun) error {
+	for {
 		in := activities.CopyDiskInput{
 			Snapshot:      b.snapshot,
 			DiskKey:       d.plan.Key,
@@ -397,25 +520,52 @@ func (b *backup) copyDisks(ctx workflow.Context) error {
 		}
 		opts := b.options(activities.CopyDiskName, b.snaQueue(),
 			fmt.Sprintf("copy disk %d (%s, %s)", d.plan.Key, d.plan.Mode, humanBytes(d.plan.CapacityBytes)))
+		// An ID is unique among the run's pending activities only: the full copy after a
+		// refusal reuses it, so clients still find the disk's live bytes.
 		opts.ActivityID = CopyActivityID(d.plan.Key)
-		b.setPhase(d.plan.Key, PhaseCopying)
-		b.progress.disk(d.plan.Key).CopyStarted = workflow.Now(ctx)
-		future := workflow.ExecuteActivity(workflow.WithActivityOptions(copyCtx, opts), activities.CopyDiskName, in)
-		selector.AddFuture(future, func(f workflow.Future) {
-			if err := f.Get(ctx, &d.copy); err != nil {
-				if firstErr == nil {
-					firstErr = err
-					cancelCopies()
-				}
-				return
-			}
+		err := workflow.ExecuteActivity(workflow.WithActivityOptions(ctx, opts), activities.CopyDiskName, in).Get(ctx, &d.copy)
+		err = b.noWorker(err, activities.CopyDiskName, b.snaQueue())
+		if err == nil {
 			b.copied(ctx, d)
-		})
+			return nil
+		}
+		if !hasErrorType(err, activities.ErrChangeIDRefused) || d.plan.Mode != activities.ModeIncremental {
+			return err
+		}
+		if err := b.retargetFull(ctx, d, err); err != nil {
+			return err
+		}
 	}
-	for range b.disks {
-		selector.Select(ctx)
+}
+
+// changeIDRefusedReason starts the reason of a disk copied in full after a refusal.
+const changeIDRefusedReason = "vCenter refused the previous changeId"
+
+// retargetFull turns an incremental disk whose changeId vCenter refused into a full one:
+// its export is stopped, its overlay replaced by a fresh full target (PrepareTarget replaces
+// the file; the discard registered for it still applies) and exported again on its port.
+func (b *backup) retargetFull(ctx workflow.Context, d *diskRun, refusal error) error {
+	key := d.plan.Key
+	warning := fmt.Sprintf("disk %d: %s %q (%s); copying the disk in full", key, changeIDRefusedReason, d.plan.PrevChangeID, rootMessage(refusal))
+	b.warnings = append(b.warnings, warning)
+	b.journal.add(ctx, "warning: %s", warning)
+	d.plan.Mode = activities.ModeFull
+	d.plan.Reason = fmt.Sprintf("%s %q", changeIDRefusedReason, d.plan.PrevChangeID)
+	d.plan.ParentPath, d.plan.PrevChangeID = "", ""
+	if p := b.progress.disk(key); p != nil {
+		p.Mode = activities.ModeFull
 	}
-	return firstErr
+	if b.plan.Mode != activities.ModeFull {
+		b.plan.Mode, b.progress.Mode = activities.ModeFull, activities.ModeFull
+		b.upsert(ctx, BackupModeKey.ValueSet(activities.ModeFull))
+	}
+	if err := b.undo.runNow(ctx, stopExportKey(key)); err != nil {
+		return err
+	}
+	if err := b.prepareTarget(ctx, d); err != nil {
+		return err
+	}
+	return b.startExport(ctx, d)
 }
 
 func (b *backup) copied(ctx workflow.Context, d *diskRun) {
@@ -503,10 +653,12 @@ func (b *backup) releasePorts(ctx workflow.Context) error {
 	return b.undo.runNow(ctx, "release-ports")
 }
 
-// fail runs the compensations after err and records the outcome everywhere an operator looks.
-func (b *backup) fail(ctx workflow.Context, err error) {
+// fail runs the compensations after err, records the outcome everywhere an operator looks
+// and returns the run's error. A cancelled run ends cancelled even when the step it stopped
+// failed otherwise meanwhile (a copy that timed out while it was being cancelled).
+func (b *backup) fail(ctx workflow.Context, err error) error {
 	status := StatusFailed
-	if temporal.IsCanceledError(err) {
+	if temporal.IsCanceledError(err) || temporal.IsCanceledError(ctx.Err()) {
 		status = StatusCancelled
 	}
 	// Compensation must run even though ctx may be cancelled.
@@ -525,6 +677,11 @@ func (b *backup) fail(ctx workflow.Context, err error) {
 	}
 	b.setStatus(cleanupCtx, status)
 	b.step(cleanupCtx, "%s", status)
+	if status == StatusCancelled && !temporal.IsCanceledError(err) {
+		// Only a canceled error closes the run as cancelled rather than failed.
+		return ctx.Err()
+	}
+	return err
 }
 
 func (b *backup) result(ctx workflow.Context) BackupResult {
@@ -553,6 +710,7 @@ func (b *backup) diskResults() []activities.DiskResult {
 			BytesZeroed:   d.copy.BytesZeroed,
 			Duration:      d.copy.Duration,
 			Digest:        d.copy.Digest,
+			Reason:        d.plan.Reason,
 		})
 	}
 	return out
@@ -568,8 +726,77 @@ func (r BackupResult) bytesRead() int64 {
 
 // execute runs one activity by name with the options of its step and waits for its result.
 func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, out any) error {
+	b.waitFor(ctx, name, queue)
+	defer b.waitFor(ctx, "", "")
 	ctx = workflow.WithActivityOptions(ctx, b.options(name, queue, summary))
-	return workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
+	err := workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
+	return b.noWorker(err, name, queue)
+}
+
+// waitFor tells the job log which worker the run waits for; an empty name clears it.
+func (b *backup) waitFor(ctx workflow.Context, name, queue string) {
+	if name == "" {
+		b.progress.WaitingFor = ""
+	} else {
+		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the backup fails if no worker takes it within %s)",
+			queueOwner(queue), name, queue, b.workerWaitOf(queue))
+	}
+	b.journal.waiting = b.progress.WaitingFor
+	b.journal.publish(ctx, b.journal.current)
+}
+
+func (b *backup) workerWaitOf(queue string) time.Duration {
+	if queue == activities.HubQueue {
+		return 0
+	}
+	return b.workerWait()
+}
+
+// queueOwner names who polls a task queue, as an operator knows it.
+func queueOwner(queue string) string {
+	if site, ok := strings.CutPrefix(queue, activities.SNAQueue("")); ok {
+		return "the SNA of site " + site
+	}
+	if hub, ok := strings.CutPrefix(queue, activities.HubHostQueue("")); ok {
+		return "the hub worker of host " + hub
+	}
+	return "a hub worker"
+}
+
+// noWorker turns a step nobody took from its queue (a schedule-to-start timeout, which
+// Temporal does not retry) into a non-retryable error naming the queue and its owner.
+func (b *backup) noWorker(err error, name, queue string) error {
+	var timeout *temporal.TimeoutError
+	if !errors.As(err, &timeout) || timeout.TimeoutType() != enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START {
+		return err
+	}
+	who := "worker"
+	switch {
+	case strings.HasPrefix(queue, activities.SNAQueue("")):
+		who = "SNA"
+	case strings.HasPrefix(queue, activities.HubHostQueue("")):
+		who = "hub worker"
+	}
+	return temporal.NewNonRetryableApplicationError(
+		fmt.Sprintf("no %s is polling %s: %s waited %s for %s (check the site or hub name and that its worker runs)",
+			who, queue, name, b.workerWait(), queueOwner(queue)),
+		activities.ErrNoWorker, err)
+}
+
+// hasErrorType reports whether err carries an application error of the type.
+func hasErrorType(err error, errType string) bool {
+	var appErr *temporal.ApplicationError
+	return errors.As(err, &appErr) && appErr.Type() == errType
+}
+
+// rootMessage is the message of the innermost application error, without the layers of
+// activity wrapping around it.
+func rootMessage(err error) string {
+	var appErr *temporal.ApplicationError
+	if errors.As(err, &appErr) {
+		return appErr.Message()
+	}
+	return err.Error()
 }
 
 func (b *backup) snaQueue() string { return activities.SNAQueue(b.in.Site) }
@@ -589,9 +816,10 @@ func (b *backup) step(ctx workflow.Context, format string, args ...any) {
 
 func (b *backup) setStatus(ctx workflow.Context, status string) {
 	b.progress.Status = status
+	// Truncated: a refused input may be longer than the server's search attribute limit.
 	b.upsert(ctx,
-		VMNameKey.ValueSet(b.vmName()),
-		SiteKey.ValueSet(b.in.Site),
+		VMNameKey.ValueSet(truncate(b.vmName(), MaxVMRefLength)),
+		SiteKey.ValueSet(truncate(b.in.Site, MaxVMRefLength)),
 		BackupModeKey.ValueSet(b.progress.Mode),
 		BackupStatusKey.ValueSet(status))
 }

@@ -463,7 +463,7 @@ func TestBackupCurrentDetails(t *testing.T) {
 		"**Backup of web01 (site lab)**",
 		"planned full backup as point p1 on hub hub1: disk 2000 full 64 GiB, disk 2001 full 8 GiB",
 		"disk 2000 copied: 1 GiB read",
-		"snapshot diskferry-backup-web01@default-test-run-id (snapshot-7) created",
+		`snapshot diskferry-backup-web01\@default-test-run-id (snapshot-7) created`, // the @ escaped: no e-mail autolink
 		"point p1 complete: 2 disk(s), 1.1 GiB read",
 	} {
 		assert.True(t, strings.Contains(meta.GetCurrentDetails(), line), "details lack %q:\n%s", line, meta.GetCurrentDetails())

@@ -40,10 +40,19 @@ type fakeActivities struct {
 	onBlock  func()           // runs when the blocking call started
 	// blockHeartbeat is the details the blocking call heartbeats, if any.
 	blockHeartbeat any
-	release        chan struct{}  // closed by the test's cleanup
-	flaky          map[string]int // call label → attempts that fail retryably before success
-	attempts       map[string]int
-	copies         int // disks PlanBackup planned: the CopyDisk calls a run starts together
+	release        chan struct{} // closed by the test's cleanup
+	// cancelErr, if set, is what the blocking call returns when cancelled, instead of the
+	// context's error (a real copy may fail otherwise while it is being cancelled).
+	cancelErr error
+	// refuseChangeID are the disks whose incremental CopyDisk vCenter refuses.
+	refuseChangeID map[int32]bool
+	copyInputs     []activities.CopyDiskInput
+	// before runs once, at the first call of its label, before the call's own behaviour.
+	before   map[string]func()
+	prepares []activities.PrepareTargetInput
+	flaky    map[string]int // call label → attempts that fail retryably before success
+	attempts map[string]int
+	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
 }
 
 func newFakeActivities(planMode string) *fakeActivities {
@@ -90,9 +99,15 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 		f.blockAt = "" // only the first call blocks; a compensation may run the same step again
 	}
 	details := f.blockHeartbeat
+	cancelErr := f.cancelErr
+	hook := f.before[label]
+	delete(f.before, label)
 	f.attempts[label]++
 	flaky := f.attempts[label] <= f.flaky[label]
 	f.mu.Unlock()
+	if hook != nil {
+		hook()
+	}
 	if err != nil {
 		return err
 	}
@@ -119,6 +134,9 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 			}
 			select {
 			case <-ctx.Done():
+				if cancelErr != nil {
+					return cancelErr
+				}
 				return ctx.Err()
 			case <-f.release:
 				return fmt.Errorf("%s released by test cleanup", label)
@@ -228,6 +246,9 @@ func (f *fakeActivities) FailPoint(ctx context.Context, in activities.FailPointI
 }
 
 func (f *fakeActivities) PrepareTarget(ctx context.Context, in activities.PrepareTargetInput) (activities.Target, error) {
+	f.mu.Lock()
+	f.prepares = append(f.prepares, in)
+	f.mu.Unlock()
 	if err := f.call(ctx, label(activities.PrepareTargetName, in.Disk.Key)); err != nil {
 		return activities.Target{}, err
 	}
@@ -282,6 +303,16 @@ func (f *fakeActivities) RemoveSnapshot(ctx context.Context, in activities.Snaps
 }
 
 func (f *fakeActivities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
+	f.mu.Lock()
+	f.copyInputs = append(f.copyInputs, in)
+	refuse := f.refuseChangeID[in.DiskKey] && in.Mode == activities.ModeIncremental
+	f.mu.Unlock()
+	if refuse {
+		_ = f.call(ctx, label(activities.CopyDiskName, in.DiskKey))
+		f.waitForCopies()
+		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("copy disk %d: changeId %q not accepted", in.DiskKey, in.PrevChangeID), activities.ErrChangeIDRefused, nil)
+	}
 	if err := f.call(ctx, label(activities.CopyDiskName, in.DiskKey)); err != nil {
 		// The copies run in parallel: a failure waits until its siblings started, so the
 		// recorded calls do not depend on how the test environment schedules them.

@@ -13,8 +13,41 @@ import (
 // declares it lost and retries it from its last checkpoint.
 const CopyHeartbeatTimeout = 30 * time.Second
 
+// LongStepHeartbeatTimeout is the heartbeat timeout of the other long steps (verification,
+// vCenter snapshot tasks): they heartbeat every few seconds while they wait, so a worker
+// that died is noticed within this, not after the step's start-to-close timeout of hours.
+const LongStepHeartbeatTimeout = time.Minute
+
+// DefaultWorkerWait bounds how long an SNA or hub-host step waits in its task queue for a
+// worker to take it (schedule-to-start). Nobody polling the queue (a mistyped site, an SNA
+// that is down) fails the backup with a message naming the queue instead of waiting forever;
+// a worker restart takes well under this. BackupInput.WorkerWaitSeconds overrides it.
+const DefaultWorkerWait = 2 * time.Minute
+
+// MaxWorkerWait is the largest WorkerWaitSeconds a backup accepts.
+const MaxWorkerWait = time.Hour
+
+// Retry of the steps that read or write the catalog: with the backoff capped at
+// catalogMaxInterval, catalogAttempts attempts span about 7.5 minutes, so a catalog restart
+// or failover of a few minutes is waited out by every step and every undo that needs it.
+const (
+	catalogMaxInterval = 30 * time.Second
+	catalogAttempts    = 20
+)
+
 // nonRetryable are the error types no retry can fix.
-var nonRetryable = []string{activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning}
+var nonRetryable = []string{
+	activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning,
+	activities.ErrNoSpace, activities.ErrRefused, activities.ErrChangeIDRefused,
+}
+
+// usesCatalog are the activities that read or write the catalog.
+var usesCatalog = map[string]bool{
+	activities.PlanBackupName: true, activities.AllocatePortName: true, activities.ReleasePortsName: true,
+	activities.CommitPointName: true, activities.FailPointName: true,
+	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
+	activities.StartExportName: true, activities.StopExportName: true,
+}
 
 // options returns the activity options of one step.
 //
@@ -26,7 +59,7 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 		TaskQueue:           queue,
 		StartToCloseTimeout: 2 * time.Minute,
 		WaitForCancellation: true,
-		Summary:             summary,
+		Summary:             escapeMarkdown(summary),
 		RetryPolicy: &temporal.RetryPolicy{
 			InitialInterval:        time.Second,
 			BackoffCoefficient:     2,
@@ -34,6 +67,15 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 			MaximumAttempts:        5,
 			NonRetryableErrorTypes: nonRetryable,
 		},
+	}
+	// The shared hub queue is polled by the worker running this workflow; the SNA and
+	// hub-host queues by one machine each, which may be missing.
+	if queue != activities.HubQueue {
+		opts.ScheduleToStartTimeout = b.workerWait()
+	}
+	if usesCatalog[name] {
+		opts.RetryPolicy.MaximumInterval = catalogMaxInterval
+		opts.RetryPolicy.MaximumAttempts = catalogAttempts
 	}
 	switch name {
 	case activities.CopyDiskName:
@@ -52,23 +94,31 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 	case activities.CreateSnapshotName:
 		// Quiescing a busy guest can take minutes.
 		opts.StartToCloseTimeout = 30 * time.Minute
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 3
 	case activities.RemoveSnapshotName:
 		// Consolidation after a long copy can take long, and an orphaned snapshot grows until
 		// its datastore is full: try hard.
 		opts.StartToCloseTimeout = 2 * time.Hour
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.VerifyTargetName:
 		// Reads the whole written content back.
 		opts.StartToCloseTimeout = 12 * time.Hour
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 3
 	case activities.PrepareTargetName, activities.StartExportName, activities.StopExportName,
 		activities.DiscardTargetName, activities.EnsureTunnelName, activities.DropTunnelName,
 		activities.InspectVMName, activities.ReadChangeIDsName:
 		opts.StartToCloseTimeout = 5 * time.Minute
-	case activities.ReleasePortsName, activities.FailPointName:
-		// Cleanup of the catalog must outlast a short database outage.
-		opts.RetryPolicy.MaximumAttempts = 10
 	}
 	return opts
+}
+
+// workerWait is the schedule-to-start bound of the SNA and hub-host steps.
+func (b *backup) workerWait() time.Duration {
+	if b.in.WorkerWaitSeconds > 0 {
+		return time.Duration(b.in.WorkerWaitSeconds) * time.Second
+	}
+	return DefaultWorkerWait
 }

@@ -30,10 +30,12 @@ const (
 // a copy in flight live only in the CopyDisk heartbeats, which the workflow cannot see; a
 // client adds them with LiveCopies and WithLiveCopies from DescribeWorkflowExecution.
 type Progress struct {
-	VM         string         `json:"vm"`
-	Site       string         `json:"site"`
-	Status     string         `json:"status"` // BackupStatus value
-	Step       string         `json:"step"`   // what the run is doing now
+	VM     string `json:"vm"`
+	Site   string `json:"site"`
+	Status string `json:"status"` // BackupStatus value
+	Step   string `json:"step"`   // what the run is doing now
+	// WaitingFor names the worker and task queue the current step waits for.
+	WaitingFor string         `json:"waitingFor,omitempty"`
 	PointID    string         `json:"pointId,omitempty"`
 	HubID      string         `json:"hubId,omitempty"`
 	Mode       string         `json:"mode"`

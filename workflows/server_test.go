@@ -94,3 +94,71 @@ func assertVisible(ctx context.Context, t *testing.T, srv *testenv.TemporalServe
 		return found == 1
 	}, 10*time.Second, 50*time.Millisecond, fmt.Sprintf("runs matching %s: %d, want 1", query, found))
 }
+
+// On a real server: a backup for a site no SNA polls says what it waits for while it waits,
+// a cancel then ends it cancelled, and with a short bound it fails at once naming the queue.
+func TestBackupOnServerWithoutSNA(t *testing.T) {
+	srv := testenv.StartTemporal(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f := newFakeActivities(activities.ModeFull)
+	t.Cleanup(func() { close(f.release) })
+	startWorkers(t, srv.Client, f)
+
+	in := BackupInput{VM: "web01", Site: "nosuchsite", WorkerWaitSeconds: 600}
+	waiting, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
+	require.NoError(t, err)
+	var p Progress
+	require.Eventually(t, func() bool {
+		v, err := srv.Client.QueryWorkflow(ctx, waiting.GetID(), waiting.GetRunID(), ProgressQueryName)
+		require.NoError(t, err)
+		require.NoError(t, v.Get(&p))
+		return p.WaitingFor != ""
+	}, 10*time.Second, 50*time.Millisecond, "the run never said what it waits for")
+	assert.Equal(t, "the SNA of site nosuchsite to run InspectVM (task queue diskferry-sna.nosuchsite; the backup fails if no worker takes it within 10m0s)", p.WaitingFor)
+	require.NoError(t, srv.Client.CancelWorkflow(ctx, waiting.GetID(), waiting.GetRunID()))
+	var canceled *temporal.CanceledError
+	require.ErrorAs(t, waiting.Get(ctx, nil), &canceled)
+
+	in.WorkerWaitSeconds = 1
+	run, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
+	require.NoError(t, err)
+	err = run.Get(ctx, nil)
+	var appErr *temporal.ApplicationError
+	require.ErrorAs(t, err, &appErr)
+	assert.Equal(t, activities.ErrNoWorker, appErr.Type())
+	assert.Contains(t, err.Error(), "no SNA is polling diskferry-sna.nosuchsite")
+	assert.Empty(t, f.recorded(), "no step ran")
+}
+
+// On a real server: a copy that fails with an error of its own while it is being cancelled
+// (as a copy whose nbdkit was still starting did) ends the run cancelled, not failed, and the
+// undos run only after the copy returned.
+func TestBackupOnServerCancelEndsCancelledWhenTheCopyFails(t *testing.T) {
+	srv := testenv.StartTemporal(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f := newFakeActivities(activities.ModeFull)
+	t.Cleanup(func() { close(f.release) })
+	blocked := make(chan struct{})
+	var once sync.Once
+	f.blockAt = "CopyDisk 2001"
+	f.onBlock = func() { once.Do(func() { close(blocked) }) }
+	f.cancelErr = temporal.NewNonRetryableApplicationError("nbdkit exited while starting", "Injected", nil)
+	startWorkers(t, srv.Client, f)
+
+	in := validInput()
+	run, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
+	require.NoError(t, err)
+	select {
+	case <-blocked:
+	case <-ctx.Done():
+		t.Fatal("the copy of disk 2001 never started")
+	}
+	require.NoError(t, srv.Client.CancelWorkflow(ctx, run.GetID(), run.GetRunID()))
+	err = run.Get(ctx, nil)
+	var canceled *temporal.CanceledError
+	require.ErrorAs(t, err, &canceled)
+	assert.Equal(t, append(callsUntil(t, "CopyDisk 2001"), undosAfter["CopyDisk 2001"]...), f.recorded())
+	assertVisible(ctx, t, srv, `VMName = "web01" AND BackupStatus = "cancelled"`)
+}

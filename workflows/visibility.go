@@ -3,6 +3,7 @@ package workflows
 import (
 	"fmt"
 	"strings"
+	"unicode"
 
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/workflow"
@@ -32,11 +33,14 @@ const (
 	StatusCancelled = "cancelled"
 )
 
-// jobLog is the run's current details: a title, the current step and the steps so far, so the
-// Web UI reads like a job log.
+// jobLog is the run's current details: a title, the current step, the worker it waits for
+// and the steps so far, so the Web UI reads like a job log. The Web UI renders the details as
+// markdown, and VM names, paths and error messages come from users and vCenter: every piece
+// of text is escaped, only the log's own layout is markup.
 type jobLog struct {
 	title   string
 	current string
+	waiting string
 	lines   []string
 }
 
@@ -50,10 +54,44 @@ func (j *jobLog) add(ctx workflow.Context, format string, args ...any) {
 // publish sets the current step and refreshes the details.
 func (j *jobLog) publish(ctx workflow.Context, current string) {
 	j.current = current
+	workflow.SetCurrentDetails(ctx, j.render())
+}
+
+func (j *jobLog) render() string {
 	var s strings.Builder
-	fmt.Fprintf(&s, "**%s**\n\nNow: %s\n\n", j.title, current)
-	for _, l := range j.lines {
-		s.WriteString("- " + l + "\n")
+	fmt.Fprintf(&s, "**%s**\n\nNow: %s\n\n", escapeMarkdown(j.title), escapeMarkdown(j.current))
+	if j.waiting != "" {
+		fmt.Fprintf(&s, "Waiting for: %s\n\n", escapeMarkdown(j.waiting))
 	}
-	workflow.SetCurrentDetails(ctx, s.String())
+	for _, l := range j.lines {
+		s.WriteString("- " + escapeMarkdown(l) + "\n")
+	}
+	return s.String()
+}
+
+// markdownSpecial are the characters that start inline markup: emphasis, code, links and
+// images, raw HTML and entities, strikethrough, table cells, e-mail autolinks. Block markup
+// (headings, lists) needs a line start, and every line of the log starts with its own text.
+const markdownSpecial = "\\`*_[]<>&~|@!"
+
+// escapeMarkdown makes untrusted text render as itself: markdownSpecial characters are
+// backslash-escaped, and so are the ':' of "://" and the '.' of "www." that GitHub-flavoured
+// markdown would turn into links; line breaks and other control characters become spaces.
+func escapeMarkdown(s string) string {
+	var b strings.Builder
+	b.Grow(len(s) + len(s)/8)
+	for i, r := range s {
+		switch {
+		case unicode.IsControl(r):
+			b.WriteByte(' ')
+		case strings.ContainsRune(markdownSpecial, r),
+			r == ':' && strings.HasPrefix(s[i+1:], "/"),
+			r == '.' && i >= 3 && strings.EqualFold(s[i-3:i], "www"):
+			b.WriteByte('\\')
+			b.WriteRune(r)
+		default:
+			b.WriteRune(r)
+		}
+	}
+	return b.String()
 }

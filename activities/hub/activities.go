@@ -15,12 +15,15 @@ import (
 	"sync"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/temporal"
 	"go.temporal.io/sdk/worker"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/activities/heartbeat"
 	"github.com/diskferry/diskferry/internal/blockcopy"
 	"github.com/diskferry/diskferry/internal/catalog"
 	"github.com/diskferry/diskferry/internal/qemu"
@@ -116,8 +119,8 @@ func badInput(format string, args ...any) error {
 }
 
 // classify makes the errors a retry cannot fix (invalid request, unknown point, a point no
-// longer running, a path outside the repository) non-retryable; anything else (database
-// or disk trouble) stays retryable.
+// longer running, a path outside the repository, a full repository) non-retryable; anything
+// else (database or disk trouble) stays retryable.
 func classify(what string, err error) error {
 	switch {
 	case err == nil:
@@ -127,6 +130,8 @@ func classify(what string, err error) error {
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("%s: %v", what, err), activities.ErrBadInput, nil)
 	case errors.Is(err, catalog.ErrNotFound):
 		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("%s: %v", what, err), activities.ErrNotFound, nil)
+	case errors.Is(err, syscall.ENOSPC):
+		return temporal.NewNonRetryableApplicationError(fmt.Sprintf("%s: the repository is full: %v", what, err), activities.ErrNoSpace, nil)
 	default:
 		return fmt.Errorf("%s: %w", what, err)
 	}
@@ -139,6 +144,10 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	case "", activities.ModeAuto, activities.ModeFull, activities.ModeIncremental:
 	default:
 		return activities.Plan{}, badInput("plan backup: mode %q is not auto, full or incremental", in.Mode)
+	}
+	if n := in.VM.Name; n == "" || len(n) > maxVMNameLength || !utf8.ValidString(n) || strings.ContainsFunc(n, unicode.IsControl) {
+		return activities.Plan{}, badInput("plan backup: VM name %q is empty, longer than %d bytes or has control characters",
+			truncateName(n), maxVMNameLength)
 	}
 	disks, err := selectDisks(in.VM.Disks, in.DiskKeys)
 	if err != nil {
@@ -216,6 +225,16 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 		return catalog.Point{}, err
 	}
 	return a.store.OpenPoint(ctx, req)
+}
+
+// maxVMNameLength is what the catalog keeps of a VM name (vSphere allows 80 characters).
+const maxVMNameLength = 255
+
+func truncateName(n string) string {
+	if len(n) <= 80 {
+		return n
+	}
+	return strings.ToValidUTF8(n[:80], "") + "…"
 }
 
 func selectDisks(all []activities.Disk, keys []int32) ([]activities.Disk, error) {
@@ -309,7 +328,7 @@ func (a *Activities) CommitPoint(ctx context.Context, in activities.CommitPointI
 	disks := make([]catalog.PointDisk, len(in.Disks))
 	for i, d := range in.Disks {
 		disks[i] = catalog.PointDisk{
-			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, ChangeID: d.ChangeID,
+			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, Reason: d.Reason, ChangeID: d.ChangeID,
 			CapacityBytes: d.CapacityBytes, BytesRead: d.BytesRead, BytesWritten: d.BytesWritten,
 			BytesZeroed: d.BytesZeroed, Duration: d.Duration, Digest: d.Digest,
 		}
@@ -370,10 +389,11 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 		err = qemu.CreateOverlay(ctx, path, in.Disk.ParentPath)
 	}
 	if err != nil {
-		return activities.Target{}, fmt.Errorf("prepare target %s: %w", path, err)
+		return activities.Target{}, classify("prepare target "+path, err)
 	}
 	err = a.store.AddPointDisk(ctx, in.PointID, catalog.PointDisk{
-		Key: in.Disk.Key, Path: path, ParentPath: in.Disk.ParentPath, Mode: in.Disk.Mode, CapacityBytes: in.Disk.CapacityBytes,
+		Key: in.Disk.Key, Path: path, ParentPath: in.Disk.ParentPath, Mode: in.Disk.Mode, Reason: in.Disk.Reason,
+		CapacityBytes: in.Disk.CapacityBytes,
 	})
 	if err != nil {
 		return activities.Target{}, classify("prepare target "+path, err)
@@ -496,6 +516,9 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	if in.Digest == "" {
 		return activities.Verification{}, badInput("verify %s: no digest to compare with", in.Path)
 	}
+	// qemu-img check of a large image reports nothing for minutes; the digest heartbeats too.
+	beat := heartbeat.Start(ctx, verifyBeat, nil)
+	defer beat.Stop()
 	if _, err := qemu.Check(ctx, in.Path); errors.Is(err, qemu.ErrImageCorrupt) {
 		return activities.Verification{}, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("verify %s: %v", in.Path, err), activities.ErrBadInput, nil)
@@ -511,7 +534,7 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	manifest := repo.ManifestPath(in.Path)
 	digest, err := a.digestWithManifest(ctx, in, manifest+".tmp")
 	if err != nil {
-		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
+		return activities.Verification{}, classify("verify "+in.Path, err)
 	}
 	if digest != in.Digest {
 		_ = os.Remove(manifest + ".tmp")
@@ -569,6 +592,9 @@ func (a *Activities) digestWithManifest(ctx context.Context, in activities.Verif
 	}
 	return digest, nil
 }
+
+// verifyBeat is how often VerifyTarget heartbeats while qemu-img works.
+const verifyBeat = 5 * time.Second
 
 // verifyDirPrefix names the run-dir entries of verification exports.
 const verifyDirPrefix = "verify"

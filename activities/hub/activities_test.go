@@ -255,6 +255,13 @@ func TestPlanBackup(t *testing.T) {
 	noMoref.Moref = ""
 	_, err = r.plan(t, "wf-bad", noMoref, activities.ModeAuto)
 	requireAppError(t, err, activities.ErrBadInput, true)
+	// Names the catalog cannot keep fail at once, not after retries of a database error.
+	for _, name := range []string{strings.Repeat("n", 10000), "web\n01", ""} {
+		bad := testVM()
+		bad.Name = name
+		_, err = r.plan(t, "wf-bad", bad, activities.ModeAuto)
+		requireAppError(t, err, activities.ErrBadInput, true)
+	}
 }
 
 func TestPlanBackupTakesOverClosedWorkflowsPoint(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/url"
 	"slices"
+	"syscall"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -16,6 +17,7 @@ import (
 	"go.temporal.io/sdk/worker"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/activities/heartbeat"
 	"github.com/diskferry/diskferry/internal/blockcopy"
 	"github.com/diskferry/diskferry/internal/nbdkit"
 	"github.com/diskferry/diskferry/internal/tunnel"
@@ -86,9 +88,17 @@ func (a *Activities) Register(w worker.ActivityRegistry) {
 	reg(a.ReadChangeIDs, activities.ReadChangeIDsName)
 }
 
+// waitBeat is how often the activities heartbeat while they wait on vCenter or nbdkit.
+const waitBeat = 5 * time.Second
+
 // ErrHostKeyMismatch is the error type of EnsureTunnel when the hub's SSH host key is not
 // the one pinned in known_hosts: retrying cannot help until an operator checks the hub.
 const ErrHostKeyMismatch = "HostKeyMismatch"
+
+// MaxHeartbeatThrottle caps how long the SDK holds back an activity's heartbeats. A cancel
+// reaches an activity only in a heartbeat's reply, and the SDK's default (0.8 × the heartbeat
+// timeout, 24 s for a copy) let a cancelled copy run on that long; the SNA worker sets this.
+const MaxHeartbeatThrottle = time.Second
 
 // classify turns mechanism errors the workflow must not retry into non-retryable ones.
 func classify(err error) error {
@@ -98,10 +108,16 @@ func classify(err error) error {
 		return nil
 	case errors.Is(err, vsphere.ErrNotFound):
 		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrNotFound, err)
-	case errors.Is(err, vsphere.ErrInvalidChangeID):
+	case errors.Is(err, vsphere.ErrInvalidChangeID), errors.Is(err, vsphere.ErrInvalidReference):
 		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
 	case errors.As(err, &hostKey):
 		return temporal.NewNonRetryableApplicationError(err.Error(), ErrHostKeyMismatch, err)
+	case errors.Is(err, syscall.ENOSPC):
+		// qemu-nbd answers a write to a full repository with NBD's ENOSPC; the next attempt
+		// would fail the same way within seconds.
+		return temporal.NewNonRetryableApplicationError("the hub's repository is full: "+err.Error(), activities.ErrNoSpace, err)
+	case vsphere.IsRefused(err):
+		return temporal.NewNonRetryableApplicationError("vCenter refused the request: "+err.Error(), activities.ErrRefused, err)
 	}
 	return err
 }
@@ -171,6 +187,9 @@ func (a *Activities) DropTunnel(ctx context.Context, in activities.EnsureTunnelI
 // CreateSnapshot creates the backup snapshot. A retried attempt finds the snapshot its
 // predecessor made (same name) instead of making a second one.
 func (a *Activities) CreateSnapshot(ctx context.Context, in activities.CreateSnapshotInput) (activities.Snapshot, error) {
+	// Quiescing can take minutes, and the workflow must notice an SNA that died meanwhile.
+	beat := heartbeat.Start(ctx, waitBeat, nil)
+	defer beat.Stop()
 	vm, err := a.vc.FindVM(ctx, in.VMMoref)
 	if err != nil {
 		return activities.Snapshot{}, classify(err)
@@ -198,19 +217,22 @@ func (a *Activities) RemoveSnapshot(ctx context.Context, in activities.Snapshot)
 	if in.Moref == "" && in.Name == "" {
 		return temporal.NewNonRetryableApplicationError("remove snapshot: neither moref nor name given", activities.ErrBadInput, nil)
 	}
+	// Consolidation can take long; heartbeats let the workflow notice an SNA that died.
+	beat := heartbeat.Start(ctx, waitBeat, nil)
+	defer beat.Stop()
 	vm, err := a.vc.FindVM(ctx, in.VMMoref)
 	if errors.Is(err, vsphere.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
-		return err
+		return classify(err)
 	}
 	if in.Moref != "" {
-		return a.vc.RemoveSnapshot(ctx, vm, in.Moref)
+		return classify(a.vc.RemoveSnapshot(ctx, vm, in.Moref))
 	}
 	all, err := a.vc.ListSnapshots(ctx, vm)
 	if err != nil {
-		return err
+		return classify(err)
 	}
 	// Children first: removing a parent first would merge it into the child.
 	for _, s := range slices.Backward(all) {
@@ -218,7 +240,7 @@ func (a *Activities) RemoveSnapshot(ctx context.Context, in activities.Snapshot)
 			continue
 		}
 		if err := a.vc.RemoveSnapshot(ctx, vm, s.Moref); err != nil {
-			return err
+			return classify(err)
 		}
 	}
 	return nil
@@ -232,8 +254,29 @@ func (a *Activities) ReadChangeIDs(ctx context.Context, in activities.ReadChange
 
 // CopyDisk copies one disk of the snapshot into its hub export through the tunnel,
 // heartbeating progress and the resume checkpoint; a retried attempt resumes from it.
+//
+// It heartbeats from its first moment until it returns, also while nbdkit starts and CBT is
+// queried, so a cancel reaches it within seconds and a slow start never looks like a dead
+// SNA. An incremental copy whose previous changeId vCenter refuses fails with the
+// non-retryable ErrChangeIDRefused: the workflow then copies the disk in full.
 func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
+	// The previous attempt's checkpoint is heartbeated again until this one has its own, so
+	// an attempt that dies early does not lose it.
+	var resume *activities.CopyProgress
+	if activity.HasHeartbeatDetails(ctx) {
+		var p activities.CopyProgress
+		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil {
+			resume = &p
+		}
+	}
+	var first any
+	if resume != nil {
+		first = *resume
+	}
+	beat := heartbeat.Start(ctx, a.settings.HeartbeatEvery, first)
+	defer beat.Stop()
+
 	vm, err := a.vc.FindVM(ctx, in.Snapshot.VMMoref)
 	if err != nil {
 		return activities.CopyDiskResult{}, classify(err)
@@ -266,6 +309,10 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 		opts.DestinationIsZero = true
 	case activities.ModeIncremental:
 		areas, err := a.vc.QueryChangedAreas(ctx, vm, in.Snapshot.Moref, in.DiskKey, in.CapacityBytes, in.PrevChangeID)
+		if errors.Is(err, vsphere.ErrInvalidChangeID) {
+			return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("copy disk %d: %v", in.DiskKey, err), activities.ErrChangeIDRefused, err)
+		}
 		if err != nil {
 			return activities.CopyDiskResult{}, classify(err)
 		}
@@ -275,13 +322,10 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 			fmt.Sprintf("copy disk %d: unknown mode %q", in.DiskKey, in.Mode), activities.ErrBadInput, nil)
 	}
 
-	if activity.HasHeartbeatDetails(ctx) {
-		var p activities.CopyProgress
-		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil && (p.Checkpoint > 0 || len(p.Ahead) > 0) {
-			opts.Resume = &blockcopy.Checkpoint{Offset: p.Checkpoint, DigestState: p.DigestState, BytesDone: p.BytesDone,
-				Ahead: toFinished(p.Ahead)}
-			log.Info("resuming copy", "checkpoint", p.Checkpoint, "finishedAhead", len(p.Ahead))
-		}
+	if p := resume; p != nil && (p.Checkpoint > 0 || len(p.Ahead) > 0) {
+		opts.Resume = &blockcopy.Checkpoint{Offset: p.Checkpoint, DigestState: p.DigestState, BytesDone: p.BytesDone,
+			Ahead: toFinished(p.Ahead)}
+		log.Info("resuming copy", "checkpoint", p.Checkpoint, "finishedAhead", len(p.Ahead))
 	}
 
 	// Usually a no-op; after an SNA restart the forward EnsureTunnel made is gone.
@@ -303,7 +347,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	target := fmt.Sprintf("nbd://127.0.0.1:%d/%s", in.TargetPort, url.PathEscape(in.ExportName))
 	opts.ProgressInterval = a.settings.HeartbeatEvery
 	opts.OnProgress = func(p blockcopy.Progress) {
-		activity.RecordHeartbeat(ctx, activities.CopyProgress{
+		beat.Record(activities.CopyProgress{
 			Checkpoint:   p.Checkpoint.Offset,
 			DigestState:  p.Checkpoint.DigestState,
 			Ahead:        fromFinished(p.Checkpoint.Ahead),
@@ -320,7 +364,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 	res, err := cp.Run(ctx)
 	if err != nil {
-		return activities.CopyDiskResult{}, fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err)
+		return activities.CopyDiskResult{}, classify(fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err))
 	}
 	log.Info("disk copied", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,
 		"recopied", res.BytesRecopied, "duration", res.Duration)

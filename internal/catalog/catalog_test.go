@@ -60,7 +60,7 @@ func TestMigrateConcurrentlyAndAgain(t *testing.T) {
 
 	version, err := a.SchemaVersion(ctx)
 	require.NoError(t, err)
-	assert.Equal(t, int64(1), version)
+	assert.Equal(t, int64(2), version)
 	for _, table := range []string{"sites", "hubs", "vms", "disks", "restore_points", "point_disks", "port_leases", "exports"} {
 		var n int
 		require.NoError(t, a.DB().QueryRowContext(ctx, "SELECT COUNT(*) FROM "+table).Scan(&n), table)
@@ -385,4 +385,37 @@ func TestErrorsWrapContext(t *testing.T) {
 	require.Error(t, err)
 	assert.True(t, errors.Is(err, ErrNotFound))
 	assert.Contains(t, err.Error(), "missing-point")
+}
+
+// A point opened incremental whose every disk was copied in full after all (vCenter refused
+// the previous changeId) completes as a full point on no parent, and keeps each disk's reason.
+func TestCompletePointAllFullDropsParentAndKeepsReason(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	vm := newVM(t, s, "vm-1")
+	base, err := s.OpenPoint(ctx, fullRequest(vm, "wf-base"))
+	require.NoError(t, err)
+	d := diskResult(2000, "/r/vm/"+base.ID+"/disk-2000.qcow2", "", ModeFull, "52 a/1")
+	d.Reason = "no previous restore point"
+	require.NoError(t, s.AddPointDisk(ctx, base.ID, d))
+	base, err = s.CompletePoint(ctx, base.ID, []PointDisk{d})
+	require.NoError(t, err)
+	assert.Equal(t, "no previous restore point", base.Disks[0].Reason)
+
+	req := fullRequest(vm, "wf-refused")
+	req.Mode, req.ParentID = ModeIncremental, base.ID
+	p, err := s.OpenPoint(ctx, req)
+	require.NoError(t, err)
+	incr := diskResult(2000, "/r/vm/"+p.ID+"/disk-2000.qcow2", d.Path, ModeIncremental, "")
+	require.NoError(t, s.AddPointDisk(ctx, p.ID, incr))
+	full := diskResult(2000, incr.Path, "", ModeFull, "52 b/9")
+	full.Reason = `vCenter refused the previous changeId "52 a/1"`
+	require.NoError(t, s.AddPointDisk(ctx, p.ID, full), "the target re-prepared as full")
+	done, err := s.CompletePoint(ctx, p.ID, []PointDisk{full})
+	require.NoError(t, err)
+	assert.Equal(t, ModeFull, done.Mode)
+	assert.Empty(t, done.ParentID)
+	require.Len(t, done.Disks, 1)
+	assert.Equal(t, full.Reason, done.Disks[0].Reason)
+	assert.Empty(t, done.Disks[0].ParentPath)
 }

@@ -48,6 +48,7 @@ type PointDisk struct {
 	Path          string // qcow2 target on the hub
 	ParentPath    string // backing file of an incremental overlay
 	Mode          string // full|incremental
+	Reason        string // why full when an incremental was possible or asked for
 	ChangeID      string // CBT changeId read from the snapshot, the next incremental's base
 	CapacityBytes int64
 	BytesRead     int64
@@ -84,6 +85,9 @@ func (e *BackupRunningError) Is(target error) bool { return target == ErrBackupR
 
 // maxErrorText keeps an error message within a TEXT column.
 const maxErrorText = 60000
+
+// maxReasonText is the size of point_disks.reason.
+const maxReasonText = 1024
 
 // OpenPoint opens a running restore point and returns it. It is idempotent per workflow run:
 // a retry gets the same point back. A new run of the same workflow id (reset, retry policy)
@@ -267,11 +271,11 @@ func (s *Store) AddPointDisk(ctx context.Context, pointID string, d PointDisk) e
 		if err := requireRunning(ctx, tx, pointID); err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, parent_path, mode, capacity_bytes)
-			VALUES (?, ?, ?, ?, ?, ?)
+		_, err := tx.ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, parent_path, mode, reason, capacity_bytes)
+			VALUES (?, ?, ?, ?, ?, ?, ?)
 			ON DUPLICATE KEY UPDATE target_path = VALUES(target_path), parent_path = VALUES(parent_path),
-				mode = VALUES(mode), capacity_bytes = VALUES(capacity_bytes)`,
-			pointID, d.Key, d.Path, d.ParentPath, d.Mode, d.CapacityBytes)
+				mode = VALUES(mode), reason = VALUES(reason), capacity_bytes = VALUES(capacity_bytes)`,
+			pointID, d.Key, d.Path, d.ParentPath, d.Mode, truncateUTF8(d.Reason, maxReasonText), d.CapacityBytes)
 		return err
 	})
 }
@@ -317,7 +321,9 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 	}
 	given := map[int32]bool{}
 	var read, written int64
+	incremental := false
 	for _, d := range disks {
+		incremental = incremental || d.Mode == ModeIncremental
 		if d.Path == "" || (d.Mode != ModeFull && d.Mode != ModeIncremental) || given[d.Key] {
 			return Point{}, fmt.Errorf("%w: disk %d needs a path, mode full|incremental, and appears once", ErrInvalid, d.Key)
 		}
@@ -356,16 +362,23 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 			return fmt.Errorf("%w: point %s has disks %v without a result", ErrInvalid, pointID, missing)
 		}
 		for _, d := range disks {
-			if _, err := tx.ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, parent_path, mode, change_id,
+			if _, err := tx.ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, parent_path, mode, reason, change_id,
 					capacity_bytes, bytes_read, bytes_written, bytes_zeroed, duration_ns, digest)
-				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 				ON DUPLICATE KEY UPDATE target_path = VALUES(target_path), parent_path = VALUES(parent_path), mode = VALUES(mode),
-					change_id = VALUES(change_id), capacity_bytes = VALUES(capacity_bytes), bytes_read = VALUES(bytes_read),
-					bytes_written = VALUES(bytes_written), bytes_zeroed = VALUES(bytes_zeroed),
+					reason = VALUES(reason), change_id = VALUES(change_id), capacity_bytes = VALUES(capacity_bytes),
+					bytes_read = VALUES(bytes_read), bytes_written = VALUES(bytes_written), bytes_zeroed = VALUES(bytes_zeroed),
 					duration_ns = VALUES(duration_ns), digest = VALUES(digest)`,
-				pointID, d.Key, d.Path, d.ParentPath, d.Mode, d.ChangeID, d.CapacityBytes,
+				pointID, d.Key, d.Path, d.ParentPath, d.Mode, truncateUTF8(d.Reason, maxReasonText), d.ChangeID, d.CapacityBytes,
 				d.BytesRead, d.BytesWritten, d.BytesZeroed, int64(d.Duration), d.Digest); err != nil {
 				return fmt.Errorf("disk %d: %w", d.Key, err)
+			}
+		}
+		if !incremental {
+			// Every disk was copied in full after all (vCenter refused a changeId): the point
+			// depends on no other.
+			if _, err := tx.ExecContext(ctx, "UPDATE restore_points SET mode = 'full', parent_id = NULL WHERE id = ?", pointID); err != nil {
+				return err
 			}
 		}
 		// A retry keeps the first finish time.
@@ -486,7 +499,7 @@ func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 		byID[p.ID] = p
 		ids = append(ids, p.ID)
 	}
-	rows, err := s.db.QueryContext(ctx, `SELECT point_id, disk_key, target_path, parent_path, mode, change_id, capacity_bytes,
+	rows, err := s.db.QueryContext(ctx, `SELECT point_id, disk_key, target_path, parent_path, mode, reason, change_id, capacity_bytes,
 			bytes_read, bytes_written, bytes_zeroed, duration_ns, digest
 		FROM point_disks WHERE point_id IN (?`+strings.Repeat(",?", len(ids)-1)+`) ORDER BY point_id, disk_key`, ids...)
 	if err != nil {
@@ -497,7 +510,7 @@ func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 		var pointID string
 		var d PointDisk
 		var durationNS int64
-		if err := rows.Scan(&pointID, &d.Key, &d.Path, &d.ParentPath, &d.Mode, &d.ChangeID, &d.CapacityBytes,
+		if err := rows.Scan(&pointID, &d.Key, &d.Path, &d.ParentPath, &d.Mode, &d.Reason, &d.ChangeID, &d.CapacityBytes,
 			&d.BytesRead, &d.BytesWritten, &d.BytesZeroed, &durationNS, &d.Digest); err != nil {
 			return fmt.Errorf("read point disks: %w", err)
 		}

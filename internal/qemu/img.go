@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 
 	"github.com/diskferry/diskferry/internal/childenv"
 )
@@ -239,6 +240,10 @@ func runImg(ctx context.Context, args ...string) ([]byte, error) {
 	msg := strings.TrimSpace(stderr.String())
 	if isLockError(msg) {
 		return stdout.Bytes(), fmt.Errorf("%s %s: %w: %s (%w)", qemuImg, args[0], ErrImageLocked, msg, err)
+	}
+	// A full disk must read as ENOSPC to callers (no retry can fix it); qemu-img only says it.
+	if strings.Contains(strings.ToLower(msg), syscall.ENOSPC.Error()) {
+		return stdout.Bytes(), fmt.Errorf("%s %s: %s (%w, %w)", qemuImg, args[0], msg, syscall.ENOSPC, err)
 	}
 	return stdout.Bytes(), fmt.Errorf("%s %s: %s (%w)", qemuImg, args[0], msg, err)
 }

@@ -35,9 +35,13 @@ type mariaDBServer struct {
 	dir    string // holds the datadir, the socket and the error log
 	socket string
 	addr   string
-	cmd    *exec.Cmd
-	exited chan struct{} // closed once cmd.Wait returned
-	admin  *sql.DB       // root over the unix socket
+	port   int
+	// how it was launched, for a restart on the same data and port
+	serverBin, datadir string
+	userArgs           []string
+	cmd                *exec.Cmd
+	exited             chan struct{} // closed once cmd.Wait returned
+	admin              *sql.DB       // root over the unix socket
 
 	mu    sync.Mutex
 	dbSeq int
@@ -129,6 +133,63 @@ func MariaDB(t TB) MariaDBDatabase {
 	return db
 }
 
+// MariaDBServer is a MariaDB server one test owns, for catalog outages: it can be shut down
+// (as a restart or a failover does) and started again on the same data and port.
+type MariaDBServer struct {
+	mu  sync.Mutex
+	srv *mariaDBServer
+}
+
+// StartMariaDBServer starts a MariaDB server for this test alone and returns it with a fresh
+// database on it; it is killed and its datadir removed on t.Cleanup.
+func StartMariaDBServer(t TB) (*MariaDBServer, MariaDBDatabase) {
+	t.Helper()
+	bins := requireMariaDBBinaries(t)
+	ctx, cancel := context.WithTimeout(context.Background(), mariaDBStartupTimeout)
+	defer cancel()
+	srv, err := startMariaDBServer(ctx, bins)
+	if err != nil {
+		t.Fatalf("start mariadb: %v", err)
+	}
+	s := &MariaDBServer{srv: srv}
+	t.Cleanup(func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		s.srv.stop()
+	})
+	return s, srv.newDatabase(t)
+}
+
+// Shutdown stops the server with SIGTERM (it writes everything committed to disk; the tuning
+// above would lose the last second on SIGKILL) and waits for it: clients get connection
+// refused until Restart.
+func (s *MariaDBServer) Shutdown() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.srv.admin.Close()
+	_ = s.srv.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-s.srv.exited:
+	case <-time.After(mariaDBStartupTimeout):
+		s.srv.kill()
+	}
+}
+
+// Restart starts a shut down server again on the same data and port and waits until it serves.
+func (s *MariaDBServer) Restart() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.srv
+	ctx, cancel := context.WithTimeout(context.Background(), mariaDBStartupTimeout)
+	defer cancel()
+	srv, err := launchMariaDB(ctx, old.serverBin, old.dir, old.datadir, old.userArgs, old.port)
+	if err != nil {
+		return fmt.Errorf("restart mariadb on port %d: %w", old.port, err)
+	}
+	s.srv = srv
+	return nil
+}
+
 type mariaDBBinaries struct {
 	installDB string
 	server    string
@@ -203,7 +264,7 @@ func startMariaDBServer(ctx context.Context, bins mariaDBBinaries) (*mariaDBServ
 	// A free port can be taken between probing and binding; retry a few times.
 	var lastErr error
 	for range 3 {
-		srv, err := launchMariaDB(ctx, bins.server, dir, datadir, userArgs)
+		srv, err := launchMariaDB(ctx, bins.server, dir, datadir, userArgs, 0)
 		if err == nil {
 			return srv, nil
 		}
@@ -216,10 +277,13 @@ func startMariaDBServer(ctx context.Context, bins mariaDBBinaries) (*mariaDBServ
 	return nil, lastErr
 }
 
-func launchMariaDB(ctx context.Context, serverBin, dir, datadir string, userArgs []string) (*mariaDBServer, error) {
-	port, err := freeLoopbackPort()
-	if err != nil {
-		return nil, err
+// launchMariaDB runs mariadbd on datadir, on port or (0) a free one.
+func launchMariaDB(ctx context.Context, serverBin, dir, datadir string, userArgs []string, port int) (*mariaDBServer, error) {
+	if port == 0 {
+		var err error
+		if port, err = freeLoopbackPort(); err != nil {
+			return nil, err
+		}
 	}
 	socket := filepath.Join(dir, "s.sock")
 	errLog := filepath.Join(dir, "error.log")
@@ -242,11 +306,15 @@ func launchMariaDB(ctx context.Context, serverBin, dir, datadir string, userArgs
 		return nil, fmt.Errorf("start %s: %w", serverBin, err)
 	}
 	srv := &mariaDBServer{
-		dir:    dir,
-		socket: socket,
-		addr:   fmt.Sprintf("127.0.0.1:%d", port),
-		cmd:    cmd,
-		exited: make(chan struct{}),
+		dir:       dir,
+		socket:    socket,
+		addr:      fmt.Sprintf("127.0.0.1:%d", port),
+		port:      port,
+		serverBin: serverBin,
+		datadir:   datadir,
+		userArgs:  userArgs,
+		cmd:       cmd,
+		exited:    make(chan struct{}),
 	}
 	go func() {
 		_ = cmd.Wait()

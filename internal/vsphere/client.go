@@ -35,6 +35,9 @@ var (
 	// ErrInvalidChangeID means vCenter does not accept the changeId (CBT was reset or the
 	// disk changed): the caller must fall back to a full copy.
 	ErrInvalidChangeID = errors.New("changeId not accepted for this disk (CBT reset, off or not yet active)")
+	// ErrInvalidReference means a VM reference has a shape no VM can have (a relative
+	// inventory path, a '..' element): no retry finds it.
+	ErrInvalidReference = errors.New("invalid VM reference")
 )
 
 // DefaultKeepAlive is how often an idle session is refreshed; vCenter drops idle
@@ -233,4 +236,11 @@ func isNotFound(err error) bool { return fault.Is(err, &types.ManagedObjectNotFo
 func asMethodFault[T types.BaseMethodFault](err error, target *T) bool {
 	_, ok := fault.As(err, target)
 	return ok
+}
+
+// IsRefused reports whether vCenter refused the request itself (an invalid argument or name,
+// an unsupported operation, a missing privilege): sent again, it fails the same way.
+func IsRefused(err error) bool {
+	return fault.Is(err, &types.InvalidArgument{}) || fault.Is(err, &types.InvalidName{}) ||
+		fault.Is(err, &types.NotSupported{}) || fault.Is(err, &types.NoPermission{})
 }

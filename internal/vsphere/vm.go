@@ -55,6 +55,9 @@ func (c *Client) FindVM(ctx context.Context, ref string) (*object.VirtualMachine
 		return vm, nil
 	}
 	if strings.Contains(ref, "/") {
+		if err := checkInventoryPath(ref); err != nil {
+			return nil, fmt.Errorf("find VM %q: %w", ref, err)
+		}
 		vm, err := find.NewFinder(c.vim, false).VirtualMachine(ctx, ref)
 		if err != nil {
 			if _, ok := err.(*find.NotFoundError); ok {
@@ -65,6 +68,21 @@ func (c *Client) FindVM(ctx context.Context, ref string) (*object.VirtualMachine
 		return vm, nil
 	}
 	return c.findVMByName(ctx, ref)
+}
+
+// checkInventoryPath accepts only absolute paths without empty, '.' or '..' elements: the
+// finder resolves nothing else without a default datacenter, and fails on them with errors
+// that look transient.
+func checkInventoryPath(path string) error {
+	if !strings.HasPrefix(path, "/") {
+		return fmt.Errorf("%w: an inventory path must be absolute (/datacenter/vm/name)", ErrInvalidReference)
+	}
+	for _, elem := range strings.Split(path[1:], "/") {
+		if elem == "" || elem == "." || elem == ".." {
+			return fmt.Errorf("%w: empty, '.' or '..' element in an inventory path", ErrInvalidReference)
+		}
+	}
+	return nil
 }
 
 // findVMByName searches every datacenter, so a name need not say where the VM lives.
@@ -86,7 +104,7 @@ func (c *Client) findVMByName(ctx context.Context, name string) (*object.Virtual
 	case 1:
 		return object.NewVirtualMachine(c.vim, refs[0]), nil
 	default:
-		return nil, fmt.Errorf("find VM %q: %d VMs have that name; use the inventory path or moref", name, len(refs))
+		return nil, fmt.Errorf("find VM %q: %w: %d VMs have that name; use the inventory path or moref", name, ErrInvalidReference, len(refs))
 	}
 }
 

@@ -195,6 +195,39 @@ func TestSnapshotLifecycle(t *testing.T) {
 	assert.Error(t, c.RemoveSnapshot(ctx, vm, "vm-1"), "not a snapshot moref")
 }
 
+// References no VM can have fail as such at once, not with errors that look transient
+// ("please specify a datacenter", "cannot traverse up a tree").
+func TestFindVMRejectsInvalidReferences(t *testing.T) {
+	lab := newLab(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize})
+	c := connect(t, lab)
+	for _, ref := range []string{"a/b", "../../etc", "/DC0/vm/../vm/x", "/DC0//vm", "/DC0/./vm/x"} {
+		_, err := c.FindVM(context.Background(), ref)
+		assert.ErrorIs(t, err, vsphere.ErrInvalidReference, ref)
+	}
+}
+
+// A request vCenter refuses (invalid argument, no permission) is told apart from a
+// transient failure (insufficient resources), so the caller does not retry it.
+func TestIsRefused(t *testing.T) {
+	lab := newLab(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize})
+	c := connect(t, lab)
+	ctx := context.Background()
+	vm := labVM(t, c, lab)
+	for _, tc := range []struct {
+		fault   types.BaseMethodFault
+		refused bool
+	}{
+		{&types.InvalidArgument{InvalidProperty: "name"}, true},
+		{&types.NoPermission{PrivilegeId: "VirtualMachine.State.CreateSnapshot"}, true},
+		{&types.InsufficientResourcesFault{}, false},
+	} {
+		lab.FailNext("CreateSnapshot_Task", tc.fault)
+		_, err := c.CreateSnapshot(ctx, vm, "diskferry-refused", false)
+		require.Error(t, err)
+		assert.Equal(t, tc.refused, vsphere.IsRefused(err), "%T: %v", tc.fault, err)
+	}
+}
+
 func TestSnapshotFaultsSurface(t *testing.T) {
 	lab := newLab(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize})
 	c := connect(t, lab)

@@ -129,7 +129,9 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	reconcile(ctx, acts, log)
 
 	fatal := make(chan error, 2)
-	opts := worker.Options{WorkerStopTimeout: workerStopTimeout, OnFatalError: func(err error) { fatal <- err }}
+	// Heartbeats reach the server every few seconds, so a cancel reaches a verification soon.
+	opts := worker.Options{WorkerStopTimeout: workerStopTimeout, MaxHeartbeatThrottleInterval: 5 * time.Second,
+		OnFatalError: func(err error) { fatal <- err }}
 	shared := worker.New(c, activities.HubQueue, opts)
 	workflows.Register(shared)
 	acts.RegisterShared(shared)

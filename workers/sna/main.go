@@ -101,7 +101,7 @@ func run(ctx context.Context, cfg config.SNA, log *slog.Logger) error {
 	acts := sna.New(vc, tunnels, settings, log.With("component", "activities"))
 
 	queue := activities.SNAQueue(cfg.Site)
-	w := worker.New(tc, queue, worker.Options{WorkerStopTimeout: stopTimeout})
+	w := worker.New(tc, queue, worker.Options{WorkerStopTimeout: stopTimeout, MaxHeartbeatThrottleInterval: sna.MaxHeartbeatThrottle})
 	acts.Register(w)
 	if err := w.Start(); err != nil {
 		return fmt.Errorf("start worker on %s: %w", queue, err)
