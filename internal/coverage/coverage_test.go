@@ -26,7 +26,9 @@ func ext(start, length int64) Extent { return Extent{Start: start, Length: lengt
 
 func data(start, length int64) Allocation { return Allocation{Start: start, Length: length} }
 
-func zero(start, length int64) Allocation { return Allocation{Start: start, Length: length, Zero: true} }
+func zero(start, length int64) Allocation {
+	return Allocation{Start: start, Length: length, Zero: true}
+}
 
 func TestCheck(t *testing.T) {
 	for _, tc := range []struct {
@@ -44,7 +46,7 @@ func TestCheck(t *testing.T) {
 			stray: []Extent{ext(mib, cl)}},
 		{name: "allocation equals the areas", alloc: []Allocation{data(0, mib), zero(2*mib, cl)}, areas: []Extent{ext(0, mib), ext(2*mib, cl)},
 			layer: Overlay},
-		{name: "one cluster beyond the area", alloc: []Allocation{data(0, mib + cl)}, areas: []Extent{ext(0, mib)}, stray: []Extent{ext(mib, cl)}},
+		{name: "one cluster beyond the area", alloc: []Allocation{data(0, mib+cl)}, areas: []Extent{ext(0, mib)}, stray: []Extent{ext(mib, cl)}},
 		{name: "a write far away", alloc: []Allocation{data(0, mib), data(255*mib, mib)}, areas: []Extent{ext(0, mib)},
 			stray: []Extent{ext(255*mib, mib)}},
 		{name: "area inside one cluster", alloc: []Allocation{data(0, cl)}, areas: []Extent{ext(4*kib, 4*kib)},
@@ -60,7 +62,7 @@ func TestCheck(t *testing.T) {
 		{name: "zero cluster partly in an area, overlay", alloc: []Allocation{zero(0, cl)}, areas: []Extent{ext(0, 4*kib)}, layer: Overlay,
 			partial: []Extent{ext(4*kib, cl-4*kib)}},
 		{name: "zero cluster partly in an area, standalone", alloc: []Allocation{zero(0, cl)}, areas: []Extent{ext(0, 4*kib)}},
-		{name: "short last cluster", alloc: []Allocation{data(0, cl + 36*kib)}, areas: []Extent{ext(cl, 36*kib)}, stray: []Extent{ext(0, cl)}},
+		{name: "short last cluster", alloc: []Allocation{data(0, cl+36*kib)}, areas: []Extent{ext(cl, 36*kib)}, stray: []Extent{ext(0, cl)}},
 		{name: "stray ranges join across extents", alloc: []Allocation{data(0, cl), zero(cl, cl)}, areas: []Extent{ext(mib, cl)},
 			layer: Overlay, stray: []Extent{ext(0, 2*cl)}},
 		{name: "long gap between two areas", alloc: []Allocation{data(0, mib)}, areas: []Extent{ext(0, 4*kib), ext(mib-4*kib, 4*kib)},

@@ -146,7 +146,7 @@ func TestMapLayer(t *testing.T) {
 	require.NoError(t, CreateImage(ctx, base, testSize))
 	writePattern(t, base, 0xaa, mib, mib)
 	require.NoError(t, CreateOverlay(ctx, top, base))
-	writeZeroes(t, top, mib, 64*1024)     // a zero cluster over the parent's data
+	writeZeroes(t, top, mib, 64*1024)       // a zero cluster over the parent's data
 	writePattern(t, top, 0x55, 8*mib, 4096) // a partial write allocates the whole cluster
 
 	own := func(extents []MapExtent) []MapExtent {
