@@ -549,64 +549,30 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 		Manifest: manifest}, nil
 }
 
-// verifyCoverage proves that the target holds what the copy wrote and nothing else; the
-// digest covers only the copied areas, so a write elsewhere would pass it.
-//
-// With nil areas the copy wrote, and the digest covers, the whole disk: nothing lies outside.
-// Otherwise the target's own clusters (qemu-img map of its layer alone, metadata only) must
-// lie inside the areas. A full target has no backing file, so whatever it does not allocate
-// reads as zeros, as do its zero clusters: the map proves every other area zero. An
-// incremental is an overlay, where any own cluster, a zero cluster too, replaces the
-// parent's content. qcow2 allocates whole clusters, so where an area ends mid-cluster the
-// rest of that cluster is allocated too: those bytes are read and must be zeros (full) or
-// the parent's (incremental, filled by copy-on-write). Which kind the target is comes from
-// its header's backing file, which no NBD client can change.
+// verifyCoverage proves that the target holds what the copy wrote and nothing else
+// (coverage.VerifyImage); the digest covers only the copied areas, so a write elsewhere
+// would pass it. The parent of an incremental is served only when partial clusters need
+// comparing with it.
 func (a *Activities) verifyCoverage(ctx context.Context, in activities.VerifyTargetInput, info qemu.ImageInfo, uri string) error {
-	if in.Areas == nil {
-		return nil
+	if parent := cmp.Or(info.FullBackingFile, info.BackingFile); parent != "" && !a.layout.Contains(parent) {
+		return badInput("verify %s: backing file %q is outside the repository", in.Path, parent)
 	}
-	extents, err := qemu.MapLayer(ctx, in.Path)
-	if err != nil {
-		return fmt.Errorf("verify %s: %w", in.Path, err)
-	}
-	var alloc []coverage.Allocation
-	for _, e := range extents {
-		if e.Present || e.Data {
-			alloc = append(alloc, coverage.Allocation{Start: e.Start, Length: e.Length, Zero: !e.Data})
-		}
-	}
-	layer, parent := coverage.Standalone, ""
-	if info.BackingFile != "" {
-		layer, parent = coverage.Overlay, cmp.Or(info.FullBackingFile, info.BackingFile)
-	}
-	found, err := coverage.Check(alloc, toBlockExtents(in.Areas), info.ClusterSize, layer)
-	if err != nil {
-		return badInput("verify %s: %v", in.Path, err)
-	}
-	if len(found.Stray) > 0 {
-		return notExact(in.Path, &coverage.RangeError{What: "allocated outside the copied areas", Ranges: found.Stray})
-	}
-	if len(found.Partial) == 0 {
-		return nil
-	}
-	refURI, what := "", "in clusters the copy shares, outside its areas, not reading as zeros"
-	if layer == coverage.Overlay {
-		if !a.layout.Contains(parent) {
-			return badInput("verify %s: backing file %q is outside the repository", in.Path, parent)
-		}
-		ref, stop, err := a.serveReadOnly(ctx, parent)
+	serve := func(ctx context.Context, path string) (string, func(), error) {
+		exp, stop, err := a.serveReadOnly(ctx, path)
 		if err != nil {
-			return fmt.Errorf("verify %s: serve parent: %w", in.Path, err)
+			return "", nil, err
 		}
-		defer stop()
-		refURI, what = ref.URI(), "in clusters the copy shares, outside its areas, differing from the parent"
+		return exp.URI(), stop, nil
 	}
-	differ, err := coverage.Differing(ctx, uri, refURI, found.Partial, nbd.Options{CommandTimeout: time.Minute})
-	if err != nil {
+	err := coverage.VerifyImage(ctx, in.Path, toBlockExtents(in.Areas), uri, serve, nbd.Options{CommandTimeout: time.Minute})
+	var ranges *coverage.RangeError
+	switch {
+	case errors.As(err, &ranges):
+		return notExact(in.Path, ranges)
+	case errors.Is(err, coverage.ErrInvalid):
+		return badInput("verify %s: %v", in.Path, err)
+	case err != nil:
 		return fmt.Errorf("verify %s: %w", in.Path, err)
-	}
-	if len(differ) > 0 {
-		return notExact(in.Path, &coverage.RangeError{What: what, Ranges: differ})
 	}
 	return nil
 }
