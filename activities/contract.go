@@ -187,8 +187,9 @@ type Extent struct {
 	Length int64 `json:"length"`
 }
 
-// VerifyTargetInput checks a finished target: qemu-img check, then the copy's digest is
-// recomputed from the file's logical content over the same areas.
+// VerifyTargetInput checks a finished target: qemu-img check, the target's own clusters
+// against the areas (nothing written outside them), then the copy's digest is recomputed
+// from the file's logical content over the same areas.
 type VerifyTargetInput struct {
 	Path      string   `json:"path"`
 	BlockSize int64    `json:"blockSize"`

@@ -4,6 +4,7 @@
 package hub
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -26,6 +27,8 @@ import (
 	"github.com/diskferry/diskferry/activities/heartbeat"
 	"github.com/diskferry/diskferry/internal/blockcopy"
 	"github.com/diskferry/diskferry/internal/catalog"
+	"github.com/diskferry/diskferry/internal/coverage"
+	"github.com/diskferry/diskferry/internal/nbd"
 	"github.com/diskferry/diskferry/internal/qemu"
 	"github.com/diskferry/diskferry/internal/repo"
 )
@@ -506,9 +509,11 @@ func (a *Activities) StopExport(ctx context.Context, in activities.StopExportInp
 	return nil
 }
 
-// VerifyTarget checks the qcow2 and recomputes the copy's digest from the file's logical
-// content (through its backing chain) over the copied areas. Damage and a digest mismatch
-// are non-retryable; a target still locked by its export is retried.
+// VerifyTarget checks the qcow2, proves it holds nothing the copy did not write (its own
+// clusters lie inside the copied areas) and recomputes the copy's digest from the file's
+// logical content (through its backing chain) over the copied areas. Damage, data outside
+// the areas and a digest mismatch are non-retryable; a target still locked by its export is
+// retried.
 func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTargetInput) (activities.Verification, error) {
 	if !a.layout.Contains(in.Path) {
 		return activities.Verification{}, badInput("verify: %q is outside the repository", in.Path)
@@ -529,10 +534,20 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	if err != nil {
 		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
 	}
+	// The read-only export holds the image's lock for the whole check, so no writer gets in
+	// between the allocation map, the reads and the digest: they all see the same content.
+	exp, stop, err := a.serveReadOnly(ctx, in.Path)
+	if err != nil {
+		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
+	}
+	defer stop()
+	if err := a.verifyCoverage(ctx, in, info, exp.URI()); err != nil {
+		return activities.Verification{}, err
+	}
 	// The block manifest is written while the digest is recomputed and kept beside the
 	// target only when the digest matches, for checking the point later (diskferry verify).
 	manifest := repo.ManifestPath(in.Path)
-	digest, err := a.digestWithManifest(ctx, in, manifest+".tmp")
+	digest, err := a.digestWithManifest(ctx, in, exp.URI(), manifest+".tmp")
 	if err != nil {
 		return activities.Verification{}, classify("verify "+in.Path, err)
 	}
@@ -557,9 +572,54 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 		Manifest: manifest}, nil
 }
 
-// digestWithManifest computes the digest and writes the block manifest to path; on failure
-// the file is removed.
-func (a *Activities) digestWithManifest(ctx context.Context, in activities.VerifyTargetInput, path string) (digest string, err error) {
+// verifyCoverage proves that the target holds what the copy wrote and nothing else
+// (coverage.VerifyImage); the digest covers only the copied areas, so a write elsewhere
+// would pass it. The parent of an incremental is served only when partial clusters need
+// comparing with it.
+func (a *Activities) verifyCoverage(ctx context.Context, in activities.VerifyTargetInput, info qemu.ImageInfo, uri string) error {
+	if parent := cmp.Or(info.FullBackingFile, info.BackingFile); parent != "" && !a.layout.Contains(parent) {
+		return badInput("verify %s: backing file %q is outside the repository", in.Path, parent)
+	}
+	serve := func(ctx context.Context, path string) (string, func(), error) {
+		exp, stop, err := a.serveReadOnly(ctx, path)
+		if err != nil {
+			return "", nil, err
+		}
+		return exp.URI(), stop, nil
+	}
+	err := coverage.VerifyImage(ctx, in.Path, toBlockExtents(in.Areas), uri, serve, nbd.Options{CommandTimeout: time.Minute})
+	var ranges *coverage.RangeError
+	switch {
+	case errors.As(err, &ranges):
+		return notExact(in.Path, ranges)
+	case errors.Is(err, coverage.ErrInvalid):
+		return badInput("verify %s: %v", in.Path, err)
+	case err != nil:
+		return fmt.Errorf("verify %s: %w", in.Path, err)
+	}
+	return nil
+}
+
+// notExact is the final error for a target holding data the copy did not write: a retry
+// reads the same file, and the backup's compensation discards it.
+func notExact(path string, err *coverage.RangeError) error {
+	return temporal.NewNonRetryableApplicationError(fmt.Sprintf("verify %s: %v", path, err), activities.ErrBadInput, nil)
+}
+
+func toBlockExtents(areas []activities.Extent) []blockcopy.Extent {
+	if areas == nil {
+		return nil
+	}
+	out := make([]blockcopy.Extent, len(areas))
+	for i, e := range areas {
+		out[i] = blockcopy.Extent{Start: e.Start, Length: e.Length}
+	}
+	return out
+}
+
+// digestWithManifest computes the digest from the export at uri and writes the block
+// manifest to path; on failure the file is removed.
+func (a *Activities) digestWithManifest(ctx context.Context, in activities.VerifyTargetInput, uri, path string) (digest string, err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
 		return "", fmt.Errorf("create manifest: %w", err)
@@ -578,7 +638,12 @@ func (a *Activities) digestWithManifest(ctx context.Context, in activities.Verif
 	if err != nil {
 		return "", err
 	}
-	if digest, err = a.digest(ctx, in, m.Add); err != nil {
+	digest, err = blockcopy.ComputeDigest(ctx, uri, blockcopy.Options{
+		Areas: toBlockExtents(in.Areas), BlockSize: in.BlockSize, Connections: 4, OnBlock: m.Add,
+		OnProgress:       func(p blockcopy.Progress) { activity.RecordHeartbeat(ctx, p.BytesDone) },
+		ProgressInterval: 5 * time.Second,
+	})
+	if err != nil {
 		return "", err
 	}
 	if err = m.Flush(); err != nil {
@@ -599,9 +664,10 @@ const verifyBeat = 5 * time.Second
 // verifyDirPrefix names the run-dir entries of verification exports.
 const verifyDirPrefix = "verify"
 
-// digest serves the target read-only on a private unix socket and computes the digest,
-// handing each block's hash to onBlock.
-func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput, onBlock func(blockcopy.BlockHash) error) (string, error) {
+// serveReadOnly serves an image read-only on a private unix socket, in a run-dir entry of
+// its own (Reconcile stops the leftovers of a crashed worker). stop ends the export and
+// removes the entry.
+func (a *Activities) serveReadOnly(ctx context.Context, path string) (*qemu.Export, func(), error) {
 	a.mu.Lock()
 	dir, err := os.MkdirTemp(a.settings.RunDir, verifyDirPrefix)
 	if err == nil {
@@ -609,38 +675,29 @@ func (a *Activities) digest(ctx context.Context, in activities.VerifyTargetInput
 	}
 	a.mu.Unlock()
 	if err != nil {
-		return "", err
+		return nil, nil, err
 	}
-	defer func() {
+	forget := func() {
 		a.mu.Lock()
 		delete(a.verifying, dir)
 		a.mu.Unlock()
 		os.RemoveAll(dir)
-	}()
+	}
 	exp, err := qemu.Start(ctx, qemu.ExportOptions{
-		Path: in.Path, Socket: filepath.Join(dir, "nbd.sock"), Name: "verify", Connections: 4,
+		Path: path, Socket: filepath.Join(dir, "nbd.sock"), Name: "verify", Connections: 4,
 		PidFile: filepath.Join(dir, "nbd.pid"), ReadOnly: true, Logger: a.log,
 	})
 	if err != nil {
-		return "", err
+		forget()
+		return nil, nil, err
 	}
-	defer func() {
+	stop := func() {
 		if err := exp.Stop(context.WithoutCancel(ctx), a.settings.StopTimeout); err != nil {
-			a.log.Warn("stop verification export", "path", in.Path, "err", err)
+			a.log.Warn("stop verification export", "path", path, "err", err)
 		}
-	}()
-	var areas []blockcopy.Extent
-	if in.Areas != nil {
-		areas = make([]blockcopy.Extent, len(in.Areas))
-		for i, e := range in.Areas {
-			areas[i] = blockcopy.Extent{Start: e.Start, Length: e.Length}
-		}
+		forget()
 	}
-	return blockcopy.ComputeDigest(ctx, exp.URI(), blockcopy.Options{
-		Areas: areas, BlockSize: in.BlockSize, Connections: 4, OnBlock: onBlock,
-		OnProgress:       func(p blockcopy.Progress) { activity.RecordHeartbeat(ctx, p.BytesDone) },
-		ProgressInterval: 5 * time.Second,
-	})
+	return exp, stop, nil
 }
 
 func isNotEmpty(err error) bool {

@@ -131,15 +131,7 @@ type Verification struct {
 // piece's hash with its entry. opts' Connections, RequestSize and timeouts apply; the block
 // size is the manifest's.
 func VerifyManifest(ctx context.Context, uri, path string, opts Options) (*Verification, error) {
-	var areas []Extent
-	blockSize, err := readManifestFile(path, func(b BlockHash) error {
-		if n := len(areas); n > 0 && areas[n-1].End() == b.Offset {
-			areas[n-1].Length += b.Length
-		} else {
-			areas = append(areas, Extent{Start: b.Offset, Length: b.Length})
-		}
-		return nil
-	})
+	areas, blockSize, err := ManifestAreas(path)
 	if err != nil {
 		return nil, err
 	}
@@ -161,9 +153,6 @@ func VerifyManifest(ctx context.Context, uri, path string, opts Options) (*Verif
 
 	v := &Verification{}
 	opts.Areas = areas
-	if areas == nil {
-		opts.Areas = []Extent{}
-	}
 	opts.BlockSize = blockSize
 	opts.Resume = nil
 	opts.SkipDigest = false
@@ -190,6 +179,25 @@ func VerifyManifest(ctx context.Context, uri, path string, opts Options) (*Verif
 		return nil, fmt.Errorf("verify %s against %s: %w", path, uri, err)
 	}
 	return v, nil
+}
+
+// ManifestAreas returns the areas the manifest at path covers (its entries joined where
+// they touch) and its block size. A manifest without entries covers nothing: the list is
+// empty, not nil (which would mean the whole disk).
+func ManifestAreas(path string) ([]Extent, int64, error) {
+	areas := []Extent{}
+	blockSize, err := readManifestFile(path, func(b BlockHash) error {
+		if n := len(areas); n > 0 && areas[n-1].End() == b.Offset {
+			areas[n-1].Length += b.Length
+		} else {
+			areas = append(areas, Extent{Start: b.Offset, Length: b.Length})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	return areas, blockSize, nil
 }
 
 func readManifestFile(path string, fn func(BlockHash) error) (int64, error) {

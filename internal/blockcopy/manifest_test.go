@@ -102,6 +102,17 @@ func TestManifestOfChangedAreas(t *testing.T) {
 	v, err := blockcopy.VerifyManifest(context.Background(), targetURI, manifest, blockcopy.Options{})
 	require.NoError(t, err)
 	assert.Equal(t, &blockcopy.Verification{Blocks: 5, Bytes: 4 * mib}, v)
+
+	got, bs, err := blockcopy.ManifestAreas(manifest)
+	require.NoError(t, err)
+	assert.Equal(t, areas, got, "the entries joined give back the areas")
+	assert.Equal(t, int64(blockcopy.DefaultBlockSize), bs)
+	empty := filepath.Join(t.TempDir(), "empty.manifest")
+	require.NoError(t, os.WriteFile(empty, []byte("diskferry-manifest v1 block-size 1048576\n"), 0o600))
+	got, _, err = blockcopy.ManifestAreas(empty)
+	require.NoError(t, err)
+	assert.NotNil(t, got, "no entries cover nothing, not the whole disk")
+	assert.Empty(t, got)
 }
 
 func TestManifestAgainstASmallerDisk(t *testing.T) {

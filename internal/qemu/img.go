@@ -222,6 +222,32 @@ func Map(ctx context.Context, img Image) ([]MapExtent, error) {
 	return extents, nil
 }
 
+// MapLayer lists the extents of a qcow2's own layer: its backing file is not opened, so an
+// extent is Present exactly where this image allocates clusters (Data for data clusters,
+// Zero without Data for zero clusters) and everything else is absent. It does not force-share:
+// an image some process is writing fails with ErrImageLocked instead of giving a moving map.
+func MapLayer(ctx context.Context, path string) ([]MapExtent, error) {
+	// backing: null is how qemu opens an overlay on its own; the json: filename is the one
+	// command-line spelling of it that qemu-img map accepts.
+	spec, err := json.Marshal(map[string]any{
+		"driver":  FormatQCOW2,
+		"backing": nil,
+		"file":    map[string]string{"driver": "file", "filename": path},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("map layer of %s: %w", path, err)
+	}
+	out, err := runImg(ctx, "map", "--output=json", "json:"+string(spec))
+	if err != nil {
+		return nil, fmt.Errorf("map layer of %s: %w", path, err)
+	}
+	var extents []MapExtent
+	if err := json.Unmarshal(out, &extents); err != nil {
+		return nil, fmt.Errorf("map layer of %s: decode: %w", path, err)
+	}
+	return extents, nil
+}
+
 // runImg runs qemu-img and returns its stdout. A failure carries stderr and, for a lock
 // conflict, wraps ErrImageLocked; the *exec.ExitError stays reachable with errors.As.
 func runImg(ctx context.Context, args ...string) ([]byte, error) {

@@ -147,6 +147,59 @@ func TestMapSparse(t *testing.T) {
 	assert.Equal(t, int64(64*1024), data)
 }
 
+// writeZeroes writes zeros at offset through qemu-io's write -z: qcow2 then records zero
+// clusters where it can instead of data.
+func writeZeroes(t *testing.T, path string, offset, length int64) {
+	t.Helper()
+	testenv.RequireCommand(t, "qemu-io")
+	out, err := exec.Command("qemu-io", "-f", "qcow2",
+		"-c", fmt.Sprintf("write -z %d %d", offset, length), path).CombinedOutput()
+	require.NoError(t, err, "qemu-io: %s", out)
+}
+
+func TestMapLayer(t *testing.T) {
+	requireQemuImg(t)
+	ctx := testCtx(t)
+	dir := t.TempDir()
+	base, top := filepath.Join(dir, "base.qcow2"), filepath.Join(dir, "top.qcow2")
+	require.NoError(t, CreateImage(ctx, base, testSize))
+	writePattern(t, base, 0xaa, mib, mib)
+	require.NoError(t, CreateOverlay(ctx, top, base))
+	writeZeroes(t, top, mib, 64*1024)       // a zero cluster over the parent's data
+	writePattern(t, top, 0x55, 8*mib, 4096) // a partial write allocates the whole cluster
+
+	own := func(extents []MapExtent) []MapExtent {
+		var present []MapExtent
+		var total int64
+		for _, e := range extents {
+			total += e.Length
+			if e.Present {
+				e.Offset = nil
+				present = append(present, e)
+			}
+		}
+		assert.Equal(t, testSize, total, "extents cover the whole disk")
+		return present
+	}
+	extents, err := MapLayer(ctx, top)
+	require.NoError(t, err)
+	assert.Equal(t, []MapExtent{
+		{Start: mib, Length: 64 * 1024, Present: true, Zero: true},
+		{Start: 8 * mib, Length: 64 * 1024, Present: true, Data: true},
+	}, own(extents), "only the overlay's own clusters, none of the parent's")
+
+	extents, err = MapLayer(ctx, base)
+	require.NoError(t, err)
+	assert.Equal(t, []MapExtent{{Start: mib, Length: mib, Present: true, Data: true}}, own(extents))
+
+	// An image some process writes is refused, not mapped while it moves.
+	testenv.StartQemuNBD(t, top, testenv.QemuNBDOptions{})
+	_, err = MapLayer(ctx, top)
+	assert.ErrorIs(t, err, ErrImageLocked)
+	_, err = MapLayer(ctx, filepath.Join(dir, "missing.qcow2"))
+	assert.Error(t, err)
+}
+
 func TestCompareErrors(t *testing.T) {
 	requireQemuImg(t)
 	ctx := testCtx(t)
