@@ -94,10 +94,10 @@ func demo(r *lab.Runner, binDir string, keep bool) {
 	step("verifying every restore point against the source at its snapshot (qemu-img compare)")
 	verify(ctx, r, full, atFull)
 	verify(ctx, r, incr, atIncr)
-	step("checking the incremental point against its block manifests (diskferry verify --manifest)")
+	step("checking the incremental point against its block manifests, nothing written outside them (diskferry verify --manifest --image)")
 	for _, d := range incr.Disks {
 		exp := testenv.StartQemuNBD(r, d.Path, testenv.QemuNBDOptions{Args: []string{"--read-only"}})
-		fmt.Printf("   disk %d: %s", d.Key, cli("verify", "--manifest", repo.ManifestPath(d.Path), exp.URI))
+		fmt.Printf("   disk %d: %s", d.Key, cli("verify", "--manifest", repo.ManifestPath(d.Path), "--image", d.Path, exp.URI))
 	}
 	os.Stdout.Write(cli("backup", "list", "--vm", l.VC.VMName))
 
