@@ -184,6 +184,9 @@ func newBackupStatusCommand() *cobra.Command {
 				return writeJSON(out, p)
 			}
 			fmt.Fprintf(out, "backup %s of %s (site %s): %s, %s\n", args[0], p.VM, p.Site, p.Status, p.Step)
+			if p.WaitingFor != "" {
+				fmt.Fprintf(out, "waiting for: %s\n", p.WaitingFor)
+			}
 			if p.PointID != "" {
 				fmt.Fprintf(out, "point %s on hub %s, mode %s\n", p.PointID, p.HubID, p.Mode)
 			}

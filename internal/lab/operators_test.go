@@ -124,6 +124,11 @@ func TestDiskferryCLI(t *testing.T) {
 	out = run(ctx, t, l, cli, "schedule", "describe", id, "--json")
 	require.Contains(t, out, `"skippedOverlaps": 1`)
 	require.Contains(t, out, started)
+	// Meanwhile the status says what the backup waits for.
+	waiting := "waiting for: the SNA of site " + l.Site + " to run InspectVM"
+	require.Eventually(t, func() bool {
+		return strings.Contains(run(ctx, t, l, cli, "backup", "status", started), waiting)
+	}, time.Minute, 200*time.Millisecond, "backup status names the worker the backup waits for")
 
 	// The triggered backup completes once the SNA is back; none is left running.
 	l.StartWorker("sna")
