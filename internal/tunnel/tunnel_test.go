@@ -66,17 +66,10 @@ func testContext(t testing.TB) context.Context {
 	return ctx
 }
 
-// socketPath is a fresh unix socket path in a private test directory.
-func socketPath(t testing.TB, name string) string {
+// echoServer stands in for a hub export: it echoes every byte back on the unix socket
+// path, which it returns.
+func echoServer(t testing.TB, path string) string {
 	t.Helper()
-	return filepath.Join(t.TempDir(), name)
-}
-
-// echoServer stands in for a hub export: it echoes every byte back on a unix socket,
-// whose path it returns.
-func echoServer(t testing.TB) string {
-	t.Helper()
-	path := socketPath(t, "echo.sock")
 	l, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatalf("listen: %v", err)
@@ -116,7 +109,7 @@ func echoServer(t testing.TB) string {
 }
 
 // testPort names a forward; nothing listens on it, it is only the export's identity.
-const testPort = 10100
+const testPort = testenv.SSHDExportPortMin
 
 // dialForward connects to the forward socket of port.
 func dialForward(m *tunnel.Manager, port int) (net.Conn, error) {
@@ -159,8 +152,12 @@ func randomBytes(t testing.TB, n int) []byte {
 
 func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	cfg := baseConfig(s)
+	// Not a keepalive test: on a busy machine, sshd pumping 16 MiB through small unix
+	// socket buffers may answer a keepalive later than the short test interval.
+	cfg.KeepaliveInterval = tunnel.DefaultKeepaliveInterval
+	m := newManager(t, cfg)
+	remote := echoServer(t, s.ExportSocket(testPort))
 
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
@@ -190,7 +187,7 @@ func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 func TestForwardIsPrivate(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	qemuIO := testenv.RequireCommand(t, "qemu-io")
-	nbdSocket := startQemuNBD(t)
+	nbdSocket := startQemuNBD(t, s.ExportSocket(testPort))
 	m := newManager(t, baseConfig(s))
 	before := testenv.TCPListenersOf(t, os.Getpid())
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: nbdSocket}}); err != nil {
@@ -231,7 +228,7 @@ func TestForwardIsPrivate(t *testing.T) {
 func TestHalfCloseIsPassedOn(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -261,7 +258,7 @@ func TestHalfCloseIsPassedOn(t *testing.T) {
 func TestEnsureForwardsIsIdempotent(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	fw := []tunnel.Forward{{Port: testPort, Remote: remote}}
 	ctx := testContext(t)
 
@@ -298,7 +295,7 @@ func TestRelativeHubSocketIsClearError(t *testing.T) {
 func TestDropForwardsClosesListenerAndLiveConnections(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -363,7 +360,7 @@ func TestWrongHostKeyIsTypedError(t *testing.T) {
 	cfg.KnownHostsFile = writeKnownHosts(t, s.Addr, impostor)
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: echoServer(t)}})
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	var hostKeyErr *tunnel.HostKeyError
 	if !errors.As(err, &hostKeyErr) {
 		t.Fatalf("EnsureForwards error %v is not a *tunnel.HostKeyError", err)
@@ -389,7 +386,7 @@ func TestUnknownHostIsTypedError(t *testing.T) {
 	cfg.KnownHostsFile = writeKnownHosts(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(s.Port+1)), s.HostPublicKey)
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: echoServer(t)}})
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	var hostKeyErr *tunnel.HostKeyError
 	if !errors.As(err, &hostKeyErr) || !hostKeyErr.Unknown {
 		t.Fatalf("EnsureForwards error %v is not an unknown-host *tunnel.HostKeyError", err)
@@ -410,7 +407,7 @@ func TestRefusedLoginNamesUserAndKey(t *testing.T) {
 	cfg.KeyFile = keyPath
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: echoServer(t)}})
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	if err == nil || !strings.Contains(err.Error(), "ssh login to "+s.Addr+" as "+s.User) || !strings.Contains(err.Error(), keyPath) {
 		t.Fatalf("refused login error %v does not name address, user and key file", err)
 	}
@@ -480,7 +477,7 @@ func eventually(t testing.TB, within time.Duration, what string, check func() er
 func TestForwardSurvivesSSHDRestart(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -512,7 +509,7 @@ func TestForwardSurvivesSSHDRestart(t *testing.T) {
 func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -621,7 +618,7 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 	cfg.Addr = proxy.addr()
 	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
 	m := newManager(t, cfg)
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -646,7 +643,7 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 
 // startQemuNBD serves a fresh raw image on a unix socket, as the hub does, and returns
 // the socket's path.
-func startQemuNBD(t testing.TB) string {
+func startQemuNBD(t testing.TB, sock string) string {
 	t.Helper()
 	bin := testenv.RequireCommand(t, "qemu-nbd")
 	image := filepath.Join(t.TempDir(), "disk.raw")
@@ -656,7 +653,6 @@ func startQemuNBD(t testing.TB) string {
 	if err := os.Truncate(image, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	sock := socketPath(t, "nbd.sock")
 	cmd := exec.Command(bin, "--persistent", "--shared=4", "--format=raw", "--socket="+sock,
 		"--export-name=disk", image)
 	var stderr bytes.Buffer
@@ -690,7 +686,7 @@ func startQemuNBD(t testing.TB) string {
 
 func TestHealthHandshakesWithNBDServerThroughForward(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	nbdSocket := startQemuNBD(t)
+	nbdSocket := startQemuNBD(t, s.ExportSocket(testPort))
 	m := newManager(t, baseConfig(s))
 	ctx := testContext(t)
 	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: nbdSocket}}); err != nil {
@@ -713,12 +709,12 @@ func TestHealthFailsClearly(t *testing.T) {
 	ctx := testContext(t)
 
 	// Nothing serves the hub socket: sshd refuses the channel.
-	nothing := socketPath(t, "gone.sock")
 	const refusedPort, echoPort = testPort, testPort + 1
+	nothing := s.ExportSocket(refusedPort)
 	// Not NBD: the echo server sends no greeting, so the check times out.
 	if err := m.EnsureForwards(ctx, []tunnel.Forward{
 		{Port: refusedPort, Remote: nothing},
-		{Port: echoPort, Remote: echoServer(t)},
+		{Port: echoPort, Remote: echoServer(t, s.ExportSocket(echoPort))},
 	}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -743,7 +739,7 @@ func TestCloseStopsEverything(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
 	ctx := testContext(t)
-	remote := echoServer(t)
+	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
@@ -769,7 +765,7 @@ func BenchmarkForwardThroughput(b *testing.B) {
 	cfg := baseConfig(s)
 	cfg.KeepaliveInterval = time.Minute
 	m := newManager(b, cfg)
-	sinkPath := socketPath(b, "sink.sock")
+	sinkPath := s.ExportSocket(testPort)
 	sink, err := net.Listen("unix", sinkPath)
 	if err != nil {
 		b.Fatal(err)
@@ -817,7 +813,7 @@ func BenchmarkForwardFirstByte(b *testing.B) {
 	cfg := baseConfig(s)
 	cfg.KeepaliveInterval = time.Minute
 	m := newManager(b, cfg)
-	greeterPath := socketPath(b, "greeter.sock")
+	greeterPath := s.ExportSocket(testPort)
 	greeter, err := net.Listen("unix", greeterPath)
 	if err != nil {
 		b.Fatal(err)

@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -73,7 +72,7 @@ func BenchmarkTunnelWAN(b *testing.B) {
 	}
 	serveWANSink(b, listener)
 	// Behind sshd: a unix socket belongs to no network namespace; sshd reaches it by path.
-	sinkSocket := filepath.Join(testenv.ShortTempDir(b), "sink.sock")
+	sinkSocket := sshd.ExportSocket(testenv.SSHDExportPortMin)
 	listener, err = net.Listen("unix", sinkSocket)
 	if err != nil {
 		b.Fatal(err)
