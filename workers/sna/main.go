@@ -138,7 +138,6 @@ func tunnelConfig(cfg config.SNA) func(hubID string) (tunnel.Config, error) {
 			KeyFile:           cfg.SSHKeyFile,
 			KnownHostsFile:    cfg.SSHKnownHostsFile,
 			KeepaliveInterval: cfg.SSHKeepalive,
-			RemoteHost:        cfg.HubExportHost,
 		}, nil
 	}
 }
