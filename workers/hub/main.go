@@ -168,7 +168,8 @@ func reconcile(ctx context.Context, acts *hub.Activities, log *slog.Logger) {
 		log.Error("reconcile exports", "err", err)
 	}
 	log.Info("exports reconciled", "reaped", len(report.Reaped), "stopped", report.Stopped,
-		"forgotten", report.Forgotten, "registered", report.Registered, "verifiers", report.Verifiers)
+		"forgotten", report.Forgotten, "registered", report.Registered, "restarted", report.Restarted,
+		"verifiers", report.Verifiers, "abandoned", report.Abandoned, "swept", report.Swept)
 }
 
 // catalogGauge reads a count from the catalog at scrape time; a failed read reports nothing.
