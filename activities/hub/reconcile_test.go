@@ -3,9 +3,9 @@ package hub
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
-	"os/exec"
 	"strings"
 	"syscall"
 	"testing"

@@ -101,7 +101,7 @@ func TestSSHDIsLockedDown(t *testing.T) {
 
 	const marker = "diskferry-shell-ran"
 	for name, run := range map[string]func(*ssh.Session) error{
-		"exec":  func(sess *ssh.Session) error { return sess.Run("echo " + marker) },
+		"exec": func(sess *ssh.Session) error { return sess.Run("echo " + marker) },
 		"shell": func(sess *ssh.Session) error {
 			sess.Stdin = strings.NewReader("echo " + marker + "\nexit 0\n")
 			if err := sess.Shell(); err != nil {
