@@ -12,7 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"sync"
+	"strings"
 	"testing"
 	"time"
 
@@ -25,15 +25,28 @@ import (
 	"github.com/diskferry/diskferry/internal/tunnel"
 )
 
-// exportPathBytes is the dense random data each copy of BenchmarkExportPath moves.
-const exportPathBytes = 512 << 20
+// exportPathBytes is the dense random data each copy of BenchmarkExportPath moves, and
+// exportPathRounds how many copies each path makes per iteration, in turn.
+const (
+	exportPathBytes  = 256 << 20
+	exportPathRounds = 5
+)
+
+// The paths BenchmarkExportPath compares.
+const (
+	pathTCP    = iota // the former transport: TCP listener, direct-tcpip, qemu-nbd on 127.0.0.1
+	pathStream        // the new transport alone: unix listener, direct-streamlocal, qemu-nbd on a socket
+	pathTunnel        // the product: tunnel.Manager's forward to the hub's export socket
+)
 
 // BenchmarkExportPath measures what the private export path costs: the same copy (our
-// engine, 4 connections, a fresh qcow2 target served as the hub serves it) through the
-// tunnel manager's stream-local forward to a qemu-nbd unix socket, against the path it
-// replaced, a TCP forward (direct-tcpip) to a qemu-nbd on 127.0.0.1, both over one real
-// sshd on loopback. Runs alternate; the medians are printed with their ratio.
-// `make bench` runs it.
+// engine, 4 connections, a fresh qcow2 target served as the hub serves it) over one real
+// sshd on loopback through (1) the transport the tunnel used before, a TCP listener and a
+// direct-tcpip channel to a qemu-nbd on 127.0.0.1, (2) the new transport, a unix socket
+// listener and a direct-streamlocal channel to a qemu-nbd unix socket, both relayed by a
+// bare loop, and (3) the tunnel manager's forward as the product runs it. Each iteration
+// makes exportPathRounds copies per path, in turn, so a busy machine's drift hits all
+// alike; the medians are printed with their ratios to (1). `make bench` runs it.
 func BenchmarkExportPath(b *testing.B) {
 	testenv.RequireCommand(b, "qemu-nbd")
 	sshd := testenv.StartSSHDWith(b, testenv.SSHDOptions{TCPForwarding: true})
@@ -48,10 +61,10 @@ func BenchmarkExportPath(b *testing.B) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { m.Close() })
-	tcpForward := startTCPForward(b, sshd)
+	client := sshClient(b, sshd)
 
 	port := testenv.SSHDExportPortMin
-	copyOnce := func(stream bool) time.Duration {
+	copyOnce := func(path int) time.Duration {
 		b.Helper()
 		ctx := context.Background()
 		image := filepath.Join(dir, "target.qcow2")
@@ -61,10 +74,10 @@ func BenchmarkExportPath(b *testing.B) {
 		}
 		opts := qemu.ExportOptions{Path: image, Name: "disk", Connections: 4, Cache: "none", AIO: "native",
 			PidFile: filepath.Join(dir, "target.pid")}
-		if stream {
-			opts.Socket = sshd.ExportSocket(port)
-		} else {
+		if path == pathTCP {
 			opts.Port = testenv.FreePort(b)
+		} else {
+			opts.Socket = sshd.ExportSocket(port)
 		}
 		exp, err := qemu.Start(ctx, opts)
 		if err != nil {
@@ -72,14 +85,24 @@ func BenchmarkExportPath(b *testing.B) {
 		}
 		defer func() { _ = exp.Stop(context.Background(), 0) }()
 		var target string
-		if stream {
+		switch path {
+		case pathTCP:
+			l := listen(b, "tcp", "127.0.0.1:0")
+			defer l.Close()
+			go relay(l, client, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(exp.Port)))
+			target = "nbd://" + l.Addr().String() + "/disk"
+		case pathStream:
+			sock := filepath.Join(testenv.ShortTempDir(b), "relay.sock")
+			l := listen(b, "unix", sock)
+			defer l.Close()
+			go relay(l, client, "unix", exp.Socket)
+			target = "nbd+unix:///disk?socket=" + url.QueryEscape(sock)
+		case pathTunnel:
 			if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: port, Remote: exp.Socket}}); err != nil {
 				b.Fatal(err)
 			}
 			defer m.DropForwards([]int{port})
-			target = (&url.URL{Scheme: "nbd+unix", Path: "/disk", RawQuery: "socket=" + url.QueryEscape(m.SocketPath(port))}).String()
-		} else {
-			target = "nbd://" + tcpForward.to(exp.Port) + "/disk"
+			target = "nbd+unix:///disk?socket=" + url.QueryEscape(m.SocketPath(port))
 		}
 		cp, err := blockcopy.New(source.URI, target, blockcopy.Options{Connections: 4, DestinationIsZero: true})
 		if err != nil {
@@ -88,33 +111,43 @@ func BenchmarkExportPath(b *testing.B) {
 		began := time.Now()
 		res, err := cp.Run(ctx)
 		if err != nil {
-			b.Fatalf("copy (stream-local %t): %v", stream, err)
+			b.Fatalf("copy on path %d: %v", path, err)
 		}
 		took := time.Since(began)
 		if res.BytesWritten != exportPathBytes {
-			b.Fatalf("copy (stream-local %t) wrote %d bytes, want %d", stream, res.BytesWritten, exportPathBytes)
+			b.Fatalf("copy on path %d wrote %d bytes, want %d", path, res.BytesWritten, exportPathBytes)
 		}
 		return took
 	}
 
-	var tcp, stream []time.Duration
+	times := make([][]time.Duration, 3)
 	b.ResetTimer()
-	for range b.N {
-		tcp = append(tcp, copyOnce(false))
-		stream = append(stream, copyOnce(true))
+	for range b.N * exportPathRounds {
+		for path := range times {
+			times[path] = append(times[path], copyOnce(path))
+		}
 	}
 	b.StopTimer()
-	tcpMedian, streamMedian := median(tcp), median(stream)
-	b.ReportMetric(streamMedian.Seconds(), "s/streamlocal")
-	b.ReportMetric(tcpMedian.Seconds(), "s/tcp")
-	fmt.Printf("bench export-path data=%dMiB tcp-forward=%.2fs streamlocal=%.2fs time-ratio=%.3f runs=%d\n",
-		exportPathBytes>>20, tcpMedian.Seconds(), streamMedian.Seconds(), streamMedian.Seconds()/tcpMedian.Seconds(), b.N)
+	tcp, stream, tun := median(times[pathTCP]), median(times[pathStream]), median(times[pathTunnel])
+	b.ReportMetric(tun.Seconds(), "s/tunnel")
+	b.ReportMetric(tcp.Seconds(), "s/tcp")
+	fmt.Printf("bench export-path data=%dMiB tcp-relay=%.2fs streamlocal-relay=%.2fs tunnel=%.2fs stream/tcp=%.3f tunnel/tcp=%.3f runs=%d load=%s\n",
+		exportPathBytes>>20, tcp.Seconds(), stream.Seconds(), tun.Seconds(), stream.Seconds()/tcp.Seconds(), tun.Seconds()/tcp.Seconds(),
+		len(times[pathTCP]), loadAverage())
 }
 
 func median(d []time.Duration) time.Duration {
 	s := slices.Clone(d)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Join(strings.Fields(string(b))[:3], "/")
 }
 
 func writeRandomFile(b *testing.B, path string, size int64) {
@@ -129,16 +162,16 @@ func writeRandomFile(b *testing.B, path string, size int64) {
 	}
 }
 
-// tcpForward is the tunnel's former path, kept here only as the yardstick: a listener on
-// 127.0.0.1 whose connections go through a direct-tcpip channel to a hub port.
-type tcpForward struct {
-	client *ssh.Client
-	mu     sync.Mutex
-	ports  map[int]string // hub port → local address
-	b      *testing.B
+func listen(b *testing.B, network, addr string) net.Listener {
+	b.Helper()
+	l, err := net.Listen(network, addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return l
 }
 
-func startTCPForward(b *testing.B, sshd *testenv.SSHD) *tcpForward {
+func sshClient(b *testing.B, sshd *testenv.SSHD) *ssh.Client {
 	b.Helper()
 	keyPEM, err := os.ReadFile(sshd.ClientKeyPath)
 	if err != nil {
@@ -158,42 +191,28 @@ func startTCPForward(b *testing.B, sshd *testenv.SSHD) *tcpForward {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { client.Close() })
-	return &tcpForward{client: client, ports: map[int]string{}, b: b}
+	return client
 }
 
-// to returns the local address forwarded to the hub's 127.0.0.1:port.
-func (f *tcpForward) to(port int) string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if addr, ok := f.ports[port]; ok {
-		return addr
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		f.b.Fatal(err)
-	}
-	f.b.Cleanup(func() { l.Close() })
-	remote := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	go func() {
-		for {
-			local, err := l.Accept()
+// relay carries each connection l accepts through a channel of client to network/remote,
+// with the tunnel's buffer size; it returns when l is closed.
+func relay(l net.Listener, client *ssh.Client, network, remote string) {
+	for {
+		local, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer local.Close()
+			channel, err := client.Dial(network, remote)
 			if err != nil {
 				return
 			}
-			go func() {
-				defer local.Close()
-				channel, err := f.client.Dial("tcp", remote)
-				if err != nil {
-					return
-				}
-				defer channel.Close()
-				done := make(chan struct{}, 2)
-				go func() { _, _ = io.CopyBuffer(channel, local, make([]byte, 128<<10)); done <- struct{}{} }()
-				go func() { _, _ = io.CopyBuffer(local, channel, make([]byte, 128<<10)); done <- struct{}{} }()
-				<-done
-			}()
-		}
-	}()
-	f.ports[port] = l.Addr().String()
-	return f.ports[port]
+			defer channel.Close()
+			done := make(chan struct{}, 2)
+			go func() { _, _ = io.CopyBuffer(channel, local, make([]byte, 128<<10)); done <- struct{}{} }()
+			go func() { _, _ = io.CopyBuffer(local, channel, make([]byte, 128<<10)); done <- struct{}{} }()
+			<-done
+		}()
+	}
 }
