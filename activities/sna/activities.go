@@ -254,6 +254,11 @@ func (a *Activities) ReadChangeIDs(ctx context.Context, in activities.ReadChange
 // CopyDisk copies one disk of the snapshot into its hub export through the tunnel,
 // heartbeating progress and the resume checkpoint; a retried attempt resumes from it.
 func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
+	if in.HubID == "" || in.TargetSocket == "" {
+		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("copy disk %d: no hub or export socket for port %d (a workflow older than this SNA?)", in.DiskKey, in.TargetPort),
+			activities.ErrBadInput, nil)
+	}
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
 	vm, err := a.vc.FindVM(ctx, in.Snapshot.VMMoref)
 	if err != nil {
@@ -305,11 +310,6 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 		}
 	}
 
-	if in.HubID == "" || in.TargetSocket == "" {
-		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
-			fmt.Sprintf("copy disk %d: no hub or export socket for port %d (a workflow older than this SNA?)", in.DiskKey, in.TargetPort),
-			activities.ErrBadInput, nil)
-	}
 	// Usually a no-op; after an SNA restart the forward EnsureTunnel made is gone.
 	m, err := a.ensureForwards(ctx, in.HubID, []tunnel.Forward{{Port: in.TargetPort, Remote: in.TargetSocket}})
 	if err != nil {
