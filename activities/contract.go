@@ -157,7 +157,7 @@ type DiscardTargetInput struct {
 	DiskKey int32  `json:"diskKey"`
 }
 
-// StartExportInput serves a target with qemu-nbd on 127.0.0.1:Port.
+// StartExportInput serves a target with qemu-nbd on the unix socket of the leased Port.
 type StartExportInput struct {
 	WorkflowID  string `json:"workflowId"`
 	DiskKey     int32  `json:"diskKey"`
@@ -169,10 +169,13 @@ type StartExportInput struct {
 // Export is a running qemu-nbd export.
 type Export struct {
 	DiskKey int32  `json:"diskKey"`
-	Port    int    `json:"port"`
+	Port    int    `json:"port"` // the port lease: the export's identity, no TCP listener
 	Name    string `json:"name"` // NBD export name
 	PID     int    `json:"pid"`
 	Path    string `json:"path"`
+	// Socket is the unix socket qemu-nbd serves on, on the hub; the SNA reaches it through
+	// the SSH connection (stream-local forwarding).
+	Socket string `json:"socket,omitempty"`
 }
 
 // StopExportInput flushes and stops an export; "already gone" counts as stopped.
@@ -207,10 +210,14 @@ type Verification struct {
 	Manifest string `json:"manifest,omitempty"`
 }
 
-// EnsureTunnelInput makes 127.0.0.1:P on the SNA reach 127.0.0.1:P on the hub for each port.
+// EnsureTunnelInput makes the export of each port reachable on the SNA, on a private unix
+// socket forwarded to the export's socket on the hub.
 type EnsureTunnelInput struct {
 	HubID string `json:"hubId"`
 	Ports []int  `json:"ports"`
+	// Sockets are the exports' sockets on the hub (Export.Socket), by port; DropTunnel
+	// does not need them.
+	Sockets map[int]string `json:"sockets,omitempty"`
 }
 
 // CreateSnapshotInput creates a snapshot (memory false) named for the workflow.
@@ -232,10 +239,11 @@ type CopyDiskInput struct {
 	Snapshot      Snapshot `json:"snapshot"`
 	DiskKey       int32    `json:"diskKey"`
 	CapacityBytes int64    `json:"capacityBytes"`
-	TargetPort    int      `json:"targetPort"` // 127.0.0.1:port on the SNA, forwarded to the hub
+	TargetPort    int      `json:"targetPort"` // the export's port lease, naming its forward on the SNA
 	// HubID is the hub TargetPort is forwarded to: an attempt retried on a restarted SNA
-	// opens the forward again.
+	// opens the forward again, to TargetSocket.
 	HubID        string `json:"hubId,omitempty"`
+	TargetSocket string `json:"targetSocket,omitempty"` // Export.Socket, on the hub
 	ExportName   string `json:"exportName"`
 	Mode         string `json:"mode"`                   // full|incremental
 	PrevChangeID string `json:"prevChangeId,omitempty"` // incremental base

@@ -97,8 +97,9 @@ serve_source() {
 
 stop_source() { kill "$src_pid" 2>/dev/null || true; wait "$src_pid" 2>/dev/null || true; }
 
-# serve_target QCOW2: qemu-nbd as the hub runs it (127.0.0.1, -t, --shared above the
-# connections); sets dst_uri and dst_pid.
+# serve_target QCOW2: qemu-nbd with the hub's options (-t, --shared above the connections)
+# on 127.0.0.1; the hub serves on a unix socket instead, whose cost BenchmarkExportPath
+# measures on its own. Sets dst_uri and dst_pid.
 serve_target() {
   local qcow2=$1 port
   for _ in 1 2 3 4 5; do

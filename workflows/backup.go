@@ -436,9 +436,10 @@ func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
 }
 
 func (b *backup) ensureTunnel(ctx workflow.Context) error {
-	in := activities.EnsureTunnelInput{HubID: b.plan.HubID}
+	in := activities.EnsureTunnelInput{HubID: b.plan.HubID, Sockets: map[int]string{}}
 	for _, d := range b.disks {
 		in.Ports = append(in.Ports, d.export.Port)
+		in.Sockets[d.export.Port] = d.export.Socket
 	}
 	b.step(ctx, "opening tunnel forwards to hub %s", b.plan.HubID)
 	// Registered before the step: EnsureTunnel keeps the forwards it made when a later port
@@ -512,6 +513,7 @@ func (b *backup) copyDisk(ctx workflow.Context, d *diskRun) error {
 			DiskKey:       d.plan.Key,
 			CapacityBytes: d.plan.CapacityBytes,
 			TargetPort:    d.export.Port,
+			TargetSocket:  d.export.Socket,
 			HubID:         b.plan.HubID,
 			ExportName:    d.export.Name,
 			Mode:          d.plan.Mode,

@@ -35,11 +35,11 @@ import (
 
 // Settings of one hub host.
 type Settings struct {
-	HubID      string
-	ExportBind string // address qemu-nbd listens on; 127.0.0.1 unless explicitly changed
+	HubID string
 	// ExportCache is qemu-nbd's --cache for targets; none and directsync also get native AIO.
 	ExportCache string
-	// RunDir holds the exports' pid files and logs, so a restarted worker finds them again.
+	// RunDir holds the exports' pid files and logs, so a restarted worker finds them again,
+	// and their sockets in RunDir/exports.
 	RunDir      string
 	StopTimeout time.Duration // SIGTERM grace before SIGKILL
 	// WorkflowClosed asks Temporal whether a workflow has closed. Reconcile needs it; PlanBackup
@@ -75,9 +75,6 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	if settings.RunDir == "" {
 		return nil, errors.New("hub activities: empty run dir")
 	}
-	if settings.ExportBind == "" {
-		settings.ExportBind = "127.0.0.1"
-	}
 	if settings.StopTimeout <= 0 {
 		settings.StopTimeout = 10 * time.Second
 	}
@@ -92,6 +89,15 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	}
 	if err := os.MkdirAll(settings.RunDir, 0o750); err != nil {
 		return nil, fmt.Errorf("hub activities: run dir: %w", err)
+	}
+	// Owner and group only, whatever the umask: the group is how the SNA's ssh account on
+	// this hub reaches the export sockets (docs/operations.md), and nobody else may.
+	exports := filepath.Join(settings.RunDir, exportsDir)
+	if err := os.MkdirAll(exports, 0o750); err != nil {
+		return nil, fmt.Errorf("hub activities: exports dir: %w", err)
+	}
+	if err := os.Chmod(exports, 0o750); err != nil {
+		return nil, fmt.Errorf("hub activities: exports dir: %w", err)
 	}
 	return &Activities{store: store, ports: ports, layout: layout, settings: settings, log: log, verifying: map[string]bool{}}, nil
 }
@@ -433,12 +439,44 @@ func (a *Activities) pidFile(port int) string {
 	return filepath.Join(a.settings.RunDir, fmt.Sprintf("export-%d.pid", port))
 }
 
+// exportsDir is the run dir's directory of export sockets.
+const exportsDir = "exports"
+
+// ExportSocket is the unix socket of the export of a leased port, in the hub's run dir:
+// <run dir>/exports/port-<port>.sock. The sshd configuration of the SNA's account names
+// these paths (docs/operations.md).
+func ExportSocket(runDir string, port int) string {
+	return filepath.Join(runDir, exportsDir, fmt.Sprintf("port-%d.sock", port))
+}
+
 // ExportName is the NBD export name of a disk's target.
 func ExportName(diskKey int32) string { return fmt.Sprintf("disk-%d", diskKey) }
 
-// StartExport serves the target with qemu-nbd on the port leased to (workflow, disk) and
-// records it in the catalog. Idempotent: an export already serving the same file on the
-// port is recorded and returned as is.
+// serveTarget serves a target with qemu-nbd on the unix socket of its port; a running
+// export of the same target is returned as is.
+func (a *Activities) serveTarget(ctx context.Context, port int, path string, diskKey int32, connections int) (*qemu.Export, error) {
+	exp, err := qemu.Start(ctx, qemu.ExportOptions{
+		Path: path, Socket: ExportSocket(a.settings.RunDir, port), Name: ExportName(diskKey),
+		Cache: a.settings.ExportCache, AIO: exportAIO(a.settings.ExportCache),
+		Connections: connections, PidFile: a.pidFile(port), Logger: a.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Group-writable, for the SNA's ssh account in the hub worker's group (connecting to a
+	// unix socket needs write permission); the exports directory keeps everyone else out.
+	if err := os.Chmod(exp.Socket, 0o660); err != nil {
+		if stopErr := exp.Stop(context.WithoutCancel(ctx), a.settings.StopTimeout); stopErr != nil {
+			a.log.Error("stop export whose socket could not be opened to the tunnel", "port", port, "err", stopErr)
+		}
+		return nil, fmt.Errorf("export socket: %w", err)
+	}
+	return exp, nil
+}
+
+// StartExport serves the target with qemu-nbd on the unix socket of the port leased to
+// (workflow, disk) and records it in the catalog. Idempotent: an export already serving
+// the same file on the port is recorded and returned as is.
 func (a *Activities) StartExport(ctx context.Context, in activities.StartExportInput) (activities.Export, error) {
 	a.exporting.RLock()
 	defer a.exporting.RUnlock()
@@ -461,11 +499,7 @@ func (a *Activities) StartExport(ctx context.Context, in activities.StartExportI
 		return activities.Export{}, fmt.Errorf("start export on port %d: already serving %s: %w", in.Port, running.Path, qemu.ErrPortInUse)
 	}
 	// Start returns the running export when a previous attempt started it.
-	exp, err := qemu.Start(ctx, qemu.ExportOptions{
-		Path: in.Path, Addr: a.settings.ExportBind, Port: in.Port, Name: ExportName(in.DiskKey),
-		Cache: a.settings.ExportCache, AIO: exportAIO(a.settings.ExportCache),
-		Connections: in.Connections, PidFile: pidFile, Logger: a.log,
-	})
+	exp, err := a.serveTarget(ctx, in.Port, in.Path, in.DiskKey, in.Connections)
 	if err != nil {
 		return activities.Export{}, fmt.Errorf("start export %s on port %d: %w", in.Path, in.Port, err)
 	}
@@ -478,7 +512,8 @@ func (a *Activities) StartExport(ctx context.Context, in activities.StartExportI
 		}
 		return activities.Export{}, classify(fmt.Sprintf("record export on port %d", in.Port), err)
 	}
-	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: ExportName(in.DiskKey), PID: exp.PID, Path: in.Path}, nil
+	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: ExportName(in.DiskKey), PID: exp.PID, Path: in.Path,
+		Socket: exp.Socket}, nil
 }
 
 // StopExport stops the port's export (qemu-nbd flushes on SIGTERM) and forgets it; already

@@ -445,9 +445,14 @@ func (r *rig) export(t *testing.T, wf string, target activities.Target) activiti
 	return exp
 }
 
-// handshake reports whether the port completes an NBD newstyle greeting.
-func handshake(port int) error {
-	c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), time.Second)
+// exportURI is the NBD URI of an export on the hub.
+func exportURI(exp activities.Export) string {
+	return "nbd+unix:///" + exp.Name + "?socket=" + exp.Socket
+}
+
+// handshake reports whether the export's socket completes an NBD newstyle greeting.
+func handshake(exp activities.Export) error {
+	c, err := net.DialTimeout("unix", exp.Socket, time.Second)
 	if err != nil {
 		return err
 	}
@@ -468,10 +473,11 @@ func TestStartAndStopExport(t *testing.T) {
 	_, target := r.fullTarget(t, "wf-1")
 	exp := r.export(t, "wf-1", target)
 	assert.Equal(t, "disk-2000", exp.Name)
-	require.NoError(t, handshake(exp.Port))
+	assert.Equal(t, ExportSocket(r.settings.RunDir, exp.Port), exp.Socket)
+	require.NoError(t, handshake(exp))
 	require.True(t, processAlive(exp.PID))
 	nbdinfo := testenv.RequireCommand(t, "nbdinfo")
-	out, err := exec.Command(nbdinfo, "--size", fmt.Sprintf("nbd://127.0.0.1:%d/%s", exp.Port, exp.Name)).CombinedOutput()
+	out, err := exec.Command(nbdinfo, "--size", exportURI(exp)).CombinedOutput()
 	require.NoError(t, err, string(out))
 	assert.Equal(t, strconv.FormatInt(capacity, 10), strings.TrimSpace(string(out)))
 
@@ -509,7 +515,8 @@ func TestStartAndStopExport(t *testing.T) {
 	stop := activities.StopExportInput{Port: exp.Port, Path: target.Path}
 	require.NoError(t, r.run(t, activities.StopExportName, stop, nil))
 	assert.False(t, processAlive(exp.PID), "qemu-nbd %d still runs", exp.PID)
-	assert.Error(t, handshake(exp.Port))
+	assert.Error(t, handshake(exp))
+	assert.NoFileExists(t, exp.Socket)
 	assert.NoFileExists(t, r.acts.pidFile(exp.Port))
 	rows, err = r.store.ListExports(ctx, hubID)
 	require.NoError(t, err)
@@ -537,7 +544,7 @@ func TestVerifyTarget(t *testing.T) {
 
 	plan, target := r.fullTarget(t, "wf-1")
 	exp := r.export(t, "wf-1", target)
-	out, err := exec.Command(nbdcopy, "--connections=2", src, fmt.Sprintf("nbd://127.0.0.1:%d/%s", exp.Port, exp.Name)).CombinedOutput()
+	out, err := exec.Command(nbdcopy, "--connections=2", src, exportURI(exp)).CombinedOutput()
 	require.NoError(t, err, string(out))
 	require.NoError(t, r.run(t, activities.StopExportName, activities.StopExportInput{Port: exp.Port, Path: target.Path}, nil))
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -34,21 +35,31 @@ func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 	}
 }
 
-// ReconcileReport says what Reconcile changed, by port.
+// ReconcileReport says what Reconcile changed, by port and by point.
 type ReconcileReport struct {
 	Reaped     []catalog.Lease // leases of closed workflows, released
 	Stopped    []int           // export processes without a lease, stopped
 	Forgotten  []int           // catalog rows whose process was gone, removed
 	Registered []int           // live, leased exports missing from the catalog, recorded
+	Restarted  []int           // exports of running backups whose process was gone, started again
 	Verifiers  int             // verification exports a crashed worker left, stopped
+	Abandoned  []string        // running points of closed workflows, marked failed
+	Swept      []string        // directories of failed points of closed workflows, removed
 }
 
+// restartConnections is the copy connections a restarted export is sized for (its
+// --shared): the most an SNA opens (DISKFERRY_COPY_CONNECTIONS is at most 16).
+const restartConnections = 16
+
 // Reconcile makes the catalog's exports of this hub, the qemu-nbd processes named by the
-// pid files in the run dir and the port leases agree again, after a worker restart or a
-// workflow that closed without cleaning up: leases of closed workflows are released;
-// an export without a lease is stopped; a row whose process is gone is removed; a live
-// export holding its lease but missing from the catalog is recorded again.
-// Every port is handled even when one fails; the errors come back joined.
+// pid files in the run dir, the port leases and the repository agree again, after a
+// worker restart, a killed export or a workflow that closed without cleaning up: leases
+// of closed workflows are released; an export without a lease is stopped; a row whose
+// process is gone is started again when its lease still belongs to its (running)
+// workflow, on the same socket, and removed otherwise; a live export holding its lease
+// but missing from the catalog is recorded again; finally the files of points whose
+// workflow closed without completing them are removed (sweepPoints).
+// Every port and point is handled even when one fails; the errors come back joined.
 func (a *Activities) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	a.exporting.Lock()
 	defer a.exporting.Unlock()
@@ -98,6 +109,9 @@ func (a *Activities) Reconcile(ctx context.Context) (ReconcileReport, error) {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	if err := a.sweepPoints(ctx, &report); err != nil {
+		errs = append(errs, err)
+	}
 	if len(errs) > 0 {
 		return report, fmt.Errorf("reconcile exports of hub %s: %w", hub, errors.Join(errs...))
 	}
@@ -117,9 +131,13 @@ func (a *Activities) reconcilePort(ctx context.Context, port int, lease catalog.
 
 	switch {
 	case !alive:
-		// Nothing serves the port: forget the row and the stale pid file qemu-nbd leaves.
+		// Nothing serves the port: drop the stale pid file qemu-nbd leaves, then serve the
+		// target again if its backup still runs, or forget the row.
 		if err := qemu.StopPidFile(ctx, pidFile, a.settings.StopTimeout); err != nil {
 			return err
+		}
+		if recorded && leased && row.WorkflowID == lease.WorkflowID && row.DiskKey == lease.DiskKey {
+			return a.restartExport(ctx, row, report)
 		}
 		if recorded {
 			if err := a.store.RemoveExport(ctx, hub, port); err != nil {
@@ -155,6 +173,142 @@ func (a *Activities) reconcilePort(ctx context.Context, port int, lease catalog.
 		return nil
 	}
 	return nil
+}
+
+// restartExport serves a running backup's target again on its port's socket, after its
+// qemu-nbd died (killed, crashed, the hub rebooted): the copy's next attempt reconnects
+// through the same forward and resumes from its checkpoint.
+func (a *Activities) restartExport(ctx context.Context, row catalog.Export, report *ReconcileReport) error {
+	hub := a.settings.HubID
+	log := a.log.With("hub", hub, "port", row.Port, "workflow", row.WorkflowID, "path", row.Path)
+	if !a.layout.Contains(row.Path) {
+		return fmt.Errorf("restart export of workflow %s: target %q is outside the repository", row.WorkflowID, row.Path)
+	}
+	if _, err := os.Stat(row.Path); err != nil {
+		// Nothing to serve: the copy fails naming the dead export, the backup's undo cleans up.
+		if err := a.store.RemoveExport(ctx, hub, row.Port); err != nil {
+			return err
+		}
+		log.ErrorContext(ctx, "reconcile: export process gone and its target too; row removed", "err", err)
+		report.Forgotten = append(report.Forgotten, row.Port)
+		return nil
+	}
+	exp, err := a.serveTarget(ctx, row.Port, row.Path, row.DiskKey, restartConnections)
+	if err != nil {
+		return fmt.Errorf("restart export of workflow %s: %w", row.WorkflowID, err)
+	}
+	row.PID = exp.PID
+	if err := a.store.RecordExport(ctx, row); err != nil {
+		return fmt.Errorf("restart export of workflow %s: %w", row.WorkflowID, err)
+	}
+	log.WarnContext(ctx, "reconcile: export of a running backup was gone; restarted on the same socket", "pid", exp.PID, "socket", exp.Socket)
+	report.Restarted = append(report.Restarted, row.Port)
+	return nil
+}
+
+// sweepPoints removes the directories of points whose workflow closed without completing
+// them: failed points, and running ones, which it marks failed first (a workflow whose
+// compensation could not reach the catalog leaves its point running and its files behind).
+// It never touches a complete point, a point whose workflow may still run (its
+// compensation discards its own files), a directory holding a file an export serves, nor
+// a directory the catalog does not know: a catalog restored from an older dump must not
+// cost restore points.
+func (a *Activities) sweepPoints(ctx context.Context, report *ReconcileReport) error {
+	// Directories first, the catalog second: a directory exists only once its point is in
+	// the catalog, so a backup starting meanwhile is never mistaken for an unknown one.
+	dirs, err := a.pointDirs()
+	if err != nil || len(dirs) == 0 {
+		return err
+	}
+	points, err := a.store.HubPoints(ctx, a.settings.HubID)
+	if err != nil {
+		return fmt.Errorf("sweep points: %w", err)
+	}
+	served, err := a.servedPaths()
+	if err != nil {
+		return fmt.Errorf("sweep points: %w", err)
+	}
+	var errs []error
+	for dir, id := range dirs {
+		p, known := points[id]
+		if !known || p.Status == catalog.StatusComplete {
+			continue
+		}
+		closed, err := a.settings.WorkflowClosed(ctx, p.WorkflowID)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("sweep point %s: %w", id, err))
+			continue
+		}
+		if !closed {
+			continue
+		}
+		if slices.ContainsFunc(served, func(path string) bool { return filepath.Dir(path) == dir }) {
+			continue // its export goes first, with its lease
+		}
+		log := a.log.With("hub", a.settings.HubID, "point", id, "workflow", p.WorkflowID)
+		if p.Status == catalog.StatusRunning {
+			err := a.store.FailPoint(ctx, id, "workflow "+p.WorkflowID+" closed without finishing the backup; reconcile removed its files")
+			if errors.Is(err, catalog.ErrPointComplete) {
+				continue
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("sweep point %s: %w", id, err))
+				continue
+			}
+			log.WarnContext(ctx, "reconcile: point of a closed workflow was still running; marked failed")
+			report.Abandoned = append(report.Abandoned, id)
+		}
+		if err := a.layout.RemovePointDir(dir); err != nil {
+			errs = append(errs, fmt.Errorf("sweep point %s: %w", id, err))
+			continue
+		}
+		log.WarnContext(ctx, "reconcile: files of a failed point removed", "dir", dir)
+		report.Swept = append(report.Swept, dir)
+	}
+	slices.Sort(report.Abandoned)
+	slices.Sort(report.Swept)
+	return errors.Join(errs...)
+}
+
+// pointDirs lists the point directories of the repository (<root>/<vm>/<point>), real
+// directories only, with their point ids.
+func (a *Activities) pointDirs() (map[string]string, error) {
+	vms, err := os.ReadDir(a.layout.Root)
+	if err != nil {
+		return nil, fmt.Errorf("sweep points: %w", err)
+	}
+	out := map[string]string{}
+	for _, vm := range vms {
+		if vm.Type() != fs.ModeDir {
+			continue
+		}
+		vmDir := filepath.Join(a.layout.Root, vm.Name())
+		points, err := os.ReadDir(vmDir)
+		if err != nil {
+			return nil, fmt.Errorf("sweep points: %w", err)
+		}
+		for _, p := range points {
+			if p.Type() == fs.ModeDir {
+				out[filepath.Join(vmDir, p.Name())] = p.Name()
+			}
+		}
+	}
+	return out, nil
+}
+
+// servedPaths lists the images the live exports of the run dir serve.
+func (a *Activities) servedPaths() ([]string, error) {
+	ports, err := a.pidFilePorts()
+	if err != nil {
+		return nil, err
+	}
+	var paths []string
+	for _, port := range ports {
+		if exp, err := qemu.Find(a.pidFile(port)); err == nil {
+			paths = append(paths, exp.Path)
+		}
+	}
+	return paths, nil
 }
 
 // pidFilePorts lists the ports of the export pid files in the run dir.

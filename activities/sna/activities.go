@@ -151,27 +151,48 @@ func (a *Activities) InspectVM(ctx context.Context, in activities.InspectVMInput
 	return out, nil
 }
 
-// EnsureTunnel makes every export port reachable on the SNA and checks each with an NBD
+// EnsureTunnel makes every export reachable on the SNA and checks each with an NBD
 // handshake (the exports are started before the tunnel).
 func (a *Activities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
-	return a.ensureForwards(ctx, in.HubID, in.Ports)
+	forwards := make([]tunnel.Forward, len(in.Ports))
+	for i, p := range in.Ports {
+		socket, ok := in.Sockets[p]
+		if !ok || socket == "" {
+			return temporal.NewNonRetryableApplicationError(
+				fmt.Sprintf("ensure tunnel: no socket for export port %d on hub %s (a hub older than this SNA?)", p, in.HubID),
+				activities.ErrBadInput, nil)
+		}
+		forwards[i] = tunnel.Forward{Port: p, Remote: socket}
+	}
+	_, err := a.ensureForwards(ctx, in.HubID, forwards)
+	return err
 }
 
-func (a *Activities) ensureForwards(ctx context.Context, hubID string, ports []int) error {
+// ensureForwards opens the forwards and proves each reaches a live export.
+func (a *Activities) ensureForwards(ctx context.Context, hubID string, forwards []tunnel.Forward) (*tunnel.Manager, error) {
 	m, err := a.tunnels.Get(hubID)
 	if err != nil {
-		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
+		return nil, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
 	}
-	// The SNA listens on 127.0.0.1:P for the hub's export port P.
-	if err := m.EnsureForwards(ctx, tunnel.Ports(ports...)); err != nil {
-		return classify(fmt.Errorf("ensure forwards to hub %s: %w", hubID, err))
+	if err := m.EnsureForwards(ctx, forwards); err != nil {
+		return nil, classify(fmt.Errorf("ensure forwards to hub %s: %w", hubID, err))
 	}
-	for _, p := range ports {
-		if err := m.Health(ctx, p); err != nil {
-			return fmt.Errorf("tunnel to hub %s port %d: %w", hubID, p, err)
+	for _, f := range forwards {
+		if err := m.Health(ctx, f.Port); err != nil {
+			return nil, exportError(hubID, f.Port, err)
 		}
 	}
-	return nil
+	return m, nil
+}
+
+// exportError names the real cause when the hub refused the channel: nothing serves the
+// export's socket. It stays retryable: the hub's reconcile restarts a running backup's
+// export on the same socket.
+func exportError(hubID string, port int, err error) error {
+	if errors.Is(err, tunnel.ErrRefused) {
+		return fmt.Errorf("export on hub %s port %d is not running (qemu-nbd gone?): %w", hubID, port, err)
+	}
+	return fmt.Errorf("tunnel to hub %s port %d: %w", hubID, port, err)
 }
 
 // DropTunnel closes the forwards; idempotent.
@@ -260,6 +281,11 @@ func (a *Activities) ReadChangeIDs(ctx context.Context, in activities.ReadChange
 // SNA. An incremental copy whose previous changeId vCenter refuses fails with the
 // non-retryable ErrChangeIDRefused: the workflow then copies the disk in full.
 func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) (activities.CopyDiskResult, error) {
+	if in.HubID == "" || in.TargetSocket == "" {
+		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("copy disk %d: no hub or export socket for port %d (a workflow older than this SNA?)", in.DiskKey, in.TargetPort),
+			activities.ErrBadInput, nil)
+	}
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
 	// The previous attempt's checkpoint is heartbeated again until this one has its own, so
 	// an attempt that dies early does not lose it.
@@ -329,10 +355,9 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 
 	// Usually a no-op; after an SNA restart the forward EnsureTunnel made is gone.
-	if in.HubID != "" {
-		if err := a.ensureForwards(ctx, in.HubID, []int{in.TargetPort}); err != nil {
-			return activities.CopyDiskResult{}, err
-		}
+	m, err := a.ensureForwards(ctx, in.HubID, []tunnel.Forward{{Port: in.TargetPort, Remote: in.TargetSocket}})
+	if err != nil {
+		return activities.CopyDiskResult{}, err
 	}
 	src, err := a.startSource(ctx, in)
 	if err != nil {
@@ -344,7 +369,8 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 		}
 	}()
 
-	target := fmt.Sprintf("nbd://127.0.0.1:%d/%s", in.TargetPort, url.PathEscape(in.ExportName))
+	target := (&url.URL{Scheme: "nbd+unix", Path: "/" + in.ExportName,
+		RawQuery: "socket=" + url.QueryEscape(m.SocketPath(in.TargetPort))}).String()
 	opts.ProgressInterval = a.settings.HeartbeatEvery
 	opts.OnProgress = func(p blockcopy.Progress) {
 		beat.Record(activities.CopyProgress{
@@ -364,6 +390,13 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 	res, err := cp.Run(ctx)
 	if err != nil {
+		// A copy cut off mid-way sees only a dead NBD connection; the forward knows whether
+		// the export behind it went away.
+		if ctx.Err() == nil {
+			if healthErr := m.Health(ctx, in.TargetPort); errors.Is(healthErr, tunnel.ErrRefused) {
+				err = exportError(in.HubID, in.TargetPort, healthErr)
+			}
+		}
 		return activities.CopyDiskResult{}, classify(fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err))
 	}
 	log.Info("disk copied", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,

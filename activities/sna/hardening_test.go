@@ -39,7 +39,10 @@ func requireAppError(t *testing.T, err error, errType string) *temporal.Applicat
 // fails the copy at once with a non-retryable NoSpace error instead of ten retries.
 func TestCopyToFullRepositoryFailsAtOnce(t *testing.T) {
 	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize, CBT: true, Seed: 21})
-	full := testenv.StartNbdkitTCP(t, hubHost, "memory", testenv.NbdkitOptions{
+	port := r.nextPort
+	r.nextPort++
+	sock := r.sshd.ExportSocket(port)
+	testenv.StartNbdkitSocket(t, sock, "memory", testenv.NbdkitOptions{
 		Filters: []string{"error"},
 		Params: []string{"size=64M", "error-pwrite=ENOSPC", "error-pwrite-rate=100%",
 			"error-zero=ENOSPC", "error-zero-rate=100%"},
@@ -49,7 +52,7 @@ func TestCopyToFullRepositoryFailsAtOnce(t *testing.T) {
 	snap := r.snapshot(env, vm, "diskferry-wf-enospc")
 	_, err := env.ExecuteActivity(activities.CopyDiskName, activities.CopyDiskInput{
 		Snapshot: snap, DiskKey: vm.Disks[0].Key, CapacityBytes: diskSize,
-		TargetPort: full.Port, HubID: hubID, ExportName: "disk", Mode: activities.ModeFull, Connections: 2,
+		TargetPort: port, HubID: hubID, TargetSocket: sock, ExportName: "disk", Mode: activities.ModeFull, Connections: 2,
 	})
 	appErr := requireAppError(t, err, activities.ErrNoSpace)
 	require.Contains(t, appErr.Error(), "repository is full")
@@ -84,7 +87,7 @@ func TestIncrementalCopyRefusedChangeID(t *testing.T) {
 	previous := activities.CopyProgress{Checkpoint: 1 << 20, BytesDone: 1 << 20, BytesTotal: diskSize}
 	copyEnv.SetHeartbeatDetails(previous)
 	_, err := copyEnv.ExecuteActivity(activities.CopyDiskName, activities.CopyDiskInput{
-		Snapshot: second, DiskKey: key, CapacityBytes: diskSize, TargetPort: testenv.FreePort(t), ExportName: "disk",
+		Snapshot: second, DiskKey: key, CapacityBytes: diskSize, TargetPort: r.nextPort, HubID: hubID, TargetSocket: r.sshd.ExportSocket(r.nextPort), ExportName: "disk",
 		Mode: activities.ModeIncremental, PrevChangeID: ids[key], Connections: 1,
 	})
 	appErr := requireAppError(t, err, activities.ErrChangeIDRefused)
@@ -157,7 +160,7 @@ func TestCancelStopsCopyMidWay(t *testing.T) {
 	mu.Lock()
 	run, err := srv.Client.ExecuteWorkflow(ctx, client.StartWorkflowOptions{TaskQueue: queue}, copyWorkflow, activities.CopyDiskInput{
 		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize, TargetPort: exp.Port, HubID: hubID,
-		ExportName: exp.Name, Mode: activities.ModeFull, Connections: 1,
+		TargetSocket: exp.Socket, ExportName: exp.Name, Mode: activities.ModeFull, Connections: 1,
 	})
 	mu.Unlock()
 	require.NoError(t, err)

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,10 +36,7 @@ import (
 )
 
 const (
-	hubID = "hub-test"
-	// hubHost is where the hub-side exports listen: in this one-host lab the SNA's forwards
-	// take the same port numbers on 127.0.0.1, as in production.
-	hubHost  = "127.0.0.2"
+	hubID    = "hub-test"
 	diskSize = 64 << 20
 	// resumeDiskSize holds about 64 MiB of data.
 	resumeDiskSize = 256 << 20
@@ -47,13 +45,15 @@ const (
 // rig is the SNA's world on one host: a vcsim lab (vCenter with CBT), a real sshd standing
 // in for the hub's, and hub-side qemu-nbd exports created per test.
 type rig struct {
-	t     *testing.T
-	lab   *vcsimtest.Lab
-	vc    *vsphere.Client
-	sshd  *testenv.SSHD
-	dir   string
-	log   *slog.Logger
-	suite testsuite.WorkflowTestSuite
+	t        *testing.T
+	lab      *vcsimtest.Lab
+	vc       *vsphere.Client
+	sshd     *testenv.SSHD
+	dir      string
+	log      *slog.Logger
+	suite    testsuite.WorkflowTestSuite
+	tunnels  *sna.Tunnels // of the last activities built
+	nextPort int          // the next export port to lease
 }
 
 func newRig(t *testing.T, lab vcsimtest.Options) *rig {
@@ -62,7 +62,8 @@ func newRig(t *testing.T, lab vcsimtest.Options) *rig {
 	testenv.RequireCommand(t, "qemu-nbd")
 	testenv.RequireCommand(t, "qemu-img")
 	ctx := context.Background()
-	r := &rig{t: t, dir: t.TempDir(), log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	r := &rig{t: t, dir: t.TempDir(), log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		nextPort: testenv.SSHDExportPortMin}
 	r.lab = vcsimtest.NewLab(t, lab)
 	vc, err := vsphere.Connect(ctx, vsphere.Config{
 		URL: r.lab.URL, User: r.lab.User, Password: r.lab.Password, Thumbprint: r.lab.Thumbprint, Logger: r.log,
@@ -85,9 +86,10 @@ func (r *rig) activities(knownHosts string, tweak func(*sna.Settings)) *sna.Acti
 		if id != hubID {
 			return tunnel.Config{}, fmt.Errorf("unknown hub %q", id)
 		}
-		return tunnel.Config{Addr: r.sshd.Addr, User: r.sshd.User, KeyFile: r.sshd.ClientKeyPath, KnownHostsFile: knownHosts, RemoteHost: hubHost}, nil
+		return tunnel.Config{Addr: r.sshd.Addr, User: r.sshd.User, KeyFile: r.sshd.ClientKeyPath, KnownHostsFile: knownHosts}, nil
 	}, r.log)
 	r.t.Cleanup(func() { _ = tunnels.Close() })
+	r.tunnels = tunnels
 	s := sna.Settings{
 		Transport:      sna.TransportHTTPS,
 		Thumbprint:     r.lab.Thumbprint,
@@ -109,35 +111,47 @@ func (r *rig) env(a *sna.Activities) *testsuite.TestActivityEnvironment {
 	return env
 }
 
-// export is a hub-side qemu-nbd serving a qcow2 on hubHost:Port.
+// export is a hub-side qemu-nbd serving a qcow2 on the unix socket of its port, where the
+// rig's sshd lets the SNA's key reach it.
 type export struct {
 	*qemu.Export
+	Port  int // its port lease
 	image string
+	opts  qemu.ExportOptions
 }
 
-// startExport serves image (created empty at diskSize unless it exists) on a port whose
-// SNA-side twin (127.0.0.1:port) is free as well.
+// startExport serves image (created empty at size unless it exists) on the socket of the
+// next export port.
 func (r *rig) startExport(image, name string, size int64) export {
 	r.t.Helper()
 	ctx := context.Background()
 	if _, err := os.Stat(image); errors.Is(err, os.ErrNotExist) {
 		require.NoError(r.t, qemu.CreateImage(ctx, image, size))
 	}
-	for range 10 {
-		port := testenv.FreePort(r.t)
-		exp, err := qemu.Start(ctx, qemu.ExportOptions{
-			Path: image, Addr: hubHost, Port: port, Name: name, Connections: 4,
-			PidFile: filepath.Join(r.dir, name+"-"+strconv.Itoa(port)+".pid"),
-		})
-		if errors.Is(err, qemu.ErrPortInUse) {
-			continue
-		}
-		require.NoError(r.t, err)
-		r.t.Cleanup(func() { _ = exp.Stop(context.Background(), 0) })
-		return export{Export: exp, image: image}
+	port := r.nextPort
+	r.nextPort++
+	opts := qemu.ExportOptions{
+		Path: image, Socket: r.sshd.ExportSocket(port), Name: name, Connections: 4,
+		PidFile: filepath.Join(r.dir, name+"-"+strconv.Itoa(port)+".pid"),
 	}
-	r.t.Fatalf("no free port pair for an export")
-	return export{}
+	exp, err := qemu.Start(ctx, opts)
+	require.NoError(r.t, err)
+	r.t.Cleanup(func() {
+		if running, err := qemu.Find(opts.PidFile); err == nil {
+			_ = running.Stop(context.Background(), 0)
+		}
+	})
+	return export{Export: exp, Port: port, image: image, opts: opts}
+}
+
+// tunnelInput is the EnsureTunnel input for exports, as the workflow builds it.
+func tunnelInput(exports ...export) activities.EnsureTunnelInput {
+	in := activities.EnsureTunnelInput{HubID: hubID, Sockets: map[int]string{}}
+	for _, e := range exports {
+		in.Ports = append(in.Ports, e.Port)
+		in.Sockets[e.Port] = e.Socket
+	}
+	return in
 }
 
 func execute[T any](t *testing.T, env *testsuite.TestActivityEnvironment, name string, args ...any) T {
@@ -218,12 +232,10 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 
 	// Hub side: one fresh qcow2 export per disk; SNA side: the tunnel.
 	exports := make([]export, len(vm.Disks))
-	ports := make([]int, len(vm.Disks))
 	for i, d := range vm.Disks {
 		exports[i] = r.startExport(filepath.Join(r.dir, fmt.Sprintf("full-%d.qcow2", d.Key)), fmt.Sprintf("full-%d", d.Key), diskSize)
-		ports[i] = exports[i].Port
 	}
-	tin := activities.EnsureTunnelInput{HubID: hubID, Ports: ports}
+	tin := tunnelInput(exports...)
 	execute[struct{}](t, env, activities.EnsureTunnelName, tin)
 	execute[struct{}](t, env, activities.EnsureTunnelName, tin) // idempotent
 
@@ -236,7 +248,7 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 			wg.Go(func() {
 				val, err := r.env(a).ExecuteActivity(activities.CopyDiskName, activities.CopyDiskInput{
 					Snapshot: snap, DiskKey: d.Key, CapacityBytes: d.CapacityBytes,
-					TargetPort: exports[i].Port, ExportName: exports[i].Name,
+					TargetPort: exports[i].Port, HubID: hubID, TargetSocket: exports[i].Socket, ExportName: exports[i].Name,
 					Mode: mode, PrevChangeID: prev[d.Key], Connections: 4,
 				})
 				if err == nil {
@@ -281,7 +293,9 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 
 	execute[struct{}](t, env, activities.DropTunnelName, tin)
 	execute[struct{}](t, env, activities.DropTunnelName, tin) // idempotent
-	_, err = net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[0])), time.Second)
+	m, err := r.tunnels.Get(hubID)
+	require.NoError(t, err)
+	_, err = net.DialTimeout("unix", m.SocketPath(exports[0].Port), time.Second)
 	require.Error(t, err, "the SNA-side listener is gone after DropTunnel")
 
 	for i, d := range vm.Disks {
@@ -300,14 +314,12 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 	}
 	snap2 := r.snapshot(env, vm, "diskferry-wf-incr")
 	overlays := make([]export, len(vm.Disks))
-	ports2 := make([]int, len(vm.Disks))
 	for i, d := range vm.Disks {
 		overlay := filepath.Join(r.dir, fmt.Sprintf("incr-%d.qcow2", d.Key))
 		require.NoError(t, qemu.CreateOverlay(context.Background(), overlay, exports[i].image))
 		overlays[i] = r.startExport(overlay, fmt.Sprintf("incr-%d", d.Key), diskSize)
-		ports2[i] = overlays[i].Port
 	}
-	tin2 := activities.EnsureTunnelInput{HubID: hubID, Ports: ports2}
+	tin2 := tunnelInput(overlays...)
 	execute[struct{}](t, env, activities.EnsureTunnelName, tin2)
 	incr := copyAll(snap2, overlays, activities.ModeIncremental, ids)
 
@@ -349,10 +361,10 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
 	snap := r.snapshot(env, vm, "diskferry-wf-resume")
 	exp := r.startExport(filepath.Join(r.dir, "resume.qcow2"), "resume", resumeDiskSize)
-	execute[struct{}](t, env, activities.EnsureTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{exp.Port}})
+	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
 	in := activities.CopyDiskInput{
 		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
-		TargetPort: exp.Port, HubID: hubID, ExportName: exp.Name, Mode: activities.ModeFull,
+		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name, Mode: activities.ModeFull,
 		// One connection keeps few chunks in flight, so the first attempt stops early.
 		Connections: 1,
 	}
@@ -383,7 +395,7 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 	require.Less(t, progress.BytesDone, total, "the first attempt stopped mid-way")
 
 	// The second attempt runs in a restarted SNA: the forward EnsureTunnel made is gone.
-	execute[struct{}](t, env, activities.DropTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{exp.Port}})
+	execute[struct{}](t, env, activities.DropTunnelName, tunnelInput(exp))
 	second := r.env(r.activities("", nil))
 	second.SetHeartbeatDetails(progress)
 	res := execute[activities.CopyDiskResult](t, second, activities.CopyDiskName, in)
@@ -401,6 +413,75 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 	r.compareFlat(exp.image, key)
 }
 
+// A copy whose hub export is killed mid-way fails naming the dead export, not the tunnel;
+// once the export is back on the same socket (the hub's reconcile restarts it), the
+// next attempt goes through the same forward and resumes from the checkpoint.
+func TestCopyResumesAfterExportKilled(t *testing.T) {
+	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 13})
+	key := r.lab.Disks[0].Key
+	total := allocatedBytes(r.lab, key)
+	// Slow enough (about 4 s for the data) that the export dies mid-copy.
+	a := r.activities("", func(s *sna.Settings) {
+		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
+			"rate": strconv.FormatInt(total*8/4, 10), "burstiness": "0.1",
+		}}}
+		s.CheckpointEvery = 200 * time.Millisecond
+	})
+	env := r.env(a)
+	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
+	snap := r.snapshot(env, vm, "diskferry-wf-killed")
+	exp := r.startExport(filepath.Join(r.dir, "killed.qcow2"), "killed", resumeDiskSize)
+	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
+	in := activities.CopyDiskInput{
+		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
+		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name,
+		Mode: activities.ModeFull, Connections: 2,
+	}
+
+	// SIGKILL of qemu-nbd at the first heartbeat past a quarter of the data with a checkpoint.
+	var mu sync.Mutex
+	var lastBeat activities.CopyProgress
+	killed := false
+	heartbeats := &heartbeatTap{record: func(p activities.CopyProgress) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !killed && p.Checkpoint > 0 && p.BytesDone >= total/4 {
+			lastBeat = p
+			killed = true
+			require.NoError(t, syscall.Kill(exp.PID, syscall.SIGKILL))
+		}
+	}}
+	first := r.suite.NewTestActivityEnvironment()
+	first.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{heartbeats}})
+	first.SetTestTimeout(2 * time.Minute)
+	a.Register(first)
+	_, err := first.ExecuteActivity(activities.CopyDiskName, in)
+	require.Error(t, err, "the copy survived its export")
+	require.Contains(t, err.Error(), fmt.Sprintf("export on hub %s port %d is not running (qemu-nbd gone?)", hubID, exp.Port))
+	mu.Lock()
+	progress := lastBeat
+	mu.Unlock()
+	require.Greater(t, progress.Checkpoint, int64(0))
+
+	// The retried attempt while the export is still down fails the same way, quickly.
+	retry := r.env(a)
+	retry.SetHeartbeatDetails(progress)
+	_, err = retry.ExecuteActivity(activities.CopyDiskName, in)
+	require.ErrorContains(t, err, "is not running (qemu-nbd gone?)")
+
+	// What the hub's reconcile does: the same target on the same socket.
+	restarted, err := qemu.Start(context.Background(), exp.opts)
+	require.NoError(t, err)
+	require.NotEqual(t, exp.PID, restarted.PID)
+	again := r.env(a)
+	again.SetHeartbeatDetails(progress)
+	res := execute[activities.CopyDiskResult](t, again, activities.CopyDiskName, in)
+	require.Less(t, res.BytesRead, total, "the attempt after the restart resumed from the checkpoint")
+	requireDigest(t, export{Export: restarted}, res)
+	require.NoError(t, restarted.Stop(context.Background(), 0))
+	r.compareFlat(exp.image, key)
+}
+
 // A hub presenting a host key other than the pinned one is refused with a clear,
 // non-retryable error.
 func TestEnsureTunnelRejectsWrongHostKey(t *testing.T) {
@@ -413,7 +494,8 @@ func TestEnsureTunnelRejectsWrongHostKey(t *testing.T) {
 	require.NoError(t, os.WriteFile(knownHosts, []byte(knownhosts.Line([]string{r.sshd.Addr}, other)+"\n"), 0o600))
 
 	env := r.env(r.activities(knownHosts, nil))
-	_, err = env.ExecuteActivity(activities.EnsureTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{testenv.FreePort(t)}})
+	_, err = env.ExecuteActivity(activities.EnsureTunnelName, activities.EnsureTunnelInput{HubID: hubID, Ports: []int{testenv.SSHDExportPortMin},
+		Sockets: map[int]string{testenv.SSHDExportPortMin: r.sshd.ExportSocket(testenv.SSHDExportPortMin)}})
 	require.Error(t, err)
 	var appErr *temporal.ApplicationError
 	require.True(t, errors.As(err, &appErr), "error %v is an application error", err)

@@ -238,6 +238,20 @@ func (s *Store) ListPoints(ctx context.Context, vmID int64, status string) ([]Po
 	return points, nil
 }
 
+// HubPoints returns every point of a hub by id, without disks: what the hub's reconcile
+// needs to tell the point directories in its repository apart.
+func (s *Store) HubPoints(ctx context.Context, hub string) (map[string]Point, error) {
+	points, err := queryPoints(ctx, s.db, "hub_id = ?", hub)
+	if err != nil {
+		return nil, fmt.Errorf("list points of hub %s: %w", hub, err)
+	}
+	out := make(map[string]Point, len(points))
+	for _, p := range points {
+		out[p.ID] = p
+	}
+	return out, nil
+}
+
 // ChainOf returns the chain a point belongs to, from its full base to the point itself:
 // restoring the point needs every qcow2 of the chain.
 func (s *Store) ChainOf(ctx context.Context, pointID string) ([]Point, error) {

@@ -122,6 +122,14 @@ func (v *validator) err(what string) error {
 	return fmt.Errorf("%s configuration: %w", what, errors.Join(v.errs...))
 }
 
+// retired fails a variable an older release read, so a forgotten setting does not pass
+// for one that still works.
+func (v *validator) retired(name, why string) {
+	if _, set := os.LookupEnv(name); set {
+		v.fail(name, fmt.Errorf("no longer used: %s; remove it", why))
+	}
+}
+
 func (v *validator) required(name, value string) bool {
 	if strings.TrimSpace(value) == "" {
 		v.fail(name, errors.New("required but not set"))

@@ -81,7 +81,6 @@ func TestLoadHubDefaults(t *testing.T) {
 		{"repository root cleaned", c.RepositoryRoot, "/srv/diskferry"},
 		{"port min", c.PortMin, 10100},
 		{"port max", c.PortMax, 10200},
-		{"export bind", c.ExportBind, "127.0.0.1"},
 		{"metrics", c.MetricsAddr, "127.0.0.1:9464"},
 		{"log level", c.LogLevel, slog.LevelInfo},
 	}
@@ -159,7 +158,7 @@ func TestLoadHubRejects(t *testing.T) {
 		{"dsn and dsn file", map[string]string{"DISKFERRY_DB_DSN_FILE": writeFile(t, "dsn", dsnSecret)}, "DISKFERRY_DB_DSN", "not both"},
 		{"dsn file missing", map[string]string{"DISKFERRY_DB_DSN": "<unset>", "DISKFERRY_DB_DSN_FILE": filepath.Join(dir, "nope")}, "DISKFERRY_DB_DSN_FILE", "read secret file"},
 		{"dsn file empty", map[string]string{"DISKFERRY_DB_DSN": "<unset>", "DISKFERRY_DB_DSN_FILE": writeFile(t, "empty", "\n")}, "DISKFERRY_DB_DSN_FILE", "is empty"},
-		{"export bind hostname", map[string]string{"DISKFERRY_EXPORT_BIND": "localhost"}, "DISKFERRY_EXPORT_BIND", "IP address"},
+		{"retired export bind", map[string]string{"DISKFERRY_EXPORT_BIND": "127.0.0.1"}, "DISKFERRY_EXPORT_BIND", "no longer used: exports listen on unix sockets"},
 		{"export cache unknown", map[string]string{"DISKFERRY_EXPORT_CACHE": "fast"}, "DISKFERRY_EXPORT_CACHE", "want none, writeback"},
 		{"metrics without port", map[string]string{"DISKFERRY_METRICS_ADDR": "127.0.0.1"}, "DISKFERRY_METRICS_ADDR", "host:port"},
 		{"temporal address bad port", map[string]string{"DISKFERRY_TEMPORAL_ADDRESS": "temporal:0"}, "DISKFERRY_TEMPORAL_ADDRESS", "not 1-65535"},

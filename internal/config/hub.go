@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"path/filepath"
 )
 
@@ -25,15 +24,13 @@ type Hub struct {
 	// nothing outside it is ever written or removed. Required.
 	RepositoryRoot string `envconfig:"DISKFERRY_REPOSITORY_ROOT"`
 	// DISKFERRY_RUN_DIR holds the exports' pid files and logs, so a restarted worker finds
-	// its running exports again. Default /run/diskferry.
+	// its running exports again, and their unix sockets in exports/ (port-<P>.sock, the
+	// paths the SNA's sshd account may reach). Default /run/diskferry.
 	RunDir string `envconfig:"DISKFERRY_RUN_DIR" default:"/run/diskferry"`
 	// DISKFERRY_PORT_MIN is the lowest port leased to exports. Default 10100.
 	PortMin int `envconfig:"DISKFERRY_PORT_MIN" default:"10100"`
 	// DISKFERRY_PORT_MAX is the highest port leased to exports (inclusive). Default 10200.
 	PortMax int `envconfig:"DISKFERRY_PORT_MAX" default:"10200"`
-	// DISKFERRY_EXPORT_BIND is the IP address qemu-nbd exports listen on. Default
-	// 127.0.0.1: exports are reached through the SSH tunnel only.
-	ExportBind string `envconfig:"DISKFERRY_EXPORT_BIND" default:"127.0.0.1"`
 	// DISKFERRY_EXPORT_CACHE is qemu-nbd's cache mode for the targets: none (default: O_DIRECT
 	// with native AIO, no page-cache copy on the hub; needs a file system with O_DIRECT, such
 	// as ext4 or XFS), writeback, writethrough or directsync.
@@ -80,9 +77,7 @@ func (c *Hub) resolveAndValidate() error {
 	default:
 		v.fail("DISKFERRY_EXPORT_CACHE", fmt.Errorf("want none, writeback, writethrough or directsync, got %q", c.ExportCache))
 	}
-	if net.ParseIP(c.ExportBind) == nil {
-		v.fail("DISKFERRY_EXPORT_BIND", fmt.Errorf("want an IP address, got %q", c.ExportBind))
-	}
+	v.retired("DISKFERRY_EXPORT_BIND", "exports listen on unix sockets in DISKFERRY_RUN_DIR/exports, reached through SSH stream-local forwarding")
 	v.hostPort("DISKFERRY_METRICS_ADDR", c.MetricsAddr, false)
 	return v.err("hub")
 }

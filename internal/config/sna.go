@@ -53,9 +53,6 @@ type SNA struct {
 	// DISKFERRY_HUB_SSH_ADDRS maps hub IDs to their sshd for sites served by several hubs:
 	// "hub-a=10.0.0.5:22,hub-b=backup2.example.com:2222". Optional.
 	HubSSHAddrs HubAddrs `envconfig:"DISKFERRY_HUB_SSH_ADDRS"`
-	// DISKFERRY_HUB_EXPORT_HOST is the IP address the hub's exports listen on (the hub's
-	// DISKFERRY_EXPORT_BIND), which the tunnel's forwards reach. Default 127.0.0.1.
-	HubExportHost string `envconfig:"DISKFERRY_HUB_EXPORT_HOST" default:"127.0.0.1"`
 	// DISKFERRY_HUB_SSH_USER is the user the tunnel logs in as on the hub. Default diskferry.
 	HubSSHUser string `envconfig:"DISKFERRY_HUB_SSH_USER" default:"diskferry"`
 	// DISKFERRY_SSH_KEY_FILE is the tunnel's private key (OpenSSH format, no passphrase,
@@ -145,9 +142,7 @@ func (c *SNA) resolveAndValidate() error {
 		c.HubSSHAddrs[id] = withDefaultPort(addr, "22")
 		v.hostPort("DISKFERRY_HUB_SSH_ADDRS", c.HubSSHAddrs[id], true)
 	}
-	if net.ParseIP(c.HubExportHost) == nil {
-		v.fail("DISKFERRY_HUB_EXPORT_HOST", fmt.Errorf("want an IP address, got %q", c.HubExportHost))
-	}
+	v.retired("DISKFERRY_HUB_EXPORT_HOST", "the hub names each export's unix socket, reached through SSH stream-local forwarding")
 	v.required("DISKFERRY_HUB_SSH_USER", c.HubSSHUser)
 	if v.required("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile) {
 		v.privateKeyFile("DISKFERRY_SSH_KEY_FILE", c.SSHKeyFile)

@@ -9,8 +9,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,7 +45,7 @@ type Lab struct {
 	HubID    string
 	Site     string
 	RepoRoot string // the hub's repository
-	RunDir   string // the hub's pid files
+	RunDir   string // the hub's pid files and, in exports/, its export sockets
 
 	t       testenv.TB
 	binDir  string
@@ -74,11 +72,8 @@ func Start(t testenv.TB, opts Options) *Lab {
 	l := &Lab{t: t, HubID: "hub1", Site: "lab", workers: map[string]*worker{}}
 	l.dir = t.TempDir()
 	l.RepoRoot = filepath.Join(l.dir, "repository")
-	l.RunDir = filepath.Join(l.dir, "run")
-	for _, d := range []string{l.RepoRoot, l.RunDir} {
-		if err := os.MkdirAll(d, 0o750); err != nil {
-			t.Fatalf("lab: %v", err)
-		}
+	if err := os.MkdirAll(l.RepoRoot, 0o750); err != nil {
+		t.Fatalf("lab: %v", err)
 	}
 	l.binDir = opts.BinDir
 	if l.binDir == "" {
@@ -95,7 +90,9 @@ func Start(t testenv.TB, opts Options) *Lab {
 	}
 	t.Cleanup(vc.Close)
 	l.VC = vc
+	// The hub runs where the sshd's lockdown lets the SNA's key reach export sockets.
 	l.SSHD = testenv.StartSSHD(t)
+	l.RunDir = l.SSHD.HubRunDir
 
 	l.hubEnv = l.hubEnvironment()
 	l.snaEnv = l.snaEnvironment()
@@ -116,33 +113,6 @@ func (l *Lab) secretFile(name, value string) string {
 	return path
 }
 
-// The hub and the SNA share this machine's loopback, so the hub's exports listen on
-// 127.0.0.2 and the SNA's forwards on 127.0.0.1 carry the same port numbers, as in production.
-const hubExportHost = "127.0.0.2"
-
-// exportPortBase picks a block of 20 ports free on both loopback addresses.
-func exportPortBase(t testenv.TB) int {
-	for attempt := 0; attempt < 50; attempt++ {
-		base := 20000 + rand.IntN(20000)
-		if portsFree("127.0.0.1", base, 20) && portsFree(hubExportHost, base, 20) {
-			return base
-		}
-	}
-	t.Fatalf("lab: no free block of export ports")
-	return 0
-}
-
-func portsFree(host string, base, n int) bool {
-	for p := base; p < base+n; p++ {
-		ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(p)))
-		if err != nil {
-			return false
-		}
-		ln.Close()
-	}
-	return true
-}
-
 func (l *Lab) temporalEnv() []string {
 	return []string{
 		"DISKFERRY_TEMPORAL_ADDRESS=" + l.Temporal.HostPort,
@@ -152,15 +122,14 @@ func (l *Lab) temporalEnv() []string {
 }
 
 func (l *Lab) hubEnvironment() []string {
-	base := exportPortBase(l.t)
 	return append(l.temporalEnv(),
 		"DISKFERRY_HUB_ID="+l.HubID,
 		"DISKFERRY_DB_DSN_FILE="+l.secretFile("db-dsn", l.DB.DSN),
 		"DISKFERRY_REPOSITORY_ROOT="+l.RepoRoot,
 		"DISKFERRY_RUN_DIR="+l.RunDir,
-		"DISKFERRY_PORT_MIN="+strconv.Itoa(base),
-		"DISKFERRY_PORT_MAX="+strconv.Itoa(base+19),
-		"DISKFERRY_EXPORT_BIND="+hubExportHost,
+		// Ports are only the exports' identities now; nothing listens on them.
+		"DISKFERRY_PORT_MIN="+strconv.Itoa(testenv.SSHDExportPortMin),
+		"DISKFERRY_PORT_MAX="+strconv.Itoa(testenv.SSHDExportPortMax),
 		"DISKFERRY_METRICS_ADDR=",
 	)
 }
@@ -176,7 +145,6 @@ func (l *Lab) snaEnvironment() []string {
 		"DISKFERRY_HUB_SSH_USER="+l.SSHD.User,
 		"DISKFERRY_SSH_KEY_FILE="+l.SSHD.ClientKeyPath,
 		"DISKFERRY_SSH_KNOWN_HOSTS_FILE="+l.SSHD.KnownHostsPath,
-		"DISKFERRY_HUB_EXPORT_HOST="+hubExportHost,
 		// Frequent checkpoints: a copy interrupted in a test has one to resume from.
 		"DISKFERRY_COPY_CHECKPOINT_INTERVAL=1s",
 	)

@@ -27,7 +27,8 @@ import (
 const (
 	qemuNBD = "qemu-nbd"
 
-	// DefaultAddr is where exports listen unless told otherwise: reachable only through the tunnel.
+	// DefaultAddr is where a TCP export listens unless told otherwise. The hub serves its
+	// exports on unix sockets; TCP remains for operators and the export path benchmark.
 	DefaultAddr = "127.0.0.1"
 	// DefaultReadyTimeout bounds the wait for the first NBD handshake after start.
 	DefaultReadyTimeout = 10 * time.Second
@@ -50,7 +51,8 @@ type ExportOptions struct {
 	// TCP listener: Addr (default 127.0.0.1, always passed explicitly) and Port.
 	Addr string
 	Port int
-	// Socket serves on a unix socket instead of TCP (local verification reads).
+	// Socket serves on a unix socket instead of TCP: how the hub serves backup targets
+	// (reached through SSH stream-local forwarding) and verification reads.
 	Socket string
 
 	Name string // NBD export name

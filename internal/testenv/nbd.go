@@ -179,33 +179,25 @@ func WriteFileAt(t TB, path string, off int64, data []byte) {
 	}
 }
 
-// StartNbdkitTCP runs `nbdkit -f --exit-with-parent -i ADDR -p PORT [--filter=F]… PLUGIN
-// ARGS…` on a free port of addr (e.g. an in-memory disk behind the error filter, a target
-// that fails every write like a full disk) and waits until it greets. Killed on cleanup.
-func StartNbdkitTCP(t TB, addr, plugin string, opts NbdkitOptions) *NBDServer {
+// StartNbdkitSocket runs `nbdkit -f --exit-with-parent -U SOCK [--filter=F]… PLUGIN ARGS…`
+// on the unix socket sock (e.g. an in-memory disk behind the error filter on a hub export's
+// socket: a target that fails every write like a full disk) and waits until it greets.
+// Killed on cleanup.
+func StartNbdkitSocket(t TB, sock, plugin string, opts NbdkitOptions) *NBDServer {
 	t.Helper()
 	bin := RequireCommand(t, "nbdkit")
-	var lastErr error
-	for range 10 {
-		port := FreePort(t)
-		args := []string{"-f", "--exit-with-parent", "-i", addr, "-p", strconv.Itoa(port)}
-		for _, f := range opts.Filters {
-			args = append(args, "--filter="+f)
-		}
-		args = append(args, plugin)
-		args = append(args, opts.Params...)
-		hostPort := net.JoinHostPort(addr, strconv.Itoa(port))
-		s, err := startNBD(t, bin, args, func() (net.Conn, error) {
-			return net.DialTimeout("tcp", hostPort, time.Second)
-		})
-		if err != nil {
-			lastErr = err // the port may have been taken meanwhile
-			continue
-		}
-		s.Port = port
-		s.URI = "nbd://" + hostPort
-		return s
+	args := []string{"-f", "--exit-with-parent", "-U", sock}
+	for _, f := range opts.Filters {
+		args = append(args, "--filter="+f)
 	}
-	t.Fatalf("start nbdkit %s on %s: %v", plugin, addr, lastErr)
-	return nil
+	args = append(args, plugin)
+	args = append(args, opts.Params...)
+	s, err := startNBD(t, bin, args, func() (net.Conn, error) {
+		return net.DialTimeout("unix", sock, time.Second)
+	})
+	if err != nil {
+		t.Fatalf("start nbdkit %s on %s: %v", plugin, sock, err)
+	}
+	s.URI = "nbd+unix:///?socket=" + sock
+	return s
 }

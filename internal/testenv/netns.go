@@ -309,9 +309,10 @@ func inNetns(ns string, fn func() error) error {
 }
 
 // NetnsSSHD is a throwaway OpenSSH server listening on WANHubIP:22 inside a WANLink's hub
-// namespace, configured like SSHD (one generated client key, local forwards to 127.0.0.1
-// and 127.0.0.2 only).
+// namespace, configured like SSHD (one generated client key, locked down to stream-local
+// forwarding).
 type NetnsSSHD struct {
+	HubRunDir      string // as SSHD's
 	Addr           string // WANHubIP:22, reachable from the SNA namespace
 	User           string
 	ClientKeyPath  string
@@ -337,7 +338,12 @@ func (l *WANLink) StartSSHD(t TB) *NetnsSSHD {
 	}
 	dir := t.TempDir()
 	// The config is SSHD's; only the listening address differs.
+	runDir := ShortTempDir(t)
+	if err := os.Mkdir(filepath.Join(runDir, "exports"), 0o750); err != nil {
+		t.Fatalf("hub exports dir: %v", err)
+	}
 	cfg := &SSHD{
+		HubRunDir:      runDir,
 		Addr:           net.JoinHostPort(WANHubIP, "22"),
 		User:           current.Username,
 		ClientKeyPath:  filepath.Join(dir, "client_ed25519"),
@@ -348,10 +354,11 @@ func (l *WANLink) StartSSHD(t TB) *NetnsSSHD {
 	}
 	cfg.HostPublicKey = sshdWriteKey(t, filepath.Join(dir, "host_ed25519"))
 	clientPub := sshdWriteKey(t, cfg.ClientKeyPath)
-	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), ssh.MarshalAuthorizedKey(clientPub))
+	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), tunnelAuthorizedKey(clientPub))
 	cfg.writeConfig()
 
 	s := &NetnsSSHD{
+		HubRunDir:      cfg.HubRunDir,
 		Addr:           cfg.Addr,
 		User:           cfg.User,
 		ClientKeyPath:  cfg.ClientKeyPath,
@@ -406,6 +413,9 @@ func (l *WANLink) sshdAnswers(addr string) bool {
 	_, err = io.ReadFull(conn, banner)
 	return err == nil && string(banner) == "SSH-2.0-"
 }
+
+// ExportSocket is where the hub serves the export of port, in HubRunDir.
+func (s *NetnsSSHD) ExportSocket(port int) string { return exportSocket(s.HubRunDir, port) }
 
 // Log returns what sshd wrote to stderr, for failure messages.
 func (s *NetnsSSHD) Log() string {

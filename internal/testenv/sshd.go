@@ -22,9 +22,15 @@ import (
 	"golang.org/x/crypto/ssh/knownhosts"
 )
 
-// SSHD is a throwaway OpenSSH server on 127.0.0.1 that accepts one generated client key
-// and allows local forwards to 127.0.0.1 and 127.0.0.2 only: a real tunnel endpoint for tests.
+// SSHD is a throwaway OpenSSH server on 127.0.0.1 that accepts one generated client key,
+// locked down as the SNA's account on a hub is (docs/operations.md): the key is
+// restricted to a forced no-op command, and forwards reach only the export sockets of a
+// hub run directory (HubRunDir, ports SSHDExportPortMin-SSHDExportPortMax): no TCP port,
+// no other socket. A real tunnel endpoint for tests.
 type SSHD struct {
+	// HubRunDir is the hub run directory whose export sockets the key may reach
+	// (HubRunDir/exports/port-P.sock); tests run their hub, or their stand-in, there.
+	HubRunDir      string
 	Addr           string        // 127.0.0.1:port
 	Port           int           // the listening port, kept across Restart
 	User           string        // the current user, the one the client key logs in as
@@ -33,6 +39,7 @@ type SSHD struct {
 	HostPublicKey  ssh.PublicKey // the server's host key
 
 	t          TB
+	opts       SSHDOptions
 	binary     string
 	dir        string
 	configPath string
@@ -41,9 +48,36 @@ type SSHD struct {
 	waited     chan struct{}
 }
 
+// The export ports whose sockets SSHD lets the key reach.
+const (
+	SSHDExportPortMin = 10100
+	SSHDExportPortMax = 10199
+)
+
+// ExportSocket is where the hub serves the export of port, in HubRunDir.
+func (s *SSHD) ExportSocket(port int) string { return exportSocket(s.HubRunDir, port) }
+
+// exportSocket is the hub's layout (activities/hub): <run dir>/exports/port-<P>.sock.
+func exportSocket(runDir string, port int) string {
+	return filepath.Join(runDir, "exports", "port-"+strconv.Itoa(port)+".sock")
+}
+
+// SSHDOptions loosen the lockdown, for measurements only.
+type SSHDOptions struct {
+	// TCPForwarding allows direct-tcpip forwards to 127.0.0.1 as well: the tunnel's old
+	// path, the yardstick of the export path benchmark.
+	TCPForwarding bool
+}
+
 // StartSSHD starts /usr/sbin/sshd in the foreground on a free loopback port with a generated
 // host key and client key, and stops it (with every connection it serves) in t.Cleanup.
 func StartSSHD(t TB) *SSHD {
+	t.Helper()
+	return StartSSHDWith(t, SSHDOptions{})
+}
+
+// StartSSHDWith is StartSSHD with options.
+func StartSSHDWith(t TB, opts SSHDOptions) *SSHD {
 	t.Helper()
 	Integration(t)
 	binary := sshdBinary(t)
@@ -57,11 +91,22 @@ func StartSSHD(t TB) *SSHD {
 	}
 
 	dir := t.TempDir()
+	// Short (socket paths are limited to 108 bytes) and open to other users up to the
+	// exports directory, so a test's other-user check meets the hub's own permissions.
+	runDir := ShortTempDir(t)
+	if err := os.Chmod(runDir, 0o755); err != nil {
+		t.Fatalf("hub run dir: %v", err)
+	}
+	if err := os.Mkdir(filepath.Join(runDir, "exports"), 0o750); err != nil {
+		t.Fatalf("hub exports dir: %v", err)
+	}
 	s := &SSHD{
+		HubRunDir:      runDir,
 		User:           current.Username,
 		ClientKeyPath:  filepath.Join(dir, "client_ed25519"),
 		KnownHostsPath: filepath.Join(dir, "known_hosts"),
 		t:              t,
+		opts:           opts,
 		binary:         binary,
 		dir:            dir,
 		configPath:     filepath.Join(dir, "sshd_config"),
@@ -69,7 +114,7 @@ func StartSSHD(t TB) *SSHD {
 	}
 	s.HostPublicKey = sshdWriteKey(t, filepath.Join(dir, "host_ed25519"))
 	clientPub := sshdWriteKey(t, s.ClientKeyPath)
-	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), ssh.MarshalAuthorizedKey(clientPub))
+	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), tunnelAuthorizedKey(clientPub))
 
 	// A port free a moment ago may be taken by a parallel test before sshd binds it.
 	for attempt := 1; ; attempt++ {
@@ -88,11 +133,32 @@ func StartSSHD(t TB) *SSHD {
 	return s
 }
 
+// tunnelAuthorizedKey is the authorized_keys line of the SNA's key, as docs/operations.md
+// shows it: every feature off (restrict), forwarding back on (sshd_config narrows it to
+// stream-local), and a forced command that does nothing, so no session runs anything.
+func tunnelAuthorizedKey(pub ssh.PublicKey) []byte {
+	return append([]byte(`restrict,port-forwarding,command="/bin/false" `), ssh.MarshalAuthorizedKey(pub)...)
+}
+
 func (s *SSHD) writeConfig() {
 	t := s.t
 	t.Helper()
 	sshdWriteFile(t, s.KnownHostsPath, []byte(knownhosts.Line([]string{s.Addr}, s.HostPublicKey)+"\n"))
+	// Exports are unix sockets: the SNA's key reaches them by stream-local forwarding and
+	// nothing on TCP (the hub's MariaDB, Temporal), nor a shell. OpenSSH gates stream-local
+	// forwards with AllowTcpForwarding and matches their paths against PermitOpen, so
+	// "local" plus a PermitOpen of exactly the export sockets allows those and nothing else.
+	// A path is written in brackets, as an IPv6 address, or its '/' would end the host.
+	permit := []string{"PermitOpen"}
+	for p := SSHDExportPortMin; p <= SSHDExportPortMax; p++ {
+		permit = append(permit, "["+s.ExportSocket(p)+"]:*")
+	}
+	if s.opts.TCPForwarding {
+		permit = append(permit, "127.0.0.1:*")
+	}
 	config := strings.Join([]string{
+		"AllowTcpForwarding local",
+		strings.Join(permit, " "),
 		"ListenAddress " + s.Addr,
 		"HostKey " + filepath.Join(s.dir, "host_ed25519"),
 		"PidFile " + filepath.Join(s.dir, "sshd.pid"),
@@ -106,13 +172,12 @@ func (s *SSHD) writeConfig() {
 		"StrictModes no",
 		"PermitRootLogin prohibit-password",
 		"AllowUsers " + s.User,
-		"AllowTcpForwarding local",
-		// 127.0.0.2 lets a one-machine test bind hub exports apart from the SNA's listeners.
-		"PermitOpen 127.0.0.1:* 127.0.0.2:*",
-		"AllowStreamLocalForwarding no",
+		"AllowStreamLocalForwarding local",
 		"AllowAgentForwarding no",
 		"X11Forwarding no",
 		"PermitTTY no",
+		"PermitUserRC no",
+		"ForceCommand /bin/false",
 		"UseDNS no",
 		"PrintMotd no",
 		"MaxStartups 100",

@@ -5,7 +5,8 @@ import (
 	"io"
 	"net"
 	"os"
-	"strconv"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -42,10 +43,10 @@ func sshdClient(t *testing.T, s *testenv.SSHD) *ssh.Client {
 	return client
 }
 
-func TestSSHDForwardCarriesBytes(t *testing.T) {
-	s := testenv.StartSSHD(t)
-
-	echo, err := net.Listen("tcp", "127.0.0.1:0")
+// unixEcho serves an echo on a unix socket at path, standing in for an export.
+func unixEcho(t *testing.T, path string) string {
+	t.Helper()
+	echo, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
@@ -62,11 +63,16 @@ func TestSSHDForwardCarriesBytes(t *testing.T) {
 			}()
 		}
 	}()
+	return path
+}
 
+func TestSSHDStreamLocalForwardCarriesBytes(t *testing.T) {
+	s := testenv.StartSSHD(t)
+	path := unixEcho(t, s.ExportSocket(testenv.SSHDExportPortMin))
 	client := sshdClient(t, s)
-	conn, err := client.Dial("tcp", echo.Addr().String())
+	conn, err := client.Dial("unix", path)
 	if err != nil {
-		t.Fatalf("forward to %s: %v\nsshd log:\n%s", echo.Addr(), err, s.Log())
+		t.Fatalf("stream-local forward to %s: %v\nsshd log:\n%s", path, err, s.Log())
 	}
 	defer conn.Close()
 
@@ -81,13 +87,53 @@ func TestSSHDForwardCarriesBytes(t *testing.T) {
 	}
 }
 
-func TestSSHDRefusesForwardOutsideLoopback(t *testing.T) {
+// TestSSHDIsLockedDown: the SNA's key opens no shell, runs no command, reaches no TCP port
+// (the hub's MariaDB and Temporal listen on loopback) and no socket but the exports'.
+func TestSSHDIsLockedDown(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	client := sshdClient(t, s)
-	// PermitOpen allows 127.0.0.1:* only; the request is refused before any connect.
-	_, err := client.Dial("tcp", net.JoinHostPort("localhost", strconv.Itoa(s.Port)))
-	if err == nil {
-		t.Fatal("forward to localhost (not 127.0.0.1) was allowed; PermitOpen not applied")
+
+	// A loopback TCP service, as MariaDB on the hub: sshd itself listens on one.
+	if conn, err := client.Dial("tcp", s.Addr); err == nil {
+		conn.Close()
+		t.Fatalf("TCP forward to %s was allowed", s.Addr)
+	}
+
+	const marker = "diskferry-shell-ran"
+	for name, run := range map[string]func(*ssh.Session) error{
+		"exec": func(sess *ssh.Session) error { return sess.Run("echo " + marker) },
+		"shell": func(sess *ssh.Session) error {
+			sess.Stdin = strings.NewReader("echo " + marker + "\nexit 0\n")
+			if err := sess.Shell(); err != nil {
+				return err
+			}
+			return sess.Wait()
+		},
+	} {
+		sess, err := client.NewSession()
+		if err != nil {
+			continue // refusing the session outright is locked down too
+		}
+		var out, errOut bytes.Buffer
+		sess.Stdout, sess.Stderr = &out, &errOut
+		err = run(sess)
+		sess.Close()
+		if err == nil || strings.Contains(out.String(), marker) {
+			t.Errorf("%s ran (err %v): %q %q", name, err, out.String(), errOut.String())
+		}
+	}
+
+	// A socket outside the exports, as MariaDB's or Docker's.
+	if conn, err := client.Dial("unix", unixEcho(t, filepath.Join(t.TempDir(), "other.sock"))); err == nil {
+		conn.Close()
+		t.Fatal("stream-local forward to a socket that is no export was allowed")
+	}
+
+	// Still the one thing the account is for.
+	if conn, err := client.Dial("unix", unixEcho(t, s.ExportSocket(testenv.SSHDExportPortMax))); err != nil {
+		t.Fatalf("stream-local forward refused: %v\nsshd log:\n%s", err, s.Log())
+	} else {
+		conn.Close()
 	}
 }
 

@@ -6,36 +6,36 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
 
 	"github.com/diskferry/diskferry/internal/nbdprobe"
 )
 
-// Health proves a forward end to end: it connects to 127.0.0.1:localPort, which goes
-// through the SSH connection to the hub port, reads the NBD newstyle greeting there,
-// and ends the negotiation politely with NBD_OPT_ABORT. A port that is not forwarded by
-// this manager is an error, so another local listener cannot pass for the tunnel.
-func (m *Manager) Health(ctx context.Context, localPort int) error {
+// Health proves a forward end to end: it connects to the port's forward socket, which goes
+// through the SSH connection to the hub's export socket, reads the NBD newstyle greeting
+// there, and ends the negotiation politely with NBD_OPT_ABORT. A port that is not
+// forwarded by this manager is an error. When the hub refused the channel, the error
+// wraps ErrRefused.
+func (m *Manager) Health(ctx context.Context, port int) error {
 	m.mu.Lock()
-	fw, ok := m.forwards[localPort]
+	fw, ok := m.forwards[port]
 	closed := m.closed
 	m.mu.Unlock()
 	if closed {
 		return ErrClosed
 	}
 	if !ok {
-		return fmt.Errorf("tunnel health: local port %d is not forwarded", localPort)
+		return fmt.Errorf("tunnel health: port %d is not forwarded", port)
 	}
 
-	err := m.nbdHandshake(ctx, localPort)
+	err := m.nbdHandshake(ctx, port)
 	if err == nil {
 		return nil
 	}
 	if cause := fw.err(); cause != nil && errors.Is(err, io.ErrUnexpectedEOF) {
-		return fmt.Errorf("tunnel health 127.0.0.1:%d -> hub port %d: %w (forward failed: %v)",
-			localPort, fw.spec.Remote, err, cause)
+		return fmt.Errorf("tunnel health of port %d -> hub %s: %w (forward failed: %w)",
+			port, fw.spec.Remote, err, cause)
 	}
-	return fmt.Errorf("tunnel health 127.0.0.1:%d -> hub port %d: %w", localPort, fw.spec.Remote, err)
+	return fmt.Errorf("tunnel health of port %d -> hub %s: %w", port, fw.spec.Remote, err)
 }
 
 func (m *Manager) nbdHandshake(ctx context.Context, port int) error {
@@ -46,11 +46,10 @@ func (m *Manager) nbdHandshake(ctx context.Context, port int) error {
 		defer cancel()
 	}
 	var dialer net.Dialer
-	conn, err := dialer.DialContext(ctx, "tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+	conn, err := dialer.DialContext(ctx, "unix", m.SocketPath(port))
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}
 	defer conn.Close()
-	setNoDelay(conn)
 	return nbdprobe.Greet(ctx, conn)
 }

@@ -1,9 +1,11 @@
-// Package tunnel keeps SSH local forwards from the SNA to the hub: 127.0.0.1:P on the SNA
-// reaches 127.0.0.1:P (Config.RemoteHost) on the hub, where qemu-nbd exports listen. One SSH connection carries
-// every forward; keepalives detect a dead connection (silent for several intervals; one
-// still delivering data is alive) and it is redialled with backoff, so forwards outlive
-// an sshd restart or a network outage (connections open at the time die, new ones use
-// the new SSH connection).
+// Package tunnel keeps SSH local forwards from the SNA to the hub's exports: a unix socket
+// in a private 0700 directory on the SNA, one per export port P, reaches the unix socket
+// the hub's qemu-nbd serves export P on, through a direct-streamlocal@openssh.com channel.
+// Neither end listens on TCP, so no other local process reaches an export. One SSH
+// connection carries every forward; keepalives detect a dead connection (silent for
+// several intervals; one still delivering data is alive) and it is redialled with
+// backoff, so forwards outlive an sshd restart or a network outage (connections open at
+// the time die, new ones use the new SSH connection).
 //
 // The hub's host key is pinned through a known_hosts file; there is no insecure mode.
 package tunnel
@@ -16,11 +18,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/crypto/ssh"
@@ -47,10 +49,9 @@ type Config struct {
 	User           string
 	KeyFile        string // private key in OpenSSH or PEM format, without passphrase
 	KnownHostsFile string // must hold the hub's host key for Addr
-	// RemoteHost is the address forwards reach on the hub side: where the hub's exports
-	// listen (its DISKFERRY_EXPORT_BIND). Default 127.0.0.1. A test running hub and SNA on
-	// one machine binds exports to 127.0.0.2 so equal ports do not collide.
-	RemoteHost string
+	// SocketDir is where New makes the manager's private 0700 directory of forward
+	// sockets (removed by Close). Default os.TempDir().
+	SocketDir string
 
 	// KeepaliveInterval is how often a keepalive@openssh.com request checks the connection.
 	// Default DefaultKeepaliveInterval.
@@ -68,21 +69,16 @@ type Config struct {
 	MaxBackoff time.Duration
 }
 
-// Forward maps a local port on 127.0.0.1 to a port on the hub's Config.RemoteHost.
-// Production forwards equal ports; Local 0 means the same as Remote.
+// Forward makes the hub's export socket Remote reachable on the SNA at SocketPath(Port).
+// Port is the export's port lease on the hub, its identity; nothing listens on it.
 type Forward struct {
-	Local  int `json:"local"`
-	Remote int `json:"remote"`
+	Port   int    `json:"port"`
+	Remote string `json:"remote"` // absolute path of the export's unix socket on the hub
 }
 
-// Ports returns forwards with equal local and remote ports.
-func Ports(ports ...int) []Forward {
-	out := make([]Forward, len(ports))
-	for i, p := range ports {
-		out[i] = Forward{Local: p, Remote: p}
-	}
-	return out
-}
+// ErrRefused says the hub's sshd refused the channel to an export socket: nothing serves
+// it (the export is not running), or the account may not open it.
+var ErrRefused = errors.New("hub refused the channel")
 
 // HostKeyError says the hub presented a host key known_hosts does not vouch for.
 type HostKeyError struct {
@@ -124,7 +120,8 @@ type Manager struct {
 	dialing      chan struct{} // closed when the running dial ends; nil when none runs
 	dialErr      error         // outcome of the last dial
 	reconnecting bool
-	forwards     map[int]*forward // by local port
+	forwards     map[int]*forward // by port
+	socketDir    string           // private directory of the forward sockets
 }
 
 // New checks the configuration and reads the key and known_hosts; it does not connect.
@@ -135,9 +132,6 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 	}
 	if _, _, err := net.SplitHostPort(cfg.Addr); err != nil {
 		return nil, fmt.Errorf("tunnel config: ssh address %q: %w", cfg.Addr, err)
-	}
-	if cfg.RemoteHost == "" {
-		cfg.RemoteHost = "127.0.0.1"
 	}
 	if cfg.KeepaliveInterval <= 0 {
 		cfg.KeepaliveInterval = DefaultKeepaliveInterval
@@ -174,6 +168,11 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 	// Without an entry for the host this stays nil; the handshake then fails with an
 	// unknown-host HostKeyError, which is where callers look for it.
 	algos := hostKeyAlgorithms(hostKeys, cfg.Addr)
+	// MkdirTemp makes it 0700: only this user reaches the forwards.
+	socketDir, err := os.MkdirTemp(cfg.SocketDir, "diskferry-tunnel-")
+	if err != nil {
+		return nil, fmt.Errorf("tunnel socket directory: %w", err)
+	}
 
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{
@@ -185,6 +184,7 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		ctx:       ctx,
 		cancel:    cancel,
 		forwards:  map[int]*forward{},
+		socketDir: socketDir,
 	}, nil
 }
 
@@ -246,19 +246,20 @@ func (probeKey) Type() string                        { return "diskferry-probe" 
 func (probeKey) Marshal() []byte                     { return []byte("diskferry-probe") }
 func (probeKey) Verify([]byte, *ssh.Signature) error { return errors.New("probe key verifies nothing") }
 
-// EnsureForwards makes each forward listen on 127.0.0.1:Local. Forwards already in place
+// SocketPath is the unix socket on which the forward of an export port listens.
+func (m *Manager) SocketPath(port int) string {
+	return filepath.Join(m.socketDir, "port-"+strconv.Itoa(port)+".sock")
+}
+
+// EnsureForwards makes each forward listen on SocketPath(Port). Forwards already in place
 // are kept, so a retried call is harmless. It dials the hub first when not connected, so
-// a wrong host key or refused login is returned here. A local port held by another
-// process, or already forwarded to a different remote port, is an error; forwards made
-// before the error stay.
+// a wrong host key or refused login is returned here. A port already forwarded to a
+// different hub socket is an error; forwards made before the error stay.
 func (m *Manager) EnsureForwards(ctx context.Context, forwards []Forward) error {
 	if _, err := m.connection(ctx); err != nil {
 		return err
 	}
 	for _, f := range forwards {
-		if f.Local == 0 {
-			f.Local = f.Remote
-		}
 		if err := m.ensure(f); err != nil {
 			return err
 		}
@@ -267,43 +268,43 @@ func (m *Manager) EnsureForwards(ctx context.Context, forwards []Forward) error 
 }
 
 func (m *Manager) ensure(f Forward) error {
-	if f.Remote <= 0 || f.Remote > 65535 || f.Local <= 0 || f.Local > 65535 {
-		return fmt.Errorf("forward %d->%d: port out of range", f.Local, f.Remote)
+	if f.Port <= 0 || f.Port > 65535 {
+		return fmt.Errorf("forward of port %d: port out of range", f.Port)
+	}
+	if !filepath.IsAbs(f.Remote) {
+		return fmt.Errorf("forward of port %d: hub socket %q is not an absolute path", f.Port, f.Remote)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return ErrClosed
 	}
-	if existing, ok := m.forwards[f.Local]; ok {
+	if existing, ok := m.forwards[f.Port]; ok {
 		if existing.spec.Remote != f.Remote {
-			return fmt.Errorf("local port 127.0.0.1:%d already forwarded to hub port %d, not %d",
-				f.Local, existing.spec.Remote, f.Remote)
+			return fmt.Errorf("port %d already forwarded to hub socket %s, not %s",
+				f.Port, existing.spec.Remote, f.Remote)
 		}
 		return nil
 	}
-	listener, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(f.Local)))
+	path := m.SocketPath(f.Port)
+	listener, err := net.Listen("unix", path)
 	if err != nil {
-		if errors.Is(err, syscall.EADDRINUSE) {
-			return fmt.Errorf("forward hub port %d: local port 127.0.0.1:%d is already in use by another process: %w",
-				f.Remote, f.Local, err)
-		}
-		return fmt.Errorf("forward hub port %d: listen on 127.0.0.1:%d: %w", f.Remote, f.Local, err)
+		return fmt.Errorf("forward of port %d: listen on %s: %w", f.Port, path, err)
 	}
 	fw := &forward{spec: f, listener: listener, conns: map[*pipe]struct{}{}}
-	m.forwards[f.Local] = fw
+	m.forwards[f.Port] = fw
 	m.wg.Add(1)
 	go m.serve(fw)
-	m.log.Info("forward opened", "local", f.Local, "remote", f.Remote)
+	m.log.Info("forward opened", "port", f.Port, "local", path, "remote", f.Remote)
 	return nil
 }
 
-// DropForwards closes the listeners of the given local ports and the connections they
-// carry. Ports not forwarded are ignored, so it is idempotent.
-func (m *Manager) DropForwards(localPorts []int) {
+// DropForwards closes the listeners of the given ports and the connections they carry.
+// Ports not forwarded are ignored, so it is idempotent.
+func (m *Manager) DropForwards(ports []int) {
 	m.mu.Lock()
 	var dropped []*forward
-	for _, p := range localPorts {
+	for _, p := range ports {
 		if fw, ok := m.forwards[p]; ok {
 			delete(m.forwards, p)
 			dropped = append(dropped, fw)
@@ -312,11 +313,11 @@ func (m *Manager) DropForwards(localPorts []int) {
 	m.mu.Unlock()
 	for _, fw := range dropped {
 		fw.close()
-		m.log.Info("forward dropped", "local", fw.spec.Local, "remote", fw.spec.Remote)
+		m.log.Info("forward dropped", "port", fw.spec.Port, "remote", fw.spec.Remote)
 	}
 }
 
-// Forwards lists the forwards in place, by local port.
+// Forwards lists the forwards in place, by port.
 func (m *Manager) Forwards() []Forward {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -324,11 +325,11 @@ func (m *Manager) Forwards() []Forward {
 	for _, fw := range m.forwards {
 		out = append(out, fw.spec)
 	}
-	slices.SortFunc(out, func(a, b Forward) int { return a.Local - b.Local })
+	slices.SortFunc(out, func(a, b Forward) int { return a.Port - b.Port })
 	return out
 }
 
-// Close drops every forward and the SSH connection. Idempotent.
+// Close drops every forward, its socket directory and the SSH connection. Idempotent.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	if m.closed {
@@ -350,6 +351,9 @@ func (m *Manager) Close() error {
 		client.Close()
 	}
 	m.wg.Wait()
+	if err := os.RemoveAll(m.socketDir); err != nil {
+		return fmt.Errorf("remove tunnel socket directory: %w", err)
+	}
 	return nil
 }
 
@@ -615,7 +619,7 @@ type forward struct {
 	mu      sync.Mutex
 	closed  bool
 	conns   map[*pipe]struct{}
-	lastErr error // why the last connection could not reach the hub port
+	lastErr error // why the last connection could not reach the hub socket
 }
 
 func (f *forward) close() {
@@ -665,13 +669,12 @@ func (m *Manager) serve(f *forward) {
 		if err != nil {
 			return // closed by DropForwards or Close
 		}
-		setNoDelay(conn)
 		m.wg.Add(1)
 		go m.carry(f, conn)
 	}
 }
 
-// carry connects one accepted local connection to the hub port and copies both ways.
+// carry connects one accepted local connection to the hub socket and copies both ways.
 func (m *Manager) carry(f *forward, local net.Conn) {
 	defer m.wg.Done()
 	p := &pipe{local: local}
@@ -685,7 +688,7 @@ func (m *Manager) carry(f *forward, local net.Conn) {
 	remote, err := m.openChannel(f.spec.Remote)
 	if err != nil {
 		f.setErr(err)
-		m.log.Warn("forwarded connection failed", "local", f.spec.Local, "remote", f.spec.Remote, "err", err)
+		m.log.Warn("forwarded connection failed", "port", f.spec.Port, "remote", f.spec.Remote, "err", err)
 		return
 	}
 	f.setErr(nil)
@@ -693,10 +696,9 @@ func (m *Manager) carry(f *forward, local net.Conn) {
 	p.copy()
 }
 
-// openChannel opens a direct-tcpip channel to RemoteHost:port on the hub. A connection
+// openChannel opens a direct-streamlocal channel to a unix socket on the hub. A connection
 // that died unnoticed is closed and the open retried once on a fresh one.
-func (m *Manager) openChannel(port int) (net.Conn, error) {
-	target := net.JoinHostPort(m.cfg.RemoteHost, strconv.Itoa(port))
+func (m *Manager) openChannel(target string) (net.Conn, error) {
 	var lastErr error
 	for range 2 {
 		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
@@ -705,14 +707,14 @@ func (m *Manager) openChannel(port int) (net.Conn, error) {
 			cancel()
 			return nil, err
 		}
-		remote, err := client.DialContext(ctx, "tcp", target)
+		remote, err := client.DialContext(ctx, "unix", target)
 		cancel()
 		if err == nil {
 			return remote, nil
 		}
 		var refused *ssh.OpenChannelError
 		if errors.As(err, &refused) {
-			return nil, fmt.Errorf("hub refused forward to %s: %w", target, err)
+			return nil, fmt.Errorf("%w to %s: %w", ErrRefused, target, err)
 		}
 		lastErr = fmt.Errorf("open channel to hub %s: %w", target, err)
 		client.Close()
@@ -789,7 +791,7 @@ func (p *pipe) pump(dst, src net.Conn) {
 	buf := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(buf)
 	// Hiding ReadFrom/WriteTo keeps io.CopyBuffer on our large buffer instead of the
-	// 32 KiB fallback net.TCPConn would use with a non-socket peer.
+	// 32 KiB fallback a net.Conn would use with a non-socket peer.
 	_, err := io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *buf)
 	if err != nil {
 		p.close()
@@ -808,8 +810,9 @@ var copyBuffers = sync.Pool{New: func() any {
 type writerOnly struct{ io.Writer }
 type readerOnly struct{ io.Reader }
 
-// setNoDelay disables Nagle: NBD's small request headers otherwise stall on delayed ACKs
-// (~40 ms per round trip, docs/architecture.md). Go sets it by default; this states the requirement.
+// setNoDelay disables Nagle on the SSH connection: NBD's small request headers otherwise
+// stall on delayed ACKs (~40 ms per round trip). Go sets it by default; this states the
+// requirement.
 func setNoDelay(conn net.Conn) {
 	if tcp, ok := conn.(*net.TCPConn); ok {
 		_ = tcp.SetNoDelay(true)

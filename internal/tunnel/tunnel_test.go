@@ -18,7 +18,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -69,10 +68,11 @@ func testContext(t testing.TB) context.Context {
 	return ctx
 }
 
-// echoServer stands in for a hub export: it echoes every byte back.
-func echoServer(t testing.TB) int {
+// echoServer stands in for a hub export: it echoes every byte back on the unix socket
+// path, which it returns.
+func echoServer(t testing.TB, path string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("unix", path)
 	if err != nil {
 		t.Fatalf("listen: %v", err)
 	}
@@ -107,14 +107,20 @@ func echoServer(t testing.TB) int {
 			}()
 		}
 	}()
-	return l.Addr().(*net.TCPAddr).Port
+	return path
 }
 
-func localAddr(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+// testPort names a forward; nothing listens on it, it is only the export's identity.
+const testPort = testenv.SSHDExportPortMin
 
-// roundTrip sends payload through 127.0.0.1:port and expects it echoed back.
-func roundTrip(port int, payload []byte) error {
-	conn, err := net.DialTimeout("tcp", localAddr(port), 10*time.Second)
+// dialForward connects to the forward socket of port.
+func dialForward(m *tunnel.Manager, port int) (net.Conn, error) {
+	return net.DialTimeout("unix", m.SocketPath(port), 10*time.Second)
+}
+
+// roundTrip sends payload through the forward of port and expects it echoed back.
+func roundTrip(m *tunnel.Manager, port int, payload []byte) error {
+	conn, err := dialForward(m, port)
 	if err != nil {
 		return err
 	}
@@ -149,11 +155,14 @@ func randomBytes(t testing.TB, n int) []byte {
 
 func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
+	cfg := baseConfig(s)
+	// Not a keepalive test: on a busy machine, sshd pumping 16 MiB through small unix
+	// socket buffers may answer a keepalive later than the short test interval.
+	cfg.KeepaliveInterval = tunnel.DefaultKeepaliveInterval
+	m := newManager(t, cfg)
+	remote := echoServer(t, s.ExportSocket(testPort))
 
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 	payload := randomBytes(t, 4<<20)
@@ -163,7 +172,7 @@ func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs <- roundTrip(local, payload)
+			errs <- roundTrip(m, testPort, payload)
 		}()
 	}
 	wg.Wait()
@@ -175,45 +184,58 @@ func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 	}
 }
 
-// TestEqualPortsWithHubOnSameMachine is the production layout (local port = hub port) with
-// both ends on one machine: the "hub" export listens on 127.0.0.2, the forward on 127.0.0.1.
-func TestEqualPortsWithHubOnSameMachine(t *testing.T) {
+// TestForwardIsPrivate: the forward listens on a unix socket in a 0700 directory and
+// nowhere on TCP, so another local user cannot write to the export behind it (as the
+// outside review did with qemu-io on the old 127.0.0.1 listener).
+func TestForwardIsPrivate(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	export, err := net.Listen("tcp", "127.0.0.2:0")
+	qemuIO := testenv.RequireCommand(t, "qemu-io")
+	nbdSocket := startQemuNBD(t, s.ExportSocket(testPort))
+	m := newManager(t, baseConfig(s))
+	before := testenv.TCPListenersOf(t, os.Getpid())
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: nbdSocket}}); err != nil {
+		t.Fatalf("EnsureForwards: %v", err)
+	}
+	if after := testenv.TCPListenersOf(t, os.Getpid()); len(after) > len(before) {
+		t.Fatalf("EnsureForwards opened a TCP listener: %v, before %v", after, before)
+	}
+	dir := filepath.Dir(m.SocketPath(testPort))
+	st, err := os.Stat(dir)
 	if err != nil {
-		testenv.Missing(t, "loopback address 127.0.0.2 not usable: %v", err)
+		t.Fatal(err)
 	}
-	port := export.Addr().(*net.TCPAddr).Port
-	go func() {
-		conn, err := export.Accept()
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		_, _ = io.Copy(conn, conn)
-	}()
-	t.Cleanup(func() { export.Close() })
-
-	cfg := baseConfig(s)
-	cfg.RemoteHost = "127.0.0.2"
-	m := newManager(t, cfg)
-	if err := m.EnsureForwards(testContext(t), tunnel.Ports(port)); err != nil {
-		t.Fatalf("EnsureForwards with equal ports: %v", err)
+	if st.Mode().Perm() != 0o700 {
+		t.Fatalf("forward socket directory %s has mode %v, want 0700", dir, st.Mode().Perm())
 	}
-	if err := roundTrip(port, []byte("same port, other loopback address")); err != nil {
-		t.Fatalf("round trip: %v", err)
+	uri := "nbd+unix:///disk?socket=" + m.SocketPath(testPort)
+	write := []string{"-f", "raw", "-c", "write -P 0xab 0 64k", uri}
+	out, err := testenv.RunAs(t, "nobody", qemuIO, write...)
+	if err == nil {
+		t.Fatalf("user nobody wrote to the export through the forward:\n%s", out)
+	}
+	if !strings.Contains(strings.ToLower(out), "permission denied") {
+		t.Fatalf("user nobody's write failed for another reason than permissions: %v\n%s", err, out)
+	}
+	// The same write as the forward's owner goes through: the refusal above is the guard.
+	if out, err := exec.Command(qemuIO, write...).CombinedOutput(); err != nil {
+		t.Fatalf("write through the forward as its owner: %v\n%s", err, out)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("socket directory %s still there after Close (stat: %v)", dir, err)
 	}
 }
 
 func TestHalfCloseIsPassedOn(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
-	conn, err := net.Dial("tcp", localAddr(local))
+	conn, err := dialForward(m, testPort)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,7 +244,7 @@ func TestHalfCloseIsPassedOn(t *testing.T) {
 	if _, err := conn.Write([]byte("last words")); err != nil {
 		t.Fatal(err)
 	}
-	if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := conn.(*net.UnixConn).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	// The echo server sees EOF only if the half-close crossed the tunnel; it then closes,
@@ -239,9 +261,8 @@ func TestHalfCloseIsPassedOn(t *testing.T) {
 func TestEnsureForwardsIsIdempotent(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	fw := []tunnel.Forward{{Local: local, Remote: remote}}
+	remote := echoServer(t, s.ExportSocket(testPort))
+	fw := []tunnel.Forward{{Port: testPort, Remote: remote}}
 	ctx := testContext(t)
 
 	for i := range 3 {
@@ -252,40 +273,22 @@ func TestEnsureForwardsIsIdempotent(t *testing.T) {
 	if got := m.Forwards(); len(got) != 1 || got[0] != fw[0] {
 		t.Fatalf("Forwards() = %v, want %v", got, fw)
 	}
-	if err := roundTrip(local, []byte("still one forward")); err != nil {
+	if err := roundTrip(m, testPort, []byte("still one forward")); err != nil {
 		t.Fatalf("round trip: %v", err)
 	}
 
-	err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: remote + 1}})
-	if err == nil || !strings.Contains(err.Error(), "already forwarded to hub port") {
-		t.Fatalf("re-pointing a forwarded local port: got %v, want an 'already forwarded' error", err)
+	err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: remote + ".other"}})
+	if err == nil || !strings.Contains(err.Error(), "already forwarded to hub socket") {
+		t.Fatalf("re-pointing a forwarded port: got %v, want an 'already forwarded' error", err)
 	}
 }
 
-func TestPortsMapsEqualPorts(t *testing.T) {
-	got := tunnel.Ports(10100, 10101)
-	want := []tunnel.Forward{{Local: 10100, Remote: 10100}, {Local: 10101, Remote: 10101}}
-	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
-		t.Fatalf("Ports = %v, want %v", got, want)
-	}
-}
-
-func TestLocalPortTakenIsClearError(t *testing.T) {
+func TestRelativeHubSocketIsClearError(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	squatter, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer squatter.Close()
-	taken := squatter.Addr().(*net.TCPAddr).Port
-
-	err = m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: taken, Remote: echoServer(t)}})
-	if err == nil {
-		t.Fatal("EnsureForwards on a taken local port succeeded")
-	}
-	if !errors.Is(err, syscall.EADDRINUSE) || !strings.Contains(err.Error(), "already in use by another process") {
-		t.Fatalf("error %q does not say the local port is in use", err)
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: "exports/port-10100.sock"}})
+	if err == nil || !strings.Contains(err.Error(), "not an absolute path") {
+		t.Fatalf("EnsureForwards with a relative hub socket: %v, want a 'not an absolute path' error", err)
 	}
 	if len(m.Forwards()) != 0 {
 		t.Fatalf("a failed forward was recorded: %v", m.Forwards())
@@ -295,12 +298,11 @@ func TestLocalPortTakenIsClearError(t *testing.T) {
 func TestDropForwardsClosesListenerAndLiveConnections(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
-	live, err := net.Dial("tcp", localAddr(local))
+	live, err := dialForward(m, testPort)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,15 +315,15 @@ func TestDropForwardsClosesListenerAndLiveConnections(t *testing.T) {
 		t.Fatalf("echo before drop: %v", err)
 	}
 
-	m.DropForwards([]int{local})
-	m.DropForwards([]int{local, local + 1}) // idempotent, unknown ports ignored
+	m.DropForwards([]int{testPort})
+	m.DropForwards([]int{testPort, testPort + 1}) // idempotent, unknown ports ignored
 
 	if n, err := live.Read(make([]byte, 1)); err == nil {
 		t.Fatalf("live connection still open after drop (read %d bytes)", n)
 	}
-	if conn, err := net.DialTimeout("tcp", localAddr(local), time.Second); err == nil {
+	if conn, err := dialForward(m, testPort); err == nil {
 		conn.Close()
-		t.Fatal("local port still accepts after drop")
+		t.Fatal("forward socket still accepts after drop")
 	}
 	if len(m.Forwards()) != 0 {
 		t.Fatalf("Forwards() after drop = %v", m.Forwards())
@@ -361,7 +363,7 @@ func TestWrongHostKeyIsTypedError(t *testing.T) {
 	cfg.KnownHostsFile = writeKnownHosts(t, s.Addr, impostor)
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	var hostKeyErr *tunnel.HostKeyError
 	if !errors.As(err, &hostKeyErr) {
 		t.Fatalf("EnsureForwards error %v is not a *tunnel.HostKeyError", err)
@@ -384,10 +386,10 @@ func TestUnknownHostIsTypedError(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	cfg := baseConfig(s)
 	// The right key, but for another port: the host as dialled is not known.
-	cfg.KnownHostsFile = writeKnownHosts(t, localAddr(s.Port+1), s.HostPublicKey)
+	cfg.KnownHostsFile = writeKnownHosts(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(s.Port+1)), s.HostPublicKey)
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	var hostKeyErr *tunnel.HostKeyError
 	if !errors.As(err, &hostKeyErr) || !hostKeyErr.Unknown {
 		t.Fatalf("EnsureForwards error %v is not an unknown-host *tunnel.HostKeyError", err)
@@ -408,7 +410,7 @@ func TestRefusedLoginNamesUserAndKey(t *testing.T) {
 	cfg.KeyFile = keyPath
 	m := newManager(t, cfg)
 
-	err := m.EnsureForwards(testContext(t), tunnel.Ports(testenv.FreePort(t)))
+	err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: s.ExportSocket(testPort)}})
 	if err == nil || !strings.Contains(err.Error(), "ssh login to "+s.Addr+" as "+s.User) || !strings.Contains(err.Error(), keyPath) {
 		t.Fatalf("refused login error %v does not name address, user and key file", err)
 	}
@@ -487,12 +489,11 @@ func eventually(t testing.TB, within time.Duration, what string, check func() er
 func TestForwardSurvivesSSHDRestart(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
-	live, err := net.Dial("tcp", localAddr(local))
+	live, err := dialForward(m, testPort)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -513,7 +514,7 @@ func TestForwardSurvivesSSHDRestart(t *testing.T) {
 	}
 	// New connections on the same listener go over the redialled SSH connection.
 	eventually(t, time.Minute, "forward working after sshd restart", func() error {
-		return roundTrip(local, []byte("after restart"))
+		return roundTrip(m, testPort, []byte("after restart"))
 	})
 }
 
@@ -525,9 +526,8 @@ func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 	cfg.Addr = proxy.addr()
 	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
 	m := newManager(t, cfg)
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 	s.Stop()
@@ -538,12 +538,12 @@ func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 		}
 		return nil
 	})
-	if err := roundTrip(local, []byte("hub down")); err == nil {
+	if err := roundTrip(m, testPort, []byte("hub down")); err == nil {
 		t.Fatal("round trip succeeded with sshd stopped")
 	}
 	s.Restart()
 	eventually(t, time.Minute, "forward working after sshd came back", func() error {
-		return roundTrip(local, []byte("hub back"))
+		return roundTrip(m, testPort, []byte("hub back"))
 	})
 }
 
@@ -657,9 +657,8 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
 	cfg.KeepaliveInterval = 300 * time.Millisecond // and the default KeepaliveCountMax
 	m := newManager(t, cfg)
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 	if got := proxy.accepted.Load(); got != 1 {
@@ -676,7 +675,7 @@ func TestKeepaliveDetectsSilentlyDeadConnection(t *testing.T) {
 		}
 		return nil
 	})
-	if err := roundTrip(local, []byte("over the new connection")); err != nil {
+	if err := roundTrip(m, testPort, []byte("over the new connection")); err != nil {
 		t.Fatalf("round trip after redial: %v", err)
 	}
 }
@@ -696,9 +695,8 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 	cfg.KeepaliveInterval = 500 * time.Millisecond
 	cfg.KeepaliveCountMax = 3
 	m := newManager(t, cfg)
-	remote := echoServer(t)
-	local := testenv.FreePort(t)
-	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Local: local, Remote: remote}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 
@@ -709,7 +707,7 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs <- roundTrip(local, payload)
+			errs <- roundTrip(m, testPort, payload)
 		}()
 	}
 
@@ -724,7 +722,7 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 		return nil
 	})
 	start := time.Now()
-	if err := roundTrip(local, []byte("behind the queue")); err != nil {
+	if err := roundTrip(m, testPort, []byte("behind the queue")); err != nil {
 		t.Fatalf("small round trip behind the bulk: %v", err)
 	}
 	waited := time.Since(start)
@@ -746,8 +744,9 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 	}
 }
 
-// startQemuNBD serves a fresh raw image on 127.0.0.1:port, as the hub does.
-func startQemuNBD(t testing.TB) int {
+// startQemuNBD serves a fresh raw image on a unix socket, as the hub does, and returns
+// the socket's path.
+func startQemuNBD(t testing.TB, sock string) string {
 	t.Helper()
 	bin := testenv.RequireCommand(t, "qemu-nbd")
 	image := filepath.Join(t.TempDir(), "disk.raw")
@@ -757,9 +756,8 @@ func startQemuNBD(t testing.TB) int {
 	if err := os.Truncate(image, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	port := testenv.FreePort(t)
-	cmd := exec.Command(bin, "--persistent", "--shared=4", "--format=raw", "--bind=127.0.0.1",
-		"--port="+strconv.Itoa(port), "--export-name=disk", image)
+	cmd := exec.Command(bin, "--persistent", "--shared=4", "--format=raw", "--socket="+sock,
+		"--export-name=disk", image)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -780,29 +778,28 @@ func startQemuNBD(t testing.TB) int {
 			t.Fatalf("qemu-nbd exited: %s", stderr.String())
 		default:
 		}
-		conn, err := net.Dial("tcp", localAddr(port))
+		conn, err := net.Dial("unix", sock)
 		if err != nil {
 			return err
 		}
 		return conn.Close()
 	})
-	return port
+	return sock
 }
 
 func TestHealthHandshakesWithNBDServerThroughForward(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	nbdPort := startQemuNBD(t)
+	nbdSocket := startQemuNBD(t, s.ExportSocket(testPort))
 	m := newManager(t, baseConfig(s))
-	local := testenv.FreePort(t)
 	ctx := testContext(t)
-	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: nbdPort}}); err != nil {
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: nbdSocket}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 	// Repeated checks must not use up qemu-nbd's --shared client slots.
 	start := time.Now()
 	const checks = 6
 	for i := range checks {
-		if err := m.Health(ctx, local); err != nil {
+		if err := m.Health(ctx, testPort); err != nil {
 			t.Fatalf("Health check %d through forward to qemu-nbd: %v", i+1, err)
 		}
 	}
@@ -814,30 +811,29 @@ func TestHealthFailsClearly(t *testing.T) {
 	m := newManager(t, baseConfig(s))
 	ctx := testContext(t)
 
-	// Nothing listens on the hub port: sshd refuses the channel.
-	nothing := testenv.FreePort(t)
-	refusedLocal := testenv.FreePort(t)
+	// Nothing serves the hub socket: sshd refuses the channel.
+	const refusedPort, echoPort = testPort, testPort + 1
+	nothing := s.ExportSocket(refusedPort)
 	// Not NBD: the echo server sends no greeting, so the check times out.
-	echoLocal := testenv.FreePort(t)
 	if err := m.EnsureForwards(ctx, []tunnel.Forward{
-		{Local: refusedLocal, Remote: nothing},
-		{Local: echoLocal, Remote: echoServer(t)},
+		{Port: refusedPort, Remote: nothing},
+		{Port: echoPort, Remote: echoServer(t, s.ExportSocket(echoPort))},
 	}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 
-	err := m.Health(ctx, refusedLocal)
-	if err == nil || !strings.Contains(err.Error(), "forward failed") || !strings.Contains(err.Error(), "refused") {
-		t.Fatalf("Health to a closed hub port: %v, want the channel refusal named", err)
+	err := m.Health(ctx, refusedPort)
+	if !errors.Is(err, tunnel.ErrRefused) || !strings.Contains(err.Error(), "forward failed") || !strings.Contains(err.Error(), nothing) {
+		t.Fatalf("Health to a missing hub socket: %v, want the channel refusal named", err)
 	}
 
 	shortCtx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
 	defer cancel()
-	if err := m.Health(shortCtx, echoLocal); err == nil || !errors.Is(err, context.DeadlineExceeded) {
+	if err := m.Health(shortCtx, echoPort); err == nil || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Health to a silent server: %v, want a deadline error", err)
 	}
 
-	if err := m.Health(ctx, testenv.FreePort(t)); err == nil || !strings.Contains(err.Error(), "not forwarded") {
+	if err := m.Health(ctx, testPort+2); err == nil || !strings.Contains(err.Error(), "not forwarded") {
 		t.Fatalf("Health on a port the manager does not forward: %v", err)
 	}
 }
@@ -845,9 +841,9 @@ func TestHealthFailsClearly(t *testing.T) {
 func TestCloseStopsEverything(t *testing.T) {
 	s := testenv.StartSSHD(t)
 	m := newManager(t, baseConfig(s))
-	local := testenv.FreePort(t)
 	ctx := testContext(t)
-	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Local: local, Remote: echoServer(t)}}); err != nil {
+	remote := echoServer(t, s.ExportSocket(testPort))
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 	if err := m.Close(); err != nil {
@@ -856,11 +852,11 @@ func TestCloseStopsEverything(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatalf("second Close: %v", err)
 	}
-	if conn, err := net.DialTimeout("tcp", localAddr(local), time.Second); err == nil {
+	if conn, err := dialForward(m, testPort); err == nil {
 		conn.Close()
 		t.Fatal("forward still listening after Close")
 	}
-	if err := m.EnsureForwards(ctx, tunnel.Ports(local)); !errors.Is(err, tunnel.ErrClosed) {
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: testPort, Remote: remote}}); !errors.Is(err, tunnel.ErrClosed) {
 		t.Fatalf("EnsureForwards after Close: %v, want ErrClosed", err)
 	}
 }
@@ -872,7 +868,8 @@ func BenchmarkForwardThroughput(b *testing.B) {
 	cfg := baseConfig(s)
 	cfg.KeepaliveInterval = time.Minute
 	m := newManager(b, cfg)
-	sink, err := net.Listen("tcp", "127.0.0.1:0")
+	sinkPath := s.ExportSocket(testPort)
+	sink, err := net.Listen("unix", sinkPath)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -888,11 +885,10 @@ func BenchmarkForwardThroughput(b *testing.B) {
 		n, _ := io.Copy(io.Discard, conn)
 		received <- n
 	}()
-	local := testenv.FreePort(b)
-	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Local: local, Remote: sink.Addr().(*net.TCPAddr).Port}}); err != nil {
+	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Port: testPort, Remote: sinkPath}}); err != nil {
 		b.Fatal(err)
 	}
-	conn, err := net.Dial("tcp", localAddr(local))
+	conn, err := dialForward(m, testPort)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -904,7 +900,7 @@ func BenchmarkForwardThroughput(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	_ = conn.(*net.TCPConn).CloseWrite()
+	_ = conn.(*net.UnixConn).CloseWrite()
 	if n := <-received; n != int64(b.N)*int64(len(chunk)) {
 		b.Fatalf("sink received %d bytes, want %d", n, int64(b.N)*int64(len(chunk)))
 	}
@@ -920,7 +916,8 @@ func BenchmarkForwardFirstByte(b *testing.B) {
 	cfg := baseConfig(s)
 	cfg.KeepaliveInterval = time.Minute
 	m := newManager(b, cfg)
-	greeter, err := net.Listen("tcp", "127.0.0.1:0")
+	greeterPath := s.ExportSocket(testPort)
+	greeter, err := net.Listen("unix", greeterPath)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -938,14 +935,13 @@ func BenchmarkForwardFirstByte(b *testing.B) {
 			}()
 		}
 	}()
-	local := testenv.FreePort(b)
-	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Local: local, Remote: greeter.Addr().(*net.TCPAddr).Port}}); err != nil {
+	if err := m.EnsureForwards(context.Background(), []tunnel.Forward{{Port: testPort, Remote: greeterPath}}); err != nil {
 		b.Fatal(err)
 	}
 	greeting := make([]byte, 18)
 	b.ResetTimer()
 	for range b.N {
-		conn, err := net.Dial("tcp", localAddr(local))
+		conn, err := dialForward(m, testPort)
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -29,7 +29,7 @@ const wanChildEnv = "DISKFERRY_WAN_BENCH_CHILD"
 
 const (
 	wanTransferBytes = 100 << 20
-	wanSinkPort      = 10809 // hub 127.0.0.1 and hub WANHubIP, as the forward's remote and local port
+	wanSinkPort      = 10809 // the raw sink on hub WANHubIP, and the forward's port
 	wanLinkBytesRate = float64(testenv.DefaultWANRate) / 8
 )
 
@@ -39,6 +39,7 @@ type wanJob struct {
 	User           string `json:"user"`
 	KeyFile        string `json:"key_file"`
 	KnownHostsFile string `json:"known_hosts_file"`
+	SinkSocket     string `json:"sink_socket"` // on the hub, behind sshd
 	Bytes          int64  `json:"bytes"`
 }
 
@@ -52,9 +53,9 @@ const wanResultPrefix = "wan-result "
 // BenchmarkTunnelWAN measures docs/architecture.md's target "through the SSH tunnel over an emulated
 // 100 Mbit/20 ms link: at least 95% of link rate". Each iteration sends wanTransferBytes
 // SNA→hub (the direction of a backup) once over plain TCP across the link, the yardstick,
-// and once through tunnel.Manager's forward: 127.0.0.1:P in the SNA namespace → real
-// sshd on the hub → 127.0.0.1:P in the hub namespace. A transfer ends when the hub has
-// confirmed every byte, so socket buffers cannot flatter the rate.
+// and once through tunnel.Manager's forward: its unix socket in the SNA namespace → real
+// sshd on the hub → a unix socket there, as an export is reached. A transfer ends when
+// the hub has confirmed every byte, so socket buffers cannot flatter the rate.
 //
 //	sudo go test -run '^$' -bench '^BenchmarkTunnelWAN$' -benchtime 1x ./internal/tunnel
 func BenchmarkTunnelWAN(b *testing.B) {
@@ -64,21 +65,25 @@ func BenchmarkTunnelWAN(b *testing.B) {
 	}
 	link := testenv.StartWANLink(b, testenv.WANOptions{})
 	sshd := link.StartSSHD(b)
-	for _, addr := range []string{
-		net.JoinHostPort(testenv.WANHubIP, strconv.Itoa(wanSinkPort)), // raw, across the link
-		net.JoinHostPort("127.0.0.1", strconv.Itoa(wanSinkPort)),      // behind sshd
-	} {
-		listener, err := link.Listen(link.HubNS, addr)
-		if err != nil {
-			b.Fatal(err)
-		}
-		serveWANSink(b, listener)
+	// Raw, across the link.
+	listener, err := link.Listen(link.HubNS, net.JoinHostPort(testenv.WANHubIP, strconv.Itoa(wanSinkPort)))
+	if err != nil {
+		b.Fatal(err)
 	}
+	serveWANSink(b, listener)
+	// Behind sshd: a unix socket belongs to no network namespace; sshd reaches it by path.
+	sinkSocket := sshd.ExportSocket(testenv.SSHDExportPortMin)
+	listener, err = net.Listen("unix", sinkSocket)
+	if err != nil {
+		b.Fatal(err)
+	}
+	serveWANSink(b, listener)
 	job, err := json.Marshal(wanJob{
 		SSHAddr:        sshd.Addr,
 		User:           sshd.User,
 		KeyFile:        sshd.ClientKeyPath,
 		KnownHostsFile: sshd.KnownHostsPath,
+		SinkSocket:     sinkSocket,
 		Bytes:          wanTransferBytes,
 	})
 	if err != nil {
@@ -164,7 +169,7 @@ func runWANChild(b *testing.B, encoded string) {
 		b.Fatal(err)
 	}
 	defer m.Close()
-	if err := m.EnsureForwards(ctx, tunnel.Ports(wanSinkPort)); err != nil {
+	if err := m.EnsureForwards(ctx, []tunnel.Forward{{Port: wanSinkPort, Remote: job.SinkSocket}}); err != nil {
 		b.Fatal(err)
 	}
 
@@ -172,11 +177,11 @@ func runWANChild(b *testing.B, encoded string) {
 	// Random bytes: nothing on the way may shrink them.
 	_, _ = rand.Read(chunk)
 	var result wanResult
-	result.RawSeconds, err = sendToSink(ctx, net.JoinHostPort(testenv.WANHubIP, strconv.Itoa(wanSinkPort)), chunk, job.Bytes)
+	result.RawSeconds, err = sendToSink(ctx, "tcp", net.JoinHostPort(testenv.WANHubIP, strconv.Itoa(wanSinkPort)), chunk, job.Bytes)
 	if err != nil {
 		b.Fatalf("raw transfer: %v", err)
 	}
-	result.TunnelSeconds, err = sendToSink(ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(wanSinkPort)), chunk, job.Bytes)
+	result.TunnelSeconds, err = sendToSink(ctx, "unix", m.SocketPath(wanSinkPort), chunk, job.Bytes)
 	if err != nil {
 		b.Fatalf("tunnel transfer: %v", err)
 	}
@@ -189,10 +194,10 @@ func runWANChild(b *testing.B, encoded string) {
 
 // sendToSink connects, sends size bytes, half-closes and waits for the sink's count; it
 // returns the seconds from dial to confirmation.
-func sendToSink(ctx context.Context, addr string, chunk []byte, size int64) (float64, error) {
+func sendToSink(ctx context.Context, network, addr string, chunk []byte, size int64) (float64, error) {
 	began := time.Now()
 	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", addr)
+	conn, err := d.DialContext(ctx, network, addr)
 	if err != nil {
 		return 0, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -207,7 +212,7 @@ func sendToSink(ctx context.Context, addr string, chunk []byte, size int64) (flo
 			return 0, fmt.Errorf("send to %s after %d bytes: %w", addr, sent, err)
 		}
 	}
-	if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+	if err := conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
 		return 0, fmt.Errorf("half-close %s: %w", addr, err)
 	}
 	var received int64

@@ -31,7 +31,7 @@ func TestCloseDuringConnectionLossReturns(t *testing.T) {
 		log:      slog.New(slog.DiscardHandler),
 		ctx:      ctx,
 		cancel:   cancel,
-		forwards: map[int]*forward{1: {spec: Forward{Local: 1, Remote: 1}, listener: l, conns: map[*pipe]struct{}{}}},
+		forwards: map[int]*forward{1: {spec: Forward{Port: 1, Remote: "/run/nonexistent.sock"}, listener: l, conns: map[*pipe]struct{}{}}},
 	}
 	chans := make(chan ssh.NewChannel)
 	reqs := make(chan *ssh.Request)

@@ -98,7 +98,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 		Name: "diskferry_bytes_verified_total", Help: "Bytes of targets read back and verified against the copy's digest.",
 	})
 	acts, err := hub.New(store, ports, layout, hub.Settings{
-		HubID: cfg.HubID, ExportBind: cfg.ExportBind, ExportCache: cfg.ExportCache, RunDir: cfg.RunDir,
+		HubID: cfg.HubID, ExportCache: cfg.ExportCache, RunDir: cfg.RunDir,
 		WorkflowClosed: hub.WorkflowClosedFunc(c),
 		CountVerified:  func(n int64) { verified.Add(float64(n)) },
 	}, log)
@@ -170,7 +170,8 @@ func reconcile(ctx context.Context, acts *hub.Activities, log *slog.Logger) {
 		log.Error("reconcile exports", "err", err)
 	}
 	log.Info("exports reconciled", "reaped", len(report.Reaped), "stopped", report.Stopped,
-		"forgotten", report.Forgotten, "registered", report.Registered, "verifiers", report.Verifiers)
+		"forgotten", report.Forgotten, "registered", report.Registered, "restarted", report.Restarted,
+		"verifiers", report.Verifiers, "abandoned", report.Abandoned, "swept", report.Swept)
 }
 
 // catalogGauge reads a count from the catalog at scrape time; a failed read reports nothing.

@@ -50,7 +50,6 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 		RunDir:         filepath.Join(testenv.ShortTempDir(t), "run"),
 		PortMin:        20100,
 		PortMax:        20110,
-		ExportBind:     "127.0.0.1",
 		MetricsAddr:    metricsAddr,
 		LogLevel:       slog.LevelWarn,
 	}

@@ -139,7 +139,6 @@ func tunnelConfig(cfg config.SNA) func(hubID string) (tunnel.Config, error) {
 			KnownHostsFile:    cfg.SSHKnownHostsFile,
 			KeepaliveInterval: cfg.SSHKeepalive,
 			KeepaliveCountMax: cfg.SSHKeepaliveCount,
-			RemoteHost:        cfg.HubExportHost,
 		}, nil
 	}
 }
