@@ -79,7 +79,7 @@ func TestVerifyTargetRejectsWriteOutsideAreasOfFull(t *testing.T) {
 
 	plan, target := r.fullTarget(t, "wf-1")
 	exp := r.export(t, "wf-1", target)
-	uri := fmt.Sprintf("nbd://127.0.0.1:%d/%s", exp.Port, exp.Name)
+	uri := exportURI(exp)
 	qemuIO(t, "raw", uri, "write -P 0x5a 0 2M", "write -P 0x5a 4M 1M", "write -P 0xab 6M 1M")
 	require.NoError(t, r.run(t, activities.StopExportName, activities.StopExportInput{Port: exp.Port, Path: target.Path}, nil))
 

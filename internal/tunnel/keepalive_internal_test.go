@@ -93,6 +93,18 @@ func (r *keepaliveRun) tick(what string) {
 	}
 }
 
+// tryTick delivers one interval's end and reports true, or false once the keepalive has
+// stopped.
+func (r *keepaliveRun) tryTick() bool {
+	select {
+	case r.ticks <- time.Now():
+		return true
+	case reason := <-r.reason:
+		r.reason <- reason
+		return false
+	}
+}
+
 func (r *keepaliveRun) result() string {
 	r.t.Helper()
 	select {
@@ -105,9 +117,64 @@ func (r *keepaliveRun) result() string {
 	}
 }
 
+// The counting itself, tick by tick: data in an interval resets it, silent intervals count
+// only while a keepalive waits for its reply, and exactly KeepaliveCountMax of them in a row
+// declare the connection dead.
+func TestSilenceCountsOnlySilentIntervalsAwaitingReply(t *testing.T) {
+	s := silence{countMax: 3}
+	var inbound uint64
+	for i := range 20 {
+		inbound++
+		if s.tick(inbound, true) {
+			t.Fatalf("busy interval %d declared dead", i+1)
+		}
+	}
+	for i := range 10 {
+		if s.tick(inbound, false) {
+			t.Fatalf("silent interval %d without a keepalive waiting declared dead", i+1)
+		}
+	}
+	for i := range 2 {
+		if s.tick(inbound, true) {
+			t.Fatalf("silent interval %d of 3 declared dead", i+1)
+		}
+	}
+	inbound++
+	if s.tick(inbound, true) {
+		t.Fatal("data after two silent intervals declared dead")
+	}
+	for i := range 3 {
+		if dead := s.tick(inbound, true); dead != (i == 2) {
+			t.Fatalf("silent interval %d of 3: dead %t", i+1, dead)
+		}
+	}
+}
+
+// A connection on which nothing ever arrives is declared dead after exactly
+// KeepaliveCountMax intervals of its keepalive waiting.
+func TestKeepaliveDropsSilentConnection(t *testing.T) {
+	const countMax = 3
+	hub := newFakeRequester()
+	r := startKeepalive(t, countMax, hub)
+	r.tick("first interval") // sends the keepalive
+	<-hub.asked
+	for i := range countMax - 1 {
+		r.tick(fmt.Sprintf("silent interval %d", i+1))
+	}
+	r.tick("last silent interval")
+	reason := r.result()
+	if !strings.Contains(reason, "keepalive unanswered and nothing received from the hub for 3 intervals") {
+		t.Fatalf("keepalive stopped with %q, want the silence named", reason)
+	}
+	close(hub.answer) // releases the request left waiting
+}
+
 // A keepalive reply queued behind data takes many intervals; the data arriving meanwhile
-// proves the connection alive. Once the data stops too, the connection is declared dead
-// after exactly KeepaliveCountMax silent intervals.
+// proves the connection alive, with only one keepalive outstanding. Once the data stops too,
+// the connection is declared dead. (The loop reads the counter some time after it took a
+// tick, so a read may already hold the next interval's data and the following tick then
+// sees none: the death may come one tick late, never early — the exact count is
+// TestSilenceCountsOnlySilentIntervalsAwaitingReply's.)
 func TestKeepaliveKeepsBusyConnectionAndDropsSilentOne(t *testing.T) {
 	const countMax = 3
 	hub := newFakeRequester()
@@ -122,8 +189,12 @@ func TestKeepaliveKeepsBusyConnectionAndDropsSilentOne(t *testing.T) {
 		t.Fatalf("%d keepalives outstanding at once, want 1", got)
 	}
 
-	for i := range countMax {
-		r.tick(fmt.Sprintf("silent interval %d", i+1))
+	silent := 0
+	for r.tryTick() {
+		silent++
+		if silent > countMax+1 {
+			t.Fatalf("still alive after %d silent intervals", silent)
+		}
 	}
 	reason := r.result()
 	if !strings.Contains(reason, "keepalive unanswered and nothing received from the hub for 3 intervals") {
