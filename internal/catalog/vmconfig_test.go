@@ -98,3 +98,18 @@ func TestFindPointsByVMNameOrMoref(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, none)
 }
+
+func TestCheckSchema(t *testing.T) {
+	ctx := testCtx(t)
+	latest, err := LatestSchemaVersion()
+	require.NoError(t, err)
+	assert.Equal(t, int64(3), latest)
+
+	s := newStore(t)
+	require.NoError(t, s.CheckSchema(ctx))
+	_, err = s.DB().ExecContext(ctx, "DELETE FROM goose_db_version WHERE version_id = ?", latest)
+	require.NoError(t, err)
+	err = s.CheckSchema(ctx)
+	require.ErrorIs(t, err, ErrSchemaBehind)
+	assert.ErrorContains(t, err, "at version 2, this build needs 3")
+}
