@@ -11,6 +11,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/spf13/cobra"
 
@@ -257,7 +258,7 @@ func renderPointList(out io.Writer, rows []pointSummary) error {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "POINT\tVM\tSTATUS\tMODE\tSTARTED\tFINISHED\tDISKS\tSIZE\tWRITTEN")
 	for _, r := range rows {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.ID, r.VM, r.Status, r.Mode,
+		printf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.ID, r.VM, r.Status, r.Mode,
 			localTime(r.StartedAt), finishedText(r.FinishedAt), r.DiskCount, humanBytes(r.CapacityBytes), humanBytes(r.BytesWritten))
 	}
 	return tw.Flush()
@@ -266,7 +267,7 @@ func renderPointList(out io.Writer, rows []pointSummary) error {
 func renderPoint(out io.Writer, d pointDetail) error {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	line := func(label, format string, args ...any) {
-		fmt.Fprintf(tw, "%s\t"+format+"\n", append([]any{label}, args...)...)
+		printf(tw, "%s\t"+format+"\n", append([]any{label}, args...)...)
 	}
 	line("Point", "%s", d.ID)
 	line("VM", "%s (%s, vCenter %s)", d.VM, d.VMMoref, d.VCenter)
@@ -292,7 +293,7 @@ func renderPoint(out io.Writer, d pointDetail) error {
 	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  KEY\tCAPACITY\tMODE\tPATH\tPARENT\tCHANGEID\tDIGEST\tWRITTEN\tMANIFEST")
 	for _, k := range d.Disks {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.Key, humanBytes(k.CapacityBytes), k.Mode, k.Path,
+		printf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", k.Key, humanBytes(k.CapacityBytes), k.Mode, k.Path,
 			orDash(k.ParentPath), orDash(k.ChangeID), orDash(k.Digest), humanBytes(k.BytesWritten), k.ManifestState)
 	}
 	if err := tw.Flush(); err != nil {
@@ -300,14 +301,14 @@ func renderPoint(out io.Writer, d pointDetail) error {
 	}
 	for _, k := range d.Disks {
 		if k.Reason != "" {
-			fmt.Fprintf(out, "  disk %d copied in full: %s\n", k.Key, k.Reason)
+			printf(out, "  disk %d copied in full: %s\n", k.Key, k.Reason)
 		}
 	}
 
 	fmt.Fprintln(out, "\nChain (full point first):")
 	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	for _, c := range d.Chain {
-		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", c.ID, c.Mode, c.Status, localTime(c.StartedAt))
+		printf(tw, "  %s\t%s\t%s\t%s\n", c.ID, c.Mode, c.Status, localTime(c.StartedAt))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -321,12 +322,12 @@ func renderVMConfig(out io.Writer, c *catalog.VMConfig) error {
 		_, err := fmt.Fprintln(out, "\nVM configuration: not captured (the point is older than diskferry's keeping it)")
 		return err
 	}
-	fmt.Fprintf(out, "\nVM configuration: %d CPUs (%d cores per socket), %d MiB memory, firmware %s, guest %s\n",
+	printf(out, "\nVM configuration: %d CPUs (%d cores per socket), %d MiB memory, firmware %s, guest %s\n",
 		c.NumCPUs, c.CoresPerSocket, c.MemoryMB, orDash(c.Firmware), orDash(c.GuestID))
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  DISK\tCAPACITY\tCONTROLLER\tBUS\tUNIT\tPROVISIONING")
 	for _, d := range c.Disks {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%d\t%d\t%s\n", d.Key, humanBytes(d.CapacityBytes), d.ControllerType, d.BusNumber, d.UnitNumber,
+		printf(tw, "  %d\t%s\t%s\t%d\t%d\t%s\n", d.Key, humanBytes(d.CapacityBytes), d.ControllerType, d.BusNumber, d.UnitNumber,
 			orValue(d.Provisioning, "unknown"))
 	}
 	if err := tw.Flush(); err != nil {
@@ -339,10 +340,27 @@ func renderVMConfig(out io.Writer, c *catalog.VMConfig) error {
 	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  NIC\tADAPTER\tNETWORK\tKIND\tMAC\tMAC TYPE")
 	for _, n := range c.NICs {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", n.Key, n.AdapterType, orDash(n.Network), orDash(n.NetworkKind),
+		printf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", n.Key, n.AdapterType, orDash(n.Network), orDash(n.NetworkKind),
 			orDash(n.MACAddress), orDash(n.AddressType))
 	}
 	return tw.Flush()
+}
+
+// printf is fmt.Fprintf with the control characters of string arguments (names and messages
+// from vCenter, users and errors) shown as U+FFFD: they cannot break a table or drive the
+// terminal.
+func printf(w io.Writer, format string, args ...any) {
+	for i, a := range args {
+		if s, ok := a.(string); ok {
+			args[i] = strings.Map(func(r rune) rune {
+				if unicode.IsControl(r) {
+					return unicode.ReplacementChar
+				}
+				return r
+			}, s)
+		}
+	}
+	fmt.Fprintf(w, format, args...)
 }
 
 func orDash(s string) string { return orValue(s, "-") }

@@ -114,7 +114,7 @@ func newPointsCatalog(t *testing.T) pointsCatalog {
 	old, err := store.OpenPoint(ctx, catalog.OpenPointRequest{WorkflowID: "backup-db01", RunID: "run-1", Site: "lab", Hub: "hub-1",
 		VMID: db.ID, Mode: catalog.ModeFull})
 	require.NoError(t, err)
-	require.NoError(t, store.FailPoint(ctx, old.ID, "copy disk 2000: connection reset"))
+	require.NoError(t, store.FailPoint(ctx, old.ID, "copy disk 2000: connection reset\x1b[2J\nby peer"))
 	pc.old, err = store.GetPoint(ctx, old.ID)
 	require.NoError(t, err)
 
@@ -211,7 +211,8 @@ func TestPointsShow(t *testing.T) {
 	out, err = runCLI(t, "points", "show", pc.old.ID)
 	require.NoError(t, err)
 	assert.Contains(t, out, "VM configuration: not captured")
-	assert.Regexp(t, `(?m)^Error\s+copy disk 2000: connection reset$`, out)
+	assert.Regexp(t, `(?m)^Error\s+copy disk 2000: connection reset\x{FFFD}\[2J\x{FFFD}by peer$`, out,
+		"control characters from a message neither drive the terminal nor break the layout")
 	out, err = runCLI(t, "points", "show", pc.old.ID, "--json")
 	require.NoError(t, err)
 	var raw map[string]any
