@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -501,9 +502,21 @@ func queryPoints(ctx context.Context, q querier, where string, args ...any) ([]P
 	return points, rows.Err()
 }
 
-// loadDisks fills in the disks of points in one query.
+// loadDisksChunk is how many points' disks one query reads: a catalog holds more points
+// than a statement takes placeholders (65535).
+const loadDisksChunk = 1000
+
+// loadDisks fills in the disks of points, one query per loadDisksChunk points.
 func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 	if len(points) == 0 {
+		return nil
+	}
+	if len(points) > loadDisksChunk {
+		for chunk := range slices.Chunk(points, loadDisksChunk) {
+			if err := s.loadDisks(ctx, chunk); err != nil {
+				return err
+			}
+		}
 		return nil
 	}
 	byID := make(map[string]*Point, len(points))

@@ -113,3 +113,37 @@ func TestCheckSchema(t *testing.T) {
 	require.ErrorIs(t, err, ErrSchemaBehind)
 	assert.ErrorContains(t, err, "at version 2, this build needs 3")
 }
+
+// A listing of more points than a statement takes placeholders (65535) gets every point's
+// disks.
+func TestFindPointsLoadsDisksOfManyPoints(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	vm := newVM(t, s, "vm-1")
+	first, err := s.OpenPoint(ctx, fullRequest(vm, "wf-0"))
+	require.NoError(t, err)
+	require.NoError(t, s.FailPoint(ctx, first.ID, "stop"))
+	const n = 66000
+	// MariaDB's sequence engine makes the rows in two statements.
+	_, err = s.DB().ExecContext(ctx, `INSERT INTO restore_points (id, vm_id, workflow_id, run_id, site_id, hub_id, mode, status, started_at)
+		SELECT CONCAT('p-', seq), ?, CONCAT('wf-', seq), 'run-1', 'site-a', 'hub-1', 'full', 'failed', NOW(6) FROM seq_1_to_`+fmt.Sprint(n), vm.ID)
+	require.NoError(t, err)
+	_, err = s.DB().ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, mode, capacity_bytes)
+		SELECT CONCAT('p-', seq), 2000, CONCAT('/r/p-', seq, '.qcow2'), 'full', seq FROM seq_1_to_`+fmt.Sprint(n))
+	require.NoError(t, err)
+
+	points, err := s.FindPoints(ctx, "")
+	require.NoError(t, err)
+	require.Len(t, points, n+1)
+	withDisk := 0
+	for _, p := range points {
+		if p.ID == first.ID {
+			assert.Empty(t, p.Disks)
+			continue
+		}
+		require.Len(t, p.Disks, 1, p.ID)
+		assert.Equal(t, "/r/"+p.ID+".qcow2", p.Disks[0].Path)
+		withDisk++
+	}
+	assert.Equal(t, n, withDisk)
+}
