@@ -209,7 +209,8 @@ func describePoint(ctx context.Context, store *catalog.Store, id string) (pointD
 	if err != nil {
 		return pointDetail{}, err
 	}
-	d := pointDetail{pointSummary: summarize(p, vm), RunID: p.RunID, Error: p.Error, BytesRead: p.BytesRead, VMConfig: p.VMConfig}
+	d := pointDetail{pointSummary: summarize(p, vm), RunID: p.RunID, Error: p.Error, BytesRead: p.BytesRead,
+		Disks: []diskDetail{}, VMConfig: p.VMConfig}
 	for _, disk := range p.Disks {
 		manifest := repo.ManifestPath(disk.Path)
 		d.Disks = append(d.Disks, diskDetail{

@@ -219,6 +219,7 @@ func TestPointsShow(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(out), &raw))
 	assert.Contains(t, raw, "vmConfig")
 	assert.Nil(t, raw["vmConfig"], "null: not captured")
+	assert.Equal(t, []any{}, raw["disks"], "a point without disks lists none, not null")
 }
 
 func TestPointsShowUnknownPoint(t *testing.T) {
