@@ -85,6 +85,41 @@ type VM struct {
 	PowerState   string `json:"powerState"`
 	CBTEnabled   bool   `json:"cbtEnabled"`
 	Disks        []Disk `json:"disks"`
+	// Config is the VM's shape, kept with the restore point for a restore into a new VM;
+	// nil in histories from before it was captured.
+	Config *VMConfig `json:"config,omitempty"`
+}
+
+// VMConfig is the shape of a VM a restore into a new VM recreates.
+type VMConfig struct {
+	NumCPUs        int32        `json:"numCpus"`
+	CoresPerSocket int32        `json:"coresPerSocket"`
+	MemoryMB       int32        `json:"memoryMb"`
+	Firmware       string       `json:"firmware"` // bios|efi
+	GuestID        string       `json:"guestId"`  // vSphere guest OS identifier, e.g. otherLinux64Guest
+	Disks          []DiskLayout `json:"disks"`
+	NICs           []NIC        `json:"nics"`
+}
+
+// DiskLayout is where a virtual disk sits on the VM's controllers.
+type DiskLayout struct {
+	Key            int32  `json:"key"`
+	CapacityBytes  int64  `json:"capacityBytes"`
+	ControllerKey  int32  `json:"controllerKey"`
+	ControllerType string `json:"controllerType"` // pvscsi, lsilogic, lsilogic-sas, buslogic, sata, nvme, ide
+	BusNumber      int32  `json:"busNumber"`
+	UnitNumber     int32  `json:"unitNumber"`
+	Provisioning   string `json:"provisioning,omitempty"` // thin|thick-lazy|thick-eager; empty: not known
+}
+
+// NIC is one virtual network adapter of a VM.
+type NIC struct {
+	Key         int32  `json:"key"`
+	AdapterType string `json:"adapterType"` // vmxnet3, e1000e, e1000…
+	Network     string `json:"network"`     // the network's (port group's) name
+	NetworkKind string `json:"networkKind"` // standard|distributed|opaque
+	AddressType string `json:"addressType"` // manual|generated|assigned
+	MACAddress  string `json:"macAddress"`
 }
 
 // InspectVMInput names a VM by inventory path, name or moref.

@@ -14,7 +14,8 @@ import (
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
-func runCLI(args ...string) (string, error) {
+// runCLICombined runs the CLI and returns what it printed on stdout and stderr together.
+func runCLICombined(args ...string) (string, error) {
 	var out bytes.Buffer
 	root := newRootCommand()
 	root.SetOut(&out)
@@ -42,7 +43,7 @@ func manifestOf(t *testing.T, raw, areasJSON string) string {
 	source := testenv.StartNbdkitFile(t, raw, testenv.NbdkitOptions{})
 	scratch := testenv.StartQemuNBD(t, testenv.CreateQcow2(t, 8<<20), testenv.QemuNBDOptions{})
 	manifest := filepath.Join(t.TempDir(), "disk.manifest")
-	out, err := runCLI("copy", "--manifest", manifest, "--changed-areas", areas, source.URI, scratch.URI)
+	out, err := runCLICombined("copy", "--manifest", manifest, "--changed-areas", areas, source.URI, scratch.URI)
 	require.NoError(t, err, out)
 	return manifest
 }
@@ -62,16 +63,16 @@ func TestVerifyImageProvesNothingOutsideTheManifest(t *testing.T) {
 	point := testenv.CreateQcow2(t, 8<<20)
 	qemuIOFile(t, point, "write -P 0x5a 1M 2M")
 	served := testenv.StartQemuNBD(t, point, ro)
-	out, err := runCLI("verify", "--manifest", manifest, "--image", point, served.URI)
+	out, err := runCLICombined("verify", "--manifest", manifest, "--image", point, served.URI)
 	require.NoError(t, err, out)
 	assert.Equal(t, "verified 2 blocks (2097152 bytes): all match\n"+point+" holds nothing outside those blocks\n", out)
 	served.Kill()
 
 	qemuIOFile(t, point, "write -P 0xab 6M 1M")
 	served = testenv.StartQemuNBD(t, point, ro)
-	out, err = runCLI("verify", "--manifest", manifest, served.URI)
+	out, err = runCLICombined("verify", "--manifest", manifest, served.URI)
 	require.NoError(t, err, "the manifest alone cannot see it: %s", out)
-	out, err = runCLI("verify", "--manifest", manifest, "--image", point, served.URI)
+	out, err = runCLICombined("verify", "--manifest", manifest, "--image", point, served.URI)
 	require.ErrorContains(t, err, "allocated outside the copied areas")
 	assert.Contains(t, out, "outside: offset 6291456 length 1048576\n")
 	served.Kill()
@@ -87,13 +88,13 @@ func TestVerifyImageProvesNothingOutsideTheManifest(t *testing.T) {
 	testenv.WriteFileAt(t, raw, 1<<20+4096, bytes.Repeat([]byte{0x77}, 4096))
 	incr := manifestOf(t, raw, `[{"start":1052672,"length":4096}]`)
 	served = testenv.StartQemuNBD(t, top, ro)
-	out, err = runCLI("verify", "--manifest", incr, "--image", top, served.URI)
+	out, err = runCLICombined("verify", "--manifest", incr, "--image", top, served.URI)
 	require.NoError(t, err, out)
 	served.Kill()
 
 	qemuIOFile(t, top, "write -P 0x99 1056k 1")
 	served = testenv.StartQemuNBD(t, top, ro)
-	out, err = runCLI("verify", "--manifest", incr, "--image", top, served.URI)
+	out, err = runCLICombined("verify", "--manifest", incr, "--image", top, served.URI)
 	require.ErrorContains(t, err, "differing from the parent")
 	assert.Contains(t, out, "outside: offset 1056768 length 57344\n")
 	leftovers, err := filepath.Glob(filepath.Join(tmp, "diskferry-verify*"))

@@ -164,6 +164,21 @@ func TestBackupFull(t *testing.T) {
 	assert.Empty(t, r.fakes.failPoints)
 }
 
+// The VM's shape InspectVM reports reaches PlanBackup, which keeps it with the point, and
+// PrepareTarget unchanged.
+func TestBackupPassesVMConfig(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	_, err := r.execute(validInput())
+	require.NoError(t, err)
+	want := testVM().Config
+	require.Len(t, r.fakes.plans, 1)
+	assert.Equal(t, want, r.fakes.plans[0].VM.Config)
+	require.NotEmpty(t, r.fakes.prepares)
+	for _, p := range r.fakes.prepares {
+		assert.Equal(t, want, p.VM.Config)
+	}
+}
+
 func TestBackupIncremental(t *testing.T) {
 	r := newRun(t, activities.ModeIncremental)
 	in := validInput()

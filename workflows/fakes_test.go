@@ -50,6 +50,7 @@ type fakeActivities struct {
 	// before runs once, at the first call of its label, before the call's own behaviour.
 	before   map[string]func()
 	prepares []activities.PrepareTargetInput
+	plans    []activities.PlanBackupInput
 	flaky    map[string]int // call label → attempts that fail retryably before success
 	attempts map[string]int
 	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
@@ -176,6 +177,14 @@ func testVM() activities.VM {
 			{Key: 2000, Label: "Hard disk 1", CapacityBytes: 64 * gib, BackingFile: "[ds1] web01/web01.vmdk", Datastore: "ds1"},
 			{Key: 2001, Label: "Hard disk 2", CapacityBytes: 8 * gib, BackingFile: "[ds1] web01/web01_1.vmdk", Datastore: "ds1"},
 		},
+		Config: &activities.VMConfig{
+			NumCPUs: 2, CoresPerSocket: 1, MemoryMB: 4096, Firmware: "efi", GuestID: "debian12_64Guest",
+			Disks: []activities.DiskLayout{
+				{Key: 2000, CapacityBytes: 64 * gib, ControllerKey: 1000, ControllerType: "pvscsi", UnitNumber: 0},
+				{Key: 2001, CapacityBytes: 8 * gib, ControllerKey: 1001, ControllerType: "lsilogic", BusNumber: 1, UnitNumber: 0},
+			},
+			NICs: []activities.NIC{{Key: 4000, AdapterType: "vmxnet3", Network: "VM Network", NetworkKind: "standard", AddressType: "generated"}},
+		},
 	}
 }
 
@@ -199,6 +208,9 @@ func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBacku
 	if err := f.call(ctx, activities.PlanBackupName); err != nil {
 		return activities.Plan{}, err
 	}
+	f.mu.Lock()
+	f.plans = append(f.plans, in)
+	f.mu.Unlock()
 	plan := activities.Plan{PointID: "p1", HubID: testHubID, Mode: f.planMode}
 	for _, d := range in.VM.Disks {
 		if len(in.DiskKeys) > 0 && !slices.Contains(in.DiskKeys, d.Key) {

@@ -649,3 +649,40 @@ func TestCommitAndFailPoint(t *testing.T) {
 	}}, nil)
 	requireAppError(t, err, activities.ErrBadInput, true) // a failed point stays failed
 }
+
+// PlanBackup keeps the VM's shape from InspectVM with the point it opens; a VM inspected by
+// an SNA that does not capture it yet gives a point whose shape reads as not captured.
+func TestPlanBackupKeepsVMConfig(t *testing.T) {
+	r := setup(t)
+	vm := testVM()
+	vm.Config = &activities.VMConfig{
+		NumCPUs: 2, CoresPerSocket: 1, MemoryMB: 2048, Firmware: "bios", GuestID: "otherLinux64Guest",
+		Disks: []activities.DiskLayout{
+			{Key: diskA, CapacityBytes: capacity, ControllerKey: 1000, ControllerType: "pvscsi", UnitNumber: 0, Provisioning: "thin"},
+			{Key: diskB, CapacityBytes: capacity, ControllerKey: 15000, ControllerType: "sata", BusNumber: 0, UnitNumber: 1},
+		},
+		NICs: []activities.NIC{{Key: 4000, AdapterType: "e1000e", Network: "backend", NetworkKind: "distributed",
+			AddressType: "generated", MACAddress: "00:50:56:aa:bb:cc"}},
+	}
+	plan, err := r.plan(t, "wf-1", vm, activities.ModeAuto)
+	require.NoError(t, err)
+	point, err := r.store.GetPoint(context.Background(), plan.PointID)
+	require.NoError(t, err)
+	require.NotNil(t, point.VMConfig)
+	assert.Equal(t, &catalog.VMConfig{
+		NumCPUs: 2, CoresPerSocket: 1, MemoryMB: 2048, Firmware: "bios", GuestID: "otherLinux64Guest",
+		Disks: []catalog.DiskLayout{
+			{Key: diskA, CapacityBytes: capacity, ControllerKey: 1000, ControllerType: "pvscsi", UnitNumber: 0, Provisioning: "thin"},
+			{Key: diskB, CapacityBytes: capacity, ControllerKey: 15000, ControllerType: "sata", BusNumber: 0, UnitNumber: 1},
+		},
+		NICs: []catalog.NIC{{Key: 4000, AdapterType: "e1000e", Network: "backend", NetworkKind: "distributed",
+			AddressType: "generated", MACAddress: "00:50:56:aa:bb:cc"}},
+	}, point.VMConfig)
+	require.NoError(t, r.run(t, activities.FailPointName, activities.FailPointInput{PointID: plan.PointID, Error: "test"}, nil))
+
+	plan, err = r.plan(t, "wf-2", testVM(), activities.ModeAuto)
+	require.NoError(t, err)
+	point, err = r.store.GetPoint(context.Background(), plan.PointID)
+	require.NoError(t, err)
+	assert.Nil(t, point.VMConfig)
+}

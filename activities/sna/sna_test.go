@@ -558,3 +558,27 @@ func (o *heartbeatTapOutbound) RecordHeartbeat(ctx context.Context, details ...a
 	}
 	o.Next.RecordHeartbeat(ctx, details...)
 }
+
+// InspectVM's result carries the VM's shape through the activity payload: what the hub keeps
+// with the point for a restore into a new VM.
+func TestInspectVMCarriesConfig(t *testing.T) {
+	r := newRig(t, vcsimtest.Options{Disks: 2, DiskSize: diskSize})
+	env := r.env(r.activities("", nil))
+	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
+	require.NotNil(t, vm.Config)
+	cfg := *vm.Config
+	require.Equal(t, int32(1), cfg.NumCPUs)
+	require.Equal(t, int32(1), cfg.CoresPerSocket)
+	require.Equal(t, int32(256), cfg.MemoryMB, "the lab VM's memory")
+	require.Equal(t, "otherLinux64Guest", cfg.GuestID)
+	require.Len(t, cfg.Disks, 2)
+	for i, d := range cfg.Disks {
+		require.Equal(t, r.lab.Disks[i].Key, d.Key)
+		require.Equal(t, int64(diskSize), d.CapacityBytes)
+		require.Equal(t, "pvscsi", d.ControllerType)
+		require.Equal(t, int32(0), d.BusNumber)
+		require.Equal(t, "thin", d.Provisioning)
+	}
+	require.NotEqual(t, cfg.Disks[0].UnitNumber, cfg.Disks[1].UnitNumber)
+	require.Empty(t, cfg.NICs, "the lab VM has no NIC")
+}

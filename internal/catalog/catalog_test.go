@@ -60,7 +60,7 @@ func TestMigrateConcurrentlyAndAgain(t *testing.T) {
 
 	version, err := a.SchemaVersion(ctx)
 	require.NoError(t, err)
-	assert.Equal(t, int64(2), version)
+	assert.Equal(t, int64(3), version)
 	for _, table := range []string{"sites", "hubs", "vms", "disks", "restore_points", "point_disks", "port_leases", "exports"} {
 		var n int
 		require.NoError(t, a.DB().QueryRowContext(ctx, "SELECT COUNT(*) FROM "+table).Scan(&n), table)

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -40,6 +41,7 @@ type Point struct {
 	BytesRead    int64
 	BytesWritten int64
 	Disks        []PointDisk // by key
+	VMConfig     *VMConfig   // the VM's shape at backup time; nil: not captured (older points)
 }
 
 // PointDisk is one disk of a restore point: its qcow2 on the hub and how it was copied.
@@ -67,6 +69,7 @@ type OpenPointRequest struct {
 	VMID       int64
 	Mode       string // full|incremental
 	ParentID   string // required for incremental: a complete point of the same VM
+	VMConfig   *VMConfig
 }
 
 // BackupRunningError says the VM already has a running point of another workflow.
@@ -106,8 +109,12 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 	default:
 		return Point{}, fmt.Errorf("%w: mode %q with parent %q (full has none, incremental needs one)", ErrInvalid, req.Mode, req.ParentID)
 	}
+	vmConfig, err := encodeVMConfig(req.VMConfig)
+	if err != nil {
+		return Point{}, err
+	}
 	var point Point
-	err := s.inTx(ctx, "open point for workflow "+req.WorkflowID, func(tx *sql.Tx) error {
+	err = s.inTx(ctx, "open point for workflow "+req.WorkflowID, func(tx *sql.Tx) error {
 		if err := ensureRow(ctx, tx, "sites", req.Site); err != nil {
 			return err
 		}
@@ -149,8 +156,8 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 		case err == nil && running.WorkflowID == req.WorkflowID:
 			// Temporal allows one open run per workflow id, so the earlier run is closed:
 			// its point is abandoned and this run continues it.
-			if _, err := tx.ExecContext(ctx, `UPDATE restore_points SET run_id = ?, site_id = ?, hub_id = ?, mode = ?, parent_id = ?
-				WHERE id = ?`, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), running.ID); err != nil {
+			if _, err := tx.ExecContext(ctx, `UPDATE restore_points SET run_id = ?, site_id = ?, hub_id = ?, mode = ?, parent_id = ?,
+				vm_config = ? WHERE id = ?`, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), vmConfig, running.ID); err != nil {
 				return err
 			}
 			point, err = queryPoint(ctx, tx, "id = ?", running.ID)
@@ -167,9 +174,9 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 			return err
 		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO restore_points
-			(id, vm_id, workflow_id, run_id, site_id, hub_id, mode, parent_id, status, started_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?)`,
-			id, req.VMID, req.WorkflowID, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), at); err != nil {
+			(id, vm_id, workflow_id, run_id, site_id, hub_id, mode, parent_id, status, started_at, vm_config)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)`,
+			id, req.VMID, req.WorkflowID, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), at, vmConfig); err != nil {
 			return err
 		}
 		point, err = queryPoint(ctx, tx, "id = ?", id)
@@ -465,15 +472,22 @@ type querier interface {
 }
 
 const pointColumns = `id, vm_id, workflow_id, run_id, site_id, hub_id, mode, COALESCE(parent_id, ''), status,
-	COALESCE(error, ''), started_at, finished_at, bytes_read, bytes_written`
+	COALESCE(error, ''), started_at, finished_at, bytes_read, bytes_written, vm_config`
 
 func scanPoint(scan func(dest ...any) error) (Point, error) {
 	var p Point
 	var finished sql.NullTime
-	err := scan(&p.ID, &p.VMID, &p.WorkflowID, &p.RunID, &p.Site, &p.Hub, &p.Mode, &p.ParentID, &p.Status,
-		&p.Error, &p.StartedAt, &finished, &p.BytesRead, &p.BytesWritten)
+	var vmConfig sql.NullString
+	if err := scan(&p.ID, &p.VMID, &p.WorkflowID, &p.RunID, &p.Site, &p.Hub, &p.Mode, &p.ParentID, &p.Status,
+		&p.Error, &p.StartedAt, &finished, &p.BytesRead, &p.BytesWritten, &vmConfig); err != nil {
+		return Point{}, err
+	}
 	p.FinishedAt = finished.Time
-	return p, err
+	var err error
+	if p.VMConfig, err = decodeVMConfig(vmConfig); err != nil {
+		return Point{}, fmt.Errorf("point %s: %w", p.ID, err)
+	}
+	return p, nil
 }
 
 // queryPoint returns the first point matching where, without disks.
@@ -502,9 +516,21 @@ func queryPoints(ctx context.Context, q querier, where string, args ...any) ([]P
 	return points, rows.Err()
 }
 
-// loadDisks fills in the disks of points in one query.
+// loadDisksChunk is how many points' disks one query reads: a catalog holds more points
+// than a statement takes placeholders (65535).
+const loadDisksChunk = 1000
+
+// loadDisks fills in the disks of points, one query per loadDisksChunk points.
 func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 	if len(points) == 0 {
+		return nil
+	}
+	if len(points) > loadDisksChunk {
+		for chunk := range slices.Chunk(points, loadDisksChunk) {
+			if err := s.loadDisks(ctx, chunk); err != nil {
+				return err
+			}
+		}
 		return nil
 	}
 	byID := make(map[string]*Point, len(points))

@@ -25,7 +25,8 @@ func run(ctx context.Context, t *testing.T, l *lab.Lab, bin string, args ...stri
 	t.Helper()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.Env = append(os.Environ(),
-		"DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort, "DISKFERRY_TEMPORAL_NAMESPACE="+l.Temporal.Namespace)
+		"DISKFERRY_TEMPORAL_ADDRESS="+l.Temporal.HostPort, "DISKFERRY_TEMPORAL_NAMESPACE="+l.Temporal.Namespace,
+		"DISKFERRY_DB_DSN="+l.DB.DSN, "DISKFERRY_DB_DSN_FILE=")
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
@@ -87,6 +88,37 @@ func TestDiskferryCLI(t *testing.T) {
 	out = run(ctx, t, l, cli, "backup", "status", workflows.BackupWorkflowID(l.VC.VMName))
 	require.Contains(t, out, ": complete, complete\n", "status and current step of a finished backup")
 	require.Contains(t, out, res.PointID)
+
+	// The catalog's view of the point: the VM's shape as vcsim holds it, a manifest beside
+	// each target (the hub's repository is on this host).
+	out = run(ctx, t, l, cli, "points", "show", res.PointID, "--json")
+	var shown struct {
+		Status string `json:"status"`
+		Disks  []struct {
+			ManifestState string `json:"manifestState"`
+		} `json:"disks"`
+		VMConfig *struct {
+			NumCPUs  int32  `json:"numCpus"`
+			MemoryMB int32  `json:"memoryMb"`
+			GuestID  string `json:"guestId"`
+			Disks    []struct {
+				ControllerType string `json:"controllerType"`
+			} `json:"disks"`
+		} `json:"vmConfig"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &shown), out)
+	require.Equal(t, "complete", shown.Status)
+	require.Len(t, shown.Disks, 2)
+	for _, d := range shown.Disks {
+		require.Equal(t, "present", d.ManifestState)
+	}
+	require.NotNil(t, shown.VMConfig, "the VM configuration is captured")
+	require.Equal(t, int32(1), shown.VMConfig.NumCPUs)
+	require.Equal(t, int32(256), shown.VMConfig.MemoryMB)
+	require.Equal(t, "otherLinux64Guest", shown.VMConfig.GuestID)
+	require.Len(t, shown.VMConfig.Disks, 2)
+	require.Equal(t, "pvscsi", shown.VMConfig.Disks[0].ControllerType)
+	require.Contains(t, run(ctx, t, l, cli, "points", "list", "--vm", l.VC.VMName), res.PointID)
 
 	// A VM vCenter does not know fails at once with an error naming it and the step.
 	missing := exec.CommandContext(ctx, cli, "backup", "start", "--vm", "no-such-vm", "--site", l.Site, "--wait")

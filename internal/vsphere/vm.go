@@ -32,6 +32,7 @@ type VMInfo struct {
 	PowerState   string
 	CBTEnabled   bool
 	Disks        []Disk
+	Config       VMConfig
 }
 
 var vmMorefPattern = regexp.MustCompile(`^vm-\d+$`)
@@ -119,10 +120,10 @@ func parseMoref(s, kind string, bare *regexp.Regexp) (types.ManagedObjectReferen
 	return types.ManagedObjectReference{}, false
 }
 
-// Inspect reads what a backup needs to know about a VM.
+// Inspect reads what a backup needs to know about a VM, and the VM's shape for a restore.
 func (c *Client) Inspect(ctx context.Context, vm *object.VirtualMachine) (VMInfo, error) {
 	var o mo.VirtualMachine
-	props := []string{"name", "runtime.powerState", "config.changeTrackingEnabled", "config.hardware.device"}
+	props := append([]string{"name", "runtime.powerState", "config.changeTrackingEnabled", "config.hardware.device"}, vmConfigProps...)
 	if err := vm.Properties(ctx, vm.Reference(), props, &o); err != nil {
 		if isNotFound(err) {
 			return VMInfo{}, fmt.Errorf("inspect VM %s: %w", vm.Reference().Value, ErrNotFound)
@@ -146,6 +147,9 @@ func (c *Client) Inspect(ctx context.Context, vm *object.VirtualMachine) (VMInfo
 		return VMInfo{}, fmt.Errorf("inspect VM %s: %w", info.Name, err)
 	}
 	info.Disks = disks
+	if info.Config, err = c.vmConfig(ctx, o.Config); err != nil {
+		return VMInfo{}, fmt.Errorf("inspect VM %s: %w", info.Name, err)
+	}
 	return info, nil
 }
 
