@@ -728,6 +728,11 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 	waited := time.Since(start)
 	tolerated := time.Duration(cfg.KeepaliveCountMax) * cfg.KeepaliveInterval
 	t.Logf("a reply waited %s behind the queued data; a silent connection is dropped after %s", waited, tolerated)
+	// Without the premise the test would pass on the old keepalive too; load only lengthens
+	// the wait, so this cannot fail on a busy machine.
+	if waited <= tolerated {
+		t.Fatalf("premise not met: a reply waited only %s behind the queued data, not longer than %s", waited, tolerated)
+	}
 
 	wg.Wait()
 	close(errs)
