@@ -495,9 +495,9 @@ type requester interface {
 
 // keepalive sends keepalive@openssh.com on every tick, one at a time, until the connection
 // ends or a keepalive waited KeepaliveCountMax intervals in a row with nothing arriving
-// from the hub, and says why it stopped. A
-// reply may take many intervals: on a busy link it waits behind the data queued ahead of
-// it, and that data arriving proves the connection alive just as well.
+// from the hub, and says why it stopped. A reply may take many intervals: on a busy link it
+// waits behind the data queued ahead of it, and that data arriving proves the connection
+// alive just as well.
 func (m *Manager) keepalive(client requester, inbound *atomic.Uint64, ticks <-chan time.Time, ended <-chan error) string {
 	quiet := silence{countMax: m.cfg.KeepaliveCountMax, seen: inbound.Load()}
 	var replied chan error // nil while no request is outstanding
