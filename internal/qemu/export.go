@@ -28,7 +28,8 @@ const (
 	qemuNBD = "qemu-nbd"
 
 	// DefaultAddr is where a TCP export listens unless told otherwise. The hub serves its
-	// exports on unix sockets; TCP remains for operators and the export path benchmark.
+	// exports on unix sockets; only the tests and the export path benchmark (the former TCP
+	// transport as its baseline) serve on TCP.
 	DefaultAddr = "127.0.0.1"
 	// DefaultReadyTimeout bounds the wait for the first NBD handshake after start.
 	DefaultReadyTimeout = 10 * time.Second
