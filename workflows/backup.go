@@ -735,23 +735,20 @@ func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, 
 	return b.noWorker(err, name, queue)
 }
 
-// waitFor tells the job log which worker the run waits for; an empty name clears it.
+// waitFor tells the job log which worker the run waits for; an empty name clears it. The
+// shared hub queue has no worker-wait bound (options): its line names no deadline.
 func (b *backup) waitFor(ctx workflow.Context, name, queue string) {
-	if name == "" {
+	switch {
+	case name == "":
 		b.progress.WaitingFor = ""
-	} else {
+	case queue == activities.HubQueue:
+		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", queueOwner(queue), name, queue)
+	default:
 		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the backup fails if no worker takes it within %s)",
-			queueOwner(queue), name, queue, b.workerWaitOf(queue))
+			queueOwner(queue), name, queue, b.workerWait())
 	}
 	b.journal.waiting = b.progress.WaitingFor
 	b.journal.publish(ctx, b.journal.current)
-}
-
-func (b *backup) workerWaitOf(queue string) time.Duration {
-	if queue == activities.HubQueue {
-		return 0
-	}
-	return b.workerWait()
 }
 
 // queueOwner names who polls a task queue, as an operator knows it.

@@ -70,6 +70,8 @@ func TestBackupSaysWhatItWaitsFor(t *testing.T) {
 	assert.Equal(t, "the SNA of site lab to run InspectVM (task queue diskferry-sna.lab; the backup fails if no worker takes it within 1m30s)",
 		waiting[activities.InspectVMName])
 	assert.Contains(t, waiting[activities.PrepareTargetName], "the hub worker of host hub1 to run PrepareTarget (task queue diskferry-hub.hub1;")
+	assert.Equal(t, "a hub worker to run PlanBackup (task queue diskferry-hub)", waiting[activities.PlanBackupName],
+		"the shared hub queue has no worker-wait bound to announce")
 	assert.Contains(t, waiting[activities.CopyDiskName], "the SNA of site lab to run CopyDisk")
 	assert.Empty(t, r.progress(t).WaitingFor, "nothing is waited for once the run is over")
 	assert.NotContains(t, r.details(t), "Waiting for:")
