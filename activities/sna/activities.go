@@ -308,7 +308,9 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	var resume *activities.CopyProgress
 	if activity.HasHeartbeatDetails(ctx) {
 		var p activities.CopyProgress
-		if err := activity.GetHeartbeatDetails(ctx, &p); err == nil {
+		if err := activity.GetHeartbeatDetails(ctx, &p); err != nil {
+			log.Warn("previous attempt's checkpoint unreadable; copying from the start", "err", err)
+		} else {
 			resume = &p
 		}
 	}
