@@ -559,16 +559,21 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	// qemu-img check of a large image reports nothing for minutes; the digest heartbeats too.
 	beat := heartbeat.Start(ctx, verifyBeat, nil)
 	defer beat.Stop()
-	if _, err := qemu.Check(ctx, in.Path); errors.Is(err, qemu.ErrImageCorrupt) {
+	// The heartbeat proves the worker alive, not qemu-img busy: a hung check or info must end
+	// this attempt on its own, and a retry gets a fresh one.
+	metaCtx, cancelMeta := context.WithTimeout(ctx, imageMetadataTimeout)
+	defer cancelMeta()
+	if _, err := qemu.Check(metaCtx, in.Path); errors.Is(err, qemu.ErrImageCorrupt) {
 		return activities.Verification{}, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("verify %s: %v", in.Path, err), activities.ErrBadInput, nil)
 	} else if err != nil {
 		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
 	}
-	info, err := qemu.Info(ctx, in.Path)
+	info, err := qemu.Info(metaCtx, in.Path)
 	if err != nil {
 		return activities.Verification{}, fmt.Errorf("verify %s: %w", in.Path, err)
 	}
+	cancelMeta()
 	// The read-only export holds the image's lock for the whole check, so no writer gets in
 	// between the allocation map, the reads and the digest: they all see the same content.
 	exp, stop, err := a.serveReadOnly(ctx, in.Path)
@@ -695,6 +700,10 @@ func (a *Activities) digestWithManifest(ctx context.Context, in activities.Verif
 
 // verifyBeat is how often VerifyTarget heartbeats while qemu-img works.
 const verifyBeat = 5 * time.Second
+
+// imageMetadataTimeout bounds VerifyTarget's qemu-img check and info: they read metadata
+// only, minutes at most even for multi-terabyte images.
+const imageMetadataTimeout = 30 * time.Minute
 
 // verifyDirPrefix names the run-dir entries of verification exports.
 const verifyDirPrefix = "verify"

@@ -34,6 +34,8 @@ import (
 const (
 	// reconcileInterval is how often exports, leases and rows are compared after the start.
 	reconcileInterval = time.Minute
+	// reconcileTimeout bounds one reconcile pass; the next round goes on where it stopped.
+	reconcileTimeout = 2 * time.Minute
 	// workerStopTimeout lets running activities finish on shutdown before they are abandoned
 	// to Temporal's retry.
 	workerStopTimeout = 20 * time.Second
@@ -165,6 +167,10 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 // reconcile logs rather than fails: the next round retries, and a hub that cannot reach
 // Temporal for a moment must still serve its running exports.
 func reconcile(ctx context.Context, acts *hub.Activities, log *slog.Logger) {
+	// A pass holds the export lock: one stuck on a hanging catalog must not block exports
+	// from starting and stopping for longer than this.
+	ctx, cancel := context.WithTimeout(ctx, reconcileTimeout)
+	defer cancel()
 	report, err := acts.Reconcile(ctx)
 	if err != nil {
 		log.Error("reconcile exports", "err", err)
