@@ -1,6 +1,7 @@
 package blockcopy
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 )
@@ -23,20 +24,23 @@ func normalizeAreas(areas []Extent, size int64) ([]Extent, error) {
 		}
 		return []Extent{{Start: 0, Length: size}}, nil
 	}
-	sorted := slices.Clone(areas)
-	slices.SortFunc(sorted, func(a, b Extent) int {
-		switch {
-		case a.Start < b.Start:
-			return -1
-		case a.Start > b.Start:
-			return 1
-		}
-		return 0
-	})
-	out := make([]Extent, 0, len(sorted))
-	for _, a := range sorted {
+	for _, a := range areas {
 		if a.Start < 0 || a.Length < 0 || a.End() > size || a.End() < a.Start {
 			return nil, fmt.Errorf("area [%d, +%d) outside the disk of %d bytes", a.Start, a.Length, size)
+		}
+	}
+	return MergeAreas(areas)
+}
+
+// MergeAreas returns the areas sorted by start, overlapping and adjacent ones joined and
+// empty ones dropped; a negative start or length is an error. The input is not changed.
+func MergeAreas(areas []Extent) ([]Extent, error) {
+	sorted := slices.Clone(areas)
+	slices.SortFunc(sorted, func(a, b Extent) int { return cmp.Compare(a.Start, b.Start) })
+	out := make([]Extent, 0, len(sorted))
+	for _, a := range sorted {
+		if a.Start < 0 || a.Length < 0 {
+			return nil, fmt.Errorf("invalid area [%d, +%d)", a.Start, a.Length)
 		}
 		if a.Length == 0 {
 			continue

@@ -57,9 +57,9 @@ func Check(alloc []Allocation, areas []Extent, clusterSize int64, layer Layer) (
 	if areas == nil {
 		return Findings{}, nil
 	}
-	sorted, err := merge(areas)
+	sorted, err := blockcopy.MergeAreas(areas)
 	if err != nil {
-		return Findings{}, err
+		return Findings{}, fmt.Errorf("coverage: %w", err)
 	}
 	var f Findings
 	for _, a := range alloc {
@@ -94,30 +94,6 @@ func (f *Findings) add(gap Extent, areas []Extent, clusterSize int64) {
 	if start < end {
 		f.Stray = appendMerged(f.Stray, Extent{Start: start, Length: end - start})
 	}
-}
-
-// merge sorts the areas and joins overlapping and adjacent ones.
-func merge(areas []Extent) ([]Extent, error) {
-	sorted := slices.Clone(areas)
-	slices.SortFunc(sorted, func(a, b Extent) int {
-		switch {
-		case a.Start < b.Start:
-			return -1
-		case a.Start > b.Start:
-			return 1
-		}
-		return 0
-	})
-	out := make([]Extent, 0, len(sorted))
-	for _, a := range sorted {
-		if a.Start < 0 || a.Length < 0 {
-			return nil, fmt.Errorf("coverage: invalid area %d+%d", a.Start, a.Length)
-		}
-		if a.Length > 0 {
-			out = appendMerged(out, a)
-		}
-	}
-	return out, nil
 }
 
 // appendMerged appends e to ranges sorted by start, joining it with the last when they
