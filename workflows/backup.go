@@ -738,28 +738,30 @@ func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, 
 // waitFor tells the job log which worker the run waits for; an empty name clears it. The
 // shared hub queue has no worker-wait bound (options): its line names no deadline.
 func (b *backup) waitFor(ctx workflow.Context, name, queue string) {
+	_, owner := queueOwner(queue)
 	switch {
 	case name == "":
 		b.progress.WaitingFor = ""
 	case queue == activities.HubQueue:
-		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", queueOwner(queue), name, queue)
+		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", owner, name, queue)
 	default:
 		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the backup fails if no worker takes it within %s)",
-			queueOwner(queue), name, queue, b.workerWait())
+			owner, name, queue, b.workerWait())
 	}
 	b.journal.waiting = b.progress.WaitingFor
 	b.journal.publish(ctx, b.journal.current)
 }
 
-// queueOwner names who polls a task queue, as an operator knows it.
-func queueOwner(queue string) string {
+// queueOwner names who polls a task queue, as an operator knows it: the kind of worker
+// ("SNA") and the one worker ("the SNA of site lab").
+func queueOwner(queue string) (kind, owner string) {
 	if site, ok := strings.CutPrefix(queue, activities.SNAQueue("")); ok {
-		return "the SNA of site " + site
+		return "SNA", "the SNA of site " + site
 	}
 	if hub, ok := strings.CutPrefix(queue, activities.HubHostQueue("")); ok {
-		return "the hub worker of host " + hub
+		return "hub worker", "the hub worker of host " + hub
 	}
-	return "a hub worker"
+	return "worker", "a hub worker"
 }
 
 // noWorker turns a step nobody took from its queue (a schedule-to-start timeout, which
@@ -769,16 +771,10 @@ func (b *backup) noWorker(err error, name, queue string) error {
 	if !errors.As(err, &timeout) || timeout.TimeoutType() != enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START {
 		return err
 	}
-	who := "worker"
-	switch {
-	case strings.HasPrefix(queue, activities.SNAQueue("")):
-		who = "SNA"
-	case strings.HasPrefix(queue, activities.HubHostQueue("")):
-		who = "hub worker"
-	}
+	kind, owner := queueOwner(queue)
 	return temporal.NewNonRetryableApplicationError(
 		fmt.Sprintf("no %s is polling %s: %s waited %s for %s (check the site or hub name and that its worker runs)",
-			who, queue, name, b.workerWait(), queueOwner(queue)),
+			kind, queue, name, b.workerWait(), owner),
 		activities.ErrNoWorker, err)
 }
 
@@ -855,10 +851,7 @@ func discardKey(key int32) string    { return fmt.Sprintf("discard-target-%d", k
 func stopExportKey(key int32) string { return fmt.Sprintf("stop-export-%d", key) }
 
 // IsBackupRunning reports whether err says another backup of the VM is running.
-func IsBackupRunning(err error) bool {
-	var appErr *temporal.ApplicationError
-	return errors.As(err, &appErr) && appErr.Type() == activities.ErrBackupRunning
-}
+func IsBackupRunning(err error) bool { return hasErrorType(err, activities.ErrBackupRunning) }
 
 // humanBytes prints a byte count in binary units, as operators read disk sizes.
 func humanBytes(n int64) string {
