@@ -5,7 +5,11 @@
 // Nothing here may carry a secret: every value ends up in workflow history and the Web UI.
 package activities
 
-import "time"
+import (
+	"time"
+
+	"github.com/diskferry/diskferry/internal/vmshape"
+)
 
 // Task queues (docs/architecture.md, Control plane).
 const (
@@ -90,37 +94,13 @@ type VM struct {
 	Config *VMConfig `json:"config,omitempty"`
 }
 
-// VMConfig is the shape of a VM a restore into a new VM recreates.
-type VMConfig struct {
-	NumCPUs        int32        `json:"numCpus"`
-	CoresPerSocket int32        `json:"coresPerSocket"`
-	MemoryMB       int32        `json:"memoryMb"`
-	Firmware       string       `json:"firmware"` // bios|efi
-	GuestID        string       `json:"guestId"`  // vSphere guest OS identifier, e.g. otherLinux64Guest
-	Disks          []DiskLayout `json:"disks"`
-	NICs           []NIC        `json:"nics"`
-}
-
-// DiskLayout is where a virtual disk sits on the VM's controllers.
-type DiskLayout struct {
-	Key            int32  `json:"key"`
-	CapacityBytes  int64  `json:"capacityBytes"`
-	ControllerKey  int32  `json:"controllerKey"`
-	ControllerType string `json:"controllerType"` // pvscsi, lsilogic, lsilogic-sas, buslogic, sata, nvme, ide
-	BusNumber      int32  `json:"busNumber"`
-	UnitNumber     int32  `json:"unitNumber"`
-	Provisioning   string `json:"provisioning,omitempty"` // thin|thick-lazy|thick-eager; empty: not known
-}
-
-// NIC is one virtual network adapter of a VM.
-type NIC struct {
-	Key         int32  `json:"key"`
-	AdapterType string `json:"adapterType"` // vmxnet3, e1000e, e1000…
-	Network     string `json:"network"`     // the network's (port group's) name
-	NetworkKind string `json:"networkKind"` // standard|distributed|opaque
-	AddressType string `json:"addressType"` // manual|generated|assigned
-	MACAddress  string `json:"macAddress"`
-}
+// VMConfig, DiskLayout and NIC are the VM's shape a restore into a new VM recreates
+// (package vmshape: one type from vSphere to the catalog).
+type (
+	VMConfig   = vmshape.Config
+	DiskLayout = vmshape.DiskLayout
+	NIC        = vmshape.NIC
+)
 
 // InspectVMInput names a VM by inventory path, name or moref.
 type InspectVMInput struct {

@@ -192,7 +192,7 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	}
 	req := catalog.OpenPointRequest{
 		WorkflowID: in.WorkflowID, RunID: in.RunID, Site: in.Site, Hub: plan.HubID,
-		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: catalogVMConfig(in.VM.Config),
+		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: in.VM.Config,
 	}
 	if anyIncremental {
 		// In the catalog the point is incremental as soon as one disk depends on the parent.

@@ -148,23 +148,8 @@ func (a *Activities) InspectVM(ctx context.Context, in activities.InspectVMInput
 			BackingFile: d.BackingFile, Datastore: d.Datastore, ChangeID: d.ChangeID,
 		})
 	}
-	out.Config = vmConfig(info.Config)
+	out.Config = &info.Config
 	return out, nil
-}
-
-func vmConfig(c vsphere.VMConfig) *activities.VMConfig {
-	out := &activities.VMConfig{NumCPUs: c.NumCPUs, CoresPerSocket: c.CoresPerSocket, MemoryMB: c.MemoryMB,
-		Firmware: c.Firmware, GuestID: c.GuestID}
-	for _, d := range c.Disks {
-		out.Disks = append(out.Disks, activities.DiskLayout{Key: d.Key, CapacityBytes: d.CapacityBytes,
-			ControllerKey: d.ControllerKey, ControllerType: d.ControllerType, BusNumber: d.BusNumber,
-			UnitNumber: d.UnitNumber, Provisioning: d.Provisioning})
-	}
-	for _, n := range c.NICs {
-		out.NICs = append(out.NICs, activities.NIC{Key: n.Key, AdapterType: n.AdapterType, Network: n.Network,
-			NetworkKind: n.NetworkKind, AddressType: n.AddressType, MACAddress: n.MACAddress})
-	}
-	return out
 }
 
 // EnsureTunnel makes every export reachable on the SNA and checks each with an NBD

@@ -4,41 +4,17 @@ import (
 	"database/sql"
 	"encoding/json"
 	"fmt"
+
+	"github.com/diskferry/diskferry/internal/vmshape"
 )
 
-// VMConfig is the shape of a VM when a point was taken, kept as JSON with the point: a
-// restore into a new VM recreates it. The JSON field names are the stored format; add
-// fields, never rename them.
-type VMConfig struct {
-	NumCPUs        int32        `json:"numCpus"`
-	CoresPerSocket int32        `json:"coresPerSocket"`
-	MemoryMB       int32        `json:"memoryMb"`
-	Firmware       string       `json:"firmware"` // bios|efi
-	GuestID        string       `json:"guestId"`
-	Disks          []DiskLayout `json:"disks"`
-	NICs           []NIC        `json:"nics"`
-}
-
-// DiskLayout is where a virtual disk sat on the VM's controllers.
-type DiskLayout struct {
-	Key            int32  `json:"key"`
-	CapacityBytes  int64  `json:"capacityBytes"`
-	ControllerKey  int32  `json:"controllerKey"`
-	ControllerType string `json:"controllerType"` // pvscsi, lsilogic, lsilogic-sas, buslogic, sata, nvme, ide
-	BusNumber      int32  `json:"busNumber"`
-	UnitNumber     int32  `json:"unitNumber"`
-	Provisioning   string `json:"provisioning,omitempty"` // thin|thick-lazy|thick-eager; empty: not known
-}
-
-// NIC is one virtual network adapter of the VM.
-type NIC struct {
-	Key         int32  `json:"key"`
-	AdapterType string `json:"adapterType"`
-	Network     string `json:"network"`
-	NetworkKind string `json:"networkKind"` // standard|distributed|opaque
-	AddressType string `json:"addressType"` // manual|generated|assigned
-	MACAddress  string `json:"macAddress"`
-}
+// VMConfig, DiskLayout and NIC are the VM's shape kept as JSON with each point (package
+// vmshape, whose JSON field names are the stored format).
+type (
+	VMConfig   = vmshape.Config
+	DiskLayout = vmshape.DiskLayout
+	NIC        = vmshape.NIC
+)
 
 // maxVMConfigJSON bounds the stored document; a VM's shape is a few KiB at most.
 const maxVMConfigJSON = 1 << 20

@@ -8,41 +8,16 @@ import (
 	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/types"
+
+	"github.com/diskferry/diskferry/internal/vmshape"
 )
 
-// VMConfig is the shape of a VM that a restore into a new VM recreates: CPUs, memory,
-// firmware, guest OS, where each disk sits and which networks the NICs join.
-type VMConfig struct {
-	NumCPUs        int32
-	CoresPerSocket int32
-	MemoryMB       int32
-	Firmware       string // bios|efi
-	GuestID        string // e.g. otherLinux64Guest
-	Disks          []DiskLayout
-	NICs           []NIC
-}
-
-// DiskLayout is where a virtual disk sits on the VM's controllers.
-type DiskLayout struct {
-	Key            int32
-	CapacityBytes  int64
-	ControllerKey  int32
-	ControllerType string // pvscsi, lsilogic, lsilogic-sas, buslogic, sata, nvme, ide
-	BusNumber      int32  // of the controller
-	UnitNumber     int32  // on the controller
-	// Provisioning is thin, thick-lazy or thick-eager; empty when the backing does not say.
-	Provisioning string
-}
-
-// NIC is one virtual network adapter.
-type NIC struct {
-	Key         int32
-	AdapterType string // vmxnet3, e1000e, e1000, pcnet32, vmxnet2, vmxnet, sriov
-	Network     string // the network's (port group's) name
-	NetworkKind string // standard|distributed|opaque; empty for a NIC without a network backing
-	AddressType string // manual|generated|assigned
-	MACAddress  string
-}
+// VMConfig, DiskLayout and NIC are the VM's shape a restore recreates (package vmshape).
+type (
+	VMConfig   = vmshape.Config
+	DiskLayout = vmshape.DiskLayout
+	NIC        = vmshape.NIC
+)
 
 // vmConfigProps are the properties vmConfig reads besides config.hardware.device.
 var vmConfigProps = []string{"config.hardware.numCPU", "config.hardware.numCoresPerSocket", "config.hardware.memoryMB",
