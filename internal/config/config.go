@@ -23,6 +23,8 @@ import (
 	"strings"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/diskferry/diskferry/internal/tunnel"
 )
 
 // Temporal is how a binary reaches the Temporal frontend.
@@ -188,8 +190,10 @@ func (v *validator) readableFile(name, path string) {
 // its owner only.
 func (v *validator) privateKeyFile(name, path string) {
 	v.readableFile(name, path)
-	if info, err := os.Stat(path); err == nil && info.Mode().Perm()&0o077 != 0 {
-		v.fail(name, fmt.Errorf("%s has mode %04o: group or others may access it; make it 0600", path, info.Mode().Perm()))
+	if info, err := os.Stat(path); err == nil {
+		if err := tunnel.CheckKeyMode(path, info.Mode()); err != nil {
+			v.fail(name, err)
+		}
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -190,6 +191,14 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 
 // readPrivateKey reads the key file, refusing it, as ssh does, when its owner is not the
 // only one who may read it.
+// CheckKeyMode refuses a private key file that group or others may access, as ssh does.
+func CheckKeyMode(path string, mode fs.FileMode) error {
+	if perm := mode.Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("ssh key %s has mode %04o: group or others may access it; make it 0600 (chmod 600 %s)", path, perm, path)
+	}
+	return nil
+}
+
 func readPrivateKey(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -200,8 +209,8 @@ func readPrivateKey(path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read ssh key: %w", err)
 	}
-	if perm := info.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("ssh key %s has mode %04o: group or others may access it; make it 0600 (chmod 600 %s)", path, perm, path)
+	if err := CheckKeyMode(path, info.Mode()); err != nil {
+		return nil, err
 	}
 	key, err := io.ReadAll(f)
 	if err != nil {
