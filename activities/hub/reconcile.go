@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -216,9 +215,12 @@ func (a *Activities) restartExport(ctx context.Context, row catalog.Export, repo
 func (a *Activities) sweepPoints(ctx context.Context, report *ReconcileReport) error {
 	// Directories first, the catalog second: a directory exists only once its point is in
 	// the catalog, so a backup starting meanwhile is never mistaken for an unknown one.
-	dirs, err := a.pointDirs()
-	if err != nil || len(dirs) == 0 {
-		return err
+	dirs, err := a.layout.PointDirs()
+	if err != nil {
+		return fmt.Errorf("sweep points: %w", err)
+	}
+	if len(dirs) == 0 {
+		return nil
 	}
 	points, err := a.store.HubPoints(ctx, a.settings.HubID)
 	if err != nil {
@@ -268,32 +270,6 @@ func (a *Activities) sweepPoints(ctx context.Context, report *ReconcileReport) e
 	slices.Sort(report.Abandoned)
 	slices.Sort(report.Swept)
 	return errors.Join(errs...)
-}
-
-// pointDirs lists the point directories of the repository (<root>/<vm>/<point>), real
-// directories only, with their point ids.
-func (a *Activities) pointDirs() (map[string]string, error) {
-	vms, err := os.ReadDir(a.layout.Root)
-	if err != nil {
-		return nil, fmt.Errorf("sweep points: %w", err)
-	}
-	out := map[string]string{}
-	for _, vm := range vms {
-		if vm.Type() != fs.ModeDir {
-			continue
-		}
-		vmDir := filepath.Join(a.layout.Root, vm.Name())
-		points, err := os.ReadDir(vmDir)
-		if err != nil {
-			return nil, fmt.Errorf("sweep points: %w", err)
-		}
-		for _, p := range points {
-			if p.Type() == fs.ModeDir {
-				out[filepath.Join(vmDir, p.Name())] = p.Name()
-			}
-		}
-	}
-	return out, nil
 }
 
 // servedPaths lists the images the live exports of the run dir serve.

@@ -158,6 +158,32 @@ func (l Layout) RemoveTarget(path string) error {
 	return nil
 }
 
+// PointDirs lists the repository's point directories (<root>/<vm>/<point>), real
+// directories only, mapped to their point IDs.
+func (l Layout) PointDirs() (map[string]string, error) {
+	vms, err := os.ReadDir(l.Root)
+	if err != nil {
+		return nil, fmt.Errorf("list point directories: %w", err)
+	}
+	out := map[string]string{}
+	for _, vm := range vms {
+		if vm.Type() != fs.ModeDir {
+			continue
+		}
+		vmDir := filepath.Join(l.Root, vm.Name())
+		points, err := os.ReadDir(vmDir)
+		if err != nil {
+			return nil, fmt.Errorf("list point directories: %w", err)
+		}
+		for _, p := range points {
+			if p.Type() == fs.ModeDir {
+				out[filepath.Join(vmDir, p.Name())] = p.Name()
+			}
+		}
+	}
+	return out, nil
+}
+
 // RemovePointDir deletes a point directory (<root>/<vm>/<point>) with everything in it; a
 // missing directory counts as removed. A path anywhere else, or a symlink, is refused.
 func (l Layout) RemovePointDir(path string) error {
