@@ -21,6 +21,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/text"
 )
 
 // BackupWorkflowName is the registered workflow type name.
@@ -147,12 +148,12 @@ func (in BackupInput) Validate() error {
 	case in.Site == "":
 		return badInput("site: required")
 	case !siteName.MatchString(in.Site):
-		return badInput(fmt.Sprintf("site: %q is not a valid site name (letters, digits, '.', '_', '-'; at most 63)", truncate(in.Site, 80)))
+		return badInput(fmt.Sprintf("site: %q is not a valid site name (letters, digits, '.', '_', '-'; at most 63)", text.Shorten(in.Site, 80)))
 	}
 	switch in.Mode {
 	case "", activities.ModeAuto, activities.ModeFull, activities.ModeIncremental:
 	default:
-		return badInput(fmt.Sprintf("mode: %q is not one of auto, full, incremental", truncate(in.Mode, 80)))
+		return badInput(fmt.Sprintf("mode: %q is not one of auto, full, incremental", text.Shorten(in.Mode, 80)))
 	}
 	if in.Connections < 0 || in.Connections > MaxConnections {
 		return badInput(fmt.Sprintf("connections: %d is outside 0..%d", in.Connections, MaxConnections))
@@ -199,17 +200,6 @@ func validateVMRef(vm string) error {
 		}
 	}
 	return nil
-}
-
-// truncate shortens an echoed value, so an error about a huge field stays readable.
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n] + "…"
 }
 
 func badInput(msg string) error {
@@ -291,8 +281,8 @@ func newBackup(ctx workflow.Context, in BackupInput) *backup {
 		info:     workflow.GetInfo(ctx),
 		started:  now,
 		undo:     &compensations{},
-		progress: &Progress{VM: truncate(in.VM, MaxVMRefLength), Site: truncate(in.Site, MaxVMRefLength), Mode: in.Mode, Started: now},
-		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", truncate(in.VM, MaxVMRefLength), truncate(in.Site, MaxVMRefLength))},
+		progress: &Progress{VM: text.Shorten(in.VM, MaxVMRefLength), Site: text.Shorten(in.Site, MaxVMRefLength), Mode: in.Mode, Started: now},
+		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))},
 	}
 }
 
@@ -813,8 +803,8 @@ func (b *backup) setStatus(ctx workflow.Context, status string) {
 	b.progress.Status = status
 	// Truncated: a refused input may be longer than the server's search attribute limit.
 	b.upsert(ctx,
-		VMNameKey.ValueSet(truncate(b.vmName(), MaxVMRefLength)),
-		SiteKey.ValueSet(truncate(b.in.Site, MaxVMRefLength)),
+		VMNameKey.ValueSet(text.Shorten(b.vmName(), MaxVMRefLength)),
+		SiteKey.ValueSet(text.Shorten(b.in.Site, MaxVMRefLength)),
 		BackupModeKey.ValueSet(b.progress.Mode),
 		BackupStatusKey.ValueSet(status))
 }

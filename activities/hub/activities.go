@@ -31,6 +31,7 @@ import (
 	"github.com/diskferry/diskferry/internal/nbd"
 	"github.com/diskferry/diskferry/internal/qemu"
 	"github.com/diskferry/diskferry/internal/repo"
+	"github.com/diskferry/diskferry/internal/text"
 )
 
 // Settings of one hub host.
@@ -156,7 +157,7 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	}
 	if n := in.VM.Name; n == "" || len(n) > maxVMNameLength || !utf8.ValidString(n) || strings.ContainsFunc(n, unicode.IsControl) {
 		return activities.Plan{}, badInput("plan backup: VM name %q is empty, longer than %d bytes or has control characters",
-			truncateName(n), maxVMNameLength)
+			text.Shorten(n, 80), maxVMNameLength)
 	}
 	disks, err := selectDisks(in.VM.Disks, in.DiskKeys)
 	if err != nil {
@@ -238,13 +239,6 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 
 // maxVMNameLength is what the catalog keeps of a VM name (vSphere allows 80 characters).
 const maxVMNameLength = 255
-
-func truncateName(n string) string {
-	if len(n) <= 80 {
-		return n
-	}
-	return strings.ToValidUTF8(n[:80], "") + "…"
-}
 
 func selectDisks(all []activities.Disk, keys []int32) ([]activities.Disk, error) {
 	if len(all) == 0 {

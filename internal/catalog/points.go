@@ -8,7 +8,8 @@ import (
 	"slices"
 	"strings"
 	"time"
-	"unicode/utf8"
+
+	"github.com/diskferry/diskferry/internal/text"
 )
 
 // Restore point statuses. Only a complete point may be restored from or built upon.
@@ -296,7 +297,7 @@ func (s *Store) AddPointDisk(ctx context.Context, pointID string, d PointDisk) e
 			VALUES (?, ?, ?, ?, ?, ?, ?)
 			ON DUPLICATE KEY UPDATE target_path = VALUES(target_path), parent_path = VALUES(parent_path),
 				mode = VALUES(mode), reason = VALUES(reason), capacity_bytes = VALUES(capacity_bytes)`,
-			pointID, d.Key, d.Path, d.ParentPath, d.Mode, truncateUTF8(d.Reason, maxReasonText), d.CapacityBytes)
+			pointID, d.Key, d.Path, d.ParentPath, d.Mode, text.Cut(d.Reason, maxReasonText), d.CapacityBytes)
 		return err
 	})
 }
@@ -390,7 +391,7 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 					reason = VALUES(reason), change_id = VALUES(change_id), capacity_bytes = VALUES(capacity_bytes),
 					bytes_read = VALUES(bytes_read), bytes_written = VALUES(bytes_written), bytes_zeroed = VALUES(bytes_zeroed),
 					duration_ns = VALUES(duration_ns), digest = VALUES(digest)`,
-				pointID, d.Key, d.Path, d.ParentPath, d.Mode, truncateUTF8(d.Reason, maxReasonText), d.ChangeID, d.CapacityBytes,
+				pointID, d.Key, d.Path, d.ParentPath, d.Mode, text.Cut(d.Reason, maxReasonText), d.ChangeID, d.CapacityBytes,
 				d.BytesRead, d.BytesWritten, d.BytesZeroed, int64(d.Duration), d.Digest); err != nil {
 				return fmt.Errorf("disk %d: %w", d.Key, err)
 			}
@@ -418,7 +419,7 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 // FailPoint marks a running point failed with the error. Failing a failed point keeps its
 // first error; a complete point is never turned failed (ErrPointComplete).
 func (s *Store) FailPoint(ctx context.Context, pointID, errText string) error {
-	errText = truncateUTF8(errText, maxErrorText)
+	errText = text.Cut(errText, maxErrorText)
 	err := s.inTx(ctx, "fail point "+pointID, func(tx *sql.Tx) error {
 		status, err := lockPoint(ctx, tx, pointID)
 		if err != nil {
@@ -565,14 +566,3 @@ func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 }
 
 func nullString(s string) sql.NullString { return sql.NullString{String: s, Valid: s != ""} }
-
-// truncateUTF8 cuts s to at most n bytes without splitting a character.
-func truncateUTF8(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}
