@@ -581,7 +581,7 @@ func (a *Activities) VerifyTarget(ctx context.Context, in activities.VerifyTarge
 	// The block manifest is written while the digest is recomputed and kept beside the
 	// target only when the digest matches, for checking the point later (diskferry verify).
 	manifest := repo.ManifestPath(in.Path)
-	digest, err := a.digestWithManifest(ctx, in, exp.URI(), manifest+".tmp")
+	digest, err := a.digestWithManifest(ctx, in, exp.URI(), manifest+".tmp", beat)
 	if err != nil {
 		return activities.Verification{}, classify("verify "+in.Path, err)
 	}
@@ -652,8 +652,10 @@ func toBlockExtents(areas []activities.Extent) []blockcopy.Extent {
 }
 
 // digestWithManifest computes the digest from the export at uri and writes the block
-// manifest to path; on failure the file is removed.
-func (a *Activities) digestWithManifest(ctx context.Context, in activities.VerifyTargetInput, uri, path string) (digest string, err error) {
+// manifest to path; on failure the file is removed. The bytes read so far become the
+// details of the verification's heartbeats.
+func (a *Activities) digestWithManifest(ctx context.Context, in activities.VerifyTargetInput, uri, path string,
+	beat *heartbeat.Keeper) (digest string, err error) {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 	if err != nil {
 		return "", fmt.Errorf("create manifest: %w", err)
@@ -674,8 +676,8 @@ func (a *Activities) digestWithManifest(ctx context.Context, in activities.Verif
 	}
 	digest, err = blockcopy.ComputeDigest(ctx, uri, blockcopy.Options{
 		Areas: toBlockExtents(in.Areas), BlockSize: in.BlockSize, Connections: 4, OnBlock: m.Add,
-		OnProgress:       func(p blockcopy.Progress) { activity.RecordHeartbeat(ctx, p.BytesDone) },
-		ProgressInterval: 5 * time.Second,
+		OnProgress:       func(p blockcopy.Progress) { beat.Record(p.BytesDone) },
+		ProgressInterval: verifyBeat,
 	})
 	if err != nil {
 		return "", err
