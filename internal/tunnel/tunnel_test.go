@@ -155,32 +155,34 @@ func randomBytes(t testing.TB, n int) []byte {
 
 func TestForwardCarriesBytesOnParallelConnections(t *testing.T) {
 	s := testenv.StartSSHD(t)
-	cfg := baseConfig(s)
-	// Not a keepalive test: on a busy machine, sshd pumping 16 MiB through small unix
-	// socket buffers may answer a keepalive later than the short test interval.
-	cfg.KeepaliveInterval = tunnel.DefaultKeepaliveInterval
-	m := newManager(t, cfg)
+	// The short test keepalive interval stays: a connection pumping 16 MiB is alive even
+	// while a keepalive reply waits behind the data.
+	m := newManager(t, baseConfig(s))
 	remote := echoServer(t, s.ExportSocket(testPort))
 
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
-	payload := randomBytes(t, 4<<20)
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- roundTrip(m, testPort, payload)
-		}()
+	if err := startRoundTrips(m, 4, randomBytes(t, 4<<20))(); err != nil {
+		t.Fatalf("round trip through forward: %v", err)
 	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatalf("round trip through forward: %v", err)
+}
+
+// startRoundTrips sends payload through the forward of testPort on n connections at once;
+// wait returns the first error once all are done.
+func startRoundTrips(m *tunnel.Manager, n int, payload []byte) (wait func() error) {
+	errs := make(chan error, n)
+	for range n {
+		go func() { errs <- roundTrip(m, testPort, payload) }()
+	}
+	return func() error {
+		var first error
+		for range n {
+			if err := <-errs; err != nil && first == nil {
+				first = err
+			}
 		}
+		return first
 	}
 }
 
@@ -700,16 +702,7 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 
-	payload := randomBytes(t, 2<<20)
-	var wg sync.WaitGroup
-	errs := make(chan error, 4)
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- roundTrip(m, testPort, payload)
-		}()
-	}
+	wait := startRoundTrips(m, 4, randomBytes(t, 2<<20))
 
 	// The premise: while the bulk echoes queue on the link, a reply waits longer than the
 	// keepalive would have tolerated of a silent connection. A small echo on a channel of
@@ -734,12 +727,8 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 		t.Fatalf("premise not met: a reply waited only %s behind the queued data, not longer than %s", waited, tolerated)
 	}
 
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatalf("bulk round trip over the slow link: %v", err)
-		}
+	if err := wait(); err != nil {
+		t.Fatalf("bulk round trip over the slow link: %v", err)
 	}
 	if got := proxy.accepted.Load(); got != 1 {
 		t.Fatalf("the manager dialled %d times: the busy connection was dropped", got)
