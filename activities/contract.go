@@ -42,7 +42,7 @@ const (
 
 	// sna, on SNAQueue(site)
 	InspectVMName      = "InspectVM"      // InspectVMInput → VM
-	EnsureTunnelName   = "EnsureTunnel"   // EnsureTunnelInput → nothing
+	EnsureTunnelName   = "EnsureTunnel"   // EnsureTunnelInput → Forwards (a backup ignores it)
 	DropTunnelName     = "DropTunnel"     // EnsureTunnelInput → nothing
 	CreateSnapshotName = "CreateSnapshot" // CreateSnapshotInput → Snapshot
 	RemoveSnapshotName = "RemoveSnapshot" // Snapshot → nothing
@@ -179,6 +179,9 @@ type StartExportInput struct {
 	Path        string `json:"path"`
 	Port        int    `json:"port"`
 	Connections int    `json:"connections"` // copy connections; --shared is larger
+	// ReadOnly serves a complete point for a restore or mount (qemu-nbd --read-only on its
+	// backing chain); reconcile restarts it read-only too.
+	ReadOnly bool `json:"readOnly,omitempty"`
 }
 
 // Export is a running qemu-nbd export.
@@ -233,6 +236,12 @@ type EnsureTunnelInput struct {
 	// Sockets are the exports' sockets on the hub (Export.Socket), by port; DropTunnel
 	// does not need them.
 	Sockets map[int]string `json:"sockets,omitempty"`
+}
+
+// Forwards are the unix sockets on the SNA that reach the exports, by port (what a mount
+// with a site prints).
+type Forwards struct {
+	Sockets map[int]string `json:"sockets"`
 }
 
 // CreateSnapshotInput creates a snapshot (memory false) named for the workflow.
