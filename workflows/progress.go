@@ -91,13 +91,15 @@ func copyActivityDisk(activityID string) (int32, bool) {
 	return int32(key), err == nil
 }
 
-// LiveCopies decodes the last heartbeat of each pending CopyDisk activity of a run, as listed
+// LiveCopies decodes the last heartbeat of each pending CopyDisk (backup) or WriteDisk
+// (restore; its activity ID is CopyActivityID of the point's disk key) activity of a run, as listed
 // by DescribeWorkflowExecution, keyed by disk. Activities that have not heartbeated yet are
 // left out.
 func LiveCopies(pending []*workflowpb.PendingActivityInfo, dc converter.DataConverter) (map[int32]activities.CopyProgress, error) {
 	live := make(map[int32]activities.CopyProgress)
 	for _, a := range pending {
-		if a.GetActivityType().GetName() != activities.CopyDiskName || len(a.GetHeartbeatDetails().GetPayloads()) == 0 {
+		name := a.GetActivityType().GetName()
+		if (name != activities.CopyDiskName && name != activities.WriteDiskName) || len(a.GetHeartbeatDetails().GetPayloads()) == 0 {
 			continue
 		}
 		key, ok := copyActivityDisk(a.GetActivityId())
