@@ -16,7 +16,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bench="$root/.bench"
 ours="$root/bin/diskferry"
 runs=${BENCH_RUNS:-3}
-cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental}
+cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental restore}
 # Target cache options, the same for both tools: by default what the hub's exports run
 # (DISKFERRY_EXPORT_CACHE=none: O_DIRECT with native AIO, no page-cache copy);
 # BENCH_TARGET_CACHE=--cache=writeback measures qemu's default instead.
@@ -81,14 +81,26 @@ if [ ! -f "$bench/fixtures.done" ]; then
   sync
   touch "$bench/fixtures.done"
 fi
+# Restore: a point's chain as the hub keeps it, the full (inc-base.qcow2) and an incremental
+# overlay holding only the changed clusters (convert -B writes what differs from the backing).
+if [ ! -f "$bench/restore.done" ]; then
+  rm -f "$bench/inc-top.qcow2"
+  qemu-img convert -q -f raw -O qcow2 -B "$bench/inc-base.qcow2" -F qcow2 "$bench/inc.raw" "$bench/inc-top.qcow2"
+  sync
+  touch "$bench/restore.done"
+fi
 
 # --- servers --------------------------------------------------------------------------
 
-# serve_source RAW: nbdkit on a unix socket; sets src_uri.
+# serve_source IMAGE: a raw file with nbdkit, or a qcow2 chain read-only with qemu-nbd as the
+# hub serves a point for a restore (--shared above the connections), on a unix socket; sets src_uri.
 serve_source() {
   local sock="$work/src.sock"
   rm -f "$sock"
-  nbdkit -f --exit-with-parent -U "$sock" file file="$1" &
+  case $1 in
+  *.qcow2) qemu-nbd -t --shared=16 --read-only -f qcow2 -k "$sock" "$1" 2>"$work/src.err" & ;;
+  *) nbdkit -f --exit-with-parent -U "$sock" file file="$1" & ;;
+  esac
   pids+=($!)
   src_pid=$!
   for _ in $(seq 100); do nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1 && break; sleep 0.05; done
@@ -157,10 +169,11 @@ copy_once() {
   echo "$(cat "$work/time") $(allocated "$qcow2") $bytes"
 }
 
-# bench_case NAME RAW SIZE DATA [BACKING AREAS CHANGED]
+# bench_case NAME RAW SIZE DATA [BACKING AREAS CHANGED]; the source is served from RAW, or
+# from $source_image when set (the copy is still compared with RAW).
 bench_case() {
   local name=$1 raw=$2 size=$3 data=$4 backing=${5:-} areas=${6:-} changed=${7:-}
-  serve_source "$raw"
+  serve_source "${source_image:-$raw}"
   local tool
   for tool in ours nbdcopy ours-digest; do : >"$work/$tool"; done
   for _ in $(seq "$runs"); do
@@ -192,6 +205,7 @@ bench_case() {
     fail "$name: target allocated $alloc bytes for $data bytes of data"
   fi
   eval "time_$name=$t_ours"
+  eval "ratio_$name=$(awk -v o="$t_ours" -v c="$t_nbd" 'BEGIN { printf "%.2f", c / o }')"
 }
 
 log "target options: $target_cache; load average before: $(cat /proc/loadavg)"
@@ -205,10 +219,20 @@ for c in $cases; do
     changed=$(($(wc -l <"$bench/inc.blocks") * MiB))
     bench_case incremental "$bench/inc.raw" $((4 * GiB)) "$changed" "$bench/inc-base.qcow2" "$bench/inc.areas.json" "$changed"
     ;;
-  *) fail "unknown case $c (sparse zeros dense1g virtual64g incremental)" ;;
+  restore)
+    # A restore's copy: the point (full + incremental chain, read-only qemu-nbd) into a fresh
+    # target; the source's holes are holes in the chain too.
+    source_image="$bench/inc-top.qcow2" bench_case restore "$bench/inc.raw" $((4 * GiB)) "$(du --block-size=1 "$bench/inc.raw" | cut -f1)"
+    ;;
+  *) fail "unknown case $c (sparse zeros dense1g virtual64g incremental restore)" ;;
   esac
 done
 log "load average after: $(cat /proc/loadavg)"
+# The issue's bar for restores: at least the backup copy's ratio (same fixture, same run).
+if [ -n "${ratio_restore:-}" ] && [ -n "${ratio_sparse:-}" ]; then
+  awk -v r="$ratio_restore" -v b="$ratio_sparse" \
+    'BEGIN { printf "bench restore-vs-backup restore_ratio=%.2f backup_ratio=%.2f (target: restore >= backup)\n", r, b }'
+fi
 # 64 GiB virtual against 1 GiB dense: copied alternately, so the target disk's speed
 # drifting between the two cases (it does, by up to 30 % here) does not pass for a
 # difference between them.
