@@ -83,7 +83,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort, WithoutSearchAttributes: opts.WithoutSearchAttributes})
 	l.DB = testenv.StartMariaDB(t)
 	vc, err := vcsimtest.Start(context.Background(), vcsimtest.Options{
-		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, CBT: true, Seed: 1,
+		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, CBT: true, Seed: 1, NIC: true,
 	})
 	if err != nil {
 		t.Fatalf("lab: start vcsim: %v", err)

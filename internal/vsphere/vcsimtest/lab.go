@@ -46,6 +46,8 @@ type Options struct {
 	VMName   string // default "df-vm01"
 	// CBT starts the VM with changeTrackingEnabled, so disks carry changeIds at once.
 	CBT bool
+	// NIC gives the VM a vmxnet3 adapter on "VM Network" (a restore recreates it).
+	NIC bool
 	// MaxExtentsPerQuery bounds each QueryChangedDiskAreas answer, as vCenter does,
 	// so callers' continuation loops are exercised; default 8.
 	MaxExtentsPerQuery int
@@ -231,7 +233,17 @@ func (l *Lab) build(ctx context.Context, opts Options) error {
 	l.Datastore = dso.Name
 	l.DatastoreDir = dso.Summary.Url
 
-	vm, err := l.createVM(ctx, folders.VmFolder, pool, host, ds.Reference(), opts)
+	var nicBacking types.BaseVirtualDeviceBackingInfo
+	if opts.NIC {
+		network, err := finder.Network(ctx, "VM Network")
+		if err != nil {
+			return fmt.Errorf("lab network: %w", err)
+		}
+		if nicBacking, err = network.EthernetCardBackingInfo(ctx); err != nil {
+			return fmt.Errorf("lab network backing: %w", err)
+		}
+	}
+	vm, err := l.createVM(ctx, folders.VmFolder, pool, host, ds.Reference(), nicBacking, opts)
 	if err != nil {
 		return err
 	}
@@ -275,7 +287,8 @@ func (l *Lab) build(ctx context.Context, opts Options) error {
 	return nil
 }
 
-func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.ResourcePool, host *object.HostSystem, ds types.ManagedObjectReference, opts Options) (*object.VirtualMachine, error) {
+func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.ResourcePool, host *object.HostSystem,
+	ds types.ManagedObjectReference, nicBacking types.BaseVirtualDeviceBackingInfo, opts Options) (*object.VirtualMachine, error) {
 	var devices object.VirtualDeviceList
 	scsi, err := devices.CreateSCSIController("pvscsi")
 	if err != nil {
@@ -301,6 +314,13 @@ func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.
 			FileOperation: types.VirtualDeviceConfigSpecFileOperationCreate,
 			Device:        disk,
 		})
+	}
+	if nicBacking != nil {
+		nic, err := devices.CreateEthernetCard("vmxnet3", nicBacking)
+		if err != nil {
+			return nil, fmt.Errorf("lab NIC: %w", err)
+		}
+		changes = append(changes, &types.VirtualDeviceConfigSpec{Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: nic})
 	}
 	cbt := opts.CBT
 	spec := types.VirtualMachineConfigSpec{
