@@ -277,7 +277,7 @@ func TestSNAWorkerKilledMidCopy(t *testing.T) {
 		last = copyHeartbeat(ctx, t, l, key)
 		l.StartWorker("sna")
 	})
-	require.Greater(t, copyAttempts(ctx, t, l, workflows.BackupWorkflowID(l.VC.VMName)), int32(1), "the copy was retried")
+	require.Greater(t, activityAttempts(ctx, t, l, workflows.BackupWorkflowID(l.VC.VMName), activities.CopyDiskName), int32(1), "the copy was retried")
 
 	// A copy reads every byte of its areas (the https source has no holes inside them), so
 	// what the retry did not read again is what it resumed past.
@@ -365,25 +365,6 @@ func bytesBelow(areas []vsphere.Extent, offset int64) int64 {
 		n += max(0, min(a.Start+a.Length, offset)-a.Start)
 	}
 	return n
-}
-
-// copyAttempts is the highest attempt of the run's CopyDisk activities.
-func copyAttempts(ctx context.Context, t *testing.T, l *lab.Lab, workflowID string) int32 {
-	t.Helper()
-	copies := map[int64]bool{} // scheduled event IDs of CopyDisk
-	var most int32
-	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
-	for it.HasNext() {
-		ev, err := it.Next()
-		require.NoError(t, err)
-		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil && a.GetActivityType().GetName() == activities.CopyDiskName {
-			copies[ev.GetEventId()] = true
-		}
-		if a := ev.GetActivityTaskStartedEventAttributes(); a != nil && copies[a.GetScheduledEventId()] {
-			most = max(most, a.GetAttempt())
-		}
-	}
-	return most
 }
 
 // fillDisk writes size bytes of random data from the start of the disk, so a copy of it

@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/lab"
 	"github.com/diskferry/diskferry/internal/qemu"
 	"github.com/diskferry/diskferry/workflows"
@@ -47,7 +48,7 @@ func TestHubExportKilledMidCopy(t *testing.T) {
 	require.Contains(t, l.WorkerLog("hub"), "restarted on the same socket")
 	require.True(t, strings.Contains(l.WorkerLog("sna"), "is not running (qemu-nbd gone?)"),
 		"the failed attempt named the dead export:\n%s", tail(l.WorkerLog("sna")))
-	require.Greater(t, copyAttempts(ctx, t, l, run.GetID()), int32(1), "the copy was retried")
+	require.Greater(t, activityAttempts(ctx, t, l, run.GetID(), activities.CopyDiskName), int32(1), "the copy was retried")
 	require.Len(t, res.Disks, 1)
 	requireSameContent(ctx, t, source[key], res.Disks[0].Path)
 	requireComplete(ctx, t, l, res.PointID)
