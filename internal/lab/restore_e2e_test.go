@@ -4,17 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 	"github.com/vmware/govmomi/find"
-	"github.com/vmware/govmomi/object"
-	"github.com/vmware/govmomi/vim25/soap"
 	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/temporal"
@@ -65,13 +61,10 @@ func TestRestoreEndToEnd(t *testing.T) {
 			require.Equal(t, activities.DestinationNewVM, res.Destination)
 			require.Equal(t, fmt.Sprintf("%s-restore-%s", l.VC.VMName, p.PointID), res.VMName)
 			require.Len(t, res.Disks, 2)
-			vm, err := vc.FindVM(ctx, res.VMMoref)
-			require.NoError(t, err)
-			info, err := vc.Inspect(ctx, vm)
+			info, flats, err := l.VMDisks(ctx, res.VMMoref, t.TempDir())
 			require.NoError(t, err)
 			require.Equal(t, "poweredOff", info.PowerState, "a restored VM is not powered on unless asked")
 			requireSameShape(t, sourceInfo.Config, info.Config)
-			flats := downloadDisks(ctx, t, l, vc, info)
 			for _, d := range res.Disks {
 				requireSameRaw(ctx, t, sources[i][d.PointKey], flats[d.VMKey])
 			}
@@ -213,11 +206,8 @@ func TestRestoreSurvivesSNAKillAndCancelLeavesNothing(t *testing.T) {
 		t.Fatalf("restore after the SNA restart: %v\nhub log:\n%s\nsna log:\n%s", err, tail(l.WorkerLog("hub")), tail(l.WorkerLog("sna")))
 	}
 	require.Greater(t, activityAttempts(ctx, t, l, run.GetID(), activities.WriteDiskName), int32(1), "the write was retried")
-	vm, err := vc.FindVM(ctx, res.VMMoref)
+	_, flats, err := l.VMDisks(ctx, res.VMMoref, t.TempDir())
 	require.NoError(t, err)
-	info, err := vc.Inspect(ctx, vm)
-	require.NoError(t, err)
-	flats := downloadDisks(ctx, t, l, vc, info)
 	requireSameRaw(ctx, t, source[key], flats[res.Disks[0].VMKey])
 	requireNoExports(ctx, t, l)
 
@@ -346,36 +336,6 @@ func requireSameShape(t *testing.T, want, got vsphere.VMConfig) {
 		require.Equal(t, want.NICs[i].AdapterType, got.NICs[i].AdapterType, "nic %d", i)
 		require.Equal(t, want.NICs[i].Network, got.NICs[i].Network, "nic %d", i)
 	}
-}
-
-// downloadDisks fetches each disk's flat file of a VM through the datastore's HTTP
-// interface, as an operator's tool would read it, keyed by disk key.
-func downloadDisks(ctx context.Context, t *testing.T, l *lab.Lab, vc *vsphere.Client, info vsphere.VMInfo) map[int32]string {
-	t.Helper()
-	finder := find.NewFinder(vc.Vim(), false)
-	dc, err := finder.Datacenter(ctx, l.VC.Datacenter)
-	require.NoError(t, err)
-	finder.SetDatacenter(dc)
-	dir := t.TempDir()
-	out := map[int32]string{}
-	for _, d := range info.Disks {
-		var p object.DatastorePath
-		require.True(t, p.FromString(d.BackingFile), d.BackingFile)
-		ds, err := finder.Datastore(ctx, p.Datastore)
-		require.NoError(t, err)
-		flat := strings.TrimSuffix(p.Path, ".vmdk") + "-flat.vmdk"
-		r, _, err := ds.Download(ctx, flat, &soap.DefaultDownload)
-		require.NoError(t, err, "download %s", flat)
-		local := filepath.Join(dir, fmt.Sprintf("disk-%d.raw", d.Key))
-		f, err := os.Create(local)
-		require.NoError(t, err)
-		_, err = io.Copy(f, r)
-		r.Close()
-		require.NoError(t, err)
-		require.NoError(t, f.Close())
-		out[d.Key] = local
-	}
-	return out
 }
 
 func requireSameRaw(ctx context.Context, t *testing.T, want, got string) {
