@@ -92,10 +92,17 @@ type RestoreFileInput struct {
 	Output string `json:"output"` // absolute path on the hub
 }
 
-// RestoreFileProgress is what RestoreFile heartbeats.
+// RestoreFileProgress is what RestoreFile heartbeats: the percentage of its current phase.
 type RestoreFileProgress struct {
 	Percent float64 `json:"percent"`
+	Phase   string  `json:"phase,omitempty"` // RestoreFilePhaseConvert, then RestoreFilePhaseCompare
 }
+
+// RestoreFile's phases: the point is written to the file, then the file compared with it.
+const (
+	RestoreFilePhaseConvert = "convert"
+	RestoreFilePhaseCompare = "compare"
+)
 
 // RestoreFileResult says what was written; the file was compared with the point.
 type RestoreFileResult struct {
