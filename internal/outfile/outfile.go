@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // Mode is the mode of every file written: a restored disk holds a VM's data, so only the
@@ -32,18 +33,18 @@ func Check(path string) (string, error) {
 	if clean == string(filepath.Separator) {
 		return "", fmt.Errorf("%s: %w", path, ErrExists)
 	}
-	if _, err := os.Lstat(clean); err == nil {
-		return "", fmt.Errorf("%s %w", clean, ErrExists)
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		return "", fmt.Errorf("%s: %w", clean, err)
-	}
 	dir := filepath.Dir(clean)
 	st, err := os.Stat(dir)
-	if errors.Is(err, fs.ErrNotExist) || (err == nil && !st.IsDir()) {
+	if errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) || (err == nil && !st.IsDir()) {
 		return "", fmt.Errorf("%s: %w", dir, ErrNoDir)
 	}
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", dir, err)
+	}
+	if _, err := os.Lstat(clean); err == nil {
+		return "", fmt.Errorf("%s %w", clean, ErrExists)
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("%s: %w", clean, err)
 	}
 	return clean, nil
 }
