@@ -214,7 +214,6 @@ func (a *Activities) RestoreFile(ctx context.Context, in activities.RestoreFileI
 	beat := heartbeat.Start(ctx, restoreBeat, activities.RestoreFileProgress{Phase: activities.RestoreFilePhaseConvert})
 	defer beat.Stop()
 	point := qemu.QCOW2(in.Path)
-	out := qemu.Image{Path: in.Output, Format: outFormat}
 	compare := func(path string) error {
 		res, err := qemu.CompareProgress(ctx, point, qemu.Image{Path: path, Format: outFormat}, func(p float64) {
 			beat.Record(activities.RestoreFileProgress{Percent: p, Phase: activities.RestoreFilePhaseCompare})
@@ -258,12 +257,14 @@ func (a *Activities) RestoreFile(ctx context.Context, in activities.RestoreFileI
 		}
 		return activities.RestoreFileResult{}, outputError(err)
 	}
-	a.log.InfoContext(ctx, "restore file written", "path", in.Path, "output", out.Path, "format", out.Format)
+	a.log.InfoContext(ctx, "restore file written", "path", in.Path, "output", in.Output, "format", outFormat)
 	return a.restoreFileResult(ctx, in, outFormat)
 }
 
 func (a *Activities) restoreFileResult(ctx context.Context, in activities.RestoreFileInput, format string) (activities.RestoreFileResult, error) {
-	info, err := qemu.Info(ctx, in.Path)
+	infoCtx, cancel := context.WithTimeout(ctx, imageMetadataTimeout)
+	defer cancel()
+	info, err := qemu.Info(infoCtx, in.Path)
 	if err != nil {
 		return activities.RestoreFileResult{}, fmt.Errorf("restore file: %w", err)
 	}
