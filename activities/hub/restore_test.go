@@ -2,11 +2,14 @@ package hub
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -15,6 +18,10 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/converter"
+	sdklog "go.temporal.io/sdk/log"
+	"go.temporal.io/sdk/temporal"
+	"go.temporal.io/sdk/testsuite"
+	"go.temporal.io/sdk/workflow"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/catalog"
@@ -428,4 +435,69 @@ func TestRestoreFileOnFullFileSystem(t *testing.T) {
 	assert.Contains(t, appErr.Error(), "output: the file system is full")
 	assert.NoFileExists(t, out)
 	assert.NoFileExists(t, outfile.TempName(out))
+}
+
+// A retry after a lost reply finds the output its predecessor wrote: identical to the point,
+// it is the result; a different file there is still refused.
+func TestRestoreFileRetryAfterLostReply(t *testing.T) {
+	r := setup(t)
+	_, _, _, incrPath := r.pointChain(t)
+	dir := t.TempDir()
+	run := func(out string, firstAttempt func(ctx context.Context, in activities.RestoreFileInput) error) (activities.RestoreFileResult, error, int32) {
+		var suite testsuite.WorkflowTestSuite
+		suite.SetLogger(sdklog.NewStructuredLogger(slog.New(slog.DiscardHandler)))
+		env := suite.NewTestWorkflowEnvironment()
+		var attempts atomic.Int32
+		env.RegisterActivityWithOptions(func(ctx context.Context, in activities.RestoreFileInput) (activities.RestoreFileResult, error) {
+			attempts.Add(1)
+			if activity.GetInfo(ctx).Attempt == 1 {
+				return activities.RestoreFileResult{}, firstAttempt(ctx, in)
+			}
+			return r.acts.RestoreFile(ctx, in)
+		}, activity.RegisterOptions{Name: activities.RestoreFileName})
+		env.RegisterWorkflowWithOptions(func(ctx workflow.Context) (activities.RestoreFileResult, error) {
+			ctx = workflow.WithActivityOptions(ctx, workflow.ActivityOptions{
+				StartToCloseTimeout: time.Minute,
+				RetryPolicy:         &temporal.RetryPolicy{InitialInterval: time.Second, MaximumAttempts: 2},
+			})
+			var res activities.RestoreFileResult
+			err := workflow.ExecuteActivity(ctx, activities.RestoreFileName,
+				activities.RestoreFileInput{Path: incrPath, Format: activities.FormatQCOW2, Output: out}).Get(ctx, &res)
+			return res, err
+		}, workflow.RegisterOptions{Name: "restore-file"})
+		env.ExecuteWorkflow("restore-file")
+		require.True(t, env.IsWorkflowCompleted())
+		var res activities.RestoreFileResult
+		err := env.GetWorkflowError()
+		if err == nil {
+			require.NoError(t, env.GetWorkflowResult(&res))
+		}
+		return res, err, attempts.Load()
+	}
+
+	lost := filepath.Join(dir, "lost.qcow2")
+	res, err, attempts := run(lost, func(ctx context.Context, in activities.RestoreFileInput) error {
+		if _, err := r.acts.RestoreFile(ctx, in); err != nil {
+			return err
+		}
+		return errors.New("reply lost")
+	})
+	require.NoError(t, err)
+	assert.Equal(t, int32(2), attempts)
+	assert.Equal(t, lost, res.Output)
+	assert.Equal(t, capacity, res.VirtualBytes)
+
+	foreign := filepath.Join(dir, "foreign.qcow2")
+	_, err, attempts = run(foreign, func(context.Context, activities.RestoreFileInput) error {
+		if err := os.WriteFile(foreign, []byte("not the point"), 0o600); err != nil {
+			return err
+		}
+		return errors.New("worker died")
+	})
+	require.Error(t, err)
+	assert.Equal(t, int32(2), attempts)
+	assert.ErrorContains(t, err, "output: "+foreign+" exists; refusing to overwrite")
+	data, readErr := os.ReadFile(foreign)
+	require.NoError(t, readErr)
+	assert.Equal(t, "not the point", string(data))
 }
