@@ -45,7 +45,8 @@ const (
 )
 
 // ResolvePointInput names the point to restore: PointID, or the latest complete point of
-// VM (a name, moref or inventory path as the catalog knows the VM) when PointID is empty.
+// VM (its name or moref, as the catalog knows it: inventory paths are not kept) when PointID
+// is empty. Both given: the point must be of that VM.
 type ResolvePointInput struct {
 	PointID string  `json:"pointId,omitempty"`
 	VM      string  `json:"vm,omitempty"`
