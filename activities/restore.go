@@ -45,7 +45,8 @@ const (
 )
 
 // ResolvePointInput names the point to restore: PointID, or the latest complete point of
-// VM (a name, moref or inventory path as the catalog knows the VM) when PointID is empty.
+// VM (its name or moref, as the catalog knows it: inventory paths are not kept) when PointID
+// is empty. Both given: the point must be of that VM.
 type ResolvePointInput struct {
 	PointID string  `json:"pointId,omitempty"`
 	VM      string  `json:"vm,omitempty"`
@@ -92,10 +93,17 @@ type RestoreFileInput struct {
 	Output string `json:"output"` // absolute path on the hub
 }
 
-// RestoreFileProgress is what RestoreFile heartbeats.
+// RestoreFileProgress is what RestoreFile heartbeats: the percentage of its current phase.
 type RestoreFileProgress struct {
 	Percent float64 `json:"percent"`
+	Phase   string  `json:"phase,omitempty"` // RestoreFilePhaseConvert, then RestoreFilePhaseCompare
 }
+
+// RestoreFile's phases: the point is written to the file, then the file compared with it.
+const (
+	RestoreFilePhaseConvert = "convert"
+	RestoreFilePhaseCompare = "compare"
+)
 
 // RestoreFileResult says what was written; the file was compared with the point.
 type RestoreFileResult struct {

@@ -111,6 +111,8 @@ func (a *Activities) RegisterShared(w worker.ActivityRegistry) {
 	reg(a.ReleasePorts, activities.ReleasePortsName)
 	reg(a.CommitPoint, activities.CommitPointName)
 	reg(a.FailPoint, activities.FailPointName)
+	reg(a.ResolvePoint, activities.ResolvePointName)
+	reg(a.MarkRestoredInPlace, activities.MarkRestoredInPlaceName)
 }
 
 // RegisterHost registers the activities bound to this host (for diskferry-hub.<hubID>).
@@ -121,6 +123,7 @@ func (a *Activities) RegisterHost(w worker.ActivityRegistry) {
 	reg(a.StartExport, activities.StartExportName)
 	reg(a.StopExport, activities.StopExportName)
 	reg(a.VerifyTarget, activities.VerifyTargetName)
+	reg(a.RestoreFile, activities.RestoreFileName)
 }
 
 func badInput(format string, args ...any) error {
@@ -171,6 +174,10 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	if err != nil {
 		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
 	}
+	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full.
+	if vm, err = a.store.GetVM(ctx, vm.ID); err != nil {
+		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
+	}
 	last, err := a.store.LastCompletePoint(ctx, vm.ID)
 	hasLast := err == nil
 	if err != nil && !errors.Is(err, catalog.ErrNotFound) {
@@ -183,7 +190,7 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	}
 	anyIncremental := false
 	for _, d := range disks {
-		dp := decideDisk(in.Mode, in.VM.CBTEnabled, d, last, hasLast)
+		dp := decideDisk(in.Mode, in.VM.CBTEnabled, vm.NextFullReason, d, last, hasLast)
 		if dp.Mode == activities.ModeIncremental {
 			anyIncremental = true
 		} else {
@@ -267,7 +274,9 @@ func selectDisks(all []activities.Disk, keys []int32) ([]activities.Disk, error)
 }
 
 // decideDisk picks full or incremental for one disk (docs/architecture.md, Full or incremental).
-func decideDisk(mode string, cbt bool, d activities.Disk, last catalog.Point, hasLast bool) activities.DiskPlan {
+// A non-empty nextFull (the VM's mark after an in-place restore) makes the disk full with
+// that reason.
+func decideDisk(mode string, cbt bool, nextFull string, d activities.Disk, last catalog.Point, hasLast bool) activities.DiskPlan {
 	dp := activities.DiskPlan{Key: d.Key, CapacityBytes: d.CapacityBytes, Mode: activities.ModeFull}
 	var prev *catalog.PointDisk
 	if hasLast {
@@ -278,6 +287,8 @@ func decideDisk(mode string, cbt bool, d activities.Disk, last catalog.Point, ha
 		}
 	}
 	switch {
+	case nextFull != "":
+		dp.Reason = nextFull
 	case mode == activities.ModeFull:
 		dp.Reason = "full backup requested"
 	case !cbt:
@@ -448,11 +459,11 @@ func ExportName(diskKey int32) string { return fmt.Sprintf("disk-%d", diskKey) }
 
 // serveTarget serves a target with qemu-nbd on the unix socket of its port; a running
 // export of the same target is returned as is.
-func (a *Activities) serveTarget(ctx context.Context, port int, path string, diskKey int32, connections int) (*qemu.Export, error) {
+func (a *Activities) serveTarget(ctx context.Context, port int, path string, diskKey int32, connections int, readOnly bool) (*qemu.Export, error) {
 	exp, err := qemu.Start(ctx, qemu.ExportOptions{
 		Path: path, Socket: ExportSocket(a.settings.RunDir, port), Name: ExportName(diskKey),
 		Cache: a.settings.ExportCache, AIO: exportAIO(a.settings.ExportCache),
-		Connections: connections, PidFile: a.pidFile(port), Logger: a.log,
+		Connections: connections, PidFile: a.pidFile(port), ReadOnly: readOnly, Logger: a.log,
 	})
 	if err != nil {
 		return nil, err
@@ -470,7 +481,9 @@ func (a *Activities) serveTarget(ctx context.Context, port int, path string, dis
 
 // StartExport serves the target with qemu-nbd on the unix socket of the port leased to
 // (workflow, disk) and records it in the catalog. Idempotent: an export already serving
-// the same file on the port is recorded and returned as is.
+// the same file on the port, read-only or not as asked, is recorded and returned as is.
+// ReadOnly serves a complete point (its backing chain opened read-only too) for a restore
+// or a mount: clients' writes fail.
 func (a *Activities) StartExport(ctx context.Context, in activities.StartExportInput) (activities.Export, error) {
 	a.exporting.RLock()
 	defer a.exporting.RUnlock()
@@ -489,16 +502,18 @@ func (a *Activities) StartExport(ctx context.Context, in activities.StartExportI
 			in.Port, a.settings.HubID, in.WorkflowID, in.DiskKey)
 	}
 	pidFile := a.pidFile(in.Port)
-	if running, err := qemu.Find(pidFile); err == nil && running.Path != in.Path {
-		return activities.Export{}, fmt.Errorf("start export on port %d: already serving %s: %w", in.Port, running.Path, qemu.ErrPortInUse)
+	if running, err := qemu.Find(pidFile); err == nil && (running.Path != in.Path || running.ReadOnly != in.ReadOnly) {
+		return activities.Export{}, fmt.Errorf("start export on port %d: already serving %s (read-only %t): %w",
+			in.Port, running.Path, running.ReadOnly, qemu.ErrPortInUse)
 	}
 	// Start returns the running export when a previous attempt started it.
-	exp, err := a.serveTarget(ctx, in.Port, in.Path, in.DiskKey, in.Connections)
+	exp, err := a.serveTarget(ctx, in.Port, in.Path, in.DiskKey, in.Connections, in.ReadOnly)
 	if err != nil {
 		return activities.Export{}, fmt.Errorf("start export %s on port %d: %w", in.Path, in.Port, err)
 	}
 	err = a.store.RecordExport(ctx, catalog.Export{
 		Hub: a.settings.HubID, Port: in.Port, PID: exp.PID, Path: in.Path, WorkflowID: in.WorkflowID, DiskKey: in.DiskKey,
+		ReadOnly: in.ReadOnly,
 	})
 	if err != nil {
 		if stopErr := exp.Stop(context.WithoutCancel(ctx), a.settings.StopTimeout); stopErr != nil {

@@ -40,7 +40,7 @@ type ReconcileReport struct {
 	Stopped    []int           // export processes without a lease, stopped
 	Forgotten  []int           // catalog rows whose process was gone, removed
 	Registered []int           // live, leased exports missing from the catalog, recorded
-	Restarted  []int           // exports of running backups whose process was gone, started again
+	Restarted  []int           // exports of running workflows whose process was gone, started again
 	Verifiers  int             // verification exports a crashed worker left, stopped
 	Abandoned  []string        // running points of closed workflows, marked failed
 	Swept      []string        // directories of failed points of closed workflows, removed
@@ -160,9 +160,10 @@ func (a *Activities) reconcilePort(ctx context.Context, port int, lease catalog.
 		report.Stopped = append(report.Stopped, port)
 		return nil
 
-	case !recorded || row.PID != exp.PID || row.Path != exp.Path:
+	case !recorded || row.PID != exp.PID || row.Path != exp.Path || row.ReadOnly != exp.ReadOnly:
 		err := a.store.RecordExport(ctx, catalog.Export{
 			Hub: hub, Port: port, PID: exp.PID, Path: exp.Path, WorkflowID: lease.WorkflowID, DiskKey: lease.DiskKey,
+			ReadOnly: exp.ReadOnly,
 		})
 		if err != nil {
 			return err
@@ -176,7 +177,8 @@ func (a *Activities) reconcilePort(ctx context.Context, port int, lease catalog.
 
 // restartExport serves a running backup's target again on its port's socket, after its
 // qemu-nbd died (killed, crashed, the hub rebooted): the copy's next attempt reconnects
-// through the same forward and resumes from its checkpoint.
+// through the same forward and resumes from its checkpoint. A read-only export (a restore's
+// or a mount's) comes back read-only.
 func (a *Activities) restartExport(ctx context.Context, row catalog.Export, report *ReconcileReport) error {
 	hub := a.settings.HubID
 	log := a.log.With("hub", hub, "port", row.Port, "workflow", row.WorkflowID, "path", row.Path)
@@ -192,7 +194,7 @@ func (a *Activities) restartExport(ctx context.Context, row catalog.Export, repo
 		report.Forgotten = append(report.Forgotten, row.Port)
 		return nil
 	}
-	exp, err := a.serveTarget(ctx, row.Port, row.Path, row.DiskKey, restartConnections)
+	exp, err := a.serveTarget(ctx, row.Port, row.Path, row.DiskKey, restartConnections, row.ReadOnly)
 	if err != nil {
 		return fmt.Errorf("restart export of workflow %s: %w", row.WorkflowID, err)
 	}
@@ -200,7 +202,8 @@ func (a *Activities) restartExport(ctx context.Context, row catalog.Export, repo
 	if err := a.store.RecordExport(ctx, row); err != nil {
 		return fmt.Errorf("restart export of workflow %s: %w", row.WorkflowID, err)
 	}
-	log.WarnContext(ctx, "reconcile: export of a running backup was gone; restarted on the same socket", "pid", exp.PID, "socket", exp.Socket)
+	log.WarnContext(ctx, "reconcile: export of a running workflow was gone; restarted on the same socket", "pid", exp.PID,
+		"socket", exp.Socket, "readOnly", row.ReadOnly)
 	report.Restarted = append(report.Restarted, row.Port)
 	return nil
 }

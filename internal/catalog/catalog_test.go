@@ -60,7 +60,9 @@ func TestMigrateConcurrentlyAndAgain(t *testing.T) {
 
 	version, err := a.SchemaVersion(ctx)
 	require.NoError(t, err)
-	assert.Equal(t, int64(3), version)
+	latest, err := LatestSchemaVersion()
+	require.NoError(t, err)
+	assert.Equal(t, latest, version)
 	for _, table := range []string{"sites", "hubs", "vms", "disks", "restore_points", "point_disks", "port_leases", "exports"} {
 		var n int
 		require.NoError(t, a.DB().QueryRowContext(ctx, "SELECT COUNT(*) FROM "+table).Scan(&n), table)
@@ -355,7 +357,7 @@ func TestExportsRecordListRemove(t *testing.T) {
 	s := newStore(t)
 	ctx := testCtx(t)
 
-	e := Export{Hub: "hub-1", Port: 10101, PID: 1234, Path: "/r/a.qcow2", WorkflowID: "wf-1", DiskKey: 2000}
+	e := Export{Hub: "hub-1", Port: 10101, PID: 1234, Path: "/r/a.qcow2", WorkflowID: "wf-1", DiskKey: 2000, ReadOnly: true}
 	require.NoError(t, s.RecordExport(ctx, e))
 	e.PID = 5678
 	require.NoError(t, s.RecordExport(ctx, e), "re-recorded after a restart")
@@ -368,6 +370,8 @@ func TestExportsRecordListRemove(t *testing.T) {
 	assert.Equal(t, 10100, list[0].Port)
 	assert.Equal(t, 5678, list[1].PID)
 	assert.Equal(t, "wf-1", list[1].WorkflowID)
+	assert.True(t, list[1].ReadOnly, "a read-only export is remembered read-only")
+	assert.False(t, list[0].ReadOnly)
 	assert.False(t, list[1].StartedAt.IsZero())
 
 	require.NoError(t, s.RemoveExport(ctx, "hub-1", 10101))

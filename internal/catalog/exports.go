@@ -16,6 +16,7 @@ type Export struct {
 	Path       string
 	WorkflowID string
 	DiskKey    int32
+	ReadOnly   bool // serves a complete point (restore, mount): restarted read-only
 	StartedAt  time.Time
 }
 
@@ -31,11 +32,11 @@ func (s *Store) RecordExport(ctx context.Context, e Export) error {
 		if err := ensureRow(ctx, tx, "hubs", e.Hub); err != nil {
 			return err
 		}
-		_, err := tx.ExecContext(ctx, `INSERT INTO exports (hub_id, port, pid, path, workflow_id, disk_key, started_at)
-			VALUES (?, ?, ?, ?, ?, ?, ?)
+		_, err := tx.ExecContext(ctx, `INSERT INTO exports (hub_id, port, pid, path, workflow_id, disk_key, read_only, started_at)
+			VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 			ON DUPLICATE KEY UPDATE pid = VALUES(pid), path = VALUES(path), workflow_id = VALUES(workflow_id),
-				disk_key = VALUES(disk_key), started_at = VALUES(started_at)`,
-			e.Hub, e.Port, e.PID, e.Path, e.WorkflowID, e.DiskKey, now())
+				disk_key = VALUES(disk_key), read_only = VALUES(read_only), started_at = VALUES(started_at)`,
+			e.Hub, e.Port, e.PID, e.Path, e.WorkflowID, e.DiskKey, e.ReadOnly, now())
 		return err
 	})
 }
@@ -50,7 +51,7 @@ func (s *Store) RemoveExport(ctx context.Context, hub string, port int) error {
 
 // ListExports returns a hub's recorded exports by port.
 func (s *Store) ListExports(ctx context.Context, hub string) ([]Export, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT hub_id, port, pid, path, workflow_id, disk_key, started_at
+	rows, err := s.db.QueryContext(ctx, `SELECT hub_id, port, pid, path, workflow_id, disk_key, read_only, started_at
 		FROM exports WHERE hub_id = ? ORDER BY port`, hub)
 	if err != nil {
 		return nil, fmt.Errorf("list exports of %s: %w", hub, err)
@@ -59,7 +60,7 @@ func (s *Store) ListExports(ctx context.Context, hub string) ([]Export, error) {
 	var exports []Export
 	for rows.Next() {
 		var e Export
-		if err := rows.Scan(&e.Hub, &e.Port, &e.PID, &e.Path, &e.WorkflowID, &e.DiskKey, &e.StartedAt); err != nil {
+		if err := rows.Scan(&e.Hub, &e.Port, &e.PID, &e.Path, &e.WorkflowID, &e.DiskKey, &e.ReadOnly, &e.StartedAt); err != nil {
 			return nil, fmt.Errorf("list exports of %s: %w", hub, err)
 		}
 		exports = append(exports, e)

@@ -404,9 +404,19 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 			}
 		}
 		// A retry keeps the first finish time.
-		_, err = tx.ExecContext(ctx, `UPDATE restore_points SET status = 'complete', error = NULL,
+		if _, err = tx.ExecContext(ctx, `UPDATE restore_points SET status = 'complete', error = NULL,
 				finished_at = COALESCE(finished_at, ?), bytes_read = ?, bytes_written = ?
-			WHERE id = ?`, now(), read, written, pointID)
+			WHERE id = ?`, now(), read, written, pointID); err != nil {
+			return err
+		}
+		if incremental {
+			return nil
+		}
+		// A full point opened after the VM was marked for a full backup is that backup; one
+		// opened before the mark was planned without it.
+		_, err = tx.ExecContext(ctx, `UPDATE vms v JOIN restore_points p ON p.vm_id = v.id
+			SET v.next_full_reason = NULL, v.next_full_since = NULL
+			WHERE p.id = ? AND v.next_full_since IS NOT NULL AND v.next_full_since < p.started_at`, pointID)
 		return err
 	})
 	if err != nil {

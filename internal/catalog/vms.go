@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/diskferry/diskferry/internal/text"
 )
 
 // VM is a virtual machine, identified by its vCenter's instance UUID and its moref there.
@@ -16,6 +18,11 @@ type VM struct {
 	Moref        string
 	Name         string
 	UpdatedAt    time.Time
+	// NextFullReason, when set, makes the VM's next backup full with this reason (its disks
+	// were overwritten by an in-place restore); a full point opened after NextFullSince
+	// clears it when it completes.
+	NextFullReason string
+	NextFullSince  time.Time
 }
 
 // Disk is one current virtual disk of a VM.
@@ -84,10 +91,20 @@ func (s *Store) FindVM(ctx context.Context, instanceUUID, moref string) (VM, err
 	return s.scanVM(ctx, "instance_uuid = ? AND moref = ?", instanceUUID, moref)
 }
 
-func (s *Store) scanVM(ctx context.Context, where string, args ...any) (VM, error) {
+const vmColumns = "id, instance_uuid, moref, name, updated_at, COALESCE(next_full_reason, ''), next_full_since"
+
+func scanVMRow(scan func(dest ...any) error) (VM, error) {
 	var vm VM
-	err := s.db.QueryRowContext(ctx, "SELECT id, instance_uuid, moref, name, updated_at FROM vms WHERE "+where, args...).
-		Scan(&vm.ID, &vm.InstanceUUID, &vm.Moref, &vm.Name, &vm.UpdatedAt)
+	var since sql.NullTime
+	if err := scan(&vm.ID, &vm.InstanceUUID, &vm.Moref, &vm.Name, &vm.UpdatedAt, &vm.NextFullReason, &since); err != nil {
+		return VM{}, err
+	}
+	vm.NextFullSince = since.Time
+	return vm, nil
+}
+
+func (s *Store) scanVM(ctx context.Context, where string, args ...any) (VM, error) {
+	vm, err := scanVMRow(s.db.QueryRowContext(ctx, "SELECT "+vmColumns+" FROM vms WHERE "+where, args...).Scan)
 	if errors.Is(err, sql.ErrNoRows) {
 		return VM{}, fmt.Errorf("VM %v: %w", args, ErrNotFound)
 	}
@@ -95,6 +112,48 @@ func (s *Store) scanVM(ctx context.Context, where string, args ...any) (VM, erro
 		return VM{}, fmt.Errorf("read VM %v: %w", args, err)
 	}
 	return vm, nil
+}
+
+// FindVMs returns the VMs named name or with moref name, by id: a name may be shared by
+// VMs of one vCenter, a moref by VMs of different vCenters.
+func (s *Store) FindVMs(ctx context.Context, name string) ([]VM, error) {
+	rows, err := s.db.QueryContext(ctx, "SELECT "+vmColumns+" FROM vms WHERE name = ? OR moref = ? ORDER BY id", name, name)
+	if err != nil {
+		return nil, fmt.Errorf("find VMs %q: %w", name, err)
+	}
+	defer rows.Close()
+	var vms []VM
+	for rows.Next() {
+		vm, err := scanVMRow(rows.Scan)
+		if err != nil {
+			return nil, fmt.Errorf("find VMs %q: %w", name, err)
+		}
+		vms = append(vms, vm)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("find VMs %q: %w", name, err)
+	}
+	return vms, nil
+}
+
+// MarkNextFull records that the VM's next backup must be full, with the reason; marking
+// again replaces the reason and restarts the mark, so only a point opened after the latest
+// mark clears it.
+func (s *Store) MarkNextFull(ctx context.Context, instanceUUID, moref, reason string) error {
+	if reason == "" {
+		return fmt.Errorf("%w: empty reason for the next full backup of VM %s", ErrInvalid, moref)
+	}
+	res, err := s.db.ExecContext(ctx, "UPDATE vms SET next_full_reason = ?, next_full_since = ? WHERE instance_uuid = ? AND moref = ?",
+		text.Cut(reason, maxReasonText), now(), instanceUUID, moref)
+	if err != nil {
+		return fmt.Errorf("mark next backup of VM %s full: %w", moref, err)
+	}
+	if n, err := res.RowsAffected(); err != nil || n > 0 {
+		return err
+	}
+	// MySQL counts a row whose values did not change as unaffected: tell it from no row.
+	_, err = s.FindVM(ctx, instanceUUID, moref)
+	return err
 }
 
 // Disks returns the VM's current disks by key.

@@ -141,6 +141,8 @@ type Export struct {
 	Port    int
 	Socket  string
 	Name    string
+	// ReadOnly is an export started with --read-only: clients cannot write.
+	ReadOnly bool
 
 	log *slog.Logger
 }
@@ -191,9 +193,9 @@ func Start(ctx context.Context, opts ExportOptions) (*Export, error) {
 	if running, err := Find(opts.PidFile); err == nil {
 		// A retried start (the worker died after starting it) finds its export running.
 		if running.Path != opts.Path || running.Addr != opts.Addr || running.Port != opts.Port ||
-			running.Socket != opts.Socket || running.Name != opts.Name {
-			return nil, fmt.Errorf("start export %s: pid file %s names a running qemu-nbd serving %s",
-				opts.Path, opts.PidFile, running.URI())
+			running.Socket != opts.Socket || running.Name != opts.Name || running.ReadOnly != opts.ReadOnly {
+			return nil, fmt.Errorf("start export %s: pid file %s names a running qemu-nbd serving %s (read-only %t)",
+				opts.Path, opts.PidFile, running.URI(), running.ReadOnly)
 		}
 		running.log, running.LogFile = log, opts.LogFile
 		network, addr := running.network()
@@ -226,7 +228,7 @@ func Start(ctx context.Context, opts ExportOptions) (*Export, error) {
 
 	exp := &Export{
 		PidFile: opts.PidFile, LogFile: opts.LogFile, Path: opts.Path,
-		Addr: opts.Addr, Port: opts.Port, Socket: opts.Socket, Name: opts.Name, log: log,
+		Addr: opts.Addr, Port: opts.Port, Socket: opts.Socket, Name: opts.Name, ReadOnly: opts.ReadOnly, log: log,
 	}
 	if runErr != nil {
 		// A cancel may hit after the daemon forked; never leave it behind.
@@ -301,6 +303,8 @@ func Find(pidFile string) (*Export, error) {
 			exp.Socket = value
 		case "--export-name":
 			exp.Name = value
+		case "--read-only":
+			exp.ReadOnly = true
 		}
 	}
 	if len(args) > 0 {

@@ -1,4 +1,4 @@
-// Package qemu wraps qemu-img (create, info, check, compare, map) and supervises qemu-nbd
+// Package qemu wraps qemu-img (create, info, check, compare, map, convert) and supervises qemu-nbd
 // exports of the hub's QCOW2 targets.
 package qemu
 
@@ -263,15 +263,21 @@ func runImg(ctx context.Context, args ...string) ([]byte, error) {
 	if ctxErr := ctx.Err(); ctxErr != nil {
 		return stdout.Bytes(), fmt.Errorf("%s %s: %w", qemuImg, args[0], ctxErr)
 	}
-	msg := strings.TrimSpace(stderr.String())
+	return stdout.Bytes(), imgError(args[0], stderr.String(), err)
+}
+
+// imgError is a failed qemu-img command's error: stderr, ErrImageLocked for a lock
+// conflict, syscall.ENOSPC for a full disk, and the *exec.ExitError.
+func imgError(command, stderr string, err error) error {
+	msg := strings.TrimSpace(stderr)
 	if isLockError(msg) {
-		return stdout.Bytes(), fmt.Errorf("%s %s: %w: %s (%w)", qemuImg, args[0], ErrImageLocked, msg, err)
+		return fmt.Errorf("%s %s: %w: %s (%w)", qemuImg, command, ErrImageLocked, msg, err)
 	}
 	// A full disk must read as ENOSPC to callers (no retry can fix it); qemu-img only says it.
 	if strings.Contains(strings.ToLower(msg), syscall.ENOSPC.Error()) {
-		return stdout.Bytes(), fmt.Errorf("%s %s: %s (%w, %w)", qemuImg, args[0], msg, syscall.ENOSPC, err)
+		return fmt.Errorf("%s %s: %s (%w, %w)", qemuImg, command, msg, syscall.ENOSPC, err)
 	}
-	return stdout.Bytes(), fmt.Errorf("%s %s: %s (%w)", qemuImg, args[0], msg, err)
+	return fmt.Errorf("%s %s: %s (%w)", qemuImg, command, msg, err)
 }
 
 func isLockError(stderr string) bool {
