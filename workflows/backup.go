@@ -6,7 +6,6 @@ package workflows
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -228,10 +227,7 @@ func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) 
 		return BackupResult{}, fmt.Errorf("register progress query: %w", err)
 	}
 	if err := in.Validate(); err != nil {
-		b.progress.Error = err.Error()
-		b.setStatus(ctx, StatusFailed)
-		b.journal.add(ctx, "refused: %v", err)
-		return BackupResult{}, err
+		return BackupResult{}, b.refuse(ctx, err)
 	}
 	b.setStatus(ctx, StatusRunning)
 	b.journal.add(ctx, "backup of %s from site %s requested (mode %s, quiesce %t)", in.VM, in.Site, b.in.Mode, in.Quiesce)
@@ -260,12 +256,8 @@ type diskRun struct {
 
 // backup is one run of BackupWorkflow.
 type backup struct {
-	in       BackupInput
-	info     *workflow.Info
-	started  time.Time
-	undo     *compensations
-	progress *Progress
-	journal  *jobLog
+	job
+	in BackupInput
 
 	vm       activities.VM
 	plan     activities.Plan
@@ -275,15 +267,11 @@ type backup struct {
 }
 
 func newBackup(ctx workflow.Context, in BackupInput) *backup {
-	now := workflow.Now(ctx)
-	return &backup{
-		in:       in,
-		info:     workflow.GetInfo(ctx),
-		started:  now,
-		undo:     &compensations{},
-		progress: &Progress{VM: text.Shorten(in.VM, MaxVMRefLength), Site: text.Shorten(in.Site, MaxVMRefLength), Mode: in.Mode, Started: now},
-		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))},
-	}
+	progress := &Progress{VM: text.Shorten(in.VM, MaxVMRefLength), Site: text.Shorten(in.Site, MaxVMRefLength), Mode: in.Mode, Started: workflow.Now(ctx)}
+	title := fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))
+	b := &backup{job: newJob(ctx, "backup", title, in.WorkerWaitSeconds, progress), in: in}
+	b.attributes = b.statusAttributes
+	return b
 }
 
 func (b *backup) run(ctx workflow.Context) (BackupResult, error) {
@@ -645,37 +633,6 @@ func (b *backup) releasePorts(ctx workflow.Context) error {
 	return b.undo.runNow(ctx, "release-ports")
 }
 
-// fail runs the compensations after err, records the outcome everywhere an operator looks
-// and returns the run's error. A cancelled run ends cancelled even when the step it stopped
-// failed otherwise meanwhile (a copy that timed out while it was being cancelled).
-func (b *backup) fail(ctx workflow.Context, err error) error {
-	status := StatusFailed
-	if temporal.IsCanceledError(err) || temporal.IsCanceledError(ctx.Err()) {
-		status = StatusCancelled
-	}
-	// Compensation must run even though ctx may be cancelled.
-	cleanupCtx, _ := workflow.NewDisconnectedContext(ctx)
-	b.progress.Error = err.Error()
-	// Even verified disks are lost: their targets are discarded with the point.
-	for i := range b.progress.Disks {
-		b.progress.Disks[i].Phase = PhaseFailed
-	}
-	b.journal.add(cleanupCtx, "%s: %v; cleaning up", status, err)
-	b.step(cleanupCtx, "cleaning up")
-	for _, undoErr := range b.undo.runAll(cleanupCtx, err) {
-		workflow.GetLogger(ctx).Error("compensation failed", "error", undoErr)
-		b.progress.UndoErrors = append(b.progress.UndoErrors, undoErr.Error())
-		b.journal.add(cleanupCtx, "cleanup failed: %v", undoErr)
-	}
-	b.setStatus(cleanupCtx, status)
-	b.step(cleanupCtx, "%s", status)
-	if status == StatusCancelled && !temporal.IsCanceledError(err) {
-		// Only a canceled error closes the run as cancelled rather than failed.
-		return ctx.Err()
-	}
-	return err
-}
-
 func (b *backup) result(ctx workflow.Context) BackupResult {
 	return BackupResult{
 		PointID:  b.plan.PointID,
@@ -716,74 +673,6 @@ func (r BackupResult) bytesRead() int64 {
 	return n
 }
 
-// execute runs one activity by name with the options of its step and waits for its result.
-func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, out any) error {
-	b.waitFor(ctx, name, queue)
-	defer b.waitFor(ctx, "", "")
-	ctx = workflow.WithActivityOptions(ctx, b.options(name, queue, summary))
-	err := workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
-	return b.noWorker(err, name, queue)
-}
-
-// waitFor tells the job log which worker the run waits for; an empty name clears it. The
-// shared hub queue has no worker-wait bound (options): its line names no deadline.
-func (b *backup) waitFor(ctx workflow.Context, name, queue string) {
-	_, owner := queueOwner(queue)
-	switch {
-	case name == "":
-		b.progress.WaitingFor = ""
-	case queue == activities.HubQueue:
-		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", owner, name, queue)
-	default:
-		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the backup fails if no worker takes it within %s)",
-			owner, name, queue, b.workerWait())
-	}
-	b.journal.waiting = b.progress.WaitingFor
-	b.journal.publish(ctx, b.journal.current)
-}
-
-// queueOwner names who polls a task queue, as an operator knows it: the kind of worker
-// ("SNA") and the one worker ("the SNA of site lab").
-func queueOwner(queue string) (kind, owner string) {
-	if site, ok := strings.CutPrefix(queue, activities.SNAQueue("")); ok {
-		return "SNA", "the SNA of site " + site
-	}
-	if hub, ok := strings.CutPrefix(queue, activities.HubHostQueue("")); ok {
-		return "hub worker", "the hub worker of host " + hub
-	}
-	return "worker", "a hub worker"
-}
-
-// noWorker turns a step nobody took from its queue (a schedule-to-start timeout, which
-// Temporal does not retry) into a non-retryable error naming the queue and its owner.
-func (b *backup) noWorker(err error, name, queue string) error {
-	var timeout *temporal.TimeoutError
-	if !errors.As(err, &timeout) || timeout.TimeoutType() != enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START {
-		return err
-	}
-	kind, owner := queueOwner(queue)
-	return temporal.NewNonRetryableApplicationError(
-		fmt.Sprintf("no %s is polling %s: %s waited %s for %s (check the site or hub name and that its worker runs)",
-			kind, queue, name, b.workerWait(), owner),
-		activities.ErrNoWorker, err)
-}
-
-// hasErrorType reports whether err carries an application error of the type.
-func hasErrorType(err error, errType string) bool {
-	var appErr *temporal.ApplicationError
-	return errors.As(err, &appErr) && appErr.Type() == errType
-}
-
-// rootMessage is the message of the innermost application error, without the layers of
-// activity wrapping around it.
-func rootMessage(err error) string {
-	var appErr *temporal.ApplicationError
-	if errors.As(err, &appErr) {
-		return appErr.Message()
-	}
-	return err.Error()
-}
-
 func (b *backup) snaQueue() string { return activities.SNAQueue(b.in.Site) }
 
 // vmName is the VM's inventory name once inspected, the requested name before.
@@ -794,32 +683,14 @@ func (b *backup) vmName() string {
 	return b.in.VM
 }
 
-func (b *backup) step(ctx workflow.Context, format string, args ...any) {
-	b.progress.Step = fmt.Sprintf(format, args...)
-	b.journal.publish(ctx, b.progress.Step)
-}
-
-func (b *backup) setStatus(ctx workflow.Context, status string) {
-	b.progress.Status = status
-	// Truncated: a refused input may be longer than the server's search attribute limit.
-	b.upsert(ctx,
+// statusAttributes are a backup's search attributes with its status. Truncated: a refused
+// input may be longer than the server's search attribute limit.
+func (b *backup) statusAttributes(status string) []temporal.SearchAttributeUpdate {
+	return []temporal.SearchAttributeUpdate{
 		VMNameKey.ValueSet(text.Shorten(b.vmName(), MaxVMRefLength)),
 		SiteKey.ValueSet(text.Shorten(b.in.Site, MaxVMRefLength)),
 		BackupModeKey.ValueSet(b.progress.Mode),
-		BackupStatusKey.ValueSet(status))
-}
-
-func (b *backup) setPhase(key int32, phase string) {
-	if p := b.progress.disk(key); p != nil {
-		p.Phase = phase
-	}
-}
-
-// upsert updates search attributes. The error is only the SDK's local check: the server checks the
-// names when the task completes, and an unregistered one fails every workflow task of the run.
-func (b *backup) upsert(ctx workflow.Context, updates ...temporal.SearchAttributeUpdate) {
-	if err := workflow.UpsertTypedSearchAttributes(ctx, updates...); err != nil {
-		workflow.GetLogger(ctx).Warn("upsert search attributes", "error", err)
+		BackupStatusKey.ValueSet(status),
 	}
 }
 

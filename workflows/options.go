@@ -54,7 +54,7 @@ var usesCatalog = map[string]bool{
 // WaitForCancellation is set on every step: on cancel the workflow waits until an in-flight
 // activity has really finished (a copy acknowledges through its heartbeat), so a step that
 // completed anyway gets its undo registered and compensation never races a running step.
-func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
+func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 	opts := workflow.ActivityOptions{
 		TaskQueue:           queue,
 		StartToCloseTimeout: 2 * time.Minute,
@@ -71,7 +71,7 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 	// The shared hub queue is polled by the worker running this workflow; the SNA and
 	// hub-host queues by one machine each, which may be missing.
 	if queue != activities.HubQueue {
-		opts.ScheduleToStartTimeout = b.workerWait()
+		opts.ScheduleToStartTimeout = j.workerWait()
 	}
 	if usesCatalog[name] {
 		opts.RetryPolicy.MaximumInterval = catalogMaxInterval
@@ -113,12 +113,4 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.StartToCloseTimeout = 5 * time.Minute
 	}
 	return opts
-}
-
-// workerWait is the schedule-to-start bound of the SNA and hub-host steps.
-func (b *backup) workerWait() time.Duration {
-	if b.in.WorkerWaitSeconds > 0 {
-		return time.Duration(b.in.WorkerWaitSeconds) * time.Second
-	}
-	return DefaultWorkerWait
 }
