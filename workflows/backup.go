@@ -79,9 +79,11 @@ type BackupResult struct {
 	Warnings []string `json:"warnings,omitempty"`
 }
 
-// Register registers BackupWorkflow under its explicit name.
+// Register registers BackupWorkflow, RestoreWorkflow and MountWorkflow under their explicit names.
 func Register(r worker.WorkflowRegistry) {
 	r.RegisterWorkflowWithOptions(BackupWorkflow, workflow.RegisterOptions{Name: BackupWorkflowName})
+	r.RegisterWorkflowWithOptions(RestoreWorkflow, workflow.RegisterOptions{Name: RestoreWorkflowName})
+	r.RegisterWorkflowWithOptions(MountWorkflow, workflow.RegisterOptions{Name: MountWorkflowName})
 }
 
 // BackupWorkflowID is the workflow ID convention for a manual backup of a VM: one ID per VM,
@@ -140,7 +142,7 @@ func (in BackupInput) Validate() error {
 	if in.unknown != nil {
 		return badInput(fmt.Sprintf("%v (known fields: vm, site, mode, quiesce, disks, connections, workerWaitSeconds)", in.unknown))
 	}
-	if err := validateVMRef(in.VM); err != nil {
+	if err := validateVMRef(in.VM, badInput); err != nil {
 		return err
 	}
 	switch {
@@ -170,32 +172,33 @@ func (in BackupInput) Validate() error {
 	return nil
 }
 
-// validateVMRef accepts a name, a moref or an absolute inventory path of sane length.
-func validateVMRef(vm string) error {
+// validateVMRef accepts a name, a moref or an absolute inventory path of sane length; bad
+// makes the error of the input being checked.
+func validateVMRef(vm string, bad func(string) error) error {
 	switch {
 	case vm == "":
-		return badInput("vm: required")
+		return bad("vm: required")
 	case len(vm) > MaxVMRefLength:
-		return badInput(fmt.Sprintf("vm: %d bytes long, at most %d", len(vm), MaxVMRefLength))
+		return bad(fmt.Sprintf("vm: %d bytes long, at most %d", len(vm), MaxVMRefLength))
 	case !utf8.ValidString(vm):
-		return badInput("vm: not valid UTF-8")
+		return bad("vm: not valid UTF-8")
 	case strings.TrimSpace(vm) != vm:
-		return badInput(fmt.Sprintf("vm: %q has leading or trailing spaces", vm))
+		return bad(fmt.Sprintf("vm: %q has leading or trailing spaces", vm))
 	case strings.ContainsFunc(vm, unicode.IsControl):
-		return badInput(fmt.Sprintf("vm: %q contains control characters", vm))
+		return bad(fmt.Sprintf("vm: %q contains control characters", vm))
 	case strings.HasPrefix(vm, "VirtualMachine:") && !vmMoref.MatchString(vm):
-		return badInput(fmt.Sprintf("vm: %q is not a VM moref (VirtualMachine:vm-<number>)", vm))
+		return bad(fmt.Sprintf("vm: %q is not a VM moref (VirtualMachine:vm-<number>)", vm))
 	}
 	if !strings.Contains(vm, "/") {
 		return nil
 	}
 	// An inventory path: /datacenter/vm/folder.../name, nothing relative.
 	if !strings.HasPrefix(vm, "/") {
-		return badInput(fmt.Sprintf("vm: %q is neither a name nor an absolute inventory path (/datacenter/vm/name)", vm))
+		return bad(fmt.Sprintf("vm: %q is neither a name nor an absolute inventory path (/datacenter/vm/name)", vm))
 	}
 	for _, elem := range strings.Split(vm[1:], "/") {
 		if elem == "" || elem == "." || elem == ".." {
-			return badInput(fmt.Sprintf("vm: inventory path %q has an empty, '.' or '..' element", vm))
+			return bad(fmt.Sprintf("vm: inventory path %q has an empty, '.' or '..' element", vm))
 		}
 	}
 	return nil
@@ -353,19 +356,12 @@ func (b *backup) planBackup(ctx workflow.Context) error {
 
 func (b *backup) prepareTargets(ctx workflow.Context) error {
 	hubHost := activities.HubHostQueue(b.plan.HubID)
-	wfID := b.info.WorkflowExecution.ID
-	// Registered before the first lease: an AllocatePort that failed after its lease was
-	// written (a timeout, a lost reply) still leaves it behind, and the release is idempotent.
-	release := activities.ReleasePortsInput{HubID: b.plan.HubID, WorkflowID: wfID}
-	b.undo.add("release-ports", func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.ReleasePortsName, activities.HubQueue, "release the port leases", release, nil)
-	})
+	b.registerPortRelease(b.plan.HubID)
 	for _, d := range b.disks {
 		key := d.plan.Key
 		b.step(ctx, "preparing target of disk %d", key)
 		b.setPhase(key, PhaseExporting)
-		if err := b.execute(ctx, activities.AllocatePortName, activities.HubQueue, fmt.Sprintf("lease a port for disk %d", key),
-			activities.AllocatePortInput{HubID: b.plan.HubID, WorkflowID: wfID, DiskKey: key}, &d.port); err != nil {
+		if err := b.allocatePort(ctx, b.plan.HubID, key, &d.port); err != nil {
 			return err
 		}
 
@@ -395,18 +391,9 @@ func (b *backup) prepareTarget(ctx workflow.Context, d *diskRun) error {
 
 // startExport serves the disk's target on its leased port.
 func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
-	hubHost := activities.HubHostQueue(b.plan.HubID)
 	key := d.plan.Key
-	// Registered before the start: a StartExport that failed after qemu-nbd came up
-	// would otherwise leave it serving (and holding the image's lock). Stopping is
-	// idempotent and leaves an export of another file on the port alone.
-	stop := activities.StopExportInput{Port: d.port, Path: d.target.Path}
-	b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
-	})
-	if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
-		activities.StartExportInput{WorkflowID: b.info.WorkflowExecution.ID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
-		&d.export); err != nil {
+	in := activities.StartExportInput{WorkflowID: b.workflowID(), DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections}
+	if err := b.job.startExport(ctx, b.plan.HubID, in, &d.export); err != nil {
 		return err
 	}
 	b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
@@ -414,22 +401,11 @@ func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
 }
 
 func (b *backup) ensureTunnel(ctx workflow.Context) error {
-	in := activities.EnsureTunnelInput{HubID: b.plan.HubID, Sockets: map[int]string{}}
+	exports := make([]activities.Export, 0, len(b.disks))
 	for _, d := range b.disks {
-		in.Ports = append(in.Ports, d.export.Port)
-		in.Sockets[d.export.Port] = d.export.Socket
+		exports = append(exports, d.export)
 	}
-	b.step(ctx, "opening tunnel forwards to hub %s", b.plan.HubID)
-	// Registered before the step: EnsureTunnel keeps the forwards it made when a later port
-	// fails (or its health check does), and dropping is idempotent.
-	b.undo.add("tunnel", func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.DropTunnelName, b.snaQueue(), fmt.Sprintf("drop forwards %v", in.Ports), in, nil)
-	})
-	if err := b.execute(ctx, activities.EnsureTunnelName, b.snaQueue(), fmt.Sprintf("forward ports %v to hub %s", in.Ports, in.HubID), in, nil); err != nil {
-		return err
-	}
-	b.journal.add(ctx, "tunnel forwards %v to hub %s ready", in.Ports, in.HubID)
-	return nil
+	return b.openTunnel(ctx, b.snaQueue(), b.plan.HubID, exports, nil)
 }
 
 func (b *backup) createSnapshot(ctx workflow.Context) error {
@@ -585,7 +561,7 @@ func (b *backup) removeSnapshot(ctx workflow.Context) error {
 
 func (b *backup) dropTunnel(ctx workflow.Context) error {
 	b.step(ctx, "dropping tunnel forwards")
-	return b.undo.runNow(ctx, "tunnel")
+	return b.undo.runNow(ctx, tunnelKey)
 }
 
 func (b *backup) stopExports(ctx workflow.Context) error {
@@ -630,7 +606,7 @@ func (b *backup) commitPoint(ctx workflow.Context) error {
 
 func (b *backup) releasePorts(ctx workflow.Context) error {
 	b.step(ctx, "releasing ports")
-	return b.undo.runNow(ctx, "release-ports")
+	return b.undo.runNow(ctx, releasePortsKey)
 }
 
 func (b *backup) result(ctx workflow.Context) BackupResult {
@@ -708,8 +684,7 @@ func (b *backup) describeDisks() string {
 	return s
 }
 
-func discardKey(key int32) string    { return fmt.Sprintf("discard-target-%d", key) }
-func stopExportKey(key int32) string { return fmt.Sprintf("stop-export-%d", key) }
+func discardKey(key int32) string { return fmt.Sprintf("discard-target-%d", key) }
 
 // IsBackupRunning reports whether err says another backup of the VM is running.
 func IsBackupRunning(err error) bool { return hasErrorType(err, activities.ErrBackupRunning) }

@@ -39,6 +39,7 @@ const (
 var nonRetryable = []string{
 	activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning,
 	activities.ErrNoSpace, activities.ErrRefused, activities.ErrChangeIDRefused,
+	activities.ErrPoweredOn, activities.ErrMismatch,
 }
 
 // usesCatalog are the activities that read or write the catalog.
@@ -47,6 +48,7 @@ var usesCatalog = map[string]bool{
 	activities.CommitPointName: true, activities.FailPointName: true,
 	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
 	activities.StartExportName: true, activities.StopExportName: true,
+	activities.ResolvePointName: true, activities.MarkRestoredInPlaceName: true,
 }
 
 // options returns the activity options of one step.
@@ -78,7 +80,7 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.RetryPolicy.MaximumAttempts = catalogAttempts
 	}
 	switch name {
-	case activities.CopyDiskName:
+	case activities.CopyDiskName, activities.WriteDiskName:
 		// Long copies: a short heartbeat timeout finds a dead SNA fast, the retry resumes from
 		// the heartbeated checkpoint.
 		opts.StartToCloseTimeout = 24 * time.Hour
@@ -102,11 +104,21 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.StartToCloseTimeout = 2 * time.Hour
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 10
-	case activities.VerifyTargetName:
-		// Reads the whole written content back.
+	case activities.VerifyTargetName, activities.ReadBackDiskName, activities.RestoreFileName:
+		// Read (and, for a file, write) a whole disk.
 		opts.StartToCloseTimeout = 12 * time.Hour
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 3
+	case activities.CreateRestoreVMName, activities.SetPowerName:
+		// vCenter tasks: creating a VM with its disks, a guest shutting down.
+		opts.StartToCloseTimeout = 30 * time.Minute
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 3
+	case activities.DestroyRestoreVMName:
+		// A VM left behind holds its datastore space and its name: try hard.
+		opts.StartToCloseTimeout = 30 * time.Minute
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.PrepareTargetName, activities.StartExportName, activities.StopExportName,
 		activities.DiscardTargetName, activities.EnsureTunnelName, activities.DropTunnelName,
 		activities.InspectVMName, activities.ReadChangeIDsName:
