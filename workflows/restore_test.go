@@ -1,13 +1,17 @@
 package workflows
 
 import (
+	"context"
 	"errors"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/sdk/activity"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/activities"
@@ -502,4 +506,62 @@ func TestRestoreUnknownDiskOfPoint(t *testing.T) {
 	assert.Equal(t, activities.ErrBadInput, appErr.Type())
 	assert.Contains(t, err.Error(), "disks: point p1 has no disk 2002")
 	assert.Equal(t, []string{"ResolvePoint"}, r.fakes.recorded(), "not retried, nothing created")
+}
+
+// The restore steps get the options of their kind: writes like backup copies, whole-disk
+// reads and vCenter tasks heartbeat, the catalog steps outlast a catalog restart (checked with
+// every catalog step in TestCatalogStepsRetryForFiveMinutes).
+func TestRestoreStepOptions(t *testing.T) {
+	var j job
+	sna := activities.SNAQueue(testSite)
+	copyOpts, writeOpts := j.options(activities.CopyDiskName, sna, ""), j.options(activities.WriteDiskName, sna, "")
+	assert.Equal(t, copyOpts.StartToCloseTimeout, writeOpts.StartToCloseTimeout)
+	assert.Equal(t, copyOpts.HeartbeatTimeout, writeOpts.HeartbeatTimeout)
+	assert.Equal(t, copyOpts.RetryPolicy, writeOpts.RetryPolicy)
+	for _, name := range []string{activities.ReadBackDiskName, activities.RestoreFileName, activities.CreateRestoreVMName,
+		activities.SetPowerName, activities.DestroyRestoreVMName} {
+		opts := j.options(name, sna, name)
+		assert.Positive(t, opts.HeartbeatTimeout, name)
+		assert.LessOrEqual(t, opts.HeartbeatTimeout, time.Minute, name)
+		assert.GreaterOrEqual(t, opts.StartToCloseTimeout, 5*time.Minute, name)
+		assert.Equal(t, DefaultWorkerWait, opts.ScheduleToStartTimeout, name)
+	}
+	for _, name := range []string{activities.CreateRestoreVMName, activities.SetPowerName, activities.DestroyRestoreVMName} {
+		assert.LessOrEqual(t, j.options(name, sna, name).StartToCloseTimeout, 30*time.Minute, name)
+	}
+	assert.True(t, usesCatalog[activities.ResolvePointName])
+	assert.True(t, usesCatalog[activities.MarkRestoredInPlaceName])
+	assert.Contains(t, nonRetryable, activities.ErrPoweredOn)
+	assert.Contains(t, nonRetryable, activities.ErrMismatch)
+}
+
+// A read-back that differs fails the restore at once (no retry can make it equal), and the
+// new VM is removed.
+func TestRestoreMismatchIsNotRetried(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	r.fakes.fail["ReadBackDisk 2101"] = temporal.NewApplicationError("disk 2101 differs from the point at block 7", activities.ErrMismatch)
+	_, err := r.executeRestore(newVMInput())
+	require.ErrorContains(t, err, "differs from the point")
+	assert.Equal(t, 1, r.fakes.attempts["ReadBackDisk 2101"])
+	assert.Equal(t, append(until(t, newVMForward, "ReadBackDisk 2101"), "DestroyRestoreVM"), r.fakes.recorded())
+}
+
+// A restore for a site no SNA polls fails naming the queue, and says "restore" in what it
+// waits for.
+func TestRestoreNoWorkerFailsNamingTheQueue(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	r.fakes.fail["CreateRestoreVM"] = scheduleToStartTimeout()
+	waiting := ""
+	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, _ converter.EncodedValues) {
+		if info.ActivityType.Name == activities.CreateRestoreVMName {
+			waiting = r.progress(t).WaitingFor
+		}
+	})
+	_, err := r.executeRestore(newVMInput())
+	var appErr *temporal.ApplicationError
+	require.ErrorAs(t, err, &appErr)
+	assert.Equal(t, activities.ErrNoWorker, appErr.Type())
+	assert.Contains(t, err.Error(), "no SNA is polling diskferry-sna.lab")
+	assert.Equal(t, "the SNA of site lab to run CreateRestoreVM (task queue diskferry-sna.lab; the restore fails if no worker takes it within 2m0s)", waiting)
+	assert.Equal(t, []string{"ResolvePoint", "CreateRestoreVM", "DestroyRestoreVM"}, r.fakes.recorded())
 }
