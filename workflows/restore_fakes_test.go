@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
 	"go.temporal.io/sdk/activity"
@@ -22,8 +21,10 @@ const (
 	newVMKeyBase = 100 // a new VM's disk key is the point's plus this
 )
 
-func testExportSocket(port int) string  { return fmt.Sprintf("/run/diskferry/exports/%d.sock", port) }
-func testForwardSocket(port int) string { return fmt.Sprintf("/run/diskferry-sna/forwards/%d.sock", port) }
+func testExportSocket(port int) string { return fmt.Sprintf("/run/diskferry/exports/%d.sock", port) }
+func testForwardSocket(port int) string {
+	return fmt.Sprintf("/run/diskferry-sna/forwards/%d.sock", port)
+}
 
 func testSource() activities.RestoreSource {
 	vm := testVM()
@@ -146,9 +147,4 @@ func (f *fakeActivities) ReadBackDisk(ctx context.Context, in activities.ReadBac
 		return activities.ReadBackResult{}, err
 	}
 	return activities.ReadBackResult{DiskKey: in.DiskKey, BytesRead: gib, Duration: time.Second}, nil
-}
-
-// withoutPrefix drops the calls that start with prefix.
-func withoutPrefix(calls []string, prefix string) []string {
-	return slices.DeleteFunc(slices.Clone(calls), func(c string) bool { return strings.HasPrefix(c, prefix) })
 }

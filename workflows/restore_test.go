@@ -33,8 +33,10 @@ func (r *run) executeRestore(in RestoreInput) (RestoreResult, error) {
 	return res, err
 }
 
-func newVMInput() RestoreInput   { return RestoreInput{Point: testPointID} }
-func inPlaceInput() RestoreInput { return RestoreInput{Point: testPointID, Destination: activities.DestinationInPlace} }
+func newVMInput() RestoreInput { return RestoreInput{Point: testPointID} }
+func inPlaceInput() RestoreInput {
+	return RestoreInput{Point: testPointID, Destination: activities.DestinationInPlace}
+}
 
 // newVMForward lists the calls of a successful two-disk restore to a new VM, in order.
 var newVMForward = []string{
