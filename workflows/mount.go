@@ -219,8 +219,12 @@ func (m *mount) failMount(ctx workflow.Context, err error) error {
 	m.journal.add(cleanupCtx, "failed: %v; cleaning up", err)
 	m.step(cleanupCtx, "cleaning up")
 	m.compensate(cleanupCtx, err)
-	m.setStatus(cleanupCtx, MountFailed)
-	m.step(cleanupCtx, "%s", MountFailed)
+	status := MountFailed
+	if m.info.Ended == EndedCancel {
+		status = MountEnded
+	}
+	m.setStatus(cleanupCtx, status)
+	m.step(cleanupCtx, "%s", status)
 	if cancelled(ctx, err) && !temporal.IsCanceledError(err) {
 		return ctx.Err()
 	}

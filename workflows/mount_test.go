@@ -199,3 +199,18 @@ func TestMountBadInput(t *testing.T) {
 		})
 	}
 }
+
+// A cancel while the mount is being prepared releases what it holds and ends it cancelled.
+func TestMountCancelWhilePreparing(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	r.fakes.blockAt = "StartExport 2001"
+	r.fakes.onBlock = r.env.CancelWorkflow
+	_, err := r.executeMount(MountInput{Point: testPointID})
+	var canceled *temporal.CanceledError
+	require.ErrorAs(t, err, &canceled)
+	assert.Equal(t, append(mountForward, mountTeardown...), r.fakes.recorded())
+	info := r.mountInfo(t)
+	assert.Equal(t, MountEnded, info.Status)
+	assert.Equal(t, EndedCancel, info.Ended)
+	assert.Len(t, info.Disks, 1, "disk 2001 never served")
+}
