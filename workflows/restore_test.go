@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -457,7 +458,7 @@ func TestRestoreBadInput(t *testing.T) {
 		{RestoreInput{Point: "p1", Disks: []int32{2000, 2000}}, "disks: key 2000 listed twice"},
 		{RestoreInput{Point: "p1", Site: "no site"}, "site: \"no site\" is not a valid site name"},
 		{RestoreInput{Point: "p1", Name: "a/b"}, "name: \"a/b\" contains '/'"},
-		{RestoreInput{Point: "p1", Name: string(make([]byte, 81))}, "name:"},
+		{RestoreInput{Point: "p1", Name: strings.Repeat("a", 81)}, "name: \"" + strings.Repeat("a", 81) + "\" is longer than 80 characters"},
 		{RestoreInput{Point: "p1", Folder: "vm/x"}, "folder: \"vm/x\" is not an absolute inventory path"},
 		{RestoreInput{Point: "p1", Host: "/dc1//h"}, "host: inventory path \"/dc1//h\" has an empty"},
 		{RestoreInput{Point: "p1", PowerOff: true}, "powerOff: only for destination in-place, not new-vm"},
