@@ -6,7 +6,6 @@ package workflows
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -80,9 +79,11 @@ type BackupResult struct {
 	Warnings []string `json:"warnings,omitempty"`
 }
 
-// Register registers BackupWorkflow under its explicit name.
+// Register registers BackupWorkflow, RestoreWorkflow and MountWorkflow under their explicit names.
 func Register(r worker.WorkflowRegistry) {
 	r.RegisterWorkflowWithOptions(BackupWorkflow, workflow.RegisterOptions{Name: BackupWorkflowName})
+	r.RegisterWorkflowWithOptions(RestoreWorkflow, workflow.RegisterOptions{Name: RestoreWorkflowName})
+	r.RegisterWorkflowWithOptions(MountWorkflow, workflow.RegisterOptions{Name: MountWorkflowName})
 }
 
 // BackupWorkflowID is the workflow ID convention for a manual backup of a VM: one ID per VM,
@@ -141,7 +142,7 @@ func (in BackupInput) Validate() error {
 	if in.unknown != nil {
 		return badInput(fmt.Sprintf("%v (known fields: vm, site, mode, quiesce, disks, connections, workerWaitSeconds)", in.unknown))
 	}
-	if err := validateVMRef(in.VM); err != nil {
+	if err := validateVMRef(in.VM, badInput); err != nil {
 		return err
 	}
 	switch {
@@ -171,32 +172,33 @@ func (in BackupInput) Validate() error {
 	return nil
 }
 
-// validateVMRef accepts a name, a moref or an absolute inventory path of sane length.
-func validateVMRef(vm string) error {
+// validateVMRef accepts a name, a moref or an absolute inventory path of sane length; bad
+// makes the error of the input being checked.
+func validateVMRef(vm string, bad func(string) error) error {
 	switch {
 	case vm == "":
-		return badInput("vm: required")
+		return bad("vm: required")
 	case len(vm) > MaxVMRefLength:
-		return badInput(fmt.Sprintf("vm: %d bytes long, at most %d", len(vm), MaxVMRefLength))
+		return bad(fmt.Sprintf("vm: %d bytes long, at most %d", len(vm), MaxVMRefLength))
 	case !utf8.ValidString(vm):
-		return badInput("vm: not valid UTF-8")
+		return bad("vm: not valid UTF-8")
 	case strings.TrimSpace(vm) != vm:
-		return badInput(fmt.Sprintf("vm: %q has leading or trailing spaces", vm))
+		return bad(fmt.Sprintf("vm: %q has leading or trailing spaces", vm))
 	case strings.ContainsFunc(vm, unicode.IsControl):
-		return badInput(fmt.Sprintf("vm: %q contains control characters", vm))
+		return bad(fmt.Sprintf("vm: %q contains control characters", vm))
 	case strings.HasPrefix(vm, "VirtualMachine:") && !vmMoref.MatchString(vm):
-		return badInput(fmt.Sprintf("vm: %q is not a VM moref (VirtualMachine:vm-<number>)", vm))
+		return bad(fmt.Sprintf("vm: %q is not a VM moref (VirtualMachine:vm-<number>)", vm))
 	}
 	if !strings.Contains(vm, "/") {
 		return nil
 	}
 	// An inventory path: /datacenter/vm/folder.../name, nothing relative.
 	if !strings.HasPrefix(vm, "/") {
-		return badInput(fmt.Sprintf("vm: %q is neither a name nor an absolute inventory path (/datacenter/vm/name)", vm))
+		return bad(fmt.Sprintf("vm: %q is neither a name nor an absolute inventory path (/datacenter/vm/name)", vm))
 	}
 	for _, elem := range strings.Split(vm[1:], "/") {
 		if elem == "" || elem == "." || elem == ".." {
-			return badInput(fmt.Sprintf("vm: inventory path %q has an empty, '.' or '..' element", vm))
+			return bad(fmt.Sprintf("vm: inventory path %q has an empty, '.' or '..' element", vm))
 		}
 	}
 	return nil
@@ -228,10 +230,7 @@ func BackupWorkflow(ctx workflow.Context, in BackupInput) (BackupResult, error) 
 		return BackupResult{}, fmt.Errorf("register progress query: %w", err)
 	}
 	if err := in.Validate(); err != nil {
-		b.progress.Error = err.Error()
-		b.setStatus(ctx, StatusFailed)
-		b.journal.add(ctx, "refused: %v", err)
-		return BackupResult{}, err
+		return BackupResult{}, b.refuse(ctx, err)
 	}
 	b.setStatus(ctx, StatusRunning)
 	b.journal.add(ctx, "backup of %s from site %s requested (mode %s, quiesce %t)", in.VM, in.Site, b.in.Mode, in.Quiesce)
@@ -260,12 +259,8 @@ type diskRun struct {
 
 // backup is one run of BackupWorkflow.
 type backup struct {
-	in       BackupInput
-	info     *workflow.Info
-	started  time.Time
-	undo     *compensations
-	progress *Progress
-	journal  *jobLog
+	job
+	in BackupInput
 
 	vm       activities.VM
 	plan     activities.Plan
@@ -275,15 +270,11 @@ type backup struct {
 }
 
 func newBackup(ctx workflow.Context, in BackupInput) *backup {
-	now := workflow.Now(ctx)
-	return &backup{
-		in:       in,
-		info:     workflow.GetInfo(ctx),
-		started:  now,
-		undo:     &compensations{},
-		progress: &Progress{VM: text.Shorten(in.VM, MaxVMRefLength), Site: text.Shorten(in.Site, MaxVMRefLength), Mode: in.Mode, Started: now},
-		journal:  &jobLog{title: fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))},
-	}
+	progress := &Progress{VM: text.Shorten(in.VM, MaxVMRefLength), Site: text.Shorten(in.Site, MaxVMRefLength), Mode: in.Mode, Started: workflow.Now(ctx)}
+	title := fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))
+	b := &backup{job: newJob(ctx, "backup", title, in.WorkerWaitSeconds, progress), in: in}
+	b.attributes = b.statusAttributes
+	return b
 }
 
 func (b *backup) run(ctx workflow.Context) (BackupResult, error) {
@@ -365,19 +356,12 @@ func (b *backup) planBackup(ctx workflow.Context) error {
 
 func (b *backup) prepareTargets(ctx workflow.Context) error {
 	hubHost := activities.HubHostQueue(b.plan.HubID)
-	wfID := b.info.WorkflowExecution.ID
-	// Registered before the first lease: an AllocatePort that failed after its lease was
-	// written (a timeout, a lost reply) still leaves it behind, and the release is idempotent.
-	release := activities.ReleasePortsInput{HubID: b.plan.HubID, WorkflowID: wfID}
-	b.undo.add("release-ports", func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.ReleasePortsName, activities.HubQueue, "release the port leases", release, nil)
-	})
+	b.registerPortRelease(b.plan.HubID)
 	for _, d := range b.disks {
 		key := d.plan.Key
 		b.step(ctx, "preparing target of disk %d", key)
 		b.setPhase(key, PhaseExporting)
-		if err := b.execute(ctx, activities.AllocatePortName, activities.HubQueue, fmt.Sprintf("lease a port for disk %d", key),
-			activities.AllocatePortInput{HubID: b.plan.HubID, WorkflowID: wfID, DiskKey: key}, &d.port); err != nil {
+		if err := b.allocatePort(ctx, b.plan.HubID, key, &d.port); err != nil {
 			return err
 		}
 
@@ -407,18 +391,9 @@ func (b *backup) prepareTarget(ctx workflow.Context, d *diskRun) error {
 
 // startExport serves the disk's target on its leased port.
 func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
-	hubHost := activities.HubHostQueue(b.plan.HubID)
 	key := d.plan.Key
-	// Registered before the start: a StartExport that failed after qemu-nbd came up
-	// would otherwise leave it serving (and holding the image's lock). Stopping is
-	// idempotent and leaves an export of another file on the port alone.
-	stop := activities.StopExportInput{Port: d.port, Path: d.target.Path}
-	b.undo.add(stopExportKey(key), func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.StopExportName, hubHost, fmt.Sprintf("stop export of disk %d", key), stop, nil)
-	})
-	if err := b.execute(ctx, activities.StartExportName, hubHost, fmt.Sprintf("export disk %d on port %d", key, d.port),
-		activities.StartExportInput{WorkflowID: b.info.WorkflowExecution.ID, DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections},
-		&d.export); err != nil {
+	in := activities.StartExportInput{WorkflowID: b.workflowID(), DiskKey: key, Path: d.target.Path, Port: d.port, Connections: b.in.Connections}
+	if err := b.job.startExport(ctx, b.plan.HubID, in, &d.export); err != nil {
 		return err
 	}
 	b.journal.add(ctx, "disk %d: target %s exported on port %d", key, d.target.Path, d.export.Port)
@@ -426,22 +401,11 @@ func (b *backup) startExport(ctx workflow.Context, d *diskRun) error {
 }
 
 func (b *backup) ensureTunnel(ctx workflow.Context) error {
-	in := activities.EnsureTunnelInput{HubID: b.plan.HubID, Sockets: map[int]string{}}
+	exports := make([]activities.Export, 0, len(b.disks))
 	for _, d := range b.disks {
-		in.Ports = append(in.Ports, d.export.Port)
-		in.Sockets[d.export.Port] = d.export.Socket
+		exports = append(exports, d.export)
 	}
-	b.step(ctx, "opening tunnel forwards to hub %s", b.plan.HubID)
-	// Registered before the step: EnsureTunnel keeps the forwards it made when a later port
-	// fails (or its health check does), and dropping is idempotent.
-	b.undo.add("tunnel", func(ctx workflow.Context, _ error) error {
-		return b.execute(ctx, activities.DropTunnelName, b.snaQueue(), fmt.Sprintf("drop forwards %v", in.Ports), in, nil)
-	})
-	if err := b.execute(ctx, activities.EnsureTunnelName, b.snaQueue(), fmt.Sprintf("forward ports %v to hub %s", in.Ports, in.HubID), in, nil); err != nil {
-		return err
-	}
-	b.journal.add(ctx, "tunnel forwards %v to hub %s ready", in.Ports, in.HubID)
-	return nil
+	return b.openTunnel(ctx, b.snaQueue(), b.plan.HubID, exports, nil)
 }
 
 func (b *backup) createSnapshot(ctx workflow.Context) error {
@@ -597,7 +561,7 @@ func (b *backup) removeSnapshot(ctx workflow.Context) error {
 
 func (b *backup) dropTunnel(ctx workflow.Context) error {
 	b.step(ctx, "dropping tunnel forwards")
-	return b.undo.runNow(ctx, "tunnel")
+	return b.undo.runNow(ctx, tunnelKey)
 }
 
 func (b *backup) stopExports(ctx workflow.Context) error {
@@ -642,38 +606,7 @@ func (b *backup) commitPoint(ctx workflow.Context) error {
 
 func (b *backup) releasePorts(ctx workflow.Context) error {
 	b.step(ctx, "releasing ports")
-	return b.undo.runNow(ctx, "release-ports")
-}
-
-// fail runs the compensations after err, records the outcome everywhere an operator looks
-// and returns the run's error. A cancelled run ends cancelled even when the step it stopped
-// failed otherwise meanwhile (a copy that timed out while it was being cancelled).
-func (b *backup) fail(ctx workflow.Context, err error) error {
-	status := StatusFailed
-	if temporal.IsCanceledError(err) || temporal.IsCanceledError(ctx.Err()) {
-		status = StatusCancelled
-	}
-	// Compensation must run even though ctx may be cancelled.
-	cleanupCtx, _ := workflow.NewDisconnectedContext(ctx)
-	b.progress.Error = err.Error()
-	// Even verified disks are lost: their targets are discarded with the point.
-	for i := range b.progress.Disks {
-		b.progress.Disks[i].Phase = PhaseFailed
-	}
-	b.journal.add(cleanupCtx, "%s: %v; cleaning up", status, err)
-	b.step(cleanupCtx, "cleaning up")
-	for _, undoErr := range b.undo.runAll(cleanupCtx, err) {
-		workflow.GetLogger(ctx).Error("compensation failed", "error", undoErr)
-		b.progress.UndoErrors = append(b.progress.UndoErrors, undoErr.Error())
-		b.journal.add(cleanupCtx, "cleanup failed: %v", undoErr)
-	}
-	b.setStatus(cleanupCtx, status)
-	b.step(cleanupCtx, "%s", status)
-	if status == StatusCancelled && !temporal.IsCanceledError(err) {
-		// Only a canceled error closes the run as cancelled rather than failed.
-		return ctx.Err()
-	}
-	return err
+	return b.undo.runNow(ctx, releasePortsKey)
 }
 
 func (b *backup) result(ctx workflow.Context) BackupResult {
@@ -716,74 +649,6 @@ func (r BackupResult) bytesRead() int64 {
 	return n
 }
 
-// execute runs one activity by name with the options of its step and waits for its result.
-func (b *backup) execute(ctx workflow.Context, name, queue, summary string, in, out any) error {
-	b.waitFor(ctx, name, queue)
-	defer b.waitFor(ctx, "", "")
-	ctx = workflow.WithActivityOptions(ctx, b.options(name, queue, summary))
-	err := workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
-	return b.noWorker(err, name, queue)
-}
-
-// waitFor tells the job log which worker the run waits for; an empty name clears it. The
-// shared hub queue has no worker-wait bound (options): its line names no deadline.
-func (b *backup) waitFor(ctx workflow.Context, name, queue string) {
-	_, owner := queueOwner(queue)
-	switch {
-	case name == "":
-		b.progress.WaitingFor = ""
-	case queue == activities.HubQueue:
-		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", owner, name, queue)
-	default:
-		b.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the backup fails if no worker takes it within %s)",
-			owner, name, queue, b.workerWait())
-	}
-	b.journal.waiting = b.progress.WaitingFor
-	b.journal.publish(ctx, b.journal.current)
-}
-
-// queueOwner names who polls a task queue, as an operator knows it: the kind of worker
-// ("SNA") and the one worker ("the SNA of site lab").
-func queueOwner(queue string) (kind, owner string) {
-	if site, ok := strings.CutPrefix(queue, activities.SNAQueue("")); ok {
-		return "SNA", "the SNA of site " + site
-	}
-	if hub, ok := strings.CutPrefix(queue, activities.HubHostQueue("")); ok {
-		return "hub worker", "the hub worker of host " + hub
-	}
-	return "worker", "a hub worker"
-}
-
-// noWorker turns a step nobody took from its queue (a schedule-to-start timeout, which
-// Temporal does not retry) into a non-retryable error naming the queue and its owner.
-func (b *backup) noWorker(err error, name, queue string) error {
-	var timeout *temporal.TimeoutError
-	if !errors.As(err, &timeout) || timeout.TimeoutType() != enumspb.TIMEOUT_TYPE_SCHEDULE_TO_START {
-		return err
-	}
-	kind, owner := queueOwner(queue)
-	return temporal.NewNonRetryableApplicationError(
-		fmt.Sprintf("no %s is polling %s: %s waited %s for %s (check the site or hub name and that its worker runs)",
-			kind, queue, name, b.workerWait(), owner),
-		activities.ErrNoWorker, err)
-}
-
-// hasErrorType reports whether err carries an application error of the type.
-func hasErrorType(err error, errType string) bool {
-	var appErr *temporal.ApplicationError
-	return errors.As(err, &appErr) && appErr.Type() == errType
-}
-
-// rootMessage is the message of the innermost application error, without the layers of
-// activity wrapping around it.
-func rootMessage(err error) string {
-	var appErr *temporal.ApplicationError
-	if errors.As(err, &appErr) {
-		return appErr.Message()
-	}
-	return err.Error()
-}
-
 func (b *backup) snaQueue() string { return activities.SNAQueue(b.in.Site) }
 
 // vmName is the VM's inventory name once inspected, the requested name before.
@@ -794,32 +659,14 @@ func (b *backup) vmName() string {
 	return b.in.VM
 }
 
-func (b *backup) step(ctx workflow.Context, format string, args ...any) {
-	b.progress.Step = fmt.Sprintf(format, args...)
-	b.journal.publish(ctx, b.progress.Step)
-}
-
-func (b *backup) setStatus(ctx workflow.Context, status string) {
-	b.progress.Status = status
-	// Truncated: a refused input may be longer than the server's search attribute limit.
-	b.upsert(ctx,
+// statusAttributes are a backup's search attributes with its status. Truncated: a refused
+// input may be longer than the server's search attribute limit.
+func (b *backup) statusAttributes(status string) []temporal.SearchAttributeUpdate {
+	return []temporal.SearchAttributeUpdate{
 		VMNameKey.ValueSet(text.Shorten(b.vmName(), MaxVMRefLength)),
 		SiteKey.ValueSet(text.Shorten(b.in.Site, MaxVMRefLength)),
 		BackupModeKey.ValueSet(b.progress.Mode),
-		BackupStatusKey.ValueSet(status))
-}
-
-func (b *backup) setPhase(key int32, phase string) {
-	if p := b.progress.disk(key); p != nil {
-		p.Phase = phase
-	}
-}
-
-// upsert updates search attributes. The error is only the SDK's local check: the server checks the
-// names when the task completes, and an unregistered one fails every workflow task of the run.
-func (b *backup) upsert(ctx workflow.Context, updates ...temporal.SearchAttributeUpdate) {
-	if err := workflow.UpsertTypedSearchAttributes(ctx, updates...); err != nil {
-		workflow.GetLogger(ctx).Warn("upsert search attributes", "error", err)
+		BackupStatusKey.ValueSet(status),
 	}
 }
 
@@ -837,8 +684,7 @@ func (b *backup) describeDisks() string {
 	return s
 }
 
-func discardKey(key int32) string    { return fmt.Sprintf("discard-target-%d", key) }
-func stopExportKey(key int32) string { return fmt.Sprintf("stop-export-%d", key) }
+func discardKey(key int32) string { return fmt.Sprintf("discard-target-%d", key) }
 
 // IsBackupRunning reports whether err says another backup of the VM is running.
 func IsBackupRunning(err error) bool { return hasErrorType(err, activities.ErrBackupRunning) }

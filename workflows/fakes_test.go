@@ -54,6 +54,21 @@ type fakeActivities struct {
 	flaky    map[string]int // call label → attempts that fail retryably before success
 	attempts map[string]int
 	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
+
+	// restores and mounts
+	exports     []activities.StartExportInput
+	inspects    []activities.InspectVMInput
+	changeVM    func(*activities.VM)            // changes what InspectVM reports
+	changeSrc   func(*activities.RestoreSource) // changes what ResolvePoint reports
+	resolves    []activities.ResolvePointInput
+	marks       []activities.MarkRestoredInPlaceInput
+	files       []activities.RestoreFileInput
+	creates     []activities.CreateRestoreVMInput
+	destroys    []activities.DestroyRestoreVMInput
+	powers      []activities.SetPowerInput
+	writes      []activities.WriteDiskInput
+	readBacks   []activities.ReadBackDiskInput
+	activityIDs map[string]string // activity type → ID of its last start (WriteDisk)
 }
 
 func newFakeActivities(planMode string) *fakeActivities {
@@ -85,6 +100,15 @@ func (f *fakeActivities) register(r worker.ActivityRegistry) {
 		activities.RemoveSnapshotName: f.RemoveSnapshot,
 		activities.CopyDiskName:       f.CopyDisk,
 		activities.ReadChangeIDsName:  f.ReadChangeIDs,
+
+		activities.ResolvePointName:        f.ResolvePoint,
+		activities.MarkRestoredInPlaceName: f.MarkRestoredInPlace,
+		activities.RestoreFileName:         f.RestoreFile,
+		activities.CreateRestoreVMName:     f.CreateRestoreVM,
+		activities.DestroyRestoreVMName:    f.DestroyRestoreVM,
+		activities.SetPowerName:            f.SetPower,
+		activities.WriteDiskName:           f.WriteDisk,
+		activities.ReadBackDiskName:        f.ReadBackDisk,
 	} {
 		r.RegisterActivityWithOptions(fn, activity.RegisterOptions{Name: name})
 	}
@@ -116,7 +140,7 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 		return fmt.Errorf("transient failure of %s", label)
 	}
 	if block {
-		if strings.HasPrefix(label, activities.CopyDiskName+" ") {
+		if parallel(label) {
 			// A cancel before the sibling copies started would cancel them unstarted and
 			// make the recorded calls depend on scheduling.
 			f.waitForCopies()
@@ -148,14 +172,20 @@ func (f *fakeActivities) call(ctx context.Context, label string) error {
 	return nil
 }
 
-// recorded returns the calls so far, with each run of parallel CopyDisk calls sorted.
+// parallel reports whether a call is one of the copies a run starts together (CopyDisk of a
+// backup, WriteDisk of a restore).
+func parallel(label string) bool {
+	return strings.HasPrefix(label, activities.CopyDiskName+" ") || strings.HasPrefix(label, activities.WriteDiskName+" ")
+}
+
+// recorded returns the calls so far, with each run of parallel copies sorted.
 func (f *fakeActivities) recorded() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	out := slices.Clone(f.calls)
 	for i := 0; i < len(out); {
 		j := i
-		for j < len(out) && strings.HasPrefix(out[j], activities.CopyDiskName+" ") {
+		for j < len(out) && parallel(out[j]) {
 			j++
 		}
 		if j > i {
@@ -198,10 +228,18 @@ func keyOfPath(p string) int32 {
 }
 
 func (f *fakeActivities) InspectVM(ctx context.Context, in activities.InspectVMInput) (activities.VM, error) {
+	f.mu.Lock()
+	f.inspects = append(f.inspects, in)
+	change := f.changeVM
+	f.mu.Unlock()
 	if err := f.call(ctx, activities.InspectVMName); err != nil {
 		return activities.VM{}, err
 	}
-	return testVM(), nil
+	vm := testVM()
+	if change != nil {
+		change(&vm)
+	}
+	return vm, nil
 }
 
 func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBackupInput) (activities.Plan, error) {
@@ -275,7 +313,11 @@ func (f *fakeActivities) StartExport(ctx context.Context, in activities.StartExp
 	if err := f.call(ctx, label(activities.StartExportName, in.DiskKey)); err != nil {
 		return activities.Export{}, err
 	}
-	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: "disk", PID: 4242, Path: in.Path}, nil
+	f.mu.Lock()
+	f.exports = append(f.exports, in)
+	f.mu.Unlock()
+	return activities.Export{DiskKey: in.DiskKey, Port: in.Port, Name: fmt.Sprintf("disk-%d", in.DiskKey), PID: 4242, Path: in.Path,
+		Socket: testExportSocket(in.Port)}, nil
 }
 
 func (f *fakeActivities) StopExport(ctx context.Context, in activities.StopExportInput) error {
@@ -292,8 +334,15 @@ func (f *fakeActivities) VerifyTarget(ctx context.Context, in activities.VerifyT
 	return activities.Verification{Path: in.Path, AllocatedBytes: gib, VirtualBytes: 64 * gib}, nil
 }
 
-func (f *fakeActivities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
-	return f.call(ctx, activities.EnsureTunnelName)
+func (f *fakeActivities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) (activities.Forwards, error) {
+	if err := f.call(ctx, activities.EnsureTunnelName); err != nil {
+		return activities.Forwards{}, err
+	}
+	fw := activities.Forwards{Sockets: map[int]string{}}
+	for _, port := range in.Ports {
+		fw.Sockets[port] = testForwardSocket(port)
+	}
+	return fw, nil
 }
 
 func (f *fakeActivities) DropTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
@@ -341,13 +390,13 @@ func (f *fakeActivities) CopyDisk(ctx context.Context, in activities.CopyDiskInp
 	}, nil
 }
 
-// waitForCopies waits (up to 5 s) until every planned CopyDisk has been called.
+// waitForCopies waits (up to 5 s) until every planned copy (CopyDisk, WriteDisk) has been called.
 func (f *fakeActivities) waitForCopies() {
 	for range 500 {
 		f.mu.Lock()
 		started := 0
 		for _, c := range f.calls {
-			if strings.HasPrefix(c, activities.CopyDiskName+" ") {
+			if parallel(c) {
 				started++
 			}
 		}

@@ -39,6 +39,7 @@ const (
 var nonRetryable = []string{
 	activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning,
 	activities.ErrNoSpace, activities.ErrRefused, activities.ErrChangeIDRefused,
+	activities.ErrPoweredOn, activities.ErrMismatch,
 }
 
 // usesCatalog are the activities that read or write the catalog.
@@ -47,6 +48,7 @@ var usesCatalog = map[string]bool{
 	activities.CommitPointName: true, activities.FailPointName: true,
 	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
 	activities.StartExportName: true, activities.StopExportName: true,
+	activities.ResolvePointName: true, activities.MarkRestoredInPlaceName: true,
 }
 
 // options returns the activity options of one step.
@@ -54,7 +56,7 @@ var usesCatalog = map[string]bool{
 // WaitForCancellation is set on every step: on cancel the workflow waits until an in-flight
 // activity has really finished (a copy acknowledges through its heartbeat), so a step that
 // completed anyway gets its undo registered and compensation never races a running step.
-func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
+func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 	opts := workflow.ActivityOptions{
 		TaskQueue:           queue,
 		StartToCloseTimeout: 2 * time.Minute,
@@ -71,14 +73,14 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 	// The shared hub queue is polled by the worker running this workflow; the SNA and
 	// hub-host queues by one machine each, which may be missing.
 	if queue != activities.HubQueue {
-		opts.ScheduleToStartTimeout = b.workerWait()
+		opts.ScheduleToStartTimeout = j.workerWait()
 	}
 	if usesCatalog[name] {
 		opts.RetryPolicy.MaximumInterval = catalogMaxInterval
 		opts.RetryPolicy.MaximumAttempts = catalogAttempts
 	}
 	switch name {
-	case activities.CopyDiskName:
+	case activities.CopyDiskName, activities.WriteDiskName:
 		// Long copies: a short heartbeat timeout finds a dead SNA fast, the retry resumes from
 		// the heartbeated checkpoint.
 		opts.StartToCloseTimeout = 24 * time.Hour
@@ -102,23 +104,25 @@ func (b *backup) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.StartToCloseTimeout = 2 * time.Hour
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 10
-	case activities.VerifyTargetName:
-		// Reads the whole written content back.
+	case activities.VerifyTargetName, activities.ReadBackDiskName, activities.RestoreFileName:
+		// Read (and, for a file, write) a whole disk.
 		opts.StartToCloseTimeout = 12 * time.Hour
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.MaximumAttempts = 3
+	case activities.CreateRestoreVMName, activities.SetPowerName:
+		// vCenter tasks: creating a VM with its disks, a guest shutting down.
+		opts.StartToCloseTimeout = 30 * time.Minute
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 3
+	case activities.DestroyRestoreVMName:
+		// A VM left behind holds its datastore space and its name: try hard.
+		opts.StartToCloseTimeout = 30 * time.Minute
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.PrepareTargetName, activities.StartExportName, activities.StopExportName,
 		activities.DiscardTargetName, activities.EnsureTunnelName, activities.DropTunnelName,
 		activities.InspectVMName, activities.ReadChangeIDsName:
 		opts.StartToCloseTimeout = 5 * time.Minute
 	}
 	return opts
-}
-
-// workerWait is the schedule-to-start bound of the SNA and hub-host steps.
-func (b *backup) workerWait() time.Duration {
-	if b.in.WorkerWaitSeconds > 0 {
-		return time.Duration(b.in.WorkerWaitSeconds) * time.Second
-	}
-	return DefaultWorkerWait
 }

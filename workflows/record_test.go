@@ -89,3 +89,81 @@ func writeHistory(ctx context.Context, t *testing.T, c client.Client, run client
 	require.NoError(t, os.WriteFile(path, append(data, '\n'), 0o644))
 	t.Logf("recorded %d events into %s", len(hist.Events), path)
 }
+
+// TestRecordRestoreHistories records RestoreWorkflow and MountWorkflow the same way:
+//
+//	go test -tags record ./workflows -run TestRecordRestoreHistories
+func TestRecordRestoreHistories(t *testing.T) {
+	srv := testenv.StartTemporal(t)
+	inPlace := RestoreInput{Point: testPointID, Destination: activities.DestinationInPlace, PowerOff: true}
+	file := RestoreInput{Point: testPointID, Destination: activities.DestinationFile, Format: activities.FormatQCOW2, Output: "/srv/restored"}
+	scenarios := []struct {
+		file     string
+		workflow string
+		id       string
+		in       any
+		prepare  func(f *fakeActivities, cancel func())
+		// whileMounted ends a mount: unmount sends the signal, cancel cancels the run.
+		whileMounted func(ctx context.Context, c client.Client, id string, cancel func()) error
+		wantErr      bool
+	}{
+		{file: "restore_new_vm.json", workflow: RestoreWorkflowName, id: RestoreWorkflowID(activities.DestinationNewVM, "web01-restore-p1"),
+			in: RestoreInput{Point: testPointID, PowerOn: true}},
+		{file: "restore_new_vm_write_failure.json", workflow: RestoreWorkflowName, id: RestoreWorkflowID(activities.DestinationNewVM, "web01-restore-p1"),
+			in: RestoreInput{Point: testPointID}, wantErr: true,
+			prepare: func(f *fakeActivities, _ func()) { f.fail["WriteDisk 2101"] = injected("WriteDisk 2101") }},
+		{file: "restore_new_vm_cancel_during_write.json", workflow: RestoreWorkflowName, id: RestoreWorkflowID(activities.DestinationNewVM, "web01-restore-p1"),
+			in: RestoreInput{Point: testPointID}, wantErr: true,
+			prepare: func(f *fakeActivities, cancel func()) { f.blockAt, f.onBlock = "WriteDisk 2101", cancel }},
+		{file: "restore_in_place.json", workflow: RestoreWorkflowName, id: RestoreWorkflowID(activities.DestinationInPlace, "web01"), in: inPlace},
+		{file: "restore_file.json", workflow: RestoreWorkflowName, id: RestoreWorkflowID(activities.DestinationFile, file.Output), in: file},
+		{file: "mount_unmount.json", workflow: MountWorkflowName, id: MountWorkflowID(testPointID),
+			in: MountInput{Point: testPointID, Site: testSite},
+			whileMounted: func(ctx context.Context, c client.Client, id string, _ func()) error {
+				return c.SignalWorkflow(ctx, id, "", UnmountSignalName, nil)
+			}},
+		{file: "mount_cancel.json", workflow: MountWorkflowName, id: MountWorkflowID(testPointID), in: MountInput{Point: testPointID}, wantErr: true,
+			whileMounted: func(_ context.Context, _ client.Client, _ string, cancel func()) error { cancel(); return nil }},
+	}
+	for _, sc := range scenarios {
+		t.Run(sc.file, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			opts := client.StartWorkflowOptions{ID: sc.id, TaskQueue: activities.HubQueue}
+			f := newFakeActivities(activities.ModeFull)
+			f.changeVM = func(vm *activities.VM) { vm.PowerState = activities.PowerOn }
+			t.Cleanup(func() { close(f.release) })
+			cancelRun := func() {
+				go func() {
+					if err := srv.Client.CancelWorkflow(ctx, opts.ID, ""); err != nil {
+						t.Errorf("cancel %s: %v", opts.ID, err)
+					}
+				}()
+			}
+			if sc.prepare != nil {
+				sc.prepare(f, cancelRun)
+			}
+			startWorkers(t, srv.Client, f)
+
+			run, err := srv.Client.ExecuteWorkflow(ctx, opts, sc.workflow, sc.in)
+			require.NoError(t, err)
+			if sc.whileMounted != nil {
+				require.Eventually(t, func() bool {
+					v, err := srv.Client.QueryWorkflow(ctx, run.GetID(), run.GetRunID(), MountQueryName)
+					require.NoError(t, err)
+					var info MountInfo
+					require.NoError(t, v.Get(&info))
+					return info.Status == MountMounted
+				}, 30*time.Second, 50*time.Millisecond, "the mount never served")
+				require.NoError(t, sc.whileMounted(ctx, srv.Client, run.GetID(), cancelRun))
+			}
+			err = run.Get(ctx, nil)
+			if sc.wantErr {
+				require.Error(t, err)
+			} else {
+				require.NoError(t, err)
+			}
+			writeHistory(ctx, t, srv.Client, run, historyPath(sc.file))
+		})
+	}
+}

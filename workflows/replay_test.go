@@ -15,12 +15,21 @@ import (
 	"github.com/diskferry/diskferry/activities"
 )
 
-// recorded histories: one success per mode, a failure that compensates and a cancel mid-copy.
+// recorded histories: one backup success per mode, a failure that compensates and a cancel
+// mid-copy; a restore per destination, a restore whose write fails and one cancelled
+// mid-write; a mount ended by unmount and one by cancel.
 var histories = []string{
 	"backup_full.json",
 	"backup_incremental.json",
 	"backup_copy_failure.json",
 	"backup_cancel_during_copy.json",
+	"restore_new_vm.json",
+	"restore_new_vm_write_failure.json",
+	"restore_new_vm_cancel_during_write.json",
+	"restore_in_place.json",
+	"restore_file.json",
+	"mount_unmount.json",
+	"mount_cancel.json",
 }
 
 func historyPath(name string) string { return filepath.Join("testdata", name) }
@@ -114,9 +123,16 @@ func startWorkers(t *testing.T, c client.Client, f *fakeActivities) {
 // they are kept for, so a re-recording cannot silently lose the compensation path.
 func TestRecordedHistoriesShowCompensation(t *testing.T) {
 	for name, want := range map[string][]string{
-		"backup_copy_failure.json":       {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
-		"backup_cancel_during_copy.json": {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
-		"backup_full.json":               {"CommitPoint", "ReleasePorts"},
+		"backup_copy_failure.json":                {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
+		"backup_cancel_during_copy.json":          {"RemoveSnapshot", "DropTunnel", "StopExport", "DiscardTarget", "ReleasePorts", "FailPoint"},
+		"backup_full.json":                        {"CommitPoint", "ReleasePorts"},
+		"restore_new_vm.json":                     {"CreateRestoreVM", "WriteDisk", "ReadBackDisk", "SetPower"},
+		"restore_new_vm_write_failure.json":       {"DropTunnel", "StopExport", "ReleasePorts", "DestroyRestoreVM"},
+		"restore_new_vm_cancel_during_write.json": {"DropTunnel", "StopExport", "ReleasePorts", "DestroyRestoreVM"},
+		"restore_in_place.json":                   {"InspectVM", "SetPower", "MarkRestoredInPlace", "WriteDisk", "ReadBackDisk"},
+		"restore_file.json":                       {"ResolvePoint", "RestoreFile"},
+		"mount_unmount.json":                      {"EnsureTunnel", "DropTunnel", "StopExport", "ReleasePorts"},
+		"mount_cancel.json":                       {"StartExport", "StopExport", "ReleasePorts"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f, err := os.Open(historyPath(name))
@@ -133,8 +149,11 @@ func TestRecordedHistoriesShowCompensation(t *testing.T) {
 			for _, activity := range want {
 				assert.Contains(t, scheduled, activity)
 			}
-			if name != "backup_full.json" {
+			switch name {
+			case "backup_copy_failure.json", "backup_cancel_during_copy.json":
 				assert.NotContains(t, scheduled, activities.CommitPointName)
+			case "restore_new_vm.json", "restore_in_place.json":
+				assert.NotContains(t, scheduled, activities.DestroyRestoreVMName)
 			}
 		})
 	}
