@@ -148,7 +148,9 @@ func waitMounted(ctx context.Context, c client.Client, run client.WorkflowRun, t
 		info, err := queryMount(wctx, c, id, run.GetRunID())
 		switch {
 		case err != nil:
-			queryErr = err // the first workflow task has not registered the query yet
+			if wctx.Err() == nil { // else the wait ran out while the query was in flight
+				queryErr = err // the first workflow task has not registered the query yet
+			}
 		case info.Status == workflows.MountMounted:
 			return info, nil
 		case info.Status == workflows.MountFailed:
