@@ -8,6 +8,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	commonpb "go.temporal.io/api/common/v1"
+	workflowpb "go.temporal.io/api/workflow/v1"
+	"go.temporal.io/sdk/converter"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/workflows"
@@ -162,4 +165,28 @@ mount-P0     -      -        0      -                    completed  2026-12-02 0
 	require.NoError(t, renderRestoreList(&out, nil))
 	require.NoError(t, renderMountList(&out, nil))
 	assert.Equal(t, "no restores\nno mounts\n", out.String())
+}
+
+// A file restore's bar comes from the percentage RestoreFile heartbeats, for the disk its
+// activity ID names, while that disk copies.
+func TestFileRestoreProgressFromHeartbeat(t *testing.T) {
+	beat := func(percent float64) *commonpb.Payloads {
+		p, err := converter.GetDefaultDataConverter().ToPayloads(activities.RestoreFileProgress{Percent: percent})
+		require.NoError(t, err)
+		return p
+	}
+	pending := []*workflowpb.PendingActivityInfo{
+		{ActivityId: workflows.CopyActivityID(2000), ActivityType: &commonpb.ActivityType{Name: activities.RestoreFileName}, HeartbeatDetails: beat(25)},
+		{ActivityId: workflows.CopyActivityID(2001), ActivityType: &commonpb.ActivityType{Name: activities.RestoreFileName}, HeartbeatDetails: beat(50)},
+		{ActivityId: workflows.CopyActivityID(2002), ActivityType: &commonpb.ActivityType{Name: activities.RestoreFileName}},
+	}
+	p := workflows.Progress{Disks: []workflows.DiskProgress{
+		{Key: 2000, Phase: workflows.PhaseCopying, CapacityBytes: 1 << 30},
+		{Key: 2001, Phase: workflows.PhaseDone, CapacityBytes: 1 << 30, BytesDone: 7, BytesTotal: 7},
+		{Key: 2002, Phase: workflows.PhaseCopying, CapacityBytes: 1 << 30},
+	}}
+	require.NoError(t, withFileRestores(&p, pending))
+	assert.Equal(t, [][2]int64{{256 << 20, 1 << 30}, {7, 7}, {0, 0}}, [][2]int64{
+		{p.Disks[0].BytesDone, p.Disks[0].BytesTotal}, {p.Disks[1].BytesDone, p.Disks[1].BytesTotal}, {p.Disks[2].BytesDone, p.Disks[2].BytesTotal}},
+		"25% of disk 2000; disk 2001 is done already; disk 2002 has not reported")
 }

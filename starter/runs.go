@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 	commonpb "go.temporal.io/api/common/v1"
 	enumspb "go.temporal.io/api/enums/v1"
+	workflowpb "go.temporal.io/api/workflow/v1"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/converter"
@@ -108,11 +109,37 @@ func liveProgress(ctx context.Context, c client.Client, id, runID string) (workf
 	if err != nil {
 		return p, fmt.Errorf("describe %s: %w", id, err)
 	}
-	live, err := workflows.LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
+	pending := desc.RawResponse.GetPendingActivities()
+	live, err := workflows.LiveCopies(pending, converter.GetDefaultDataConverter())
 	if err != nil {
 		return p, err
 	}
-	return p.WithLiveCopies(live, time.Now()), nil
+	p = p.WithLiveCopies(live, time.Now())
+	return p, withFileRestores(&p, pending)
+}
+
+// withFileRestores sets the bytes done of the disks a pending RestoreFile converts (its
+// activity ID is workflows.CopyActivityID of the point's disk key) from the percentage it
+// heartbeats: qemu-img convert reports no bytes.
+func withFileRestores(p *workflows.Progress, pending []*workflowpb.PendingActivityInfo) error {
+	for _, a := range pending {
+		if a.GetActivityType().GetName() != activities.RestoreFileName || len(a.GetHeartbeatDetails().GetPayloads()) == 0 {
+			continue
+		}
+		for i := range p.Disks {
+			d := &p.Disks[i]
+			if a.GetActivityId() != workflows.CopyActivityID(d.Key) || d.Phase != workflows.PhaseCopying {
+				continue
+			}
+			var fp activities.RestoreFileProgress
+			if err := converter.GetDefaultDataConverter().FromPayloads(a.GetHeartbeatDetails(), &fp); err != nil {
+				return fmt.Errorf("decode heartbeat of %s: %w", a.GetActivityId(), err)
+			}
+			d.BytesTotal = d.CapacityBytes
+			d.BytesDone = int64(min(max(fp.Percent, 0), 100) / 100 * float64(d.CapacityBytes))
+		}
+	}
+	return nil
 }
 
 // renderProgressDetail prints what follows a status's head line: what the run waits for,
