@@ -143,20 +143,21 @@ func waitMounted(ctx context.Context, c client.Client, run client.WorkflowRun, t
 	go func() { done <- run.Get(wctx, &final) }()
 	tick := time.NewTicker(mountPoll)
 	defer tick.Stop()
-	status, queryErr := "not started", error(nil)
+	// Until the first workflow task registered the query, it fails; its last error says why.
+	status, queryErr := "", error(nil)
 	for {
 		info, err := queryMount(wctx, c, id, run.GetRunID())
 		switch {
 		case err != nil:
-			if wctx.Err() == nil { // else the wait ran out while the query was in flight
-				queryErr = err // the first workflow task has not registered the query yet
+			if status == "" {
+				queryErr = err
 			}
 		case info.Status == workflows.MountMounted:
 			return info, nil
 		case info.Status == workflows.MountFailed:
 			return info, fmt.Errorf("mount %s failed: %s", id, orValue(info.Error, "no reason given"))
 		default:
-			status, queryErr = info.Status, nil
+			status, queryErr = orValue(info.Status, "unset"), nil
 		}
 		select {
 		case err := <-done:
@@ -174,8 +175,8 @@ func waitMounted(ctx context.Context, c client.Client, run client.WorkflowRun, t
 			return final, fmt.Errorf("stopped waiting for mount %s; it goes on (diskferry mount status %s): %w", id, id, ctx.Err())
 		}
 		msg := fmt.Sprintf("mount %s does not serve after %s (--timeout): status %s", id, timeout, status)
-		if queryErr != nil {
-			msg += fmt.Sprintf(" (%v)", queryErr)
+		if status == "" {
+			msg = fmt.Sprintf("mount %s does not serve after %s (--timeout): it has not answered yet (%v)", id, timeout, queryErr)
 		}
 		dctx, dcancel := context.WithTimeout(ctx, catalogTimeout)
 		defer dcancel()
