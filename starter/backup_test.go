@@ -38,7 +38,7 @@ func TestBackupListRefusesUnknownStatus(t *testing.T) {
 
 // Every command's help names the variables that point it at Temporal.
 func TestHelpListsEnvironment(t *testing.T) {
-	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}} {
+	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}, {"restore", "file", "--help"}, {"mount", "--help"}, {"unmount", "--help"}} {
 		root := newRootCommand()
 		var out bytes.Buffer
 		root.SetOut(&out)
