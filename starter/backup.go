@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,19 +11,15 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/serviceerror"
-	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
-	"go.temporal.io/sdk/converter"
-	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/workflows"
 )
 
 func newBackupCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "backup", Short: "Start, watch, list and cancel backups"}
-	cmd.AddCommand(newBackupStartCommand(), newBackupStatusCommand(), newBackupListCommand(), newBackupCancelCommand())
+	cmd.AddCommand(newBackupStartCommand(), newBackupStatusCommand(), newBackupListCommand(), newCancelCommand("backup", "its cleanup removes the snapshot, exports and partial files"))
 	return cmd
 }
 
@@ -62,7 +57,7 @@ func newBackupStartCommand() *cobra.Command {
 				fmt.Fprintf(out, "started backup %s (run %s)\n", run.GetID(), run.GetRunID())
 				return nil
 			}
-			return waitBackup(ctx, c, run, out, asJSON)
+			return followRun(ctx, c, run, out, asJSON, "backup", printResult)
 		},
 	}
 	f := cmd.Flags()
@@ -77,80 +72,6 @@ func newBackupStartCommand() *cobra.Command {
 	_ = cmd.MarkFlagRequired("vm")
 	_ = cmd.MarkFlagRequired("site")
 	return cmd
-}
-
-// waitBackup shows per-disk progress until the run ends, then a summary.
-func waitBackup(ctx context.Context, c client.Client, run client.WorkflowRun, out io.Writer, asJSON bool) error {
-	done := make(chan error, 1)
-	var result workflows.BackupResult
-	go func() { done <- run.Get(ctx, &result) }()
-
-	view := newProgressView(out, !asJSON && isTerminal(out))
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case err := <-done:
-			// The last frame shows how the disks ended; a closed run still answers the query.
-			if p, qerr := liveProgress(ctx, c, run.GetID(), run.GetRunID()); qerr == nil {
-				view.update(p, time.Now())
-			}
-			if err != nil {
-				return backupFailure(run.GetID(), err)
-			}
-			if asJSON {
-				return writeJSON(out, result)
-			}
-			printResult(out, run.GetID(), result)
-			return nil
-		case <-tick.C:
-			p, err := liveProgress(ctx, c, run.GetID(), run.GetRunID())
-			if err == nil {
-				view.update(p, time.Now())
-			}
-		}
-	}
-}
-
-// backupFailure says what failed in operator terms: the step and its own message, not the
-// SDK's whole chain of wrappers.
-func backupFailure(id string, err error) error {
-	var canceled *temporal.CanceledError
-	if errors.As(err, &canceled) {
-		return fmt.Errorf("backup %s was cancelled; its cleanup has run", id)
-	}
-	step := ""
-	var actErr *temporal.ActivityError
-	if errors.As(err, &actErr) {
-		step = " in " + actErr.ActivityType().GetName()
-	}
-	var appErr *temporal.ApplicationError
-	if errors.As(err, &appErr) {
-		return fmt.Errorf("backup %s failed%s: %s", id, step, appErr.Message())
-	}
-	return fmt.Errorf("backup %s failed%s: %w", id, step, err)
-}
-
-// liveProgress is the workflow's progress query plus the bytes of copies in flight from
-// their heartbeats.
-func liveProgress(ctx context.Context, c client.Client, id, runID string) (workflows.Progress, error) {
-	var p workflows.Progress
-	v, err := c.QueryWorkflow(ctx, id, runID, workflows.ProgressQueryName)
-	if err != nil {
-		return p, fmt.Errorf("query progress of %s: %w", id, err)
-	}
-	if err := v.Get(&p); err != nil {
-		return p, fmt.Errorf("decode progress of %s: %w", id, err)
-	}
-	desc, err := c.DescribeWorkflow(ctx, id, runID)
-	if err != nil {
-		return p, fmt.Errorf("describe %s: %w", id, err)
-	}
-	live, err := workflows.LiveCopies(desc.RawResponse.GetPendingActivities(), converter.GetDefaultDataConverter())
-	if err != nil {
-		return p, err
-	}
-	return p.WithLiveCopies(live, time.Now()), nil
 }
 
 func printResult(out io.Writer, id string, r workflows.BackupResult) {
@@ -183,22 +104,11 @@ func newBackupStatusCommand() *cobra.Command {
 			if asJSON {
 				return writeJSON(out, p)
 			}
-			fmt.Fprintf(out, "backup %s of %s (site %s): %s, %s\n", args[0], p.VM, p.Site, p.Status, p.Step)
-			if p.WaitingFor != "" {
-				fmt.Fprintf(out, "waiting for: %s\n", p.WaitingFor)
-			}
+			printf(out, "backup %s of %s (site %s): %s, %s\n", args[0], p.VM, p.Site, p.Status, p.Step)
 			if p.PointID != "" {
-				fmt.Fprintf(out, "point %s on hub %s, mode %s\n", p.PointID, p.HubID, p.Mode)
+				printf(out, "point %s on hub %s, mode %s\n", p.PointID, p.HubID, p.Mode)
 			}
-			if p.Error != "" {
-				fmt.Fprintf(out, "error: %s\n", p.Error)
-			}
-			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "DISK\tMODE\tPHASE\tDONE\tTOTAL\tRATE")
-			for _, d := range p.Disks {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s/s\n", d.Key, d.Mode, d.Phase, humanBytes(d.BytesDone), humanBytes(d.BytesTotal), humanBytes(int64(d.Rate)))
-			}
-			return tw.Flush()
+			return renderProgressDetail(out, p)
 		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON for scripts")
@@ -228,31 +138,14 @@ func newBackupListCommand() *cobra.Command {
 			if status != "" {
 				query += fmt.Sprintf(" AND BackupStatus = %q", status)
 			}
-			resp, err := c.ListWorkflow(ctx, &workflowservice.ListWorkflowExecutionsRequest{Query: query, PageSize: int32(limit)})
+			runs, err := listRuns(ctx, c, query, limit)
 			if err != nil {
 				return fmt.Errorf("list backups: %w", err)
 			}
-			rows := make([]backupRow, 0, len(resp.GetExecutions()))
-			for _, e := range resp.GetExecutions() {
-				r := backupRow{
-					WorkflowID: e.GetExecution().GetWorkflowId(), RunID: e.GetExecution().GetRunId(),
-					State: strings.ToLower(strings.TrimPrefix(e.GetStatus().String(), "WORKFLOW_EXECUTION_STATUS_")),
-					Start: e.GetStartTime().AsTime(),
-				}
-				if e.GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
-					r.End = e.GetCloseTime().AsTime()
-				}
-				fields := e.GetSearchAttributes().GetIndexedFields()
-				dc := converter.GetDefaultDataConverter()
-				for name, dst := range map[string]*string{"VMName": &r.VM, "Site": &r.Site, "BackupMode": &r.Mode, "BackupStatus": &r.Status} {
-					if p, ok := fields[name]; ok {
-						_ = dc.FromPayload(p, dst)
-					}
-				}
-				rows = append(rows, r)
-				if len(rows) >= limit {
-					break
-				}
+			rows := make([]backupRow, len(runs))
+			for i, r := range runs {
+				rows[i] = backupRow{runRow: r.runRow, VM: r.keyword("VMName"), Site: r.keyword("Site"),
+					Mode: r.keyword("BackupMode"), Status: r.keyword("BackupStatus")}
 			}
 			out := cmd.OutOrStdout()
 			if asJSON {
@@ -279,31 +172,11 @@ var backupStatuses = []string{workflows.StatusRunning, workflows.StatusCopying, 
 	workflows.StatusComplete, workflows.StatusFailed, workflows.StatusCancelled}
 
 type backupRow struct {
-	WorkflowID string    `json:"workflowId"`
-	RunID      string    `json:"runId"`
-	VM         string    `json:"vm"`
-	Site       string    `json:"site"`
-	Mode       string    `json:"mode"`
-	Status     string    `json:"status"` // BackupStatus search attribute
-	State      string    `json:"state"`  // Temporal execution status
-	Start      time.Time `json:"start"`
-	End        time.Time `json:"end,omitzero"`
-}
-
-func newBackupCancelCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:   "cancel WORKFLOW-ID",
-		Short: "Cancel a running backup; its cleanup removes the snapshot, exports and partial files",
-		Args:  cobra.ExactArgs(1),
-		RunE: withTemporal(func(cmd *cobra.Command, args []string, c client.Client) error {
-			ctx := cmd.Context()
-			if err := c.CancelWorkflow(ctx, args[0], ""); err != nil {
-				return fmt.Errorf("cancel %s: %w", args[0], err)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "cancel requested for %s; cleanup runs before it closes\n", args[0])
-			return nil
-		}),
-	}
+	runRow
+	VM     string `json:"vm"`
+	Site   string `json:"site"`
+	Mode   string `json:"mode"`
+	Status string `json:"status"` // BackupStatus search attribute
 }
 
 func writeJSON(out io.Writer, v any) error {

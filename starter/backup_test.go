@@ -10,16 +10,16 @@ import (
 	"go.temporal.io/sdk/temporal"
 )
 
-func TestBackupFailureSaysWhatFailed(t *testing.T) {
+func TestRunFailureSaysWhatFailed(t *testing.T) {
 	app := temporal.NewNonRetryableApplicationError("invalid backup input: mode: \"often\" is not one of auto, full, incremental", "BadInput", nil)
-	err := backupFailure("backup-web01", fmt.Errorf("workflow execution error: %w", app))
+	err := runFailure("backup", "backup-web01", fmt.Errorf("workflow execution error: %w", app))
 	assert.EqualError(t, err, `backup backup-web01 failed: invalid backup input: mode: "often" is not one of auto, full, incremental`)
 
-	err = backupFailure("backup-web01", fmt.Errorf("workflow execution error: %w", temporal.NewCanceledError()))
+	err = runFailure("backup", "backup-web01", fmt.Errorf("workflow execution error: %w", temporal.NewCanceledError()))
 	assert.EqualError(t, err, "backup backup-web01 was cancelled; its cleanup has run")
 
 	plain := errors.New("connection lost")
-	err = backupFailure("backup-web01", plain)
+	err = runFailure("backup", "backup-web01", plain)
 	assert.ErrorIs(t, err, plain)
 	assert.Contains(t, err.Error(), "backup backup-web01 failed")
 }
@@ -38,7 +38,7 @@ func TestBackupListRefusesUnknownStatus(t *testing.T) {
 
 // Every command's help names the variables that point it at Temporal.
 func TestHelpListsEnvironment(t *testing.T) {
-	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}} {
+	for _, args := range [][]string{{"--help"}, {"backup", "start", "--help"}, {"schedule", "trigger", "--help"}, {"restore", "file", "--help"}, {"mount", "--help"}, {"unmount", "--help"}} {
 		root := newRootCommand()
 		var out bytes.Buffer
 		root.SetOut(&out)

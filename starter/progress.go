@@ -12,7 +12,7 @@ import (
 // barWidth is the width of a disk's bar in characters.
 const barWidth = 30
 
-// progressView draws one line per disk of a backup on a terminal and redraws them in place
+// progressView draws one line per disk of a backup or restore on a terminal and redraws them in place
 // (the cursor moves back up over the previous frame); elsewhere it prints nothing.
 //
 // A bar's total is the bytes its copy planned to move (the copied areas: a full copy's
@@ -52,7 +52,10 @@ func (v *progressView) update(p workflows.Progress, now time.Time) {
 
 // line renders one disk.
 func (v *progressView) line(d workflows.DiskProgress, now time.Time) string {
-	head := fmt.Sprintf("disk %d (%s)", d.Key, d.Mode)
+	head := fmt.Sprintf("disk %d", d.Key)
+	if d.Mode != "" { // a backup's full or incremental; a restore has none
+		head += " (" + d.Mode + ")"
+	}
 	total, known := v.totals[d.Key]
 	if !known {
 		if total, known = plannedTotal(d); known {
