@@ -86,7 +86,7 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	if err != nil {
 		return activities.WriteDiskResult{}, classify(err)
 	}
-	if state != string(activities.PowerOff) {
+	if state != activities.PowerOff {
 		return activities.WriteDiskResult{}, temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("write disk %d: VM %s is %s; a restore writes only to a powered-off VM", in.DiskKey, in.VMMoref, state),
 			activities.ErrPoweredOn, nil)

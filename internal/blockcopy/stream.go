@@ -123,7 +123,7 @@ func (c *Copy) stream(ctx context.Context, w io.Writer) (*Result, error) {
 	zeros := zh.zero
 	for ch := range ordered {
 		if writeErr == nil {
-			writeErr = c.emit(w, ch, <-ch.done, zeros, zh, dg)
+			writeErr = c.emit(rctx, w, ch, <-ch.done, zeros, zh, dg)
 			if writeErr != nil {
 				cancel(writeErr)
 			}
@@ -199,9 +199,13 @@ func (c *Copy) readChunk(ctx context.Context, h *nbd.Handle, zh *zeroHasher, ch 
 }
 
 // emit writes a chunk to w and folds its pieces into the digest.
-func (c *Copy) emit(w io.Writer, ch *streamChunk, readErr error, zeros []byte, zh *zeroHasher, dg *digest) error {
+// A cancel stops it between pieces: a hole chunk may be a GiB of zeros.
+func (c *Copy) emit(ctx context.Context, w io.Writer, ch *streamChunk, readErr error, zeros []byte, zh *zeroHasher, dg *digest) error {
 	if readErr != nil {
 		return readErr
+	}
+	if err := context.Cause(ctx); err != nil {
+		return err
 	}
 	if !ch.hole {
 		if _, err := w.Write(ch.buf.Bytes()[:ch.n]); err != nil {
@@ -215,6 +219,9 @@ func (c *Copy) emit(w io.Writer, ch *streamChunk, readErr error, zeros []byte, z
 		return nil
 	}
 	for p := ch.off; p < ch.off+ch.n; {
+		if err := context.Cause(ctx); err != nil {
+			return err
+		}
 		pe := pieceEnd(p, ch.off+ch.n, c.opts.BlockSize)
 		if _, err := w.Write(zeros[:pe-p]); err != nil {
 			return fmt.Errorf("write stream at %d+%d: %w", p, pe-p, err)

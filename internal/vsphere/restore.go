@@ -83,12 +83,15 @@ func (c *Client) vmsNamed(ctx context.Context, name string) ([]namedVM, error) {
 		return nil, fmt.Errorf("list VMs named %q: %w", name, err)
 	}
 	defer func() { _ = v.Destroy(context.WithoutCancel(ctx)) }()
+	refs, err := v.Find(ctx, []string{"VirtualMachine"}, property.Match{"name": name})
+	if err != nil {
+		return nil, fmt.Errorf("list VMs named %q: %w", name, err)
+	}
+	if len(refs) == 0 {
+		return nil, nil
+	}
 	var vms []mo.VirtualMachine
-	if err := v.RetrieveWithFilter(ctx, []string{"VirtualMachine"}, []string{"name", "config.annotation"}, &vms,
-		property.Match{"name": name}); err != nil {
-		if strings.Contains(err.Error(), "object references is empty") {
-			return nil, nil
-		}
+	if err := property.DefaultCollector(c.vim).Retrieve(ctx, refs, []string{"name", "config.annotation"}, &vms); err != nil {
 		return nil, fmt.Errorf("list VMs named %q: %w", name, err)
 	}
 	out := make([]namedVM, 0, len(vms))
@@ -259,27 +262,24 @@ func (c *Client) placement(ctx context.Context, spec NewVMSpec) (placed, error) 
 		if err := checkInventoryPath(spec.Folder); err != nil {
 			return placed{}, &InputError{Field: "folder", Reason: err.Error()}
 		}
-		dcName := strings.SplitN(strings.TrimPrefix(spec.Folder, "/"), "/", 2)[0]
-		if p.dc, err = finder.Datacenter(ctx, "/"+dcName); err != nil {
-			return placed{}, &InputError{Field: "folder", Reason: fmt.Sprintf("no datacenter %s in vCenter", dcName)}
+		if p.folder, err = finder.Folder(ctx, spec.Folder); err != nil {
+			return placed{}, &InputError{Field: "folder", Reason: fmt.Sprintf("no folder %s in vCenter", spec.Folder)}
+		}
+		if p.dc, err = c.datacenterOf(ctx, p.folder.Reference()); err != nil {
+			return placed{}, &InputError{Field: "folder", Reason: fmt.Sprintf("folder %s: %v", spec.Folder, err)}
 		}
 	case src != nil:
 		p.dc = src.dc
+		if src.folder != nil {
+			p.folder = object.NewFolder(c.vim, *src.folder)
+		}
 	default:
 		if p.dc, err = finder.DefaultDatacenter(ctx); err != nil {
 			return placed{}, &InputError{Field: "folder", Reason: "the source VM is gone and vCenter has no single datacenter: name a folder"}
 		}
 	}
 	finder.SetDatacenter(p.dc)
-
-	switch {
-	case spec.Folder != "":
-		if p.folder, err = finder.Folder(ctx, spec.Folder); err != nil {
-			return placed{}, &InputError{Field: "folder", Reason: fmt.Sprintf("no folder %s in vCenter", spec.Folder)}
-		}
-	case src != nil && src.folder != nil && src.dc.Reference() == p.dc.Reference():
-		p.folder = object.NewFolder(c.vim, *src.folder)
-	default:
+	if p.folder == nil {
 		folders, err := p.dc.Folders(ctx)
 		if err != nil {
 			return placed{}, fmt.Errorf("folders of datacenter %s: %w", p.dc.InventoryPath, err)

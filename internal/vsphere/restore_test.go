@@ -215,3 +215,29 @@ func TestLiveDiskFlatURL(t *testing.T) {
 	_, err = c.LiveDiskFlatURL(ctx, lab.VMMoref, 9999)
 	require.True(t, errors.Is(err, vsphere.ErrNotFound), "%v", err)
 }
+
+func TestCreateVMAtANamedPlacement(t *testing.T) {
+	lab := newLab(t, vcsimtest.Options{Disks: 1, DiskSize: diskSize})
+	c := connect(t, lab)
+	ctx := context.Background()
+	finder := find.NewFinder(c.Vim(), false)
+	vmFolder, err := finder.Folder(ctx, "/"+lab.Datacenter+"/vm")
+	require.NoError(t, err)
+	restores, err := vmFolder.CreateFolder(ctx, "restores")
+	require.NoError(t, err)
+	hosts, err := finder.HostSystemList(ctx, "/"+lab.Datacenter+"/host/*/*")
+	require.NoError(t, err)
+	require.NotEmpty(t, hosts)
+	host := hosts[len(hosts)-1]
+
+	got, err := c.CreateVM(ctx, vsphere.NewVMSpec{Name: "placed", WorkflowID: "wf-placed",
+		Folder: "/" + lab.Datacenter + "/vm/restores", Host: host.InventoryPath, Datastore: lab.Datastore,
+		SourceVM: lab.VMMoref, Config: restoreShape()})
+	require.NoError(t, err)
+	vm, err := c.FindVM(ctx, got.Moref)
+	require.NoError(t, err)
+	var o mo.VirtualMachine
+	require.NoError(t, vm.Properties(ctx, vm.Reference(), []string{"parent", "runtime.host"}, &o))
+	assert.Equal(t, restores.Reference(), *o.Parent)
+	assert.Equal(t, host.Reference(), *o.Runtime.Host)
+}
