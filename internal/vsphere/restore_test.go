@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -127,8 +128,9 @@ func TestCreateVMRefusesATooSmallDatastoreAndCreatesNothing(t *testing.T) {
 	var in *vsphere.InputError
 	require.ErrorAs(t, err, &in)
 	assert.Equal(t, "datastore", in.Field)
-	assert.Regexp(t, `^datastore: `+lab.Datastore+` has .* free, the disks need 1\.0 EiB|PiB`, err.Error())
-	assert.Contains(t, err.Error(), "free, the disks need")
+	need := int64(1<<60) + shape.Disks[1].CapacityBytes + shape.Disks[2].CapacityBytes
+	assert.Regexp(t, `^datastore: `+lab.Datastore+` has [0-9.]+ [KMGTP]iB \(\d+ bytes\) free, the disks need 1024\.0 PiB \(`+
+		strconv.FormatInt(need, 10)+` bytes\)$`, err.Error())
 	assert.Equal(t, before, vmCount(t, c))
 	_, statErr := os.Stat(filepath.Join(lab.DatastoreDir, "too-big"))
 	assert.ErrorIs(t, statErr, os.ErrNotExist, "no VM directory")
