@@ -86,6 +86,11 @@ func (a *Activities) Register(w worker.ActivityRegistry) {
 	reg(a.RemoveSnapshot, activities.RemoveSnapshotName)
 	reg(a.CopyDisk, activities.CopyDiskName)
 	reg(a.ReadChangeIDs, activities.ReadChangeIDsName)
+	reg(a.CreateRestoreVM, activities.CreateRestoreVMName)
+	reg(a.DestroyRestoreVM, activities.DestroyRestoreVMName)
+	reg(a.SetPower, activities.SetPowerName)
+	reg(a.WriteDisk, activities.WriteDiskName)
+	reg(a.ReadBackDisk, activities.ReadBackDiskName)
 }
 
 // waitBeat is how often the activities heartbeat while they wait on vCenter or nbdkit.
@@ -103,9 +108,14 @@ const MaxHeartbeatThrottle = time.Second
 // classify turns mechanism errors the workflow must not retry into non-retryable ones.
 func classify(err error) error {
 	var hostKey *tunnel.HostKeyError
+	var input *vsphere.InputError
 	switch {
 	case err == nil:
 		return nil
+	case errors.As(err, &input):
+		return temporal.NewNonRetryableApplicationError("invalid restore input: "+input.Error(), activities.ErrBadInput, err)
+	case errors.Is(err, vsphere.ErrNotFlat):
+		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
 	case errors.Is(err, vsphere.ErrNotFound):
 		return temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrNotFound, err)
 	case errors.Is(err, vsphere.ErrInvalidChangeID), errors.Is(err, vsphere.ErrInvalidReference):
@@ -153,20 +163,28 @@ func (a *Activities) InspectVM(ctx context.Context, in activities.InspectVMInput
 }
 
 // EnsureTunnel makes every export reachable on the SNA and checks each with an NBD
-// handshake (the exports are started before the tunnel).
-func (a *Activities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
+// handshake (the exports are started before the tunnel). It returns the SNA-side socket of
+// each port (a mount prints it; a backup ignores it).
+func (a *Activities) EnsureTunnel(ctx context.Context, in activities.EnsureTunnelInput) (activities.Forwards, error) {
 	forwards := make([]tunnel.Forward, len(in.Ports))
 	for i, p := range in.Ports {
 		socket, ok := in.Sockets[p]
 		if !ok || socket == "" {
-			return temporal.NewNonRetryableApplicationError(
+			return activities.Forwards{}, temporal.NewNonRetryableApplicationError(
 				fmt.Sprintf("ensure tunnel: no socket for export port %d on hub %s (a hub older than this SNA?)", p, in.HubID),
 				activities.ErrBadInput, nil)
 		}
 		forwards[i] = tunnel.Forward{Port: p, Remote: socket}
 	}
-	_, err := a.ensureForwards(ctx, in.HubID, forwards)
-	return err
+	m, err := a.ensureForwards(ctx, in.HubID, forwards)
+	if err != nil {
+		return activities.Forwards{}, err
+	}
+	out := activities.Forwards{Sockets: make(map[int]string, len(in.Ports))}
+	for _, p := range in.Ports {
+		out.Sockets[p] = m.SocketPath(p)
+	}
+	return out, nil
 }
 
 // ensureForwards opens the forwards and proves each reaches a live export.
@@ -288,22 +306,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 			activities.ErrBadInput, nil)
 	}
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
-	// The previous attempt's checkpoint is heartbeated again until this one has its own, so
-	// an attempt that dies early does not lose it.
-	var resume *activities.CopyProgress
-	if activity.HasHeartbeatDetails(ctx) {
-		var p activities.CopyProgress
-		if err := activity.GetHeartbeatDetails(ctx, &p); err != nil {
-			log.Warn("previous attempt's checkpoint unreadable; copying from the start", "err", err)
-		} else {
-			resume = &p
-		}
-	}
-	var first any
-	if resume != nil {
-		first = *resume
-	}
-	beat := heartbeat.Start(ctx, a.settings.HeartbeatEvery, first)
+	resume, beat := a.startCopyHeartbeat(ctx, log)
 	defer beat.Stop()
 
 	vm, err := a.vc.FindVM(ctx, in.Snapshot.VMMoref)
@@ -375,18 +378,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	target := (&url.URL{Scheme: "nbd+unix", Path: "/" + in.ExportName,
 		RawQuery: "socket=" + url.QueryEscape(m.SocketPath(in.TargetPort))}).String()
 	opts.ProgressInterval = a.settings.HeartbeatEvery
-	opts.OnProgress = func(p blockcopy.Progress) {
-		beat.Record(activities.CopyProgress{
-			Checkpoint:   p.Checkpoint.Offset,
-			DigestState:  p.Checkpoint.DigestState,
-			Ahead:        fromFinished(p.Checkpoint.Ahead),
-			BytesDone:    p.BytesDone,
-			BytesTotal:   p.BytesTotal,
-			BytesRead:    p.BytesRead,
-			BytesWritten: p.BytesWritten,
-			BytesZeroed:  p.BytesZeroed,
-		})
-	}
+	opts.OnProgress = recordProgress(beat)
 	cp, err := blockcopy.New(src.URI(), target, opts)
 	if err != nil {
 		return activities.CopyDiskResult{}, temporal.NewNonRetryableApplicationError(err.Error(), activities.ErrBadInput, err)
@@ -417,6 +409,42 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}, nil
 }
 
+// startCopyHeartbeat starts the heartbeat of a copy from its first moment. The previous
+// attempt's checkpoint (returned, nil without one) is heartbeated again until this attempt
+// has its own, so an attempt that dies early does not lose it.
+func (a *Activities) startCopyHeartbeat(ctx context.Context, log *slog.Logger) (*activities.CopyProgress, *heartbeat.Keeper) {
+	var resume *activities.CopyProgress
+	if activity.HasHeartbeatDetails(ctx) {
+		var p activities.CopyProgress
+		if err := activity.GetHeartbeatDetails(ctx, &p); err != nil {
+			log.Warn("previous attempt's checkpoint unreadable; copying from the start", "err", err)
+		} else {
+			resume = &p
+		}
+	}
+	var first any
+	if resume != nil {
+		first = *resume
+	}
+	return resume, heartbeat.Start(ctx, a.settings.HeartbeatEvery, first)
+}
+
+// recordProgress heartbeats a copy's progress and checkpoint.
+func recordProgress(beat *heartbeat.Keeper) func(blockcopy.Progress) {
+	return func(p blockcopy.Progress) {
+		beat.Record(activities.CopyProgress{
+			Checkpoint:   p.Checkpoint.Offset,
+			DigestState:  p.Checkpoint.DigestState,
+			Ahead:        fromFinished(p.Checkpoint.Ahead),
+			BytesDone:    p.BytesDone,
+			BytesTotal:   p.BytesTotal,
+			BytesRead:    p.BytesRead,
+			BytesWritten: p.BytesWritten,
+			BytesZeroed:  p.BytesZeroed,
+		})
+	}
+}
+
 // startSource serves the snapshot's disk with nbdkit on a private unix socket.
 func (a *Activities) startSource(ctx context.Context, in activities.CopyDiskInput) (*nbdkit.Server, error) {
 	var src nbdkit.Source
@@ -426,14 +454,7 @@ func (a *Activities) startSource(ctx context.Context, in activities.CopyDiskInpu
 		if err != nil {
 			return nil, classify(err)
 		}
-		cs := nbdkit.CurlSource{URL: flat.URL, Cookie: flat.Cookie, Logger: a.log}
-		// The insecure opt-in wins over a configured pin, as it does for the API session.
-		if a.settings.Insecure {
-			cs.InsecureSkipVerify = true
-		} else {
-			cs.Thumbprint = a.settings.Thumbprint
-		}
-		src = cs
+		src = a.curlSource(flat)
 	case TransportVDDK:
 		file, err := a.snapshotDiskFile(ctx, in)
 		if err != nil {
@@ -454,6 +475,19 @@ func (a *Activities) startSource(ctx context.Context, in activities.CopyDiskInpu
 		return nil, fmt.Errorf("start %s source for disk %d: %w", a.settings.Transport, in.DiskKey, err)
 	}
 	return srv, nil
+}
+
+// curlSource reads a flat file over https with the session cookie, trusting vCenter as the
+// API session does.
+func (a *Activities) curlSource(flat vsphere.FlatDisk) nbdkit.CurlSource {
+	cs := nbdkit.CurlSource{URL: flat.URL, Cookie: flat.Cookie, Logger: a.log}
+	// The insecure opt-in wins over a configured pin, as it does for the API session.
+	if a.settings.Insecure {
+		cs.InsecureSkipVerify = true
+	} else {
+		cs.Thumbprint = a.settings.Thumbprint
+	}
+	return cs
 }
 
 // snapshotDiskFile is the disk's backing file as of the snapshot, which VDDK opens.

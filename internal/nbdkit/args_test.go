@@ -156,3 +156,29 @@ func TestFileArgs(t *testing.T) {
 	_, err = Args(t.Context(), FileSource{Path: path + ".missing"}, Options{}, "/s", Files{})
 	assert.Error(t, err)
 }
+
+// A restore opens the VM's live disk writable: no --readonly, no snapshot parameter.
+func TestVDDKLiveWritableArgs(t *testing.T) {
+	dir := t.TempDir()
+	src := validVDDK()
+	src.SnapshotMoref, src.Live, src.Transports = "", true, nil
+	args, err := Args(t.Context(), src, Options{Writable: true}, "/run/df/nbdkit.sock", Files{Dir: "/run/df", SecretDir: dir})
+	require.NoError(t, err)
+	assert.Equal(t, []string{
+		"--foreground",
+		"--exit-with-parent",
+		"--unix", "/run/df/nbdkit.sock",
+		"vddk",
+		"libdir=/opt/vmware-vix-disklib-distrib",
+		"server=vcenter.example.com",
+		"user=backup@vsphere.local",
+		"password=+" + filepath.Join(dir, "password"),
+		"thumbprint=AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01",
+		"vm=moref=vm-123",
+		"file=[datastore1] web01/web01.vmdk",
+	}, args)
+
+	src.SnapshotMoref = "snapshot-456"
+	_, err = src.Params(t.Context(), Files{Dir: t.TempDir(), SecretDir: t.TempDir()})
+	assert.ErrorContains(t, err, "live disk has no snapshot")
+}

@@ -165,7 +165,8 @@ func FetchPinnedCertificate(ctx context.Context, hostport, thumbprint string) ([
 }
 
 // VDDKSource serves a disk of a VM snapshot through VMware's VDDK (nbdkit-vddk-plugin,
-// not packaged by Debian).
+// not packaged by Debian). With Live it opens the VM's disk as it is now instead: a
+// restore writes it (nbdkit started Writable, the VM powered off) and reads it back.
 type VDDKSource struct {
 	LibDir        string   // the VDDK installation (contains lib64/)
 	Server        string   // vCenter or ESXi host name
@@ -175,6 +176,7 @@ type VDDKSource struct {
 	Thumbprint    string   // the server's SHA-1 thumbprint, AB:CD:...
 	VMMoref       string   // e.g. vm-123
 	SnapshotMoref string   // e.g. snapshot-456; the disk is read as of this snapshot
+	Live          bool     // no snapshot: the disk as it is now; SnapshotMoref must be empty
 	Transports    []string // in order of preference: hotadd, san, nbdssl, nbd; empty lets VDDK choose
 	File          string   // the disk's backing file in the snapshot: "[datastore1] vm/vm.vmdk"
 }
@@ -184,11 +186,18 @@ func (VDDKSource) Plugin() string { return "vddk" }
 
 // Params implements Source.
 func (v VDDKSource) Params(_ context.Context, files Files) ([]string, error) {
-	missing := []string{}
-	for name, val := range map[string]string{
+	required := map[string]string{
 		"LibDir": v.LibDir, "Server": v.Server, "User": v.User, "Password": v.Password,
 		"Thumbprint": v.Thumbprint, "VMMoref": v.VMMoref, "SnapshotMoref": v.SnapshotMoref, "File": v.File,
-	} {
+	}
+	if v.Live {
+		if v.SnapshotMoref != "" {
+			return nil, errors.New("vddk source: a live disk has no snapshot, but SnapshotMoref is set")
+		}
+		delete(required, "SnapshotMoref")
+	}
+	missing := []string{}
+	for name, val := range required {
 		if val == "" {
 			missing = append(missing, name)
 		}
@@ -218,8 +227,10 @@ func (v VDDKSource) Params(_ context.Context, files Files) ([]string, error) {
 		"password=+"+password,
 		"thumbprint="+v.Thumbprint,
 		"vm=moref="+v.VMMoref,
-		"snapshot="+v.SnapshotMoref,
 	)
+	if !v.Live {
+		params = append(params, "snapshot="+v.SnapshotMoref)
+	}
 	if len(v.Transports) > 0 {
 		params = append(params, "transports="+strings.Join(v.Transports, ":"))
 	}

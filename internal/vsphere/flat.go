@@ -41,23 +41,31 @@ func (c *Client) DiskFlatURL(ctx context.Context, snapshotMoref string, diskKey 
 	if disk == nil {
 		return FlatDisk{}, fmt.Errorf("flat file of disk %d in snapshot %s: no such disk: %w", diskKey, snapshotMoref, ErrNotFound)
 	}
-	backing, ok := object.VirtualDeviceList(devices).FindByKey(diskKey).GetVirtualDevice().Backing.(*types.VirtualDiskFlatVer2BackingInfo)
-	if !ok || backing.Parent != nil {
-		return FlatDisk{}, fmt.Errorf("flat file of disk %d (%s): not a single flat disk; read it through VDDK", diskKey, disk.BackingFile)
+	return c.flatDisk(ctx, *disk, object.VirtualDeviceList(devices).FindByKey(diskKey).GetVirtualDevice().Backing)
+}
+
+// flatDisk builds the datastore URL of a disk whose backing must be one flat file.
+func (c *Client) flatDisk(ctx context.Context, disk Disk, b types.BaseVirtualDeviceBackingInfo) (FlatDisk, error) {
+	backing, ok := b.(*types.VirtualDiskFlatVer2BackingInfo)
+	if !ok {
+		return FlatDisk{}, fmt.Errorf("flat file of disk %d (%s): %w (backing %T); use the vddk transport", disk.Key, disk.BackingFile, ErrNotFlat, b)
+	}
+	if backing.Parent != nil {
+		return FlatDisk{}, fmt.Errorf("flat file of disk %d (%s): %w (a delta disk: the VM has snapshots); use the vddk transport", disk.Key, disk.BackingFile, ErrNotFlat)
 	}
 	var p object.DatastorePath
 	if !p.FromString(backing.FileName) || !strings.HasSuffix(p.Path, ".vmdk") {
-		return FlatDisk{}, fmt.Errorf("flat file of disk %d: unexpected backing file %q", diskKey, backing.FileName)
+		return FlatDisk{}, fmt.Errorf("flat file of disk %d: unexpected backing file %q", disk.Key, backing.FileName)
 	}
 	flatPath := strings.TrimSuffix(p.Path, ".vmdk") + "-flat.vmdk"
 
 	dcPath, err := c.datacenterPath(ctx, backing.Datastore)
 	if err != nil {
-		return FlatDisk{}, fmt.Errorf("flat file of disk %d: %w", diskKey, err)
+		return FlatDisk{}, fmt.Errorf("flat file of disk %d: %w", disk.Key, err)
 	}
 	cookie, err := c.SessionCookie()
 	if err != nil {
-		return FlatDisk{}, fmt.Errorf("flat file of disk %d: %w", diskKey, err)
+		return FlatDisk{}, fmt.Errorf("flat file of disk %d: %w", disk.Key, err)
 	}
 	base := c.vim.URL()
 	u := url.URL{

@@ -138,9 +138,11 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	svc.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(l.User, l.Password)}
 	svc.RegisterEndpoints = true
 	// vcsim serves /folder to anyone; real vCenter wants the session cookie, so GET and
-	// HEAD (the reads) are checked here before vcsim's own handler serves the file.
+	// HEAD (the reads) and PUT (a restore's upload of a flat file) are checked here before
+	// vcsim's own handler serves the file.
 	svc.ServeMux = http.NewServeMux()
 	svc.ServeMux.HandleFunc("GET /folder/", l.serveFolder)
+	svc.ServeMux.HandleFunc("PUT /folder/", l.serveFolder)
 	l.reg = m.Map()
 	l.reg.Handler = l.intercept
 
@@ -351,8 +353,8 @@ func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.
 	return vm, nil
 }
 
-// serveFolder refuses datastore reads without a live session cookie, then lets
-// vcsim serve the file (with HTTP Range).
+// serveFolder refuses datastore reads and uploads without a live session cookie, then
+// lets vcsim serve the file (with HTTP Range) or write it.
 func (l *Lab) serveFolder(w http.ResponseWriter, r *http.Request) {
 	c, err := r.Cookie(soap.SessionCookieName)
 	if err != nil || !l.sessionActive(r.Context(), c.Value) {
@@ -462,4 +464,14 @@ func ensureFlat(d Disk) (*os.File, error) {
 		return nil, fmt.Errorf("size flat file of disk %d: %w", d.Key, err)
 	}
 	return f, nil
+}
+
+// FlatPath is the local file holding the bytes of a disk whose backing file is
+// "[datastore] dir/name.vmdk" (its -flat.vmdk), for any VM of the lab's datastore.
+func (l *Lab) FlatPath(backingFile string) (string, error) {
+	var p object.DatastorePath
+	if !p.FromString(backingFile) || p.Datastore != l.Datastore || !strings.HasSuffix(p.Path, ".vmdk") {
+		return "", fmt.Errorf("backing file %q is not a disk on datastore %s", backingFile, l.Datastore)
+	}
+	return filepath.Join(l.DatastoreDir, filepath.FromSlash(strings.TrimSuffix(p.Path, ".vmdk")+"-flat.vmdk")), nil
 }

@@ -1,0 +1,126 @@
+package vsphere
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/diskferry/diskferry/internal/certpin"
+)
+
+// Trust says how an HTTPS connection to the datastore endpoint checks the server: the
+// pinned thumbprint, or no check at all as an explicit opt-in.
+type Trust struct {
+	Thumbprint string
+	Insecure   bool
+}
+
+// tlsConfig trusts what the curl source trusts: the certificate matching the pin, fetched
+// and made the only trust anchor, with the URL's host name checked against it.
+func (t Trust) tlsConfig(ctx context.Context, hostport string) (*tls.Config, error) {
+	if t.Insecure {
+		return &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: true}, nil // the operator's explicit opt-in
+	}
+	if t.Thumbprint == "" {
+		return nil, errors.New("no certificate pin: set the vCenter thumbprint (or the insecure opt-in)")
+	}
+	pin, err := certpin.Parse(t.Thumbprint)
+	if err != nil {
+		return nil, err
+	}
+	leaf, err := pin.Fetch(ctx, hostport)
+	if err != nil {
+		return nil, err
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		host = hostport
+	}
+	cfg := pin.TLSConfig(hostport)
+	// The pin check stays (VerifyConnection); the chain and host-name checks against the
+	// pinned certificate come back, as curl does them.
+	cfg.InsecureSkipVerify, cfg.RootCAs, cfg.ServerName = false, roots, host
+	return cfg, nil
+}
+
+// UploadFlat writes a disk's whole flat file with one HTTP PUT to the datastore endpoint,
+// its body the size bytes fill writes. The session cookie goes in a header, never in a log
+// or an error. A full datastore answers with syscall.ENOSPC in the chain, a missing
+// file or directory with ErrNotFound.
+func UploadFlat(ctx context.Context, flat FlatDisk, size int64, trust Trust, fill func(io.Writer) error) error {
+	u, err := url.Parse(flat.URL)
+	if err != nil {
+		return fmt.Errorf("upload %s: parse url: %w", flat.Path, err)
+	}
+	cfg, err := trust.tlsConfig(ctx, u.Host)
+	if err != nil {
+		return fmt.Errorf("upload %s to %s: %w", flat.Path, u.Host, err)
+	}
+	tr := &http.Transport{TLSClientConfig: cfg, TLSHandshakeTimeout: 30 * time.Second, ResponseHeaderTimeout: 5 * time.Minute,
+		DisableKeepAlives: true, ForceAttemptHTTP2: false}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
+		return errors.New("the datastore endpoint redirected an upload; refusing to follow")
+	}}
+
+	pr, pw := io.Pipe()
+	fillErr := make(chan error, 1)
+	go func() {
+		err := fill(pw)
+		pw.CloseWithError(err)
+		fillErr <- err
+	}()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, u.String(), pr)
+	if err != nil {
+		pr.CloseWithError(err)
+		<-fillErr
+		return fmt.Errorf("upload %s: %w", flat.Path, err)
+	}
+	req.ContentLength = size
+	req.Header.Set("Content-Type", "application/octet-stream")
+	req.Header.Set("Cookie", flat.Cookie)
+	resp, httpErr := client.Do(req)
+	if httpErr == nil {
+		httpErr = uploadStatus(resp, flat.Path)
+	}
+	// A failed request leaves the filler blocked on the pipe; closing it ends the filler.
+	pr.CloseWithError(errUploadEnded)
+	if err := <-fillErr; err != nil && !errors.Is(err, errUploadEnded) {
+		return fmt.Errorf("upload %s: %w", flat.Path, err)
+	}
+	if httpErr != nil {
+		return fmt.Errorf("upload %s to %s: %w", flat.Path, u.Host, httpErr)
+	}
+	return nil
+}
+
+// errUploadEnded is what the filler's writes return once the request is over.
+var errUploadEnded = errors.New("upload request ended")
+
+func uploadStatus(resp *http.Response, path string) error {
+	defer resp.Body.Close()
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+		return nil
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	msg := fmt.Sprintf("datastore answered %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	switch resp.StatusCode {
+	case http.StatusInsufficientStorage:
+		return fmt.Errorf("%s: %w", msg, syscall.ENOSPC)
+	case http.StatusNotFound:
+		return fmt.Errorf("%s (%s): %w", msg, path, ErrNotFound)
+	}
+	return errors.New(msg)
+}
