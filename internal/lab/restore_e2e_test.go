@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,7 +29,8 @@ import (
 // into a new VM (disks read back through the datastore equal the source at that point's
 // snapshot, the VM's shape equals the source's), one point to raw, qcow2 and vmdk files,
 // the middle point in place (refused while the VM runs; the next backup is full), and a
-// mount read over NBD that ends on unmount, on its TTL and on cancel. Nothing is left.
+// mount read over NBD that survives a hub worker restart and ends on unmount, on its TTL and
+// on cancel. Nothing is left.
 func TestRestoreEndToEnd(t *testing.T) {
 	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 64 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -111,6 +113,20 @@ func TestRestoreEndToEnd(t *testing.T) {
 				cmp, err := qemu.Compare(ctx, qemu.Raw(sources[2][d.Key]), qemu.Raw(d.URI))
 				require.NoError(t, err)
 				require.True(t, cmp.Equal, "mounted disk %d differs: %s", d.Key, cmp.Message)
+			}
+			if end == "unmount" {
+				// A hub worker restart keeps the mount: its reconcile adopts the read-only exports.
+				reconciled := strings.Count(l.WorkerLog("hub"), "exports reconciled")
+				l.KillWorker("hub")
+				l.StartWorker("hub")
+				require.Eventually(t, func() bool {
+					return strings.Count(l.WorkerLog("hub"), "exports reconciled") > reconciled
+				}, time.Minute, 50*time.Millisecond, "the restarted hub never reconciled its exports")
+				for _, d := range info.Disks {
+					cmp, err := qemu.Compare(ctx, qemu.Raw(sources[2][d.Key]), qemu.Raw(d.URI))
+					require.NoError(t, err)
+					require.True(t, cmp.Equal, "mounted disk %d after the hub restart: %s", d.Key, cmp.Message)
+				}
 			}
 			switch end {
 			case "unmount":
