@@ -47,10 +47,17 @@ func (j *job) workflowID() string { return j.info.WorkflowExecution.ID }
 
 // execute runs one activity by name with the options of its step and waits for its result.
 func (j *job) execute(ctx workflow.Context, name, queue, summary string, in, out any) error {
+	return j.executeAs(ctx, "", name, queue, summary, in, out)
+}
+
+// executeAs is execute under a given activity ID (empty: the SDK's), for steps clients
+// look up by ID to read their heartbeats.
+func (j *job) executeAs(ctx workflow.Context, activityID, name, queue, summary string, in, out any) error {
 	j.waitFor(ctx, name, queue)
 	defer j.waitFor(ctx, "", "")
-	ctx = workflow.WithActivityOptions(ctx, j.options(name, queue, summary))
-	err := workflow.ExecuteActivity(ctx, name, in).Get(ctx, out)
+	opts := j.options(name, queue, summary)
+	opts.ActivityID = activityID
+	err := workflow.ExecuteActivity(workflow.WithActivityOptions(ctx, opts), name, in).Get(ctx, out)
 	return j.noWorker(err, name, queue)
 }
 

@@ -185,7 +185,9 @@ func (r *restore) restoreFiles(ctx workflow.Context) error {
 		r.setPhase(key, PhaseCopying)
 		r.progress.disk(key).CopyStarted = workflow.Now(ctx)
 		in := activities.RestoreFileInput{Path: d.src.Path, Format: r.in.Format, Output: d.output}
-		if err := r.execute(ctx, activities.RestoreFileName, hubHost, fmt.Sprintf("write disk %d as %s to %s", key, r.in.Format, d.output), in, &d.file); err != nil {
+		// Under the activity ID of a copy of its disk, so clients find its heartbeated percentage.
+		if err := r.executeAs(ctx, CopyActivityID(key), activities.RestoreFileName, hubHost,
+			fmt.Sprintf("write disk %d as %s to %s", key, r.in.Format, d.output), in, &d.file); err != nil {
 			return err
 		}
 		d.duration = workflow.Now(ctx).Sub(r.progress.disk(key).CopyStarted)
