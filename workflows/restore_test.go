@@ -366,6 +366,26 @@ func TestRestoreInPlaceFailureBeforeWritesIsClean(t *testing.T) {
 		r.fakes.recorded())
 }
 
+// A backup of the VM running when the mark is asked for: the hub refuses the mark
+// (ErrBackupRunning, nothing marked) and the restore ends failed at once, not retried,
+// before any write and without "partial"; everything set up is torn down.
+func TestRestoreInPlaceRefusedWhileBackupRuns(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	r.fakes.changeVM = poweredOff
+	refusal := "vmMoref: a backup of VM vm-42 is running (workflow backup-vm-42); wait for it or cancel it"
+	r.fakes.fail[activities.MarkRestoredInPlaceName] = temporal.NewNonRetryableApplicationError(refusal, activities.ErrBackupRunning, nil)
+	_, err := r.executeRestore(inPlaceInput())
+	var appErr *temporal.ApplicationError
+	require.ErrorAs(t, err, &appErr)
+	assert.Equal(t, activities.ErrBackupRunning, appErr.Type())
+	assert.Contains(t, err.Error(), refusal)
+	assert.NotContains(t, err.Error(), "partial")
+	assert.Equal(t, 1, r.fakes.attempts[activities.MarkRestoredInPlaceName], "a refused mark is not retried")
+	assert.Equal(t, append(until(t, inPlaceForward, "MarkRestoredInPlace"), "DropTunnel", "StopExport 2001", "StopExport 2000", "ReleasePorts"),
+		r.fakes.recorded(), "nothing written, everything torn down")
+	r.assertRestoreFailed(t, StatusFailed, refusal)
+}
+
 // Cancelled mid-write: the other write is cancelled too and waited for, then everything set
 // up is torn down in reverse order; the VM is not powered on.
 func TestRestoreInPlaceCancelMidWrite(t *testing.T) {

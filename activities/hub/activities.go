@@ -174,9 +174,13 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	if err != nil {
 		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
 	}
-	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full.
+	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full, once the
+	// restore's workflow closed: until then it may still be writing the disks.
 	if vm, err = a.store.GetVM(ctx, vm.ID); err != nil {
 		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
+	}
+	if vm.RestoreWorkflowID != "" && !a.workflowClosed(ctx, "in-place restore", vm.RestoreWorkflowID) {
+		return activities.Plan{}, restoreRunning(in.VM.Name, vm.RestoreWorkflowID)
 	}
 	last, err := a.store.LastCompletePoint(ctx, vm.ID)
 	hasLast := err == nil
@@ -200,7 +204,7 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	}
 	req := catalog.OpenPointRequest{
 		WorkflowID: in.WorkflowID, RunID: in.RunID, Site: in.Site, Hub: plan.HubID,
-		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: in.VM.Config,
+		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: in.VM.Config, RestoreClosed: vm.RestoreWorkflowID,
 	}
 	if anyIncremental {
 		// In the catalog the point is incremental as soon as one disk depends on the parent.
@@ -214,11 +218,22 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 			fmt.Sprintf("a backup of VM %s is already running (workflow %s, point %s)", in.VM.Name, running.WorkflowID, running.PointID),
 			activities.ErrBackupRunning, nil)
 	}
+	var restoring *catalog.RestoreRunningError
+	if errors.As(err, &restoring) {
+		// An in-place restore marked the VM since it was read.
+		return activities.Plan{}, restoreRunning(in.VM.Name, restoring.WorkflowID)
+	}
 	if err != nil {
 		return activities.Plan{}, classify("open restore point for "+in.VM.Name, err)
 	}
 	plan.PointID = point.ID
 	return plan, nil
+}
+
+// restoreRunning refuses a backup of the VM while an in-place restore of it runs.
+func restoreRunning(vmName, workflowID string) error {
+	return temporal.NewNonRetryableApplicationError(
+		fmt.Sprintf("an in-place restore of VM %s is running (workflow %s)", vmName, workflowID), activities.ErrBackupRunning, nil)
 }
 
 // openPoint opens the point; when the VM's running point belongs to a workflow that closed
@@ -229,19 +244,40 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 	if !errors.As(err, &running) {
 		return point, err
 	}
-	closed, closedErr := a.settings.WorkflowClosed(ctx, running.WorkflowID)
-	if closedErr != nil || !closed {
-		if closedErr != nil {
-			a.log.WarnContext(ctx, "cannot tell whether the running backup's workflow closed", "workflow", running.WorkflowID, "err", closedErr)
-		}
+	abandoned, failErr := a.failAbandoned(ctx, running)
+	if failErr != nil {
+		return catalog.Point{}, failErr
+	}
+	if !abandoned {
 		return point, err
+	}
+	return a.store.OpenPoint(ctx, req)
+}
+
+// failAbandoned marks the running point failed when its workflow closed without finishing
+// it (terminated, timed out: no compensation ran) and says so. A workflow Temporal cannot
+// tell about counts as open.
+func (a *Activities) failAbandoned(ctx context.Context, running *catalog.BackupRunningError) (bool, error) {
+	if !a.workflowClosed(ctx, "running backup", running.WorkflowID) {
+		return false, nil
 	}
 	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", running.PointID, "workflow", running.WorkflowID)
 	if err := a.store.FailPoint(ctx, running.PointID, "workflow "+running.WorkflowID+" closed without finishing the backup"); err != nil &&
 		!errors.Is(err, catalog.ErrPointComplete) {
-		return catalog.Point{}, err
+		return false, err
 	}
-	return a.store.OpenPoint(ctx, req)
+	return true, nil
+}
+
+// workflowClosed asks Temporal whether the workflow of a backup or restore (what) closed;
+// when Temporal cannot tell, the workflow counts as open.
+func (a *Activities) workflowClosed(ctx context.Context, what, workflowID string) bool {
+	closed, err := a.settings.WorkflowClosed(ctx, workflowID)
+	if err != nil {
+		a.log.WarnContext(ctx, "cannot tell whether the "+what+"'s workflow closed", "workflow", workflowID, "err", err)
+		return false
+	}
+	return closed
 }
 
 // maxVMNameLength is what the catalog keeps of a VM name (vSphere allows 80 characters).

@@ -164,8 +164,12 @@ func chainLength(chain []catalog.Point, d catalog.PointDisk) (int, error) {
 
 // MarkRestoredInPlace records that the VM's next backup must be full, with the reason:
 // its disks were overwritten from a point, so CBT no longer describes what our points hold.
-// Idempotent; PlanBackup plans every disk full with the reason until a full point opened
-// after the mark completes.
+// It records this activity's workflow as the restore, so PlanBackup refuses the VM while that
+// workflow is open. It refuses (ErrBackupRunning, nothing marked) while a backup of the VM
+// runs: a snapshot taken during the restore would hold half-written disks. A running point of
+// a closed workflow is abandoned: it is marked failed and the VM marked. Idempotent;
+// PlanBackup plans every disk full with the reason until a full point opened after the mark
+// completes.
 func (a *Activities) MarkRestoredInPlace(ctx context.Context, in activities.MarkRestoredInPlaceInput) error {
 	switch {
 	case in.InstanceUUID == "":
@@ -175,11 +179,29 @@ func (a *Activities) MarkRestoredInPlace(ctx context.Context, in activities.Mark
 	case strings.TrimSpace(in.Reason) == "":
 		return badInput("reason: empty")
 	}
-	err := a.store.MarkNextFull(ctx, in.InstanceUUID, in.VMMoref, in.Reason)
+	what := "mark VM " + in.VMMoref + " restored in place"
+	workflowID := activity.GetInfo(ctx).WorkflowExecution.ID
+	mark := func() error { return a.store.MarkNextFull(ctx, in.InstanceUUID, in.VMMoref, in.Reason, workflowID) }
+	err := mark()
+	var running *catalog.BackupRunningError
+	if errors.As(err, &running) {
+		abandoned, failErr := a.failAbandoned(ctx, running)
+		if failErr != nil {
+			return classify(what, failErr)
+		}
+		if abandoned {
+			err = mark()
+		}
+	}
+	if errors.As(err, &running) {
+		return temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("vmMoref: a backup of VM %s is running (workflow %s); wait for it or cancel it", in.VMMoref, running.WorkflowID),
+			activities.ErrBackupRunning, nil)
+	}
 	if errors.Is(err, catalog.ErrNotFound) {
 		return notFound("vmMoref: no VM %s of vCenter %s in the catalog", in.VMMoref, in.InstanceUUID)
 	}
-	return classify("mark VM "+in.VMMoref+" restored in place", err)
+	return classify(what, err)
 }
 
 // Bounds of RestoreFile's waits on qemu-img: it reports every 1% of the disk, so a

@@ -152,7 +152,7 @@ func TestResolvePoint(t *testing.T) {
 // After an in-place restore the VM's next backup is full, every disk with the mark's
 // reason; committing it clears the mark and the one after is incremental again.
 func TestMarkRestoredInPlaceMakesNextBackupFull(t *testing.T) {
-	r := setup(t)
+	r := guardRig(t, map[string]bool{testActivityWorkflowID: true})
 	ctx := context.Background()
 	vm := testVM()
 	commit := func(plan activities.Plan) {
@@ -211,6 +211,86 @@ func TestMarkRestoredInPlaceMakesNextBackupFull(t *testing.T) {
 		err := r.run(t, activities.MarkRestoredInPlaceName, tc.in, nil)
 		appErr := requireAppError(t, err, tc.errType, true)
 		assert.Contains(t, appErr.Error(), tc.msg)
+	}
+}
+
+// testActivityWorkflowID is the workflow ID the test activity environment gives every
+// activity: the in-place restore that marks the VM in these tests.
+const testActivityWorkflowID = "default-test-workflow-id"
+
+// guardRig is a rig whose Temporal says the workflows in closed are closed.
+func guardRig(t *testing.T, closed map[string]bool) *rig {
+	t.Helper()
+	testenv.Integration(t)
+	return newRig(t, newStore(t), exportPorts(t, 1), filepath.Join(testenv.ShortTempDir(t), "run"), filepath.Join(t.TempDir(), "repo"),
+		Settings{WorkflowClosed: func(_ context.Context, id string) (bool, error) { return closed[id], nil }})
+}
+
+// While a backup of the VM runs, an in-place restore may not mark it (it would write under
+// the backup's snapshot): refused, nothing marked. Once the backup's workflow closed without
+// finishing, its point is abandoned and the mark goes through.
+func TestMarkRestoredInPlaceRefusedWhileBackupRuns(t *testing.T) {
+	closed := map[string]bool{}
+	r := guardRig(t, closed)
+	ctx := context.Background()
+	vm := testVM()
+	backup, err := r.plan(t, "wf-backup", vm, activities.ModeAuto)
+	require.NoError(t, err)
+
+	mark := activities.MarkRestoredInPlaceInput{InstanceUUID: vm.InstanceUUID, VMMoref: vm.Moref, Reason: "restored in place"}
+	err = r.run(t, activities.MarkRestoredInPlaceName, mark, nil)
+	appErr := requireAppError(t, err, activities.ErrBackupRunning, true)
+	assert.Contains(t, appErr.Error(), "vmMoref: a backup of VM vm-42 is running (workflow wf-backup); wait for it or cancel it")
+	got, err := r.store.FindVM(ctx, vm.InstanceUUID, vm.Moref)
+	require.NoError(t, err)
+	assert.Empty(t, got.NextFullReason, "a refused mark marks nothing")
+	assert.Empty(t, got.RestoreWorkflowID)
+	p, err := r.store.GetPoint(ctx, backup.PointID)
+	require.NoError(t, err)
+	assert.Equal(t, catalog.StatusRunning, p.Status, "the running backup is left alone")
+
+	closed["wf-backup"] = true
+	require.NoError(t, r.run(t, activities.MarkRestoredInPlaceName, mark, nil), "the backup's workflow closed")
+	got, err = r.store.FindVM(ctx, vm.InstanceUUID, vm.Moref)
+	require.NoError(t, err)
+	assert.Equal(t, "restored in place", got.NextFullReason)
+	assert.Equal(t, testActivityWorkflowID, got.RestoreWorkflowID, "the mark names the restore's workflow")
+	p, err = r.store.GetPoint(ctx, backup.PointID)
+	require.NoError(t, err)
+	assert.Equal(t, catalog.StatusFailed, p.Status, "the closed workflow's point is abandoned")
+}
+
+// While the in-place restore that marked the VM is open, no backup of the VM starts (its
+// snapshot would hold half-written disks): refused naming the restore's workflow, no point
+// opened. Once the restore closed, the backup is planned full with the mark's reason.
+func TestPlanBackupRefusedWhileInPlaceRestoreRuns(t *testing.T) {
+	closed := map[string]bool{}
+	r := guardRig(t, closed)
+	ctx := context.Background()
+	vm := testVM()
+	first, err := r.plan(t, "wf-1", vm, activities.ModeAuto)
+	require.NoError(t, err)
+	r.commit(t, first, map[int32]string{diskA: "/repo/a.qcow2", diskB: "/repo/b.qcow2"}, map[int32]string{diskA: "52aa 01/20", diskB: "52bb 02/20"})
+	vm.Disks[0].ChangeID, vm.Disks[1].ChangeID = "52aa 01/20", "52bb 02/20"
+
+	mark := activities.MarkRestoredInPlaceInput{InstanceUUID: vm.InstanceUUID, VMMoref: vm.Moref, Reason: "restored in place from " + first.PointID}
+	require.NoError(t, r.run(t, activities.MarkRestoredInPlaceName, mark, nil))
+
+	_, err = r.plan(t, "wf-2", vm, activities.ModeAuto)
+	appErr := requireAppError(t, err, activities.ErrBackupRunning, true)
+	assert.Contains(t, appErr.Error(), "an in-place restore of VM web 01/../x is running (workflow "+testActivityWorkflowID+")")
+	vmRow, err := r.store.FindVM(ctx, vm.InstanceUUID, vm.Moref)
+	require.NoError(t, err)
+	_, err = r.store.RunningPointForVM(ctx, vmRow.ID)
+	assert.ErrorIs(t, err, catalog.ErrNotFound, "a refused backup opens no point")
+
+	closed[testActivityWorkflowID] = true
+	plan, err := r.plan(t, "wf-2", vm, activities.ModeAuto)
+	require.NoError(t, err, "the restore's workflow closed")
+	assert.Equal(t, activities.ModeFull, plan.Mode)
+	for _, d := range plan.Disks {
+		assert.Equal(t, activities.ModeFull, d.Mode)
+		assert.Equal(t, mark.Reason, d.Reason)
 	}
 }
 

@@ -28,6 +28,7 @@ var migrations embed.FS
 var (
 	ErrNotFound       = errors.New("not found")
 	ErrBackupRunning  = errors.New("another backup of the VM is running")
+	ErrRestoreRunning = errors.New("an in-place restore of the VM is running")
 	ErrPointComplete  = errors.New("restore point is complete")
 	ErrPointFailed    = errors.New("restore point has failed")
 	ErrPortsExhausted = errors.New("no free port on the hub")

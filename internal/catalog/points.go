@@ -71,6 +71,9 @@ type OpenPointRequest struct {
 	Mode       string // full|incremental
 	ParentID   string // required for incremental: a complete point of the same VM
 	VMConfig   *VMConfig
+	// RestoreClosed is the in-place restore workflow whose mark the plan followed, found
+	// closed by the caller; a VM marked by any other gives a *RestoreRunningError.
+	RestoreClosed string
 }
 
 // BackupRunningError says the VM already has a running point of another workflow.
@@ -96,7 +99,8 @@ const maxReasonText = 1024
 // OpenPoint opens a running restore point and returns it. It is idempotent per workflow run:
 // a retry gets the same point back. A new run of the same workflow id (reset, retry policy)
 // takes over that workflow's running point. A running point of another workflow on the VM
-// gives a *BackupRunningError.
+// gives a *BackupRunningError; a VM marked by an in-place restore other than
+// req.RestoreClosed gives a *RestoreRunningError.
 func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, error) {
 	if err := checkWorkflowID(req.WorkflowID); err != nil {
 		return Point{}, err
@@ -125,7 +129,8 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 		// The VM row lock serialises openers of the same VM, so two workflows cannot both
 		// see "nothing running" and both insert.
 		var vmID int64
-		err := tx.QueryRowContext(ctx, "SELECT id FROM vms WHERE id = ? FOR UPDATE", req.VMID).Scan(&vmID)
+		var restoreWorkflow sql.NullString
+		err := tx.QueryRowContext(ctx, "SELECT id, restore_workflow_id FROM vms WHERE id = ? FOR UPDATE", req.VMID).Scan(&vmID, &restoreWorkflow)
 		if errors.Is(err, sql.ErrNoRows) {
 			return fmt.Errorf("VM %d: %w", req.VMID, ErrNotFound)
 		}
@@ -139,6 +144,12 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 		}
 		if !errors.Is(err, ErrNotFound) {
 			return err
+		}
+
+		// An in-place restore may still be writing the VM's disks unless the caller found its
+		// workflow closed.
+		if restoreWorkflow.Valid && restoreWorkflow.String != req.RestoreClosed {
+			return &RestoreRunningError{VMID: req.VMID, WorkflowID: restoreWorkflow.String}
 		}
 
 		if req.ParentID != "" {
@@ -415,7 +426,7 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 		// A full point opened after the VM was marked for a full backup is that backup; one
 		// opened before the mark was planned without it.
 		_, err = tx.ExecContext(ctx, `UPDATE vms v JOIN restore_points p ON p.vm_id = v.id
-			SET v.next_full_reason = NULL, v.next_full_since = NULL
+			SET v.next_full_reason = NULL, v.next_full_since = NULL, v.restore_workflow_id = NULL
 			WHERE p.id = ? AND v.next_full_since IS NOT NULL AND v.next_full_since < p.started_at`, pointID)
 		return err
 	})

@@ -103,7 +103,7 @@ func TestCheckSchema(t *testing.T) {
 	ctx := testCtx(t)
 	latest, err := LatestSchemaVersion()
 	require.NoError(t, err)
-	assert.Equal(t, int64(5), latest)
+	assert.Equal(t, int64(6), latest)
 
 	s := newStore(t)
 	require.NoError(t, s.CheckSchema(ctx))
@@ -111,7 +111,7 @@ func TestCheckSchema(t *testing.T) {
 	require.NoError(t, err)
 	err = s.CheckSchema(ctx)
 	require.ErrorIs(t, err, ErrSchemaBehind)
-	assert.ErrorContains(t, err, "at version 4, this build needs 5")
+	assert.ErrorContains(t, err, "at version 5, this build needs 6")
 }
 
 // A listing of more points than a statement takes placeholders (65535) gets every point's

@@ -23,6 +23,9 @@ type VM struct {
 	// clears it when it completes.
 	NextFullReason string
 	NextFullSince  time.Time
+	// RestoreWorkflowID is the in-place restore that set the mark; while it is open no
+	// backup of the VM starts.
+	RestoreWorkflowID string
 }
 
 // Disk is one current virtual disk of a VM.
@@ -91,12 +94,12 @@ func (s *Store) FindVM(ctx context.Context, instanceUUID, moref string) (VM, err
 	return s.scanVM(ctx, "instance_uuid = ? AND moref = ?", instanceUUID, moref)
 }
 
-const vmColumns = "id, instance_uuid, moref, name, updated_at, COALESCE(next_full_reason, ''), next_full_since"
+const vmColumns = "id, instance_uuid, moref, name, updated_at, COALESCE(next_full_reason, ''), next_full_since, COALESCE(restore_workflow_id, '')"
 
 func scanVMRow(scan func(dest ...any) error) (VM, error) {
 	var vm VM
 	var since sql.NullTime
-	if err := scan(&vm.ID, &vm.InstanceUUID, &vm.Moref, &vm.Name, &vm.UpdatedAt, &vm.NextFullReason, &since); err != nil {
+	if err := scan(&vm.ID, &vm.InstanceUUID, &vm.Moref, &vm.Name, &vm.UpdatedAt, &vm.NextFullReason, &since, &vm.RestoreWorkflowID); err != nil {
 		return VM{}, err
 	}
 	vm.NextFullSince = since.Time
@@ -136,24 +139,52 @@ func (s *Store) FindVMs(ctx context.Context, name string) ([]VM, error) {
 	return vms, nil
 }
 
-// MarkNextFull records that the VM's next backup must be full, with the reason; marking
-// again replaces the reason and restarts the mark, so only a point opened after the latest
-// mark clears it.
-func (s *Store) MarkNextFull(ctx context.Context, instanceUUID, moref, reason string) error {
+// RestoreRunningError says the VM is marked by an in-place restore workflow other than the
+// one the caller found closed.
+type RestoreRunningError struct {
+	VMID       int64
+	WorkflowID string
+}
+
+func (e *RestoreRunningError) Error() string {
+	return fmt.Sprintf("VM %d: in-place restore workflow %s marked it", e.VMID, e.WorkflowID)
+}
+
+// Is makes errors.Is(err, ErrRestoreRunning) hold.
+func (e *RestoreRunningError) Is(target error) bool { return target == ErrRestoreRunning }
+
+// MarkNextFull records, for the in-place restore workflowID, that the VM's next backup must
+// be full, with the reason; marking again replaces the reason and the workflow and restarts
+// the mark, so only a point opened after the latest mark clears it. A running point of the
+// VM gives a *BackupRunningError and nothing is marked: under the VM's row lock, as in
+// OpenPoint, so a backup and an in-place restore of one VM never both start.
+func (s *Store) MarkNextFull(ctx context.Context, instanceUUID, moref, reason, workflowID string) error {
 	if reason == "" {
 		return fmt.Errorf("%w: empty reason for the next full backup of VM %s", ErrInvalid, moref)
 	}
-	res, err := s.db.ExecContext(ctx, "UPDATE vms SET next_full_reason = ?, next_full_since = ? WHERE instance_uuid = ? AND moref = ?",
-		text.Cut(reason, maxReasonText), now(), instanceUUID, moref)
-	if err != nil {
-		return fmt.Errorf("mark next backup of VM %s full: %w", moref, err)
-	}
-	if n, err := res.RowsAffected(); err != nil || n > 0 {
+	if err := checkWorkflowID(workflowID); err != nil {
 		return err
 	}
-	// MySQL counts a row whose values did not change as unaffected: tell it from no row.
-	_, err = s.FindVM(ctx, instanceUUID, moref)
-	return err
+	return s.inTx(ctx, "mark next backup of VM "+moref+" full", func(tx *sql.Tx) error {
+		var vmID int64
+		err := tx.QueryRowContext(ctx, "SELECT id FROM vms WHERE instance_uuid = ? AND moref = ? FOR UPDATE", instanceUUID, moref).Scan(&vmID)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("VM %s of vCenter %s: %w", moref, instanceUUID, ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		running, err := queryPoint(ctx, tx, "vm_id = ? AND status = 'running' ORDER BY started_at DESC LIMIT 1", vmID)
+		if err == nil {
+			return &BackupRunningError{VMID: vmID, PointID: running.ID, WorkflowID: running.WorkflowID}
+		}
+		if !errors.Is(err, ErrNotFound) {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, "UPDATE vms SET next_full_reason = ?, next_full_since = ?, restore_workflow_id = ? WHERE id = ?",
+			text.Cut(reason, maxReasonText), now(), workflowID, vmID)
+		return err
+	})
 }
 
 // Disks returns the VM's current disks by key.

@@ -7,10 +7,11 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// After an in-place restore the VM is marked for a full backup. A full point opened before
-// the mark (planned without it) does not clear it; a full point opened after it does; an
-// incremental one never does.
-func TestMarkNextFullClearedByFullPointOpenedAfter(t *testing.T) {
+// After an in-place restore the VM is marked for a full backup, by the restore's workflow.
+// The mark is refused while a point of the VM runs; while it is set no point opens unless
+// the caller names the marking workflow as closed; an incremental point leaves it, a full
+// point opened after it clears it.
+func TestMarkNextFullGuardsAndIsClearedByFullPoint(t *testing.T) {
 	s := newStore(t)
 	ctx := testCtx(t)
 	vm := newVM(t, s, "vm-1")
@@ -27,36 +28,63 @@ func TestMarkNextFullClearedByFullPointOpenedAfter(t *testing.T) {
 	}
 	before, err := s.OpenPoint(ctx, fullRequest(vm, "wf-before"))
 	require.NoError(t, err)
-	require.NoError(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "restored in place from point P"))
-	require.NoError(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "restored in place from point P"), "idempotent")
+	err = s.MarkNextFull(ctx, "vc-1", "vm-1", "restored in place from point P", "wf-restore")
+	var running *BackupRunningError
+	require.ErrorAs(t, err, &running, "a mark while a backup runs")
+	assert.Equal(t, "wf-before", running.WorkflowID)
+	assert.Equal(t, before.ID, running.PointID)
+	got, err = s.GetVM(ctx, vm.ID)
+	require.NoError(t, err)
+	assert.Empty(t, got.NextFullReason, "a refused mark marks nothing")
+	assert.Empty(t, got.RestoreWorkflowID)
+	complete(before, ModeFull, "")
+
+	require.NoError(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "restored in place from point P", "wf-restore"))
+	require.NoError(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "restored in place from point P", "wf-restore"), "idempotent")
 	got, err = s.GetVM(ctx, vm.ID)
 	require.NoError(t, err)
 	assert.Equal(t, "restored in place from point P", got.NextFullReason)
+	assert.Equal(t, "wf-restore", got.RestoreWorkflowID)
 	assert.False(t, got.NextFullSince.IsZero())
-	complete(before, ModeFull, "")
-	got, err = s.GetVM(ctx, vm.ID)
-	require.NoError(t, err)
-	assert.Equal(t, "restored in place from point P", got.NextFullReason, "a point planned before the mark leaves it")
+
+	for _, closed := range []string{"", "wf-other-restore"} {
+		req := fullRequest(vm, "wf-during")
+		req.RestoreClosed = closed
+		_, err = s.OpenPoint(ctx, req)
+		var restoring *RestoreRunningError
+		require.ErrorAs(t, err, &restoring, "a point while the VM is marked by a restore not known closed (%q)", closed)
+		assert.ErrorIs(t, err, ErrRestoreRunning)
+		assert.Equal(t, "wf-restore", restoring.WorkflowID)
+	}
+	_, err = s.RunningPointForVM(ctx, vm.ID)
+	assert.ErrorIs(t, err, ErrNotFound, "a refused open opens nothing")
 
 	req := fullRequest(vm, "wf-incr")
-	req.Mode, req.ParentID = ModeIncremental, before.ID
+	req.Mode, req.ParentID, req.RestoreClosed = ModeIncremental, before.ID, "wf-restore"
 	incr, err := s.OpenPoint(ctx, req)
 	require.NoError(t, err)
 	complete(incr, ModeIncremental, "/r/vm/"+before.ID+"/disk-2000.qcow2")
 	got, err = s.GetVM(ctx, vm.ID)
 	require.NoError(t, err)
 	assert.NotEmpty(t, got.NextFullReason, "an incremental point leaves the mark")
+	assert.Equal(t, "wf-restore", got.RestoreWorkflowID)
 
-	after, err := s.OpenPoint(ctx, fullRequest(vm, "wf-after"))
+	req = fullRequest(vm, "wf-after")
+	req.RestoreClosed = "wf-restore"
+	after, err := s.OpenPoint(ctx, req)
 	require.NoError(t, err)
 	complete(after, ModeFull, "")
 	got, err = s.GetVM(ctx, vm.ID)
 	require.NoError(t, err)
 	assert.Empty(t, got.NextFullReason, "the full point after the mark clears it")
+	assert.Empty(t, got.RestoreWorkflowID)
 	assert.True(t, got.NextFullSince.IsZero())
+	_, err = s.OpenPoint(ctx, fullRequest(vm, "wf-next"))
+	require.NoError(t, err, "a cleared mark guards nothing")
 
-	assert.ErrorIs(t, s.MarkNextFull(ctx, "vc-1", "vm-404", "x"), ErrNotFound)
-	assert.ErrorIs(t, s.MarkNextFull(ctx, "vc-1", "vm-1", ""), ErrInvalid)
+	assert.ErrorIs(t, s.MarkNextFull(ctx, "vc-1", "vm-404", "x", "wf-restore"), ErrNotFound)
+	assert.ErrorIs(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "", "wf-restore"), ErrInvalid)
+	assert.ErrorIs(t, s.MarkNextFull(ctx, "vc-1", "vm-1", "x", ""), ErrInvalid)
 }
 
 func TestFindVMsByNameOrMoref(t *testing.T) {
