@@ -11,6 +11,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/text"
 )
 
 // job is what every diskferry workflow run shares: its steps run through execute (options per
@@ -203,4 +204,26 @@ func (j *job) fail(ctx workflow.Context, err error) error {
 		return ctx.Err()
 	}
 	return err
+}
+
+// pointStatusAttributes are the search attributes of a run on a restore point (restore,
+// mount): its status in BackupStatus, so one query finds a VM's runs whatever their type,
+// and the VM and site once known.
+func (j *job) pointStatusAttributes(status string) []temporal.SearchAttributeUpdate {
+	updates := []temporal.SearchAttributeUpdate{BackupStatusKey.ValueSet(status)}
+	if j.progress.VM != "" {
+		updates = append(updates, VMNameKey.ValueSet(j.progress.VM))
+	}
+	if j.progress.Site != "" {
+		updates = append(updates, SiteKey.ValueSet(j.progress.Site))
+	}
+	return updates
+}
+
+// pointRef names the point a request asked for: by ID, or as the latest point of a VM.
+func pointRef(point, vm string) string {
+	if point != "" {
+		return "point " + text.Shorten(point, 80)
+	}
+	return "the latest point of VM " + text.Shorten(vm, MaxVMRefLength)
 }

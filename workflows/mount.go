@@ -38,7 +38,7 @@ func MountWorkflow(ctx workflow.Context, in MountInput) (MountInfo, error) {
 		return MountInfo{}, m.refuse(ctx, err)
 	}
 	m.setStatus(ctx, MountPreparing)
-	m.journal.add(ctx, "mount of %s requested for %s", m.pointRef(), in.ttl())
+	m.journal.add(ctx, "mount of %s requested for %s", pointRef(m.in.Point, m.in.VM), in.ttl())
 
 	if err := m.prepare(ctx); err != nil {
 		return MountInfo{}, m.failMount(ctx, err)
@@ -61,29 +61,9 @@ func newMount(ctx workflow.Context, in MountInput) *mount {
 		PointID: text.Shorten(in.Point, 80), Mode: "mount", Started: workflow.Now(ctx),
 	}
 	m := &mount{in: in, info: MountInfo{PointID: progress.PointID, Site: progress.Site, Status: MountPreparing}}
-	m.job = newJob(ctx, "mount", "Mount of "+m.pointRef(), in.WorkerWaitSeconds, progress)
-	m.attributes = m.statusAttributes
+	m.job = newJob(ctx, "mount", "Mount of "+pointRef(m.in.Point, m.in.VM), in.WorkerWaitSeconds, progress)
+	m.attributes = m.pointStatusAttributes
 	return m
-}
-
-func (m *mount) pointRef() string {
-	if m.in.Point != "" {
-		return "point " + text.Shorten(m.in.Point, 80)
-	}
-	return "the latest point of VM " + text.Shorten(m.in.VM, MaxVMRefLength)
-}
-
-// statusAttributes carry the mount's status in BackupStatus (preparing, mounted, unmounting,
-// ended, failed), so one query finds the runs of a VM whatever their type.
-func (m *mount) statusAttributes(status string) []temporal.SearchAttributeUpdate {
-	updates := []temporal.SearchAttributeUpdate{BackupStatusKey.ValueSet(status)}
-	if m.progress.VM != "" {
-		updates = append(updates, VMNameKey.ValueSet(m.progress.VM))
-	}
-	if m.progress.Site != "" {
-		updates = append(updates, SiteKey.ValueSet(m.progress.Site))
-	}
-	return updates
 }
 
 func (m *mount) snapshot() MountInfo {
@@ -99,9 +79,9 @@ func (m *mount) setStatus(ctx workflow.Context, status string) {
 
 // prepare resolves the point, exports its disks read-only and forwards them to the site.
 func (m *mount) prepare(ctx workflow.Context) error {
-	m.step(ctx, "resolving %s", m.pointRef())
+	m.step(ctx, "resolving %s", pointRef(m.in.Point, m.in.VM))
 	in := activities.ResolvePointInput{PointID: m.in.Point, VM: m.in.VM, Disks: m.in.Disks}
-	if err := m.execute(ctx, activities.ResolvePointName, activities.HubQueue, "resolve "+m.pointRef(), in, &m.src); err != nil {
+	if err := m.execute(ctx, activities.ResolvePointName, activities.HubQueue, "resolve "+pointRef(m.in.Point, m.in.VM), in, &m.src); err != nil {
 		return err
 	}
 	if len(m.src.Disks) == 0 {

@@ -30,7 +30,7 @@ func RestoreWorkflow(ctx workflow.Context, in RestoreInput) (RestoreResult, erro
 		return RestoreResult{}, r.refuse(ctx, err)
 	}
 	r.setStatus(ctx, StatusRunning)
-	r.journal.add(ctx, "restore of %s to %s requested", r.pointRef(), r.in.Destination)
+	r.journal.add(ctx, "restore of %s to %s requested", pointRef(r.in.Point, r.in.VM), r.in.Destination)
 
 	result, err := r.run(ctx)
 	if err == nil {
@@ -78,30 +78,9 @@ func newRestore(ctx workflow.Context, in RestoreInput) *restore {
 		PointID: text.Shorten(in.Point, 80), Mode: text.Shorten(in.Destination, 80), Started: workflow.Now(ctx),
 	}
 	r := &restore{in: in, site: in.Site}
-	r.job = newJob(ctx, "restore", fmt.Sprintf("Restore of %s to %s", r.pointRef(), progress.Mode), in.WorkerWaitSeconds, progress)
-	r.attributes = r.statusAttributes
+	r.job = newJob(ctx, "restore", fmt.Sprintf("Restore of %s to %s", pointRef(r.in.Point, r.in.VM), progress.Mode), in.WorkerWaitSeconds, progress)
+	r.attributes = r.pointStatusAttributes
 	return r
-}
-
-// pointRef names the point as the request did.
-func (r *restore) pointRef() string {
-	if r.in.Point != "" {
-		return "point " + text.Shorten(r.in.Point, 80)
-	}
-	return "the latest point of VM " + text.Shorten(r.in.VM, MaxVMRefLength)
-}
-
-// statusAttributes are the restore's search attributes with its status; the VM and site are
-// set once known.
-func (r *restore) statusAttributes(status string) []temporal.SearchAttributeUpdate {
-	updates := []temporal.SearchAttributeUpdate{BackupStatusKey.ValueSet(status)}
-	if r.progress.VM != "" {
-		updates = append(updates, VMNameKey.ValueSet(r.progress.VM))
-	}
-	if r.progress.Site != "" {
-		updates = append(updates, SiteKey.ValueSet(r.progress.Site))
-	}
-	return updates
 }
 
 func (r *restore) run(ctx workflow.Context) (RestoreResult, error) {
@@ -130,9 +109,9 @@ func (r *restore) run(ctx workflow.Context) (RestoreResult, error) {
 }
 
 func (r *restore) resolve(ctx workflow.Context) error {
-	r.step(ctx, "resolving %s", r.pointRef())
+	r.step(ctx, "resolving %s", pointRef(r.in.Point, r.in.VM))
 	in := activities.ResolvePointInput{PointID: r.in.Point, VM: r.in.VM, Disks: r.in.Disks}
-	if err := r.execute(ctx, activities.ResolvePointName, activities.HubQueue, "resolve "+r.pointRef(), in, &r.src); err != nil {
+	if err := r.execute(ctx, activities.ResolvePointName, activities.HubQueue, "resolve "+pointRef(r.in.Point, r.in.VM), in, &r.src); err != nil {
 		return err
 	}
 	if len(r.src.Disks) == 0 {
