@@ -214,6 +214,19 @@ func exportError(hubID string, port int, err error) error {
 	return fmt.Errorf("tunnel to hub %s port %d: %w", hubID, port, err)
 }
 
+// exportGone names the real cause of a copy that failed through a forward: a copy cut off
+// mid-way sees only a dead NBD connection, the forward knows whether the export behind it
+// went away. Any other failure is returned as it is.
+func exportGone(ctx context.Context, m *tunnel.Manager, hubID string, port int, err error) error {
+	if ctx.Err() != nil {
+		return err
+	}
+	if healthErr := m.Health(ctx, port); errors.Is(healthErr, tunnel.ErrRefused) {
+		return exportError(hubID, port, healthErr)
+	}
+	return err
+}
+
 // DropTunnel closes the forwards; idempotent.
 func (a *Activities) DropTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
 	m, err := a.tunnels.Get(in.HubID)
@@ -385,13 +398,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 	res, err := cp.Run(ctx)
 	if err != nil {
-		// A copy cut off mid-way sees only a dead NBD connection; the forward knows whether
-		// the export behind it went away.
-		if ctx.Err() == nil {
-			if healthErr := m.Health(ctx, in.TargetPort); errors.Is(healthErr, tunnel.ErrRefused) {
-				err = exportError(in.HubID, in.TargetPort, healthErr)
-			}
-		}
+		err = exportGone(ctx, m, in.HubID, in.TargetPort, err)
 		return activities.CopyDiskResult{}, classify(fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err))
 	}
 	log.Info("disk copied", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,

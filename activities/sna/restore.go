@@ -132,11 +132,7 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 			fmt.Sprintf("unknown transport %q", a.settings.Transport), activities.ErrBadInput, nil)
 	}
 	if err != nil {
-		if ctx.Err() == nil {
-			if healthErr := m.Health(ctx, in.SourcePort); errors.Is(healthErr, tunnel.ErrRefused) {
-				err = exportError(in.HubID, in.SourcePort, healthErr)
-			}
-		}
+		err = exportGone(ctx, m, in.HubID, in.SourcePort, err)
 		return activities.WriteDiskResult{}, classifyWrite(fmt.Errorf("write disk %d of VM %s from hub port %d: %w", in.DiskKey, in.VMMoref, in.SourcePort, err))
 	}
 	log.Info("disk restored", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,
