@@ -67,8 +67,10 @@ func UploadFlat(ctx context.Context, flat FlatDisk, size int64, trust Trust, fil
 	if err != nil {
 		return fmt.Errorf("upload %s to %s: %w", flat.Path, u.Host, err)
 	}
+	// Expect: 100-continue: a refusal (no session, no such file) comes back before the body
+	// is sent, instead of the server hanging up mid-body with a reset the answer is lost in.
 	tr := &http.Transport{TLSClientConfig: cfg, TLSHandshakeTimeout: 30 * time.Second, ResponseHeaderTimeout: 5 * time.Minute,
-		DisableKeepAlives: true, ForceAttemptHTTP2: false}
+		ExpectContinueTimeout: 5 * time.Second, DisableKeepAlives: true, ForceAttemptHTTP2: false}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error {
 		return errors.New("the datastore endpoint redirected an upload; refusing to follow")
@@ -90,17 +92,24 @@ func UploadFlat(ctx context.Context, flat FlatDisk, size int64, trust Trust, fil
 	req.ContentLength = size
 	req.Header.Set("Content-Type", "application/octet-stream")
 	req.Header.Set("Cookie", flat.Cookie)
+	req.Header.Set("Expect", "100-continue")
 	resp, httpErr := client.Do(req)
 	if httpErr == nil {
 		httpErr = uploadStatus(resp, flat.Path)
 	}
 	// A failed request leaves the filler blocked on the pipe; closing it ends the filler.
 	pr.CloseWithError(errUploadEnded)
-	if err := <-fillErr; err != nil && !errors.Is(err, errUploadEnded) {
-		return fmt.Errorf("upload %s: %w", flat.Path, err)
-	}
-	if httpErr != nil {
+	fErr := <-fillErr
+	// The filler's own failure (reading the point) is the cause; a pipe the request closed
+	// (the server answered early, e.g. 401, and hung up) is not: then the answer is.
+	requestEnded := errors.Is(fErr, errUploadEnded) || errors.Is(fErr, io.ErrClosedPipe)
+	switch {
+	case fErr != nil && !requestEnded:
+		return fmt.Errorf("upload %s: %w", flat.Path, fErr)
+	case httpErr != nil:
 		return fmt.Errorf("upload %s to %s: %w", flat.Path, u.Host, httpErr)
+	case fErr != nil:
+		return fmt.Errorf("upload %s to %s: the datastore answered before the whole disk was sent", flat.Path, u.Host)
 	}
 	return nil
 }
