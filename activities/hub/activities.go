@@ -344,7 +344,7 @@ func (a *Activities) CommitPoint(ctx context.Context, in activities.CommitPointI
 		disks[i] = catalog.PointDisk{
 			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, Reason: d.Reason, ChangeID: d.ChangeID,
 			CapacityBytes: d.CapacityBytes, BytesRead: d.BytesRead, BytesWritten: d.BytesWritten,
-			BytesZeroed: d.BytesZeroed, Duration: d.Duration, Digest: d.Digest,
+			BytesZeroed: d.BytesZeroed, AllocatedBytes: d.AllocatedBytes, Duration: d.Duration, Digest: d.Digest,
 		}
 	}
 	_, err := a.store.CompletePoint(ctx, in.PointID, disks)
