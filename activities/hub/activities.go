@@ -113,6 +113,7 @@ func (a *Activities) RegisterShared(w worker.ActivityRegistry) {
 	reg(a.FailPoint, activities.FailPointName)
 	reg(a.ResolvePoint, activities.ResolvePointName)
 	reg(a.MarkRestoredInPlace, activities.MarkRestoredInPlaceName)
+	reg(a.PlanRetention, activities.PlanRetentionName)
 }
 
 // RegisterHost registers the activities bound to this host (for diskferry-hub.<hubID>).
@@ -229,19 +230,34 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 	if !errors.As(err, &running) {
 		return point, err
 	}
-	closed, closedErr := a.settings.WorkflowClosed(ctx, running.WorkflowID)
-	if closedErr != nil || !closed {
-		if closedErr != nil {
-			a.log.WarnContext(ctx, "cannot tell whether the running backup's workflow closed", "workflow", running.WorkflowID, "err", closedErr)
-		}
+	abandoned, failErr := a.failAbandoned(ctx, running.PointID, running.WorkflowID)
+	if failErr != nil {
+		return catalog.Point{}, failErr
+	}
+	if !abandoned {
 		return point, err
 	}
-	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", running.PointID, "workflow", running.WorkflowID)
-	if err := a.store.FailPoint(ctx, running.PointID, "workflow "+running.WorkflowID+" closed without finishing the backup"); err != nil &&
-		!errors.Is(err, catalog.ErrPointComplete) {
-		return catalog.Point{}, err
-	}
 	return a.store.OpenPoint(ctx, req)
+}
+
+// failAbandoned marks a running point failed when its workflow has closed (terminated
+// workflows run no compensation) and says whether it did; an open workflow, or one whose
+// state cannot be told, keeps its point.
+func (a *Activities) failAbandoned(ctx context.Context, pointID, workflowID string) (bool, error) {
+	closed, err := a.settings.WorkflowClosed(ctx, workflowID)
+	if err != nil {
+		a.log.WarnContext(ctx, "cannot tell whether the running backup's workflow closed", "workflow", workflowID, "err", err)
+		return false, nil
+	}
+	if !closed {
+		return false, nil
+	}
+	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", pointID, "workflow", workflowID)
+	if err := a.store.FailPoint(ctx, pointID, "workflow "+workflowID+" closed without finishing the backup"); err != nil &&
+		!errors.Is(err, catalog.ErrPointComplete) {
+		return false, err
+	}
+	return true, nil
 }
 
 // maxVMNameLength is what the catalog keeps of a VM name (vSphere allows 80 characters).

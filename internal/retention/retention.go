@@ -63,6 +63,9 @@ type Point struct {
 	// Parent is the point this one builds on ("" for a full point). A point whose parent is
 	// not among the points given counts as full.
 	Parent string
+	// Delete: the operator deletes the point; it goes whatever the policy says, the newest
+	// too.
+	Delete bool
 }
 
 // Decision is one point's fate and why.
@@ -80,6 +83,7 @@ const (
 	ReasonNewest   = "newest"
 	ReasonAll      = "no policy"
 	ReasonNotKept  = "not kept by the policy"
+	ReasonDeleted  = "deleted by operator"
 	ReasonMaxChain = "chain longer than %d files"
 	reasonKeepLast = "last %d"
 	reasonDaily    = "daily %s"
@@ -96,7 +100,9 @@ const (
 )
 
 // Select decides for points, oldest first (by finish time; ties keep the given order), which
-// the policy keeps, and which kept points must be flattened. The result is in the order given.
+// the policy keeps, and which kept points must be flattened. The newest point is kept unless
+// the operator deletes it; a deleted point goes whatever the policy says. The result is in
+// the order given.
 func Select(points []Point, policy Policy) ([]Decision, error) {
 	if err := policy.Validate(); err != nil {
 		return nil, err
@@ -156,8 +162,11 @@ func Select(points []Point, policy Policy) ([]Decision, error) {
 			keep(i, fmt.Sprintf(g.reason, period))
 		}
 	}
-	for i := range out {
-		if !out[i].Keep {
+	for i, p := range points {
+		switch {
+		case p.Delete:
+			out[i] = Decision{ID: p.ID, Reasons: []string{ReasonDeleted}}
+		case !out[i].Keep:
 			out[i].Reasons = []string{ReasonNotKept}
 		}
 	}

@@ -109,6 +109,24 @@ func TestSelectDepthFollowsParents(t *testing.T) {
 	assert.Equal(t, "e", flattened(ds))
 }
 
+// The operator's deletions win over every rule, the newest point's too, and the chains are
+// bounded over what then stays.
+func TestSelectDeletes(t *testing.T) {
+	points := chain(0, time.Hour, 2*time.Hour, 3*time.Hour, 4*time.Hour, 5*time.Hour)
+	points[2].Delete = true
+	ds, err := Select(points, Policy{MaxChain: 2})
+	require.NoError(t, err)
+	assert.Equal(t, "abdef", kept(ds))
+	assert.Equal(t, []string{ReasonDeleted}, ds[2].Reasons)
+	assert.Equal(t, "e", flattened(ds), "c's data moves into d: d reads 3 files, e would read 4")
+
+	points[5].Delete = true
+	ds, err = Select(points, Policy{KeepLast: 1})
+	require.NoError(t, err)
+	assert.Equal(t, "", kept(ds), "keep last 1 kept only the newest, and it is deleted")
+	assert.Equal(t, []string{ReasonDeleted}, ds[5].Reasons)
+}
+
 func TestSelectRefusesBadInput(t *testing.T) {
 	_, err := Select(chain(time.Hour, 0), Policy{})
 	assert.ErrorContains(t, err, "not oldest first")
