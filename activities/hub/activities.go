@@ -49,6 +49,9 @@ type Settings struct {
 	WorkflowClosed catalog.WorkflowClosed
 	// CountVerified is told how many bytes each successful verification read; optional.
 	CountVerified func(bytes int64)
+	// RepositoryMargin is the free space PrepareTarget leaves in the repository's file
+	// system; the zero value is the default (repo.Margin).
+	RepositoryMargin repo.Margin
 }
 
 // Activities are the hub activities. One instance per worker; safe for concurrent use.
@@ -413,6 +416,9 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 	if err := a.layout.RemoveTarget(path); err != nil {
 		return activities.Target{}, classify("prepare target", err)
 	}
+	if err := a.checkSpace(in.Disk); err != nil {
+		return activities.Target{}, err
+	}
 	if in.Disk.Mode == activities.ModeFull {
 		err = qemu.CreateImage(ctx, path, in.Disk.CapacityBytes)
 	} else {
@@ -429,6 +435,41 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 		return activities.Target{}, classify("prepare target "+path, err)
 	}
 	return activities.Target{DiskKey: in.Disk.Key, Path: path}, nil
+}
+
+// checkSpace refuses (non-retryable ErrNoSpace) a disk whose worst case would not fit in
+// the repository's free space minus the margin, so the backup ends with the numbers
+// instead of meeting ENOSPC halfway. The worst case is the disk's capacity, for an
+// incremental too: how much changed is known only once the copy runs. Space is not
+// reserved: backups preparing at the same time each see the same free space.
+func (a *Activities) checkSpace(d activities.DiskPlan) error {
+	space, err := a.layout.Space()
+	if err != nil {
+		return fmt.Errorf("prepare target: %w", err)
+	}
+	margin := a.settings.RepositoryMargin.Of(space.Total)
+	if d.CapacityBytes <= space.Free-margin {
+		return nil
+	}
+	return temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+		"prepare target: not enough space in the repository %s for disk %d: it needs up to %d bytes (%s copy of a %s disk), "+
+			"%d bytes are free and %d bytes are kept free as the margin (DISKFERRY_REPOSITORY_MARGIN %s)",
+		a.layout.Root, d.Key, d.CapacityBytes, d.Mode, sizeText(d.CapacityBytes), space.Free, margin, a.settings.RepositoryMargin),
+		activities.ErrNoSpace, nil)
+}
+
+// sizeText is a byte count for people, in binary units.
+func sizeText(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // DiscardTarget deletes an unfinished target and, once empty, its point directory. The
