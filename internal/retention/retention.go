@@ -11,16 +11,16 @@ import (
 // Policy is what a VM keeps. Zero counts are unused; all zero keeps everything. The newest
 // point is always kept.
 type Policy struct {
-	KeepLast int // the newest N points
+	KeepLast int `json:"keepLast"` // the newest N points
 	// GFS: the newest point of each of the last N UTC days / ISO weeks / months / years that
 	// have points.
-	Daily   int
-	Weekly  int
-	Monthly int
-	Yearly  int
+	Daily   int `json:"daily"`
+	Weekly  int `json:"weekly"`
+	Monthly int `json:"monthly"`
+	Yearly  int `json:"yearly"`
 	// MaxChain: no kept point's restore reads more than MaxChain+1 files; a deeper point is
 	// flattened (made full). 0: unbounded.
-	MaxChain int
+	MaxChain int `json:"maxChain"`
 }
 
 // Bounds of a policy: a count above them is a typo, not an intent (MaxCount daily points
