@@ -126,7 +126,9 @@ func (a *Activities) checkIdle(ctx context.Context, vm catalog.VM) error {
 }
 
 // checkDeletes resolves the points the operator deletes: each must be a complete point of
-// the VM.
+// the VM. A point already on its way out (a status past complete, set by a retention run that
+// did not finish) is passed over: a retried deletion is not an error, and the plan lists
+// complete points only.
 func (a *Activities) checkDeletes(ctx context.Context, vm catalog.VM, points []catalog.Point, ids []string) (map[string]bool, error) {
 	deleted := map[string]bool{}
 	for _, id := range ids {
@@ -142,7 +144,7 @@ func (a *Activities) checkDeletes(ctx context.Context, vm catalog.VM, points []c
 			return nil, fmt.Errorf("plan retention of %s: point %s: %w", vm.Name, id, err)
 		case p.VMID != vm.ID:
 			return nil, badInput("delete: point %s is not a point of VM %s", id, vm.Name)
-		default:
+		case p.Status == catalog.StatusRunning, p.Status == catalog.StatusFailed:
 			return nil, badInput("delete: point %s is %s; only complete points are deleted", id, p.Status)
 		}
 	}

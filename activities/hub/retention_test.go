@@ -127,6 +127,11 @@ func TestPlanRetentionRefusesBadInput(t *testing.T) {
 	_, err = r.planRetention(t, activities.PlanRetentionInput{VM: vm.Moref, Delete: []string{failed.PointID}})
 	assert.ErrorContains(t, requireAppError(t, err, activities.ErrBadInput, true),
 		fmt.Sprintf("delete: point %s is failed; only complete points are deleted", failed.PointID))
+	running, err := r.plan(t, "wf-running", other, activities.ModeAuto, diskA)
+	require.NoError(t, err)
+	_, err = r.planRetention(t, activities.PlanRetentionInput{VM: other.Moref, Delete: []string{running.PointID}})
+	assert.Equal(t, "VM db is busy: backup workflow wf-running is writing point "+running.PointID,
+		requireAppError(t, err, activities.ErrBusy, true).Message(), "a running backup makes the VM busy before anything else")
 }
 
 // Retention never plans while a backup of the VM runs or an export serves one of its
