@@ -437,25 +437,30 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 	return activities.Target{DiskKey: in.Disk.Key, Path: path}, nil
 }
 
-// checkSpace refuses (non-retryable ErrNoSpace) a disk whose worst case would not fit in
-// the repository's free space minus the margin, so the backup ends with the numbers
-// instead of meeting ENOSPC halfway. The worst case is the disk's capacity, for an
-// incremental too: how much changed is known only once the copy runs. Space is not
-// reserved: backups preparing at the same time each see the same free space.
+// checkSpace refuses a disk whose worst case would not fit (requireSpace), so the backup
+// ends with the numbers instead of meeting ENOSPC halfway. The worst case is the disk's
+// capacity, for an incremental too: how much changed is known only once the copy runs.
 func (a *Activities) checkSpace(d activities.DiskPlan) error {
+	return a.requireSpace("prepare target", fmt.Sprintf("disk %d", d.Key), d.CapacityBytes,
+		fmt.Sprintf("%s copy of a %s disk", d.Mode, sizeText(d.CapacityBytes)))
+}
+
+// requireSpace is a non-retryable ErrNoSpace, naming op, subject and why it needs that much,
+// when need bytes do not fit in the repository's free space minus the margin. Space is not
+// reserved: operations checking at the same time each see the same free space.
+func (a *Activities) requireSpace(op, subject string, need int64, why string) error {
 	space, err := a.layout.Space()
 	if err != nil {
-		return fmt.Errorf("prepare target: %w", err)
+		return fmt.Errorf("%s: %w", op, err)
 	}
 	margin := a.settings.RepositoryMargin.Of(space.Total)
-	if d.CapacityBytes <= space.Free-margin {
+	if need <= space.Free-margin {
 		return nil
 	}
 	return temporal.NewNonRetryableApplicationError(fmt.Sprintf(
-		"prepare target: not enough space in the repository %s for disk %d: it needs up to %d bytes (%s copy of a %s disk), "+
+		"%s: not enough space in the repository %s for %s: it needs up to %d bytes (%s), "+
 			"%d bytes are free and %d bytes are kept free as the margin (DISKFERRY_REPOSITORY_MARGIN %s)",
-		a.layout.Root, d.Key, d.CapacityBytes, d.Mode, sizeText(d.CapacityBytes), space.Free, margin, a.settings.RepositoryMargin),
-		activities.ErrNoSpace, nil)
+		op, a.layout.Root, subject, need, why, space.Free, margin, a.settings.RepositoryMargin), activities.ErrNoSpace, nil)
 }
 
 // sizeText is a byte count for people, in binary units.
