@@ -227,7 +227,7 @@ func depths(points []Point) map[string]int {
 
 func TestSelectProperties(t *testing.T) {
 	r := rand.New(rand.NewPCG(13, 2026))
-	for round := range 2000 {
+	for round := range 1000 {
 		points := randomPoints(r, r.IntN(60))
 		policy := randomPolicy(r)
 		ds, err := Select(points, policy)
@@ -253,21 +253,32 @@ func TestSelectProperties(t *testing.T) {
 			}
 		}
 
-		// GFS daily: the kept days are the newest N days with points, each by its newest point.
-		if policy.Daily > 0 {
-			days := map[string]int{} // day → newest point of it
+		// GFS: the kept periods are the newest N periods with points, each by its newest point.
+		for _, g := range []struct {
+			count  int
+			prefix string
+			period func(time.Time) string
+		}{
+			{policy.Daily, "daily ", func(t time.Time) string { return t.Format(dayLayout) }},
+			{policy.Weekly, "weekly ", isoWeek},
+			{policy.Monthly, "monthly ", func(t time.Time) string { return t.Format(monthLayout) }},
+			{policy.Yearly, "yearly ", func(t time.Time) string { return t.Format(yearLayout) }},
+		} {
+			newest := map[string]int{} // period → its newest point
 			var order []string
 			for i, p := range points {
-				dday := p.FinishedAt.Format(dayLayout)
-				if _, ok := days[dday]; !ok {
-					order = append(order, dday)
+				period := g.period(p.FinishedAt)
+				if _, ok := newest[period]; !ok {
+					order = append(order, period)
 				}
-				days[dday] = i
+				newest[period] = i
 			}
 			slices.Reverse(order)
-			for k, dday := range order {
-				has := slices.Contains(ds[days[dday]].Reasons, "daily "+dday)
-				assert.Equal(t, k < policy.Daily, has, "round %d: day %s (%d newest)", round, dday, k)
+			for k, period := range order {
+				for i := range points {
+					has := slices.Contains(ds[i].Reasons, g.prefix+period)
+					assert.Equal(t, k < g.count && i == newest[period], has, "round %d: %s%s (%d newest), point %d", round, g.prefix, period, k, i)
+				}
 			}
 		}
 
