@@ -331,6 +331,9 @@ type DiskResult struct {
 	Duration      time.Duration `json:"duration"`
 	Digest        string        `json:"digest"`
 	Reason        string        `json:"reason,omitempty"` // why the disk was copied in full
+	// AllocatedBytes is what the file takes on the hub, from its verification; 0 in
+	// histories from before it was recorded.
+	AllocatedBytes int64 `json:"allocatedBytes,omitempty"`
 }
 
 // CommitPointInput marks a point complete; only then is it usable.

@@ -91,28 +91,38 @@ const catalogTimeout = 30 * time.Second
 // catalog named by DISKFERRY_DB_DSN(_FILE) and checks its schema first.
 func withCatalog(run func(cmd *cobra.Command, args []string, store *catalog.Store) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		cfg, err := config.LoadCLI()
-		if err != nil {
-			return err
-		}
-		if cfg.DBDSN == "" {
-			return errors.New("no catalog configured: set DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE to the hub's catalog DSN")
-		}
 		ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
 		defer cancel()
-		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: cfg.LogLevel}))
-		// catalog.Open names the server and database on failure, never the DSN's password.
-		store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
+		store, err := openCatalog(ctx, cmd)
 		if err != nil {
-			return fmt.Errorf("%w (check DISKFERRY_DB_DSN)", err)
-		}
-		defer store.Close()
-		if err := store.CheckSchema(ctx); err != nil {
 			return err
 		}
+		defer store.Close()
 		cmd.SetContext(ctx)
 		return run(cmd, args, store)
 	}
+}
+
+// openCatalog opens the catalog named by DISKFERRY_DB_DSN(_FILE) and checks its schema.
+func openCatalog(ctx context.Context, cmd *cobra.Command) (*catalog.Store, error) {
+	cfg, err := config.LoadCLI()
+	if err != nil {
+		return nil, err
+	}
+	if cfg.DBDSN == "" {
+		return nil, errors.New("no catalog configured: set DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE to the hub's catalog DSN")
+	}
+	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: cfg.LogLevel}))
+	// catalog.Open names the server and database on failure, never the DSN's password.
+	store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
+	if err != nil {
+		return nil, fmt.Errorf("%w (check DISKFERRY_DB_DSN)", err)
+	}
+	if err := store.CheckSchema(ctx); err != nil {
+		store.Close()
+		return nil, err
+	}
+	return store, nil
 }
 
 // pointSummary is one line of points list, and the head of points show.
@@ -132,6 +142,9 @@ type pointSummary struct {
 	DiskCount     int        `json:"diskCount"`
 	CapacityBytes int64      `json:"capacityBytes"` // of the point's disks together
 	BytesWritten  int64      `json:"bytesWritten"`
+	// AllocatedBytes is what the point's files take on the hub (0 for points committed
+	// before it was recorded, and for failed points, whose files are gone).
+	AllocatedBytes int64 `json:"allocatedBytes"`
 }
 
 func summarize(p catalog.Point, vm catalog.VM) pointSummary {
@@ -146,6 +159,7 @@ func summarize(p catalog.Point, vm catalog.VM) pointSummary {
 	}
 	for _, d := range p.Disks {
 		s.CapacityBytes += d.CapacityBytes
+		s.AllocatedBytes += d.AllocatedBytes
 	}
 	return s
 }
@@ -257,10 +271,40 @@ func renderPointList(out io.Writer, rows []pointSummary) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "POINT\tVM\tSTATUS\tMODE\tSTARTED\tFINISHED\tDISKS\tSIZE\tWRITTEN")
+	fmt.Fprintln(tw, "POINT\tVM\tSTATUS\tMODE\tSTARTED\tFINISHED\tDISKS\tSIZE\tWRITTEN\tALLOCATED")
+	type usage struct {
+		name, moref string
+		points      int
+		bytes       int64
+	}
+	var vms []*usage
+	byVM := map[string]*usage{}
 	for _, r := range rows {
-		printf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.ID, r.VM, r.Status, r.Mode,
-			localTime(r.StartedAt), finishedText(r.FinishedAt), r.DiskCount, humanBytes(r.CapacityBytes), humanBytes(r.BytesWritten))
+		printf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\n", r.ID, r.VM, r.Status, r.Mode,
+			localTime(r.StartedAt), finishedText(r.FinishedAt), r.DiskCount, humanBytes(r.CapacityBytes), humanBytes(r.BytesWritten),
+			humanBytes(r.AllocatedBytes))
+		key := r.VCenter + "/" + r.VMMoref
+		u, ok := byVM[key]
+		if !ok {
+			u = &usage{name: r.VM, moref: r.VMMoref}
+			byVM[key] = u
+			vms = append(vms, u)
+		}
+		u.points++
+		u.bytes += r.AllocatedBytes
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "\nAllocated per VM:")
+	tw = tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	var total int64
+	for _, u := range vms {
+		printf(tw, "  %s (%s)\t%s\tin %s\n", u.name, u.moref, humanBytes(u.bytes), countOf(u.points, "point"))
+		total += u.bytes
+	}
+	if len(vms) > 1 {
+		printf(tw, "  all VMs\t%s\tin %s\n", humanBytes(total), countOf(len(rows), "point"))
 	}
 	return tw.Flush()
 }
@@ -362,6 +406,14 @@ func printf(w io.Writer, format string, args ...any) {
 		}
 	}
 	fmt.Fprintf(w, format, args...)
+}
+
+// countOf is "1 point", "2 points".
+func countOf(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func orDash(s string) string { return orValue(s, "-") }

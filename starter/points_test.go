@@ -131,12 +131,12 @@ func TestPointsList(t *testing.T) {
 	out, err := runCLI(t, "points", "list")
 	require.NoError(t, err)
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	require.Len(t, lines, 4, out)
-	assert.Regexp(t, `^POINT\s+VM\s+STATUS\s+MODE\s+STARTED\s+FINISHED\s+DISKS\s+SIZE\s+WRITTEN$`, lines[0])
+	require.Len(t, lines, 9, out)
+	assert.Regexp(t, `^POINT\s+VM\s+STATUS\s+MODE\s+STARTED\s+FINISHED\s+DISKS\s+SIZE\s+WRITTEN\s+ALLOCATED$`, lines[0])
 	assert.Regexp(t, `^`+regexp.QuoteMeta(pc.old.ID)+`\s+db01\s+failed\s+full\s+`+regexp.QuoteMeta(localTime(pc.old.StartedAt))+
-		`\s+`+regexp.QuoteMeta(localTime(pc.old.FinishedAt))+`\s+0\s+0 B\s+0 B$`, lines[1], "newest first")
-	assert.Regexp(t, `^`+regexp.QuoteMeta(pc.incr.ID)+`\s+web01\s+complete\s+incremental\s+.*\s+2\s+3\.0 GiB\s+2\.0 MiB$`, lines[2])
-	assert.Regexp(t, `^`+regexp.QuoteMeta(pc.full.ID)+`\s+web01\s+complete\s+full\s+.*\s+2\s+3\.0 GiB\s+4\.0 MiB$`, lines[3])
+		`\s+`+regexp.QuoteMeta(localTime(pc.old.FinishedAt))+`\s+0\s+0 B\s+0 B\s+0 B$`, lines[1], "newest first")
+	assert.Regexp(t, `^`+regexp.QuoteMeta(pc.incr.ID)+`\s+web01\s+complete\s+incremental\s+.*\s+2\s+3\.0 GiB\s+2\.0 MiB\s+0 B$`, lines[2])
+	assert.Regexp(t, `^`+regexp.QuoteMeta(pc.full.ID)+`\s+web01\s+complete\s+full\s+.*\s+2\s+3\.0 GiB\s+4\.0 MiB\s+0 B$`, lines[3])
 
 	for _, vm := range []string{"web01", "vm-42"} {
 		out, err = runCLI(t, "points", "list", "--vm", vm, "--json")

@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/catalog"
 	"github.com/diskferry/diskferry/workflows"
 )
 
@@ -77,10 +78,15 @@ func newScheduleCreateCommand() *cobra.Command {
 	var cron []string
 	var every time.Duration
 	var paused bool
+	var policy *policyFlags
 	cmd := &cobra.Command{
-		Use:   "create --vm VM --site SITE (--cron EXPR | --every DURATION)",
+		Use:   "create --vm VM --site SITE (--cron EXPR | --every DURATION) [retention flags]",
 		Short: "Create a backup schedule for one VM",
-		Args:  cobra.NoArgs,
+		Long: `Create a backup schedule for one VM. The retention flags (--keep-last, --daily, --weekly,
+--monthly, --yearly, --max-chain; see diskferry retention) store the schedule's default
+retention policy in the catalog (DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE): it applies to
+the VM unless the VM has a policy of its own.`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if id == "" {
 				id = scheduleID(in.VM)
@@ -88,6 +94,20 @@ func newScheduleCreateCommand() *cobra.Command {
 			opts, err := backupSchedule(id, in, cron, every, paused)
 			if err != nil {
 				return err
+			}
+			// The catalog is checked before the schedule exists, so a policy that cannot be
+			// stored does not leave a schedule behind without it.
+			var store *catalog.Store
+			if policy.given() {
+				if err := policy.validate(); err != nil {
+					return err
+				}
+				ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
+				defer cancel()
+				if store, err = openCatalog(ctx, cmd); err != nil {
+					return err
+				}
+				defer store.Close()
 			}
 			c, err := dialTemporal(cmd.Context())
 			if err != nil {
@@ -98,6 +118,15 @@ func newScheduleCreateCommand() *cobra.Command {
 				return fmt.Errorf("create schedule %s: %w", id, err)
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "created schedule %s\n", id)
+			if store == nil {
+				return nil
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
+			defer cancel()
+			if err := store.SetSchedulePolicy(ctx, id, policy.policy); err != nil {
+				return fmt.Errorf("schedule %s was created, but its retention policy was not stored (set it with diskferry retention set --schedule %s): %w", id, id, err)
+			}
+			printf(cmd.OutOrStdout(), "default retention of schedule %s: %s\n", id, describePolicy(policy.policy))
 			return nil
 		},
 	}
@@ -110,6 +139,7 @@ func newScheduleCreateCommand() *cobra.Command {
 	f.StringArrayVar(&cron, "cron", nil, `cron expression, e.g. "0 1 * * *" (repeatable)`)
 	f.DurationVar(&every, "every", 0, "interval, e.g. 24h")
 	f.BoolVar(&paused, "paused", false, "create the schedule paused")
+	policy = addPolicyFlags(f)
 	_ = cmd.MarkFlagRequired("vm")
 	_ = cmd.MarkFlagRequired("site")
 	return cmd

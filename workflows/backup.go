@@ -636,6 +636,8 @@ func (b *backup) diskResults() []activities.DiskResult {
 			Duration:      d.copy.Duration,
 			Digest:        d.copy.Digest,
 			Reason:        d.plan.Reason,
+			// Zero until the disk is verified: a result built earlier (a failure) has none.
+			AllocatedBytes: d.verified.AllocatedBytes,
 		})
 	}
 	return out

@@ -154,8 +154,8 @@ func TestBackupFull(t *testing.T) {
 	assert.Equal(t, activities.DiskResult{
 		Key: 2000, Path: testTargetPath(2000), Mode: activities.ModeFull, ChangeID: "52 bb/2000",
 		CapacityBytes: 64 * gib, BytesRead: gib, BytesWritten: gib, BytesZeroed: gib / 2,
-		Duration: 2 * time.Second, Digest: "sha256:2000",
-	}, res.Disks[0])
+		Duration: 2 * time.Second, Digest: "sha256:2000", AllocatedBytes: gib,
+	}, res.Disks[0], "the allocated size comes from the verification")
 	assert.Equal(t, int32(2001), res.Disks[1].Key)
 	assert.Equal(t, "52 bb/2001", res.Disks[1].ChangeID)
 

@@ -49,6 +49,9 @@ type Settings struct {
 	WorkflowClosed catalog.WorkflowClosed
 	// CountVerified is told how many bytes each successful verification read; optional.
 	CountVerified func(bytes int64)
+	// RepositoryMargin is the free space PrepareTarget leaves in the repository's file
+	// system; the zero value is the default (repo.Margin).
+	RepositoryMargin repo.Margin
 }
 
 // Activities are the hub activities. One instance per worker; safe for concurrent use.
@@ -113,6 +116,7 @@ func (a *Activities) RegisterShared(w worker.ActivityRegistry) {
 	reg(a.FailPoint, activities.FailPointName)
 	reg(a.ResolvePoint, activities.ResolvePointName)
 	reg(a.MarkRestoredInPlace, activities.MarkRestoredInPlaceName)
+	reg(a.PlanRetention, activities.PlanRetentionName)
 }
 
 // RegisterHost registers the activities bound to this host (for diskferry-hub.<hubID>).
@@ -244,7 +248,7 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 	if !errors.As(err, &running) {
 		return point, err
 	}
-	abandoned, failErr := a.failAbandoned(ctx, running)
+	abandoned, failErr := a.failAbandoned(ctx, running.PointID, running.WorkflowID)
 	if failErr != nil {
 		return catalog.Point{}, failErr
 	}
@@ -257,12 +261,12 @@ func (a *Activities) openPoint(ctx context.Context, req catalog.OpenPointRequest
 // failAbandoned marks the running point failed when its workflow closed without finishing
 // it (terminated, timed out: no compensation ran) and says so. A workflow Temporal cannot
 // tell about counts as open.
-func (a *Activities) failAbandoned(ctx context.Context, running *catalog.BackupRunningError) (bool, error) {
-	if !a.workflowClosed(ctx, "running backup", running.WorkflowID) {
+func (a *Activities) failAbandoned(ctx context.Context, pointID, workflowID string) (bool, error) {
+	if !a.workflowClosed(ctx, "running backup", workflowID) {
 		return false, nil
 	}
-	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", running.PointID, "workflow", running.WorkflowID)
-	if err := a.store.FailPoint(ctx, running.PointID, "workflow "+running.WorkflowID+" closed without finishing the backup"); err != nil &&
+	a.log.WarnContext(ctx, "failing the abandoned point of a closed workflow", "point", pointID, "workflow", workflowID)
+	if err := a.store.FailPoint(ctx, pointID, "workflow "+workflowID+" closed without finishing the backup"); err != nil &&
 		!errors.Is(err, catalog.ErrPointComplete) {
 		return false, err
 	}
@@ -380,7 +384,7 @@ func (a *Activities) CommitPoint(ctx context.Context, in activities.CommitPointI
 		disks[i] = catalog.PointDisk{
 			Key: d.Key, Path: d.Path, ParentPath: d.ParentPath, Mode: d.Mode, Reason: d.Reason, ChangeID: d.ChangeID,
 			CapacityBytes: d.CapacityBytes, BytesRead: d.BytesRead, BytesWritten: d.BytesWritten,
-			BytesZeroed: d.BytesZeroed, Duration: d.Duration, Digest: d.Digest,
+			BytesZeroed: d.BytesZeroed, AllocatedBytes: d.AllocatedBytes, Duration: d.Duration, Digest: d.Digest,
 		}
 	}
 	_, err := a.store.CompletePoint(ctx, in.PointID, disks)
@@ -433,6 +437,9 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 	if err := a.layout.RemoveTarget(path); err != nil {
 		return activities.Target{}, classify("prepare target", err)
 	}
+	if err := a.checkSpace(in.Disk); err != nil {
+		return activities.Target{}, err
+	}
 	if in.Disk.Mode == activities.ModeFull {
 		err = qemu.CreateImage(ctx, path, in.Disk.CapacityBytes)
 	} else {
@@ -449,6 +456,46 @@ func (a *Activities) PrepareTarget(ctx context.Context, in activities.PrepareTar
 		return activities.Target{}, classify("prepare target "+path, err)
 	}
 	return activities.Target{DiskKey: in.Disk.Key, Path: path}, nil
+}
+
+// checkSpace refuses a disk whose worst case would not fit (requireSpace), so the backup
+// ends with the numbers instead of meeting ENOSPC halfway. The worst case is the disk's
+// capacity, for an incremental too: how much changed is known only once the copy runs.
+func (a *Activities) checkSpace(d activities.DiskPlan) error {
+	return a.requireSpace("prepare target", fmt.Sprintf("disk %d", d.Key), d.CapacityBytes,
+		fmt.Sprintf("%s copy of a %s disk", d.Mode, sizeText(d.CapacityBytes)))
+}
+
+// requireSpace is a non-retryable ErrNoSpace, naming op, subject and why it needs that much,
+// when need bytes do not fit in the repository's free space minus the margin. Space is not
+// reserved: operations checking at the same time each see the same free space.
+func (a *Activities) requireSpace(op, subject string, need int64, why string) error {
+	space, err := a.layout.Space()
+	if err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	margin := a.settings.RepositoryMargin.Of(space.Total)
+	if need <= space.Free-margin {
+		return nil
+	}
+	return temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+		"%s: not enough space in the repository %s for %s: it needs up to %d bytes (%s), "+
+			"%d bytes are free and %d bytes are kept free as the margin (DISKFERRY_REPOSITORY_MARGIN %s)",
+		op, a.layout.Root, subject, need, why, space.Free, margin, a.settings.RepositoryMargin), activities.ErrNoSpace, nil)
+}
+
+// sizeText is a byte count for people, in binary units.
+func sizeText(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // DiscardTarget deletes an unfinished target and, once empty, its point directory. The

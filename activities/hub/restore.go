@@ -185,7 +185,7 @@ func (a *Activities) MarkRestoredInPlace(ctx context.Context, in activities.Mark
 	err := mark()
 	var running *catalog.BackupRunningError
 	if errors.As(err, &running) {
-		abandoned, failErr := a.failAbandoned(ctx, running)
+		abandoned, failErr := a.failAbandoned(ctx, running.PointID, running.WorkflowID)
 		if failErr != nil {
 			return classify(what, failErr)
 		}

@@ -165,6 +165,7 @@ func (s *Store) tryTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 // MySQL error numbers the store reacts to.
 const (
 	errDuplicateKey    = 1062
+	errNoReferencedRow = 1452
 	errLockWaitTimeout = 1205
 	errDeadlock        = 1213
 )

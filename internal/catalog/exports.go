@@ -70,3 +70,30 @@ func (s *Store) ListExports(ctx context.Context, hub string) ([]Export, error) {
 	}
 	return exports, nil
 }
+
+// VMExports returns the exports, on any hub, serving a file of one of the VM's points: a
+// backup writing its target, a restore or mount reading a point (whose chain qemu-nbd holds
+// open too).
+func (s *Store) VMExports(ctx context.Context, vmID int64) ([]Export, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT DISTINCT e.hub_id, e.port, e.pid, e.path, e.workflow_id, e.disk_key, e.read_only, e.started_at
+		FROM exports e
+		JOIN point_disks d ON d.target_path = e.path
+		JOIN restore_points p ON p.id = d.point_id AND p.hub_id = e.hub_id
+		WHERE p.vm_id = ? ORDER BY e.hub_id, e.port`, vmID)
+	if err != nil {
+		return nil, fmt.Errorf("exports of VM %d: %w", vmID, err)
+	}
+	defer rows.Close()
+	var exports []Export
+	for rows.Next() {
+		var e Export
+		if err := rows.Scan(&e.Hub, &e.Port, &e.PID, &e.Path, &e.WorkflowID, &e.DiskKey, &e.ReadOnly, &e.StartedAt); err != nil {
+			return nil, fmt.Errorf("exports of VM %d: %w", vmID, err)
+		}
+		exports = append(exports, e)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("exports of VM %d: %w", vmID, err)
+	}
+	return exports, nil
+}

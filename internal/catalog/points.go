@@ -57,8 +57,11 @@ type PointDisk struct {
 	BytesRead     int64
 	BytesWritten  int64
 	BytesZeroed   int64
-	Duration      time.Duration
-	Digest        string
+	// AllocatedBytes is what the file takes on the hub's file system, as measured when the
+	// point was committed; 0 for points from before it was recorded.
+	AllocatedBytes int64
+	Duration       time.Duration
+	Digest         string
 }
 
 // OpenPointRequest opens a restore point for a workflow run.
@@ -396,14 +399,14 @@ func (s *Store) CompletePoint(ctx context.Context, pointID string, disks []Point
 		}
 		for _, d := range disks {
 			if _, err := tx.ExecContext(ctx, `INSERT INTO point_disks (point_id, disk_key, target_path, parent_path, mode, reason, change_id,
-					capacity_bytes, bytes_read, bytes_written, bytes_zeroed, duration_ns, digest)
-				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+					capacity_bytes, bytes_read, bytes_written, bytes_zeroed, allocated_bytes, duration_ns, digest)
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 				ON DUPLICATE KEY UPDATE target_path = VALUES(target_path), parent_path = VALUES(parent_path), mode = VALUES(mode),
 					reason = VALUES(reason), change_id = VALUES(change_id), capacity_bytes = VALUES(capacity_bytes),
 					bytes_read = VALUES(bytes_read), bytes_written = VALUES(bytes_written), bytes_zeroed = VALUES(bytes_zeroed),
-					duration_ns = VALUES(duration_ns), digest = VALUES(digest)`,
+					allocated_bytes = VALUES(allocated_bytes), duration_ns = VALUES(duration_ns), digest = VALUES(digest)`,
 				pointID, d.Key, d.Path, d.ParentPath, d.Mode, text.Cut(d.Reason, maxReasonText), d.ChangeID, d.CapacityBytes,
-				d.BytesRead, d.BytesWritten, d.BytesZeroed, int64(d.Duration), d.Digest); err != nil {
+				d.BytesRead, d.BytesWritten, d.BytesZeroed, d.AllocatedBytes, int64(d.Duration), d.Digest); err != nil {
 				return fmt.Errorf("disk %d: %w", d.Key, err)
 			}
 		}
@@ -562,7 +565,7 @@ func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 		ids = append(ids, p.ID)
 	}
 	rows, err := s.db.QueryContext(ctx, `SELECT point_id, disk_key, target_path, parent_path, mode, reason, change_id, capacity_bytes,
-			bytes_read, bytes_written, bytes_zeroed, duration_ns, digest
+			bytes_read, bytes_written, bytes_zeroed, allocated_bytes, duration_ns, digest
 		FROM point_disks WHERE point_id IN (?`+strings.Repeat(",?", len(ids)-1)+`) ORDER BY point_id, disk_key`, ids...)
 	if err != nil {
 		return fmt.Errorf("read point disks: %w", err)
@@ -573,7 +576,7 @@ func (s *Store) loadDisks(ctx context.Context, points []*Point) error {
 		var d PointDisk
 		var durationNS int64
 		if err := rows.Scan(&pointID, &d.Key, &d.Path, &d.ParentPath, &d.Mode, &d.Reason, &d.ChangeID, &d.CapacityBytes,
-			&d.BytesRead, &d.BytesWritten, &d.BytesZeroed, &durationNS, &d.Digest); err != nil {
+			&d.BytesRead, &d.BytesWritten, &d.BytesZeroed, &d.AllocatedBytes, &durationNS, &d.Digest); err != nil {
 			return fmt.Errorf("read point disks: %w", err)
 		}
 		d.Duration = time.Duration(durationNS)

@@ -83,6 +83,7 @@ func TestLoadHubDefaults(t *testing.T) {
 		{"port max", c.PortMax, 10200},
 		{"metrics", c.MetricsAddr, "127.0.0.1:9464"},
 		{"log level", c.LogLevel, slog.LevelInfo},
+		{"margin", c.Margin().Of(100 << 30), int64(1 << 30)},
 	}
 	for _, check := range checks {
 		if check.got != check.want {
@@ -167,6 +168,8 @@ func TestLoadHubRejects(t *testing.T) {
 		{"tls ca unreadable", map[string]string{"DISKFERRY_TEMPORAL_TLS_CA": filepath.Join(dir, "ca.pem")}, "DISKFERRY_TEMPORAL_TLS_CA", "unreadable file"},
 		{"tls key is a directory", map[string]string{"DISKFERRY_TEMPORAL_TLS_CERT": writeFile(t, "c2.pem", "c"), "DISKFERRY_TEMPORAL_TLS_KEY": dir}, "DISKFERRY_TEMPORAL_TLS_KEY", "is a directory"},
 		{"log level unknown", map[string]string{"DISKFERRY_LOG_LEVEL": "loud"}, "DISKFERRY_LOG_LEVEL", "cannot parse"},
+		{"margin unreadable", map[string]string{"DISKFERRY_REPOSITORY_MARGIN": "2GB"}, "DISKFERRY_REPOSITORY_MARGIN", "want a size such as 2GiB"},
+		{"margin percentage too large", map[string]string{"DISKFERRY_REPOSITORY_MARGIN": "60%"}, "DISKFERRY_REPOSITORY_MARGIN", "not a percentage of 0-50"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

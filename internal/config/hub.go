@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+
+	"github.com/diskferry/diskferry/internal/repo"
 )
 
 // Hub configures the hub worker (workers/hub).
@@ -23,6 +25,12 @@ type Hub struct {
 	// DISKFERRY_REPOSITORY_ROOT is the absolute directory holding the restore points;
 	// nothing outside it is ever written or removed. Required.
 	RepositoryRoot string `envconfig:"DISKFERRY_REPOSITORY_ROOT"`
+	// DISKFERRY_REPOSITORY_MARGIN is the free space a backup must leave in the repository's
+	// file system: a disk whose worst case (its capacity) does not fit in the free space
+	// minus the margin is refused before anything is written. A size ("2GiB", "512MiB",
+	// bytes) or a percentage of the file system ("5%", at most 50%). Default: 5% of the file
+	// system or 1GiB, whichever is smaller.
+	RepositoryMargin string `envconfig:"DISKFERRY_REPOSITORY_MARGIN"`
 	// DISKFERRY_RUN_DIR holds the exports' pid files and logs, so a restarted worker finds
 	// its running exports again, and their unix sockets in exports/ (port-<P>.sock, the
 	// paths the SNA's sshd account may reach). Default /run/diskferry.
@@ -71,6 +79,9 @@ func (c *Hub) resolveAndValidate() error {
 			c.RepositoryRoot = filepath.Clean(c.RepositoryRoot)
 		}
 	}
+	if _, err := repo.ParseMargin(c.RepositoryMargin); err != nil {
+		v.fail("DISKFERRY_REPOSITORY_MARGIN", err)
+	}
 	v.portRange("DISKFERRY_PORT_MIN", c.PortMin, "DISKFERRY_PORT_MAX", c.PortMax)
 	switch c.ExportCache {
 	case "none", "writeback", "writethrough", "directsync":
@@ -80,6 +91,12 @@ func (c *Hub) resolveAndValidate() error {
 	v.retired("DISKFERRY_EXPORT_BIND", "exports listen on unix sockets in DISKFERRY_RUN_DIR/exports, reached through SSH stream-local forwarding")
 	v.hostPort("DISKFERRY_METRICS_ADDR", c.MetricsAddr, false)
 	return v.err("hub")
+}
+
+// Margin is DISKFERRY_REPOSITORY_MARGIN, parsed (LoadHub checked it).
+func (c Hub) Margin() repo.Margin {
+	m, _ := repo.ParseMargin(c.RepositoryMargin)
+	return m
 }
 
 // LogValue shows the configuration in logs with secrets redacted.

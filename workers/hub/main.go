@@ -101,8 +101,9 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	})
 	acts, err := hub.New(store, ports, layout, hub.Settings{
 		HubID: cfg.HubID, ExportCache: cfg.ExportCache, RunDir: cfg.RunDir,
-		WorkflowClosed: hub.WorkflowClosedFunc(c),
-		CountVerified:  func(n int64) { verified.Add(float64(n)) },
+		WorkflowClosed:   hub.WorkflowClosedFunc(c),
+		CountVerified:    func(n int64) { verified.Add(float64(n)) },
+		RepositoryMargin: cfg.Margin(),
 	}, log)
 	if err != nil {
 		return err
@@ -116,6 +117,10 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 			leases, err := ports.ListLeases(ctx, cfg.HubID)
 			return len(leases), err
 		}),
+		repositoryGauge(log, layout, "diskferry_repository_free_bytes",
+			"Bytes available to the hub worker on the file system holding the repository.", func(s repo.Space) int64 { return s.Free }),
+		repositoryGauge(log, layout, "diskferry_repository_used_bytes",
+			"Bytes used on the file system holding the repository (its points and anything else on it).", func(s repo.Space) int64 { return s.Used }),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -190,6 +195,19 @@ func catalogGauge(log *slog.Logger, name, help string, count func(context.Contex
 			log.Warn("metrics: read catalog", "metric", name, "err", err)
 		}
 		return float64(n)
+	})
+}
+
+// repositoryGauge reads the repository's file system at scrape time; a failed read reports
+// nothing.
+func repositoryGauge(log *slog.Logger, layout repo.Layout, name, help string, value func(repo.Space) int64) prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 {
+		space, err := layout.Space()
+		if err != nil {
+			log.Warn("metrics: read repository space", "metric", name, "err", err)
+			return 0
+		}
+		return float64(value(space))
 	})
 }
 

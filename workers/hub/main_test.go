@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/config"
+	"github.com/diskferry/diskferry/internal/repo"
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
@@ -81,6 +83,7 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 	}, 20*time.Second, 200*time.Millisecond, "no temporal_ metrics: %v", err)
 	for _, name := range []string{
 		"diskferry_exports_running 0", "diskferry_port_leases 0", "diskferry_bytes_verified_total 0",
+		"\ndiskferry_repository_free_bytes ", "\ndiskferry_repository_used_bytes ",
 		"temporal_request_total{", "temporal_worker_start_total{",
 	} {
 		assert.Contains(t, body, name)
@@ -130,4 +133,37 @@ func TestSDKMetricsFamiliesWithDifferentTags(t *testing.T) {
 	assert.Equal(t, map[string]int{
 		"temporal_request_total": 2, "temporal_num_pollers": 1, "temporal_activity_execution_latency_seconds": 1,
 	}, byName)
+}
+
+// The repository gauges report the file system holding the repository, as statfs does.
+func TestRepositoryGauges(t *testing.T) {
+	testenv.Integration(t)
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=8m,mode=0700"); err != nil {
+		testenv.Missing(t, "mount a tmpfs (needs root): %v", err)
+	}
+	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
+	layout, err := repo.New(filepath.Join(dir, "repo"))
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(layout.Root, "point"), make([]byte, 3<<20), 0o600))
+	space, err := layout.Space()
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, space.Used, int64(3<<20))
+
+	log := slog.New(slog.DiscardHandler)
+	registry := prometheus.NewRegistry()
+	registry.MustRegister(
+		repositoryGauge(log, layout, "diskferry_repository_free_bytes", "free", func(s repo.Space) int64 { return s.Free }),
+		repositoryGauge(log, layout, "diskferry_repository_used_bytes", "used", func(s repo.Space) int64 { return s.Used }))
+	families, err := registry.Gather()
+	require.NoError(t, err)
+	got := map[string]float64{}
+	for _, f := range families {
+		got[f.GetName()] = f.GetMetric()[0].GetGauge().GetValue()
+	}
+	assert.Equal(t, map[string]float64{
+		"diskferry_repository_free_bytes": float64(space.Free),
+		"diskferry_repository_used_bytes": float64(space.Used),
+	}, got)
+	assert.Equal(t, float64(8<<20), got["diskferry_repository_free_bytes"]+got["diskferry_repository_used_bytes"])
 }
