@@ -40,6 +40,8 @@ var nonRetryable = []string{
 	activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning,
 	activities.ErrNoSpace, activities.ErrRefused, activities.ErrChangeIDRefused,
 	activities.ErrPoweredOn, activities.ErrMismatch,
+	// A busy chain stays busy for the length of a backup: the run is skipped, the next one retries.
+	activities.ErrBusy,
 }
 
 // usesCatalog are the activities that read or write the catalog.
@@ -49,6 +51,7 @@ var usesCatalog = map[string]bool{
 	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
 	activities.StartExportName: true, activities.StopExportName: true,
 	activities.ResolvePointName: true, activities.MarkRestoredInPlaceName: true,
+	activities.PlanRetentionName: true,
 }
 
 // options returns the activity options of one step.
@@ -118,6 +121,14 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		// A VM left behind holds its datastore space and its name: try hard.
 		opts.StartToCloseTimeout = 30 * time.Minute
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 10
+	case activities.ApplyRetentionName:
+		// Merges of whole disks on the hub: the heartbeat finds a dead hub worker fast, and
+		// every step is idempotent, so a retry finishes what the lost attempt began.
+		opts.StartToCloseTimeout = 24 * time.Hour
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.InitialInterval = 10 * time.Second
+		opts.RetryPolicy.MaximumInterval = 5 * time.Minute
 		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.PrepareTargetName, activities.StartExportName, activities.StopExportName,
 		activities.DiscardTargetName, activities.EnsureTunnelName, activities.DropTunnelName,
