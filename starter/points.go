@@ -23,12 +23,13 @@ import (
 func newPointsCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "points",
-		Short: "List and show restore points, from the catalog",
+		Short: "List, show and delete restore points",
 		Long: `List and show restore points as the hub's catalog records them (the workflow histories
 behind them expire; the catalog does not). Needs the catalog's DSN: DISKFERRY_DB_DSN or
-DISKFERRY_DB_DSN_FILE, the same settings as the hub.`,
+DISKFERRY_DB_DSN_FILE, the same settings as the hub. Deleting a point runs the VM's retention
+workflow (Temporal), which merges the chain so no other point breaks.`,
 	}
-	cmd.AddCommand(newPointsListCommand(), newPointsShowCommand())
+	cmd.AddCommand(newPointsListCommand(), newPointsShowCommand(), newPointsDeleteCommand())
 	return cmd
 }
 
@@ -91,28 +92,36 @@ const catalogTimeout = 30 * time.Second
 // catalog named by DISKFERRY_DB_DSN(_FILE) and checks its schema first.
 func withCatalog(run func(cmd *cobra.Command, args []string, store *catalog.Store) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		cfg, err := config.LoadCLI()
-		if err != nil {
-			return err
-		}
-		if cfg.DBDSN == "" {
-			return errors.New("no catalog configured: set DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE to the hub's catalog DSN")
-		}
-		ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
-		defer cancel()
-		log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: cfg.LogLevel}))
-		// catalog.Open names the server and database on failure, never the DSN's password.
-		store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
-		if err != nil {
-			return fmt.Errorf("%w (check DISKFERRY_DB_DSN)", err)
-		}
-		defer store.Close()
-		if err := store.CheckSchema(ctx); err != nil {
-			return err
-		}
-		cmd.SetContext(ctx)
-		return run(cmd, args, store)
+		return readCatalog(cmd, func(ctx context.Context, store *catalog.Store) error {
+			cmd.SetContext(ctx)
+			return run(cmd, args, store)
+		})
 	}
+}
+
+// readCatalog opens the catalog named by DISKFERRY_DB_DSN(_FILE), checks its schema and
+// runs read with it, all within catalogTimeout.
+func readCatalog(cmd *cobra.Command, read func(ctx context.Context, store *catalog.Store) error) error {
+	cfg, err := config.LoadCLI()
+	if err != nil {
+		return err
+	}
+	if cfg.DBDSN == "" {
+		return errors.New("no catalog configured: set DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE to the hub's catalog DSN")
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: cfg.LogLevel}))
+	// catalog.Open names the server and database on failure, never the DSN's password.
+	store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
+	if err != nil {
+		return fmt.Errorf("%w (check DISKFERRY_DB_DSN)", err)
+	}
+	defer store.Close()
+	if err := store.CheckSchema(ctx); err != nil {
+		return err
+	}
+	return read(ctx, store)
 }
 
 // pointSummary is one line of points list, and the head of points show.

@@ -192,7 +192,7 @@ func (r *retention) run(ctx workflow.Context) (RetentionOutcome, error) {
 	plan := out.Plan
 	r.progress.VM, r.progress.HubID = text.Shorten(plan.VMName, MaxVMRefLength), plan.HubID
 	r.setStatus(ctx, StatusRunning)
-	r.journal.add(ctx, "policy %s from %s on hub %s", describePolicy(plan.Policy), plan.PolicySource, plan.HubID)
+	r.journal.add(ctx, "policy %s from %s on hub %s", DescribePolicy(plan.Policy), plan.PolicySource, plan.HubID)
 	changes := 0
 	for _, p := range plan.Points {
 		r.journal.add(ctx, "%s", describeDecision(p))
@@ -221,8 +221,8 @@ func (r *retention) run(ctx workflow.Context) (RetentionOutcome, error) {
 	return out, nil
 }
 
-// describePolicy is a policy as a job log line reads it.
-func describePolicy(p activities.RetentionPolicy) string {
+// DescribePolicy is a policy as an operator reads it: "last 3, daily 7, max chain 2".
+func DescribePolicy(p activities.RetentionPolicy) string {
 	var parts []string
 	for _, c := range []struct {
 		name string
