@@ -48,12 +48,14 @@ decisions. Prints per point keep/drop, the reasons and its bytes, then the bytes
 		Example: `  diskferry retention apply --vm web01 --dry-run
   diskferry retention apply --vm web01 --json`,
 		Args: cobra.NoArgs,
-		RunE: withTemporal(func(cmd *cobra.Command, _ []string, c client.Client) error {
+		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := validateRetention(in); err != nil {
 				return err
 			}
-			return runRetention(cmd.Context(), c, cmd.OutOrStdout(), in, asJSON)
-		}),
+			return withTemporal(func(cmd *cobra.Command, _ []string, c client.Client) error {
+				return runRetention(cmd.Context(), c, cmd.OutOrStdout(), in, asJSON)
+			})(cmd, args)
+		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&in.VM, "vm", "", "VM name or moref as the catalog knows it (required)")
