@@ -1,6 +1,7 @@
 package workflows
 
 import (
+	"slices"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
@@ -40,8 +41,6 @@ var nonRetryable = []string{
 	activities.ErrBadInput, activities.ErrNotFound, activities.ErrBackupRunning,
 	activities.ErrNoSpace, activities.ErrRefused, activities.ErrChangeIDRefused,
 	activities.ErrPoweredOn, activities.ErrMismatch,
-	// A busy chain stays busy for the length of a backup: the run is skipped, the next one retries.
-	activities.ErrBusy,
 }
 
 // usesCatalog are the activities that read or write the catalog.
@@ -83,6 +82,10 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.RetryPolicy.MaximumAttempts = catalogAttempts
 	}
 	switch name {
+	case activities.PlanRetentionName:
+		// A busy chain stays busy for the length of a backup: the run is skipped, the next
+		// one does it. (PlanBackup and ResolvePoint retry ErrBusy: they wait for a retention.)
+		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrBusy)
 	case activities.CopyDiskName, activities.WriteDiskName:
 		// Long copies: a short heartbeat timeout finds a dead SNA fast, the retry resumes from
 		// the heartbeated checkpoint.
@@ -125,6 +128,7 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 	case activities.ApplyRetentionName:
 		// Merges of whole disks on the hub: the heartbeat finds a dead hub worker fast, and
 		// every step is idempotent, so a retry finishes what the lost attempt began.
+		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrBusy)
 		opts.StartToCloseTimeout = 24 * time.Hour
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
 		opts.RetryPolicy.InitialInterval = 10 * time.Second

@@ -155,7 +155,8 @@ func TestRetentionInputRefused(t *testing.T) {
 }
 
 // PlanRetention waits out a catalog outage; ApplyRetention is a long heartbeating step with
-// retries (it is idempotent) that waits a bounded time for the hub's worker.
+// retries (it is idempotent) that waits a bounded time for the hub's worker. Neither retries
+// ErrBusy.
 func TestRetentionStepOptions(t *testing.T) {
 	var j job
 	plan := j.options(activities.PlanRetentionName, activities.HubQueue, "")
@@ -166,6 +167,12 @@ func TestRetentionStepOptions(t *testing.T) {
 	assert.Greater(t, apply.RetryPolicy.MaximumAttempts, int32(1))
 	assert.Equal(t, DefaultWorkerWait, apply.ScheduleToStartTimeout)
 	assert.Contains(t, apply.RetryPolicy.NonRetryableErrorTypes, activities.ErrBusy)
+	assert.Contains(t, plan.RetryPolicy.NonRetryableErrorTypes, activities.ErrBusy)
+	// A backup, restore or mount waits for a running retention: their ErrBusy is retried.
+	for _, name := range []string{activities.PlanBackupName, activities.ResolvePointName} {
+		assert.NotContains(t, j.options(name, activities.HubQueue, "").RetryPolicy.NonRetryableErrorTypes, activities.ErrBusy, name)
+	}
+	assert.NotContains(t, nonRetryable, activities.ErrBusy)
 }
 
 // A backup starts the VM's retention once its point is committed, under the VM's retention

@@ -49,6 +49,10 @@ type Settings struct {
 	WorkflowClosed catalog.WorkflowClosed
 	// CountVerified is told how many bytes each successful verification read; optional.
 	CountVerified func(bytes int64)
+	// RetentionRunning returns the workflow ID of the VM's (catalog name) running retention,
+	// "" when none runs. PlanBackup and ResolvePoint wait while one runs: a retention merges
+	// and removes the files of the VM's chain. Nil: none ever runs.
+	RetentionRunning func(ctx context.Context, vmName string) (workflowID string, err error)
 }
 
 // Activities are the hub activities. One instance per worker; safe for concurrent use.
@@ -81,6 +85,9 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	}
 	if settings.WorkflowClosed == nil {
 		settings.WorkflowClosed = func(context.Context, string) (bool, error) { return false, nil }
+	}
+	if settings.RetentionRunning == nil {
+		settings.RetentionRunning = func(context.Context, string) (string, error) { return "", nil }
 	}
 	if settings.CountVerified == nil {
 		settings.CountVerified = func(int64) {}
@@ -174,6 +181,9 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	if err != nil {
 		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
 	}
+	if err := a.waitForRetention(ctx, "plan backup of "+in.VM.Name, vm.Name); err != nil {
+		return activities.Plan{}, err
+	}
 	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full.
 	if vm, err = a.store.GetVM(ctx, vm.ID); err != nil {
 		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
@@ -219,6 +229,23 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	}
 	plan.PointID = point.ID
 	return plan, nil
+}
+
+// waitForRetention fails retryably (ErrBusy) while the VM's retention runs, so the step is
+// retried until it ended (bounded by the step's retry policy): a backup must not build on, and
+// a restore or mount must not read, a chain whose files are being merged and removed. A
+// retention started right after this check finds the point the backup opens, or the export a
+// restore starts, and is skipped (PlanRetention's guard).
+func (a *Activities) waitForRetention(ctx context.Context, what, vmName string) error {
+	id, err := a.settings.RetentionRunning(ctx, vmName)
+	if err != nil {
+		return fmt.Errorf("%s: is a retention of VM %s running: %w", what, vmName, err)
+	}
+	if id != "" {
+		return temporal.NewApplicationError(fmt.Sprintf("%s: the retention of VM %s is running (workflow %s); waiting until it ends",
+			what, vmName, id), activities.ErrBusy)
+	}
+	return nil
 }
 
 // openPoint opens the point; when the VM's running point belongs to a workflow that closed
