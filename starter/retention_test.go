@@ -127,3 +127,20 @@ func TestForgetInput(t *testing.T) {
 	_, err = forgetInput("web02", nil)
 	assert.EqualError(t, err, "VM web02 has no complete restore point in the catalog (diskferry points list --vm web02)")
 }
+
+// A backup's result names the retention it started, and a retention it could not start is
+// a warning.
+func TestPrintBackupResultNamesRetention(t *testing.T) {
+	var out bytes.Buffer
+	printResult(&out, "backup-web01", workflows.BackupResult{PointID: "P1", HubID: "hub-1", VMName: "web01", Mode: "full",
+		Duration: time.Second, Retention: "retention-web01"})
+	assert.Equal(t, `backup backup-web01 complete: point P1 on hub hub-1, full, 1s
+DISK  MODE  READ  WRITTEN  ZEROED  TIME  PATH
+retention: retention-web01 reviews the points of VM web01 (diskferry retention apply --vm web01 --dry-run shows its plan)
+`, out.String())
+	out.Reset()
+	printResult(&out, "backup-web01", workflows.BackupResult{PointID: "P1", HubID: "hub-1", VMName: "web01", Mode: "full",
+		Duration: time.Second, Warnings: []string{"retention of VM web01 not started (...): boom"}})
+	assert.Contains(t, out.String(), "warning: retention of VM web01 not started (...): boom\n")
+	assert.NotContains(t, out.String(), "retention: ")
+}
