@@ -49,10 +49,10 @@ type Settings struct {
 	WorkflowClosed catalog.WorkflowClosed
 	// CountVerified is told how many bytes each successful verification read; optional.
 	CountVerified func(bytes int64)
-	// RetentionRunning returns the workflow ID of the VM's (catalog name) running retention,
-	// "" when none runs. PlanBackup and ResolvePoint wait while one runs: a retention merges
-	// and removes the files of the VM's chain. Nil: none ever runs.
-	RetentionRunning func(ctx context.Context, vmName string) (workflowID string, err error)
+	// RetentionRunning returns the workflow ID of the running retention started for a VM by
+	// this name or moref, "" when none runs. PlanBackup and ResolvePoint wait while one runs: a
+	// retention merges and removes the files of the VM's chain. Nil: none ever runs.
+	RetentionRunning func(ctx context.Context, vmRef string) (workflowID string, err error)
 }
 
 // Activities are the hub activities. One instance per worker; safe for concurrent use.
@@ -181,7 +181,7 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	if err != nil {
 		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
 	}
-	if err := a.waitForRetention(ctx, "plan backup of "+in.VM.Name, vm.Name); err != nil {
+	if err := a.waitForRetention(ctx, "plan backup of "+in.VM.Name, vm); err != nil {
 		return activities.Plan{}, err
 	}
 	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full.
@@ -236,14 +236,18 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 // a restore or mount must not read, a chain whose files are being merged and removed. A
 // retention started right after this check finds the point the backup opens, or the export a
 // restore starts, and is skipped (PlanRetention's guard).
-func (a *Activities) waitForRetention(ctx context.Context, what, vmName string) error {
-	id, err := a.settings.RetentionRunning(ctx, vmName)
-	if err != nil {
-		return fmt.Errorf("%s: is a retention of VM %s running: %w", what, vmName, err)
-	}
-	if id != "" {
-		return temporal.NewApplicationError(fmt.Sprintf("%s: the retention of VM %s is running (workflow %s); waiting until it ends",
-			what, vmName, id), activities.ErrBusy)
+func (a *Activities) waitForRetention(ctx context.Context, what string, vm catalog.VM) error {
+	// A retention is named by the reference it was asked for: a backup's by the VM's name, an
+	// operator's by name or moref.
+	for _, ref := range []string{vm.Name, vm.Moref} {
+		id, err := a.settings.RetentionRunning(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("%s: is a retention of VM %s running: %w", what, vm.Name, err)
+		}
+		if id != "" {
+			return temporal.NewApplicationError(fmt.Sprintf("%s: the retention of VM %s is running (workflow %s); waiting until it ends",
+				what, vm.Name, id), activities.ErrBusy)
+		}
 	}
 	return nil
 }

@@ -34,12 +34,12 @@ func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 	}
 }
 
-// RetentionRunningFunc asks Temporal whether the VM's retention, the workflow named by
+// RetentionRunningFunc asks Temporal whether a VM's retention, the workflow named by
 // retentionID, runs (Settings.RetentionRunning).
-func RetentionRunningFunc(c client.Client, retentionID func(vmName string) string) func(context.Context, string) (string, error) {
+func RetentionRunningFunc(c client.Client, retentionID func(vmRef string) string) func(context.Context, string) (string, error) {
 	closed := WorkflowClosedFunc(c)
-	return func(ctx context.Context, vmName string) (string, error) {
-		id := retentionID(vmName)
+	return func(ctx context.Context, vmRef string) (string, error) {
+		id := retentionID(vmRef)
 		done, err := closed(ctx, id)
 		if err != nil || done {
 			return "", err

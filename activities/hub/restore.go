@@ -48,7 +48,7 @@ func (a *Activities) ResolvePoint(ctx context.Context, in activities.ResolvePoin
 	if err != nil {
 		return activities.RestoreSource{}, err
 	}
-	if err := a.waitForRetention(ctx, "resolve point "+point.ID, vm.Name); err != nil {
+	if err := a.waitForRetention(ctx, "resolve point "+point.ID, vm); err != nil {
 		return activities.RestoreSource{}, err
 	}
 	chain, err := a.store.ChainOf(ctx, point.ID)

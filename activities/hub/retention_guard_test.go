@@ -20,20 +20,23 @@ import (
 func TestBackupAndRestoreWaitForRetention(t *testing.T) {
 	testenv.Integration(t)
 	var mu sync.Mutex
-	var running string
+	var runningRef, running string
 	var askErr error
 	var asked []string
 	r := newRig(t, newStore(t), exportPorts(t, 1), filepath.Join(testenv.ShortTempDir(t), "run"), filepath.Join(t.TempDir(), "repo"),
-		Settings{RetentionRunning: func(_ context.Context, vm string) (string, error) {
+		Settings{RetentionRunning: func(_ context.Context, ref string) (string, error) {
 			mu.Lock()
 			defer mu.Unlock()
-			asked = append(asked, vm)
+			asked = append(asked, ref)
+			if ref != runningRef {
+				return "", askErr
+			}
 			return running, askErr
 		}})
-	set := func(id string, err error) {
+	set := func(ref, id string, err error) {
 		mu.Lock()
 		defer mu.Unlock()
-		running, askErr = id, err
+		runningRef, running, askErr = ref, id, err
 	}
 	ctx := context.Background()
 	vm := testVM()
@@ -41,7 +44,7 @@ func TestBackupAndRestoreWaitForRetention(t *testing.T) {
 	require.NoError(t, err)
 	r.commit(t, plan, map[int32]string{diskA: "/repo/p1.qcow2"}, nil)
 
-	set("retention-web", nil)
+	set(vm.Name, "retention-web", nil)
 	_, err = r.plan(t, "wf-2", vm, activities.ModeAuto, diskA)
 	appErr := requireAppError(t, err, activities.ErrBusy, false)
 	assert.Equal(t, "plan backup of web 01/../x: the retention of VM web 01/../x is running (workflow retention-web); waiting until it ends", appErr.Message())
@@ -51,16 +54,19 @@ func TestBackupAndRestoreWaitForRetention(t *testing.T) {
 	_, err = r.resolve(t, activities.ResolvePointInput{PointID: plan.PointID})
 	appErr = requireAppError(t, err, activities.ErrBusy, false)
 	assert.Equal(t, "resolve point "+plan.PointID+": the retention of VM web 01/../x is running (workflow retention-web); waiting until it ends", appErr.Message())
+	// An operator's retention asked for by moref counts as well.
+	set(vm.Moref, "retention-vm-42", nil)
 	_, err = r.resolve(t, activities.ResolvePointInput{VM: vm.Moref})
-	requireAppError(t, err, activities.ErrBusy, false)
+	appErr = requireAppError(t, err, activities.ErrBusy, false)
+	assert.Contains(t, appErr.Message(), "(workflow retention-vm-42)")
 
-	set("", errors.New("frontend unavailable"))
+	set("", "", errors.New("frontend unavailable"))
 	_, err = r.plan(t, "wf-2", vm, activities.ModeAuto, diskA)
 	require.ErrorContains(t, err, "plan backup of web 01/../x: is a retention of VM web 01/../x running: frontend unavailable")
 	require.True(t, errors.As(err, &appErr))
 	assert.False(t, appErr.NonRetryable())
 
-	set("", nil)
+	set("", "", nil)
 	src, err := r.resolve(t, activities.ResolvePointInput{PointID: plan.PointID})
 	require.NoError(t, err)
 	assert.Equal(t, plan.PointID, src.PointID)
@@ -69,7 +75,8 @@ func TestBackupAndRestoreWaitForRetention(t *testing.T) {
 	assert.NotEmpty(t, next.PointID)
 	mu.Lock()
 	defer mu.Unlock()
-	for _, name := range asked {
-		assert.Equal(t, vm.Name, name, "the retention is looked up by the catalog's VM name")
+	for _, ref := range asked {
+		assert.Contains(t, []string{vm.Name, vm.Moref}, ref, "the retention is looked up by the catalog's VM name and moref")
 	}
+	assert.Contains(t, asked, vm.Moref)
 }
