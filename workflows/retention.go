@@ -103,6 +103,9 @@ type RetentionOutcome struct {
 	Duration time.Duration `json:"duration"`
 }
 
+// maxDecisionLines bounds the points a run's job log lists one by one.
+const maxDecisionLines = 20
+
 // Statuses of a retention run besides running, complete, failed and cancelled.
 const (
 	StatusApplying = "applying" // ApplyRetention removes and merges on the hub
@@ -195,11 +198,20 @@ func (r *retention) run(ctx workflow.Context) (RetentionOutcome, error) {
 	r.journal.add(ctx, "policy %s from %s on hub %s", DescribePolicy(plan.Policy), plan.PolicySource, plan.HubID)
 	changes := 0
 	for _, p := range plan.Points {
-		r.journal.add(ctx, "%s", describeDecision(p))
-		if !p.Keep || p.Flatten {
-			changes++
+		if p.Keep && !p.Flatten {
+			continue
+		}
+		changes++
+		// The job log is the run's current details, sent with every workflow task: a VM
+		// forgotten with thousands of points lists the first few, the result has them all.
+		if changes <= maxDecisionLines {
+			r.journal.add(ctx, "%s", describeDecision(p))
 		}
 	}
+	if changes > maxDecisionLines {
+		r.journal.add(ctx, "and %d more point(s) to delete or flatten", changes-maxDecisionLines)
+	}
+	r.journal.add(ctx, "%d point(s) kept as they are", len(plan.Points)-changes)
 	if r.in.DryRun {
 		r.journal.add(ctx, "dry run: %d of %d point(s) would change; nothing done", changes, len(plan.Points))
 		return out, nil
@@ -207,6 +219,10 @@ func (r *retention) run(ctx workflow.Context) (RetentionOutcome, error) {
 	if changes == 0 {
 		r.journal.add(ctx, "nothing to remove or flatten")
 		return out, nil
+	}
+	if plan.HubID == "" {
+		return out, temporal.NewNonRetryableApplicationError(
+			fmt.Sprintf("the retention plan of VM %s names no hub to apply it on", plan.VMName), activities.ErrRefused, nil)
 	}
 
 	r.setStatus(ctx, StatusApplying)
@@ -238,14 +254,11 @@ func DescribePolicy(p activities.RetentionPolicy) string {
 	return strings.Join(parts, ", ")
 }
 
-// describeDecision is one point's fate as a job log line reads it.
+// describeDecision is the fate of a point that changes, as a job log line reads it.
 func describeDecision(p activities.PointDecision) string {
-	verb := "keep"
-	switch {
-	case !p.Keep:
+	verb := "keep and flatten"
+	if !p.Keep {
 		verb = "drop"
-	case p.Flatten:
-		verb = "keep and flatten"
 	}
 	return fmt.Sprintf("%s point %s (%s): %s", verb, p.PointID, humanBytes(p.Bytes), strings.Join(p.Reasons, "; "))
 }

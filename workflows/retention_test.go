@@ -217,3 +217,34 @@ func TestBackupCompletesWhenRetentionCannotStart(t *testing.T) {
 	assert.Contains(t, res.Warnings[0], "retention of VM web01 not started (the next backup starts it, or diskferry retention apply --vm web01)")
 	assert.Equal(t, StatusComplete, r.statuses[len(r.statuses)-1])
 }
+
+// The job log lists the points that change, at most maxDecisionLines of them one by one:
+// a VM forgotten with thousands of points does not grow the run's details without bound.
+func TestRetentionJobLogIsBounded(t *testing.T) {
+	r := newUnmockedRun(t, activities.ModeFull)
+	plan := testRetentionPlan()
+	newest := plan.Points[len(plan.Points)-1]
+	plan.Points = nil
+	for i := range maxDecisionLines + 5 {
+		plan.Points = append(plan.Points, activities.PointDecision{PointID: "d" + strconv.Itoa(i), Reasons: []string{"deleted by operator"}, Bytes: gib})
+	}
+	r.fakes.retentionPlan = activities.RetentionPlan{VMName: plan.VMName, HubID: plan.HubID, PolicySource: "none", Points: append(plan.Points, newest)}
+	_, err := r.executeRetention(RetentionInput{VM: "web01", DryRun: true})
+	require.NoError(t, err)
+	details := r.details(t)
+	assert.Contains(t, details, "drop point d0 (1 GiB): deleted by operator")
+	assert.Contains(t, details, "drop point d19 ")
+	assert.NotContains(t, details, "drop point d20 ")
+	assert.Contains(t, details, "and 5 more point(s) to delete or flatten")
+	assert.Contains(t, details, "1 point(s) kept as they are")
+	assert.Contains(t, details, "dry run: 25 of 26 point(s) would change; nothing done")
+}
+
+// A plan that changes points but names no hub fails at once, naming the cause.
+func TestRetentionPlanWithoutHubFails(t *testing.T) {
+	r := newUnmockedRun(t, activities.ModeFull)
+	r.fakes.retentionPlan.HubID = ""
+	_, err := r.executeRetention(RetentionInput{VM: "web01"})
+	require.ErrorContains(t, err, "the retention plan of VM web01 names no hub to apply it on")
+	assert.Equal(t, []string{activities.PlanRetentionName}, r.fakes.recorded())
+}
