@@ -83,6 +83,10 @@ func printResult(out io.Writer, id string, r workflows.BackupResult) {
 			humanBytes(d.BytesZeroed), d.Duration.Round(time.Millisecond), d.Path)
 	}
 	_ = tw.Flush()
+	if r.Retention != "" {
+		fmt.Fprintf(out, "retention: %s reviews the points of VM %s (diskferry retention apply --vm %s --dry-run shows its plan)\n",
+			r.Retention, r.VMName, r.VMName)
+	}
 	for _, w := range r.Warnings {
 		fmt.Fprintf(out, "warning: %s\n", w)
 	}

@@ -28,7 +28,7 @@ func newRootCommand() *cobra.Command {
 	}
 	// Subcommands inherit the template: every --help lists the environment.
 	root.SetUsageTemplate(root.UsageTemplate() + "\n" + environmentHelp + "\n")
-	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newAdminCommand(), newPointsCommand(), newRetentionCommand(), newRestoreCommand(), newMountCommand(), newUnmountCommand(), newVersionCommand())
+	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newAdminCommand(), newPointsCommand(), newRestoreCommand(), newMountCommand(), newUnmountCommand(), newRetentionCommand(), newVMCommand(), newVersionCommand())
 	return root
 }
 
@@ -40,6 +40,6 @@ const environmentHelp = `Environment (every command that talks to Temporal):
   DISKFERRY_TEMPORAL_TLS_SERVER_NAME
                                  mTLS client certificate, key, CA and server name
   DISKFERRY_LOG_LEVEL            debug, info, warn (default) or error
-Environment (points, retention, and schedule create with a retention policy):
+Environment (points, retention, vm forget, and schedule create with a retention policy):
   DISKFERRY_DB_DSN, DISKFERRY_DB_DSN_FILE
                                  the hub's catalog DSN, or a file holding it`

@@ -23,12 +23,13 @@ import (
 func newPointsCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "points",
-		Short: "List and show restore points, from the catalog",
+		Short: "List, show and delete restore points",
 		Long: `List and show restore points as the hub's catalog records them (the workflow histories
 behind them expire; the catalog does not). Needs the catalog's DSN: DISKFERRY_DB_DSN or
-DISKFERRY_DB_DSN_FILE, the same settings as the hub.`,
+DISKFERRY_DB_DSN_FILE, the same settings as the hub. Deleting a point runs the VM's retention
+workflow (Temporal), which merges the chain so no other point breaks.`,
 	}
-	cmd.AddCommand(newPointsListCommand(), newPointsShowCommand())
+	cmd.AddCommand(newPointsListCommand(), newPointsShowCommand(), newPointsDeleteCommand())
 	return cmd
 }
 
@@ -91,16 +92,24 @@ const catalogTimeout = 30 * time.Second
 // catalog named by DISKFERRY_DB_DSN(_FILE) and checks its schema first.
 func withCatalog(run func(cmd *cobra.Command, args []string, store *catalog.Store) error) func(*cobra.Command, []string) error {
 	return func(cmd *cobra.Command, args []string) error {
-		ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
-		defer cancel()
-		store, err := openCatalog(ctx, cmd)
-		if err != nil {
-			return err
-		}
-		defer store.Close()
-		cmd.SetContext(ctx)
-		return run(cmd, args, store)
+		return readCatalog(cmd, func(ctx context.Context, store *catalog.Store) error {
+			cmd.SetContext(ctx)
+			return run(cmd, args, store)
+		})
 	}
+}
+
+// readCatalog opens the catalog (openCatalog) and runs read with it, all within
+// catalogTimeout.
+func readCatalog(cmd *cobra.Command, read func(ctx context.Context, store *catalog.Store) error) error {
+	ctx, cancel := context.WithTimeout(cmd.Context(), catalogTimeout)
+	defer cancel()
+	store, err := openCatalog(ctx, cmd)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	return read(ctx, store)
 }
 
 // openCatalog opens the catalog named by DISKFERRY_DB_DSN(_FILE) and checks its schema.

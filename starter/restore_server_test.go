@@ -107,6 +107,7 @@ func startFakeWorkflows(t *testing.T) client.Client {
 	w := worker.New(srv.Client, activities.HubQueue, worker.Options{})
 	w.RegisterWorkflowWithOptions(fakeRestore, workflow.RegisterOptions{Name: workflows.RestoreWorkflowName})
 	w.RegisterWorkflowWithOptions(fakeMount, workflow.RegisterOptions{Name: workflows.MountWorkflowName})
+	w.RegisterWorkflowWithOptions(fakeRetention, workflow.RegisterOptions{Name: workflows.RetentionWorkflowName})
 	require.NoError(t, w.Start())
 	t.Cleanup(w.Stop)
 	t.Setenv("DISKFERRY_TEMPORAL_ADDRESS", srv.HostPort)

@@ -26,9 +26,13 @@ that have points (--daily, --weekly, --monthly, --yearly; UTC), and a bound on t
 restore reads through (--max-chain K: at most K incrementals on a full, so no restore reads
 more than K+1 files). The newest point is always kept. A VM's own policy wins over the
 default of the schedule that backs it up; without either, every point is kept. Policies
-live in the catalog: DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE, as for points.`,
+live in the catalog: DISKFERRY_DB_DSN or DISKFERRY_DB_DSN_FILE, as for points.
+
+Retention runs after every backup (BackupWorkflow starts it) and on demand (apply). One
+retention at a time per VM (workflow retention-<vm>); it does not run while a backup, restore
+or mount of the VM's chain runs (it is skipped, and the next backup's run does it).`,
 	}
-	cmd.AddCommand(newRetentionSetCommand(), newRetentionShowCommand())
+	cmd.AddCommand(newRetentionSetCommand(), newRetentionShowCommand(), newRetentionApplyCommand())
 	return cmd
 }
 

@@ -6,6 +6,7 @@ package workflows
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
@@ -77,13 +78,18 @@ type BackupResult struct {
 	// Warnings are fallbacks the run took (a disk copied in full because vCenter refused its
 	// changeId) and cleanup steps that failed after the point was committed; the point is usable.
 	Warnings []string `json:"warnings,omitempty"`
+	// Retention is the workflow ID of the VM's retention run the backup started, or found
+	// running; empty when none was started (a warning says why).
+	Retention string `json:"retention,omitempty"`
 }
 
-// Register registers BackupWorkflow, RestoreWorkflow and MountWorkflow under their explicit names.
+// Register registers BackupWorkflow, RestoreWorkflow, MountWorkflow and RetentionWorkflow
+// under their explicit names.
 func Register(r worker.WorkflowRegistry) {
 	r.RegisterWorkflowWithOptions(BackupWorkflow, workflow.RegisterOptions{Name: BackupWorkflowName})
 	r.RegisterWorkflowWithOptions(RestoreWorkflow, workflow.RegisterOptions{Name: RestoreWorkflowName})
 	r.RegisterWorkflowWithOptions(MountWorkflow, workflow.RegisterOptions{Name: MountWorkflowName})
+	r.RegisterWorkflowWithOptions(RetentionWorkflow, workflow.RegisterOptions{Name: RetentionWorkflowName})
 }
 
 // BackupWorkflowID is the workflow ID convention for a manual backup of a VM: one ID per VM,
@@ -306,7 +312,52 @@ func (b *backup) run(ctx workflow.Context) (BackupResult, error) {
 		result.Warnings = append(result.Warnings, err.Error())
 		b.journal.add(ctx, "warning: %v", err)
 	}
+	if workflow.GetVersion(ctx, startRetentionChange, workflow.DefaultVersion, 1) == 1 {
+		var err error
+		if result.Retention, err = b.startRetention(releaseCtx); err != nil {
+			result.Warnings = append(result.Warnings, err.Error())
+			b.journal.add(ctx, "warning: %v", err)
+		}
+	}
 	return result, nil
+}
+
+// startRetentionChange is the GetVersion change ID of the retention run a backup starts.
+const startRetentionChange = "start-retention"
+
+// scheduledByKey is the search attribute the Temporal scheduler sets on the runs it starts:
+// the schedule's ID.
+var scheduledByKey = temporal.NewSearchAttributeKeyKeyword("TemporalScheduledById")
+
+// startRetention starts the VM's RetentionWorkflow once the point is committed and returns its
+// workflow ID. The backup neither waits for it nor fails with it: the child is abandoned when
+// the backup closes, and waits only until the server recorded its start (a child not started
+// before its parent closes is never started). A retention of the VM already running is fine:
+// it reviews the new point too, or the next backup's run does. Any other error is returned
+// for a warning.
+func (b *backup) startRetention(ctx workflow.Context) (string, error) {
+	in := RetentionInput{VM: b.vm.Name}
+	in.ScheduleID, _ = workflow.GetTypedSearchAttributes(ctx).GetKeyword(scheduledByKey)
+	id := RetentionWorkflowID(in.VM)
+	b.step(ctx, "starting retention %s", id)
+	childCtx := workflow.WithChildOptions(ctx, workflow.ChildWorkflowOptions{
+		WorkflowID:            id,
+		TaskQueue:             activities.HubQueue,
+		ParentClosePolicy:     enumspb.PARENT_CLOSE_POLICY_ABANDON,
+		WorkflowIDReusePolicy: enumspb.WORKFLOW_ID_REUSE_POLICY_ALLOW_DUPLICATE,
+		StaticSummary:         escapeMarkdown("retention of VM " + in.VM),
+	})
+	err := workflow.ExecuteChildWorkflow(childCtx, RetentionWorkflowName, in).GetChildWorkflowExecution().Get(ctx, nil)
+	var running *temporal.ChildWorkflowExecutionAlreadyStartedError
+	switch {
+	case errors.As(err, &running):
+		b.journal.add(ctx, "retention %s already running; it reviews the VM's points", id)
+		return id, nil
+	case err != nil:
+		return "", fmt.Errorf("retention of VM %s not started (the next backup starts it, or diskferry retention apply --vm %s): %w", in.VM, in.VM, err)
+	}
+	b.journal.add(ctx, "retention %s started", id)
+	return id, nil
 }
 
 func (b *backup) inspectVM(ctx workflow.Context) error {

@@ -32,9 +32,24 @@ type run struct {
 	mu       sync.Mutex
 	statuses []string          // BackupStatus values in upsert order
 	attrs    map[string]string // last value of each keyword search attribute
+	// retentions are the inputs of the RetentionWorkflow children the backup started; the
+	// children themselves are mocked (retention_test.go tests RetentionWorkflow).
+	retentions []RetentionInput
 }
 
 func newRun(t *testing.T, planMode string) *run {
+	t.Helper()
+	r := newUnmockedRun(t, planMode)
+	r.env.OnWorkflow(RetentionWorkflowName, mock.Anything, mock.Anything).Run(func(args mock.Arguments) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.retentions = append(r.retentions, args.Get(1).(RetentionInput))
+	}).Return(RetentionOutcome{}, nil)
+	return r
+}
+
+// newUnmockedRun is a run whose workflows all run for real.
+func newUnmockedRun(t *testing.T, planMode string) *run {
 	t.Helper()
 	var suite testsuite.WorkflowTestSuite
 	suite.SetLogger(testLogger(t))

@@ -69,15 +69,21 @@ type fakeActivities struct {
 	writes      []activities.WriteDiskInput
 	readBacks   []activities.ReadBackDiskInput
 	activityIDs map[string]string // activity type → ID of its last start (WriteDisk)
+
+	// retention
+	retentionPlan  activities.RetentionPlan // what PlanRetention returns (VM and input filled in)
+	planRetentions []activities.PlanRetentionInput
+	applies        []activities.ApplyRetentionInput
 }
 
 func newFakeActivities(planMode string) *fakeActivities {
 	return &fakeActivities{
-		planMode: planMode,
-		fail:     map[string]error{},
-		release:  make(chan struct{}),
-		flaky:    map[string]int{},
-		attempts: map[string]int{},
+		planMode:      planMode,
+		fail:          map[string]error{},
+		release:       make(chan struct{}),
+		flaky:         map[string]int{},
+		attempts:      map[string]int{},
+		retentionPlan: testRetentionPlan(),
 	}
 }
 
@@ -109,6 +115,9 @@ func (f *fakeActivities) register(r worker.ActivityRegistry) {
 		activities.SetPowerName:            f.SetPower,
 		activities.WriteDiskName:           f.WriteDisk,
 		activities.ReadBackDiskName:        f.ReadBackDisk,
+
+		activities.PlanRetentionName:  f.PlanRetention,
+		activities.ApplyRetentionName: f.ApplyRetention,
 	} {
 		r.RegisterActivityWithOptions(fn, activity.RegisterOptions{Name: name})
 	}

@@ -1,6 +1,7 @@
 package workflows
 
 import (
+	"slices"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
@@ -49,6 +50,7 @@ var usesCatalog = map[string]bool{
 	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
 	activities.StartExportName: true, activities.StopExportName: true,
 	activities.ResolvePointName: true, activities.MarkRestoredInPlaceName: true,
+	activities.PlanRetentionName: true,
 }
 
 // options returns the activity options of one step.
@@ -80,6 +82,10 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.RetryPolicy.MaximumAttempts = catalogAttempts
 	}
 	switch name {
+	case activities.PlanRetentionName:
+		// A busy chain stays busy for the length of a backup: the run is skipped, the next
+		// one does it. (PlanBackup and ResolvePoint retry ErrBusy: they wait for a retention.)
+		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrBusy)
 	case activities.CopyDiskName, activities.WriteDiskName:
 		// Long copies: a short heartbeat timeout finds a dead SNA fast, the retry resumes from
 		// the heartbeated checkpoint.
@@ -118,6 +124,15 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		// A VM left behind holds its datastore space and its name: try hard.
 		opts.StartToCloseTimeout = 30 * time.Minute
 		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.MaximumAttempts = 10
+	case activities.ApplyRetentionName:
+		// Merges of whole disks on the hub: the heartbeat finds a dead hub worker fast, and
+		// every step is idempotent, so a retry finishes what the lost attempt began.
+		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrBusy)
+		opts.StartToCloseTimeout = 24 * time.Hour
+		opts.HeartbeatTimeout = LongStepHeartbeatTimeout
+		opts.RetryPolicy.InitialInterval = 10 * time.Second
+		opts.RetryPolicy.MaximumInterval = 5 * time.Minute
 		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.PrepareTargetName, activities.StartExportName, activities.StopExportName,
 		activities.DiscardTargetName, activities.EnsureTunnelName, activities.DropTunnelName,

@@ -15,6 +15,7 @@ import (
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/api/temporalproto"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/testenv"
@@ -157,6 +158,66 @@ func TestRecordRestoreHistories(t *testing.T) {
 				}, 30*time.Second, 50*time.Millisecond, "the mount never served")
 				require.NoError(t, sc.whileMounted(ctx, srv.Client, run.GetID(), cancelRun))
 			}
+			err = run.Get(ctx, nil)
+			if sc.wantErr {
+				require.Error(t, err)
+			} else {
+				require.NoError(t, err)
+			}
+			writeHistory(ctx, t, srv.Client, run, historyPath(sc.file))
+		})
+	}
+}
+
+// TestRecordRetentionHistories records a backup that starts its VM's retention, that
+// retention, and retention runs that only plan, are skipped or fail:
+//
+//	go test -tags record ./workflows -run TestRecordRetentionHistories
+func TestRecordRetentionHistories(t *testing.T) {
+	srv := testenv.StartTemporal(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	t.Run("backup_starts_retention.json", func(t *testing.T) {
+		f := newFakeActivities(activities.ModeFull)
+		t.Cleanup(func() { close(f.release) })
+		startWorkers(t, srv.Client, f)
+		in := validInput()
+		run, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
+		require.NoError(t, err)
+		var res BackupResult
+		require.NoError(t, run.Get(ctx, &res))
+		require.Equal(t, RetentionWorkflowID("web01"), res.Retention)
+		require.Empty(t, res.Warnings)
+		writeHistory(ctx, t, srv.Client, run, historyPath("backup_starts_retention.json"))
+		retention := srv.Client.GetWorkflow(ctx, res.Retention, "")
+		require.NoError(t, retention.Get(ctx, nil))
+		writeHistory(ctx, t, srv.Client, retention, historyPath("retention_apply.json"))
+	})
+	for _, sc := range []struct {
+		file    string
+		in      RetentionInput
+		prepare func(f *fakeActivities)
+		wantErr bool
+	}{
+		{file: "retention_dry_run.json", in: RetentionInput{VM: "web01", DryRun: true}},
+		{file: "retention_skipped_busy.json", in: RetentionInput{VM: "web01"}, prepare: func(f *fakeActivities) {
+			f.fail[activities.PlanRetentionName] = temporal.NewApplicationError("backup backup-web01 of VM web01 is running", activities.ErrBusy)
+		}},
+		{file: "retention_apply_failure.json", in: RetentionInput{VM: "web01", Delete: []string{"p2"}}, wantErr: true, prepare: func(f *fakeActivities) {
+			f.fail[activities.ApplyRetentionName] = injected(activities.ApplyRetentionName)
+		}},
+	} {
+		t.Run(sc.file, func(t *testing.T) {
+			f := newFakeActivities(activities.ModeFull)
+			t.Cleanup(func() { close(f.release) })
+			if sc.prepare != nil {
+				sc.prepare(f)
+			}
+			startWorkers(t, srv.Client, f)
+			opts := client.StartWorkflowOptions{ID: RetentionWorkflowID(sc.in.VM), TaskQueue: activities.HubQueue}
+			run, err := srv.Client.ExecuteWorkflow(ctx, opts, RetentionWorkflowName, sc.in)
+			require.NoError(t, err)
 			err = run.Get(ctx, nil)
 			if sc.wantErr {
 				require.Error(t, err)

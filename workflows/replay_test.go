@@ -8,6 +8,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	enumspb "go.temporal.io/api/enums/v1"
+	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/sdk/client"
 	"go.temporal.io/sdk/worker"
 	"go.temporal.io/sdk/workflow"
@@ -17,7 +19,9 @@ import (
 
 // recorded histories: one backup success per mode, a failure that compensates and a cancel
 // mid-copy; a restore per destination, a restore whose write fails and one cancelled
-// mid-write; a mount ended by unmount and one by cancel.
+// mid-write; a mount ended by unmount and one by cancel; a backup that starts its VM's
+// retention (the backups above predate that step), that retention, a dry run, a run skipped
+// because the chain is busy and one whose apply fails.
 var histories = []string{
 	"backup_full.json",
 	"backup_incremental.json",
@@ -30,6 +34,11 @@ var histories = []string{
 	"restore_file.json",
 	"mount_unmount.json",
 	"mount_cancel.json",
+	"backup_starts_retention.json",
+	"retention_apply.json",
+	"retention_dry_run.json",
+	"retention_skipped_busy.json",
+	"retention_apply_failure.json",
 }
 
 func historyPath(name string) string { return filepath.Join("testdata", name) }
@@ -133,6 +142,11 @@ func TestRecordedHistoriesShowCompensation(t *testing.T) {
 		"restore_file.json":                       {"ResolvePoint", "RestoreFile"},
 		"mount_unmount.json":                      {"EnsureTunnel", "DropTunnel", "StopExport", "ReleasePorts"},
 		"mount_cancel.json":                       {"StartExport", "StopExport", "ReleasePorts"},
+		"backup_starts_retention.json":            {"CommitPoint", "ReleasePorts"},
+		"retention_apply.json":                    {"PlanRetention", "ApplyRetention"},
+		"retention_dry_run.json":                  {"PlanRetention"},
+		"retention_skipped_busy.json":             {"PlanRetention"},
+		"retention_apply_failure.json":            {"PlanRetention", "ApplyRetention"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			f, err := os.Open(historyPath(name))
@@ -154,7 +168,49 @@ func TestRecordedHistoriesShowCompensation(t *testing.T) {
 				assert.NotContains(t, scheduled, activities.CommitPointName)
 			case "restore_new_vm.json", "restore_in_place.json":
 				assert.NotContains(t, scheduled, activities.DestroyRestoreVMName)
+			case "retention_dry_run.json", "retention_skipped_busy.json":
+				assert.NotContains(t, scheduled, activities.ApplyRetentionName)
 			}
 		})
+	}
+}
+
+// TestRecordedBackupStartsRetention checks the new backup history holds what the change is
+// about: the version marker, then the retention started as an abandoned child under the VM's
+// retention ID after the point was committed; the older backup histories hold neither.
+func TestRecordedBackupStartsRetention(t *testing.T) {
+	children := func(name string) (markers int, started []*historypb.StartChildWorkflowExecutionInitiatedEventAttributes, afterCommit bool) {
+		f, err := os.Open(historyPath(name))
+		require.NoError(t, err)
+		defer f.Close()
+		hist, err := client.HistoryFromJSON(f, client.HistoryJSONOptions{})
+		require.NoError(t, err)
+		committed := false
+		afterCommit = true
+		for _, e := range hist.GetEvents() {
+			if a := e.GetActivityTaskScheduledEventAttributes(); a != nil && a.GetActivityType().GetName() == activities.CommitPointName {
+				committed = true
+			}
+			if e.GetMarkerRecordedEventAttributes() != nil {
+				markers++
+			}
+			if a := e.GetStartChildWorkflowExecutionInitiatedEventAttributes(); a != nil {
+				started = append(started, a)
+				afterCommit = afterCommit && committed
+			}
+		}
+		return markers, started, afterCommit
+	}
+	markers, started, afterCommit := children("backup_starts_retention.json")
+	assert.Equal(t, 1, markers)
+	require.Len(t, started, 1)
+	assert.True(t, afterCommit)
+	assert.Equal(t, RetentionWorkflowID("web01"), started[0].GetWorkflowId())
+	assert.Equal(t, RetentionWorkflowName, started[0].GetWorkflowType().GetName())
+	assert.Equal(t, enumspb.PARENT_CLOSE_POLICY_ABANDON, started[0].GetParentClosePolicy())
+	for _, old := range []string{"backup_full.json", "backup_incremental.json"} {
+		markers, started, _ := children(old)
+		assert.Zero(t, markers, old)
+		assert.Empty(t, started, old)
 	}
 }

@@ -52,6 +52,10 @@ type Settings struct {
 	// RepositoryMargin is the free space PrepareTarget leaves in the repository's file
 	// system; the zero value is the default (repo.Margin).
 	RepositoryMargin repo.Margin
+	// RetentionRunning returns the workflow ID of the running retention started for a VM by
+	// this name or moref, "" when none runs. PlanBackup and ResolvePoint wait while one runs: a
+	// retention merges and removes the files of the VM's chain. Nil: none ever runs.
+	RetentionRunning func(ctx context.Context, vmRef string) (workflowID string, err error)
 }
 
 // Activities are the hub activities. One instance per worker; safe for concurrent use.
@@ -84,6 +88,9 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	}
 	if settings.WorkflowClosed == nil {
 		settings.WorkflowClosed = func(context.Context, string) (bool, error) { return false, nil }
+	}
+	if settings.RetentionRunning == nil {
+		settings.RetentionRunning = func(context.Context, string) (string, error) { return "", nil }
 	}
 	if settings.CountVerified == nil {
 		settings.CountVerified = func(int64) {}
@@ -178,6 +185,9 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 	if err != nil {
 		return activities.Plan{}, classify("plan backup of "+in.VM.Name, err)
 	}
+	if err := a.waitForRetention(ctx, "plan backup of "+in.VM.Name, vm); err != nil {
+		return activities.Plan{}, err
+	}
 	// The mark of an in-place restore (MarkRestoredInPlace) makes every disk full, once the
 	// restore's workflow closed: until then it may still be writing the disks.
 	if vm, err = a.store.GetVM(ctx, vm.ID); err != nil {
@@ -238,6 +248,27 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 func restoreRunning(vmName, workflowID string) error {
 	return temporal.NewNonRetryableApplicationError(
 		fmt.Sprintf("an in-place restore of VM %s is running (workflow %s)", vmName, workflowID), activities.ErrBackupRunning, nil)
+}
+
+// waitForRetention fails retryably (ErrBusy) while the VM's retention runs, so the step is
+// retried until it ended (bounded by the step's retry policy): a backup must not build on, and
+// a restore or mount must not read, a chain whose files are being merged and removed. A
+// retention started right after this check finds the point the backup opens, or the export a
+// restore starts, and is skipped (PlanRetention's guard).
+func (a *Activities) waitForRetention(ctx context.Context, what string, vm catalog.VM) error {
+	// A retention is named by the reference it was asked for: a backup's by the VM's name, an
+	// operator's by name or moref.
+	for _, ref := range []string{vm.Name, vm.Moref} {
+		id, err := a.settings.RetentionRunning(ctx, ref)
+		if err != nil {
+			return fmt.Errorf("%s: is a retention of VM %s running: %w", what, vm.Name, err)
+		}
+		if id != "" {
+			return temporal.NewApplicationError(fmt.Sprintf("%s: the retention of VM %s is running (workflow %s); waiting until it ends",
+				what, vm.Name, id), activities.ErrBusy)
+		}
+	}
+	return nil
 }
 
 // openPoint opens the point; when the VM's running point belongs to a workflow that closed

@@ -34,6 +34,20 @@ func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 	}
 }
 
+// RetentionRunningFunc asks Temporal whether a VM's retention, the workflow named by
+// retentionID, runs (Settings.RetentionRunning).
+func RetentionRunningFunc(c client.Client, retentionID func(vmRef string) string) func(context.Context, string) (string, error) {
+	closed := WorkflowClosedFunc(c)
+	return func(ctx context.Context, vmRef string) (string, error) {
+		id := retentionID(vmRef)
+		done, err := closed(ctx, id)
+		if err != nil || done {
+			return "", err
+		}
+		return id, nil
+	}
+}
+
 // ReconcileReport says what Reconcile changed, by port and by point.
 type ReconcileReport struct {
 	Reaped     []catalog.Lease // leases of closed workflows, released

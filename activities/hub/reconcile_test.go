@@ -127,6 +127,12 @@ func TestReconcileAfterWorkerRestart(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, want, closed, id)
 	}
+	retentionRunning := RetentionRunningFunc(srv.Client, func(ref string) string { return "wf-" + ref })
+	for ref, want := range map[string]string{"running": "wf-running", "closed": "", "never-started": ""} {
+		id, err := retentionRunning(ctx, ref)
+		require.NoError(t, err)
+		assert.Equal(t, want, id, ref)
+	}
 
 	after := newRig(t, store, rng, runDir, root, settings) // the restarted worker
 	report, err := after.acts.Reconcile(ctx)

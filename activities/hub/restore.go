@@ -48,6 +48,9 @@ func (a *Activities) ResolvePoint(ctx context.Context, in activities.ResolvePoin
 	if err != nil {
 		return activities.RestoreSource{}, err
 	}
+	if err := a.waitForRetention(ctx, "resolve point "+point.ID, vm); err != nil {
+		return activities.RestoreSource{}, err
+	}
 	chain, err := a.store.ChainOf(ctx, point.ID)
 	if err != nil {
 		return activities.RestoreSource{}, fmt.Errorf("resolve point %s: %w", point.ID, err)
