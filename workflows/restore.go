@@ -66,6 +66,8 @@ type restore struct {
 	site  string               // the SNA that writes into vCenter
 	vm    activities.RestoreVM // the VM written into
 	disks []*restoreDisk
+	// poweredOn: the original VM ran when inspected (in-place).
+	poweredOn bool
 	// partial is set once an in-place restore may have written: from then on a failure leaves
 	// the VM's disks partly overwritten.
 	partial  bool
@@ -97,7 +99,7 @@ func (r *restore) run(ctx workflow.Context) (RestoreResult, error) {
 		}
 	case activities.DestinationInPlace:
 		steps = []func(workflow.Context) error{
-			r.checkOriginal, r.exportPoint, r.ensureTunnel, r.markRestored, r.writeDisks, r.teardown, r.readBack, r.powerOn,
+			r.checkOriginal, r.markRestored, r.powerOffOriginal, r.exportPoint, r.ensureTunnel, r.writeDisks, r.teardown, r.readBack, r.powerOn,
 		}
 	}
 	for _, step := range steps {
@@ -254,19 +256,26 @@ func (r *restore) checkOriginal(ctx workflow.Context) error {
 		r.vm.Disks = append(r.vm.Disks, activities.RestoreDiskMap{PointKey: d.src.Key, VMKey: d.src.Key, CapacityBytes: d.src.CapacityBytes, BackingFile: vm.Disks[i].BackingFile})
 	}
 	r.journal.add(ctx, "VM %s (%s): %d disk(s), %s", vm.Name, vm.Moref, len(vm.Disks), vm.PowerState)
-	if vm.PowerState != activities.PowerOn {
-		return nil
-	}
-	if !r.in.PowerOff {
+	r.poweredOn = vm.PowerState == activities.PowerOn
+	if r.poweredOn && !r.in.PowerOff {
 		return temporal.NewNonRetryableApplicationError(
 			fmt.Sprintf("VM %s is powered on; power it off or pass --power-off", vm.Name), activities.ErrPoweredOn, nil)
 	}
-	r.step(ctx, "powering VM %s off", vm.Name)
-	if err := r.execute(ctx, activities.SetPowerName, r.snaQueue(), "power off VM "+vm.Name,
-		activities.SetPowerInput{VMMoref: vm.Moref, State: activities.PowerOff}, nil); err != nil {
+	return nil
+}
+
+// powerOffOriginal powers the original VM off when it runs (the request allowed it): after
+// the mark, so a restore the catalog refuses (a backup of the VM runs) leaves it running.
+func (r *restore) powerOffOriginal(ctx workflow.Context) error {
+	if !r.poweredOn {
+		return nil
+	}
+	r.step(ctx, "powering VM %s off", r.vm.Name)
+	if err := r.execute(ctx, activities.SetPowerName, r.snaQueue(), "power off VM "+r.vm.Name,
+		activities.SetPowerInput{VMMoref: r.vm.Moref, State: activities.PowerOff}, nil); err != nil {
 		return err
 	}
-	r.journal.add(ctx, "VM %s powered off", vm.Name)
+	r.journal.add(ctx, "VM %s powered off", r.vm.Name)
 	return nil
 }
 

@@ -50,9 +50,9 @@ var newVMForward = []string{
 
 // inPlaceForward lists the calls of a successful in-place restore of the powered-off original.
 var inPlaceForward = []string{
-	"ResolvePoint", "InspectVM",
+	"ResolvePoint", "InspectVM", "MarkRestoredInPlace",
 	"AllocatePort 2000", "StartExport 2000", "AllocatePort 2001", "StartExport 2001",
-	"EnsureTunnel", "MarkRestoredInPlace", "WriteDisk 2000", "WriteDisk 2001",
+	"EnsureTunnel", "WriteDisk 2000", "WriteDisk 2001",
 	"DropTunnel", "StopExport 2000", "StopExport 2001", "ReleasePorts",
 	"ReadBackDisk 2000", "ReadBackDisk 2001",
 }
@@ -323,7 +323,7 @@ func TestRestoreInPlacePowersOffWhenAllowed(t *testing.T) {
 	in.PowerOff = true
 	_, err := r.executeRestore(in)
 	require.NoError(t, err)
-	want := slices.Insert(slices.Clone(inPlaceForward), 2, "SetPower poweredOff")
+	want := slices.Insert(slices.Clone(inPlaceForward), 3, "SetPower poweredOff")
 	assert.Equal(t, want, r.fakes.recorded())
 	assert.Equal(t, []activities.SetPowerInput{{VMMoref: "vm-42", State: activities.PowerOff}}, r.fakes.powers)
 }
@@ -353,7 +353,8 @@ func TestRestoreInPlaceFailureSaysDisksArePartial(t *testing.T) {
 	}
 }
 
-// A failure before the mark leaves the VM untouched: no mark, no "partial".
+// A failure before the first write leaves the VM's disks untouched: no "partial". The mark
+// made before it stays: the next backup is full, at worst one full more than needed.
 func TestRestoreInPlaceFailureBeforeWritesIsClean(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
 	r.fakes.changeVM = poweredOff
@@ -361,28 +362,29 @@ func TestRestoreInPlaceFailureBeforeWritesIsClean(t *testing.T) {
 	_, err := r.executeRestore(inPlaceInput())
 	require.Error(t, err)
 	assert.NotContains(t, err.Error(), "partial")
-	assert.Empty(t, r.fakes.marks)
+	assert.Len(t, r.fakes.marks, 1)
 	assert.Equal(t, append(until(t, inPlaceForward, "EnsureTunnel"), "DropTunnel", "StopExport 2001", "StopExport 2000", "ReleasePorts"),
 		r.fakes.recorded())
 }
 
 // A backup of the VM running when the mark is asked for: the hub refuses the mark
 // (ErrBackupRunning, nothing marked) and the restore ends failed at once, not retried,
-// before any write and without "partial"; everything set up is torn down.
+// without "partial", before anything is exported or written and before the running VM is
+// powered off (powering off was allowed).
 func TestRestoreInPlaceRefusedWhileBackupRuns(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	r.fakes.changeVM = poweredOff
 	refusal := "vmMoref: a backup of VM vm-42 is running (workflow backup-vm-42); wait for it or cancel it"
 	r.fakes.fail[activities.MarkRestoredInPlaceName] = temporal.NewNonRetryableApplicationError(refusal, activities.ErrBackupRunning, nil)
-	_, err := r.executeRestore(inPlaceInput())
+	in := inPlaceInput()
+	in.PowerOff = true // allowed, but the running VM is left running: the refusal comes first
+	_, err := r.executeRestore(in)
 	var appErr *temporal.ApplicationError
 	require.ErrorAs(t, err, &appErr)
 	assert.Equal(t, activities.ErrBackupRunning, appErr.Type())
 	assert.Contains(t, err.Error(), refusal)
 	assert.NotContains(t, err.Error(), "partial")
 	assert.Equal(t, 1, r.fakes.attempts[activities.MarkRestoredInPlaceName], "a refused mark is not retried")
-	assert.Equal(t, append(until(t, inPlaceForward, "MarkRestoredInPlace"), "DropTunnel", "StopExport 2001", "StopExport 2000", "ReleasePorts"),
-		r.fakes.recorded(), "nothing written, everything torn down")
+	assert.Equal(t, until(t, inPlaceForward, "MarkRestoredInPlace"), r.fakes.recorded(), "nothing exported, written or powered off")
 	r.assertRestoreFailed(t, StatusFailed, refusal)
 }
 
