@@ -71,7 +71,7 @@ func Run(ctx context.Context, cat Catalog, files Files, plan Plan, opts Options)
 	if err := cat.MarkDeleting(ctx, plan.Delete); err != nil {
 		return Result{}, fmt.Errorf("mark points deleting: %w", err)
 	}
-	r := runner{cat: cat, files: files, opts: opts, flatten: plan.Flatten}
+	r := runner{cat: cat, files: files, opts: opts, flatten: plan.Flatten, headers: map[string]string{}}
 	points, err := cat.Points(ctx)
 	if err != nil {
 		return Result{}, fmt.Errorf("read points: %w", err)
@@ -158,6 +158,9 @@ type runner struct {
 	files   Files
 	opts    Options
 	flatten []string
+	// headers caches the backing file each file's header names, as read or as this run
+	// rewrote it: only this run changes headers while it runs.
+	headers map[string]string
 	done    int
 	total   int
 	res     Result
@@ -206,10 +209,7 @@ func (r *runner) remove(ctx context.Context, st *state, s *step) error {
 			if d.Key != s.disk.Key || d.Path == s.disk.Path {
 				continue
 			}
-			if err := r.act(ctx, "check "+d.Path); err != nil {
-				return err
-			}
-			backing, err := backingFile(ctx, d.Path)
+			backing, err := r.backingFile(ctx, d.Path)
 			if err != nil {
 				return err
 			}
@@ -225,6 +225,7 @@ func (r *runner) remove(ctx context.Context, st *state, s *step) error {
 	if err := r.files.RemoveTarget(s.disk.Path); err != nil {
 		return err
 	}
+	delete(r.headers, s.disk.Path)
 	r.res.BytesFreed += size
 	if err := r.act(ctx, fmt.Sprintf("forget disk %d of point %s", s.disk.Key, s.point.ID)); err != nil {
 		return err
@@ -237,11 +238,19 @@ func (r *runner) remove(ctx context.Context, st *state, s *step) error {
 
 // backingFile is the backing file a header names; a missing file (a deleting disk whose
 // file went before its row) names none.
-func backingFile(ctx context.Context, path string) (string, error) {
+func (r *runner) backingFile(ctx context.Context, path string) (string, error) {
+	if b, ok := r.headers[path]; ok {
+		return b, nil
+	}
 	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
 		return "", nil
 	}
-	return qemu.BackingFile(ctx, path)
+	b, err := qemu.BackingFile(ctx, path)
+	if err != nil {
+		return "", err
+	}
+	r.headers[path] = b
+	return b, nil
 }
 
 // rebase makes a kept disk back onto onto (a kept ancestor, or nothing), safely.
@@ -249,7 +258,7 @@ func (r *runner) rebase(ctx context.Context, s *step) error {
 	if err := r.act(ctx, s.describe()); err != nil {
 		return err
 	}
-	backing, err := qemu.BackingFile(ctx, s.disk.Path)
+	backing, err := r.backingFile(ctx, s.disk.Path)
 	if err != nil {
 		return err
 	}
@@ -257,9 +266,12 @@ func (r *runner) rebase(ctx context.Context, s *step) error {
 	case s.onto:
 		// Rebased before the run stopped; only the catalog is behind.
 	case s.disk.ParentPath:
+		// Whatever happens to the header now, it is read again.
+		delete(r.headers, s.disk.Path)
 		if err := qemu.Rebase(ctx, s.disk.Path, s.onto, r.merge(s.describe())); err != nil {
 			return err
 		}
+		r.headers[s.disk.Path] = s.onto
 	default:
 		return fmt.Errorf("%w: %s backs onto %s, the catalog says %s", ErrInconsistent, s.disk.Path, backing, s.disk.ParentPath)
 	}
@@ -276,7 +288,7 @@ func (r *runner) commit(ctx context.Context, st *state, s *step) error {
 		return err
 	}
 	root := s.root.d.Path
-	backing, err := qemu.BackingFile(ctx, s.disk.Path)
+	backing, err := r.backingFile(ctx, s.disk.Path)
 	if err != nil {
 		return err
 	}
@@ -298,16 +310,18 @@ func (r *runner) commit(ctx context.Context, st *state, s *step) error {
 		if err := r.act(ctx, "repoint "+c.d.Path+" onto "+root); err != nil {
 			return err
 		}
-		b, err := backingFile(ctx, c.d.Path)
+		b, err := r.backingFile(ctx, c.d.Path)
 		if err != nil {
 			return err
 		}
 		switch b {
 		case root:
 		case s.disk.Path:
+			delete(r.headers, c.d.Path)
 			if err := qemu.RebaseUnsafe(ctx, c.d.Path, root); err != nil {
 				return err
 			}
+			r.headers[c.d.Path] = root
 		case "":
 			if c.p.Deleting {
 				break // its file is gone already
