@@ -53,6 +53,16 @@ func (a *Activities) ApplyRetention(ctx context.Context, in activities.ApplyRete
 	if err != nil {
 		return activities.RetentionResult{}, classify(what, err)
 	}
+	// qemu-img writes what the catalog names: never anything outside the repository.
+	for _, p := range points {
+		for _, d := range p.Disks {
+			for _, path := range []string{d.Path, d.ParentPath} {
+				if path != "" && !a.layout.Contains(path) {
+					return activities.RetentionResult{}, badInput("%s: point %s names %q, outside the repository", what, p.ID, path)
+				}
+			}
+		}
+	}
 	if err := a.checkMergeSpace(points, cplan); err != nil {
 		return activities.RetentionResult{}, err
 	}
