@@ -227,7 +227,7 @@ for c in $cases; do
     ;;
   merge)
     # Retention's merge of a 1 GiB incremental into its full (commit, header, catalog, the
-    # incremental's file removed) against a plain `qemu-img commit -d` of identical files,
+    # incremental's file removed) against a plain `qemu-img commit -d` and rm of identical files,
     # both synced, in the same run (internal/chain BenchmarkMerge; needs MariaDB binaries).
     (cd "$root" && go test -run '^$' -bench '^BenchmarkMerge$' -benchtime 1x ./internal/chain) | grep '^bench merge' ||
       fail "merge benchmark failed"
