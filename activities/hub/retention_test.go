@@ -1,6 +1,7 @@
 package hub
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -143,4 +144,22 @@ func TestApplyRetentionRefusesAMergeThatMayNotFit(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, catalog.StatusComplete, p.Status, "point %s untouched", id)
 	}
+}
+
+// A deleting point's directory may hold a kept point's file after a merge: reconcile must
+// leave it to retention, even though its backup workflow closed long ago.
+func TestReconcileLeavesDeletingPoints(t *testing.T) {
+	testenv.Integration(t)
+	settings := Settings{WorkflowClosed: func(context.Context, string) (bool, error) { return true, nil }}
+	r := newRig(t, newStore(t), exportPorts(t, 4), filepath.Join(testenv.ShortTempDir(t), "run"),
+		filepath.Join(t.TempDir(), "repo"), settings)
+	full, fullPath := r.backupPoint(t, "wf-1", 1, 0)
+	r.backupPoint(t, "wf-2", 2, 0)
+	vm, err := r.store.FindVM(t.Context(), testVM().InstanceUUID, testVM().Moref)
+	require.NoError(t, err)
+	require.NoError(t, r.store.MarkDeleting(t.Context(), vm.ID, []string{full}))
+	var report ReconcileReport
+	require.NoError(t, r.acts.sweepPoints(t.Context(), &report))
+	assert.Empty(t, report.Swept)
+	assert.FileExists(t, fullPath)
 }
