@@ -268,6 +268,9 @@ func (r *runner) rebase(ctx context.Context, s *step) error {
 	case s.disk.ParentPath:
 		// Whatever happens to the header now, it is read again.
 		delete(r.headers, s.disk.Path)
+		if err := qemu.RepairLeaks(ctx, s.disk.Path); err != nil {
+			return err
+		}
 		if err := qemu.Rebase(ctx, s.disk.Path, s.onto, r.merge(s.describe())); err != nil {
 			return err
 		}
@@ -297,6 +300,10 @@ func (r *runner) commit(ctx context.Context, st *state, s *step) error {
 	}
 	// Run again after a kill, the commit writes the same data again: root belongs to a
 	// deleting point and nothing kept reads it except through the kept file, which masks it.
+	// The killed attempt's leaked clusters are freed first.
+	if err := qemu.RepairLeaks(ctx, root); err != nil {
+		return err
+	}
 	if err := qemu.Commit(ctx, s.disk.Path, root, r.merge(s.describe())); err != nil {
 		return err
 	}
