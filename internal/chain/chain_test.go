@@ -370,10 +370,10 @@ func (l *lab) checkKept(plan chain.Plan) {
 }
 
 func TestRandomChainsSurviveKills(t *testing.T) {
-	for seed := range uint64(6) {
+	for seed := range uint64(12) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) {
 			l := newLab(t, 1000+seed, 1+int(seed%2))
-			n := 3 + l.rng.IntN(5)
+			n := 3 + l.rng.IntN(9)
 			for i := range n {
 				l.backup(i == 0 || l.rng.IntN(8) == 0)
 			}
