@@ -71,7 +71,7 @@ func Run(ctx context.Context, cat Catalog, files Files, plan Plan, opts Options)
 	if err := cat.MarkDeleting(ctx, plan.Delete); err != nil {
 		return Result{}, fmt.Errorf("mark points deleting: %w", err)
 	}
-	r := runner{cat: cat, files: files, opts: opts, flatten: plan.Flatten, headers: map[string]string{}}
+	r := runner{cat: cat, files: files, opts: opts, headers: map[string]string{}}
 	points, err := cat.Points(ctx)
 	if err != nil {
 		return Result{}, fmt.Errorf("read points: %w", err)
@@ -154,10 +154,9 @@ func Allocated(path string) int64 {
 }
 
 type runner struct {
-	cat     Catalog
-	files   Files
-	opts    Options
-	flatten []string
+	cat   Catalog
+	files Files
+	opts  Options
 	// headers caches the backing file each file's header names, as read or as this run
 	// rewrote it: only this run changes headers while it runs.
 	headers map[string]string

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/diskferry/diskferry/internal/catalog"
@@ -260,7 +261,8 @@ func (l *lab) verify(plan chain.Plan) {
 	err = filepath.WalkDir(l.layout.Root, func(path string, d fs.DirEntry, err error) error {
 		require.NoError(t, err)
 		if d.IsDir() {
-			if path != l.layout.Root {
+			// Point directories go once empty; the VM's directory stays.
+			if filepath.Dir(filepath.Dir(path)) == l.layout.Root {
 				entries, err := os.ReadDir(path)
 				require.NoError(t, err)
 				require.NotEmpty(t, entries, "empty directory %s left behind", path)
@@ -469,4 +471,22 @@ func TestRemoveRefusesAFileAHeaderNames(t *testing.T) {
 	_, statErr := os.Stat(l.files[l.order[0]][2000])
 	require.NoError(t, statErr, "the full file is still there")
 	require.False(t, errors.Is(err, context.Canceled))
+}
+
+// Forgetting a VM drops every point, the newest included: nothing of it is left.
+func TestDeleteEveryPoint(t *testing.T) {
+	l := newLab(t, 9, 2)
+	for i := range 5 {
+		l.backup(i == 0 || i == 3)
+	}
+	plan := chain.Plan{Delete: slices.Clone(l.order)}
+	res, err := l.apply(l.ctx, plan, chain.Options{})
+	require.NoError(t, err)
+	assert.ElementsMatch(t, l.order, res.Deleted)
+	l.verify(plan)
+	vmDir, err := l.layout.VMDir(l.vm.Name, l.vm.Moref)
+	require.NoError(t, err)
+	entries, err := os.ReadDir(vmDir)
+	require.NoError(t, err)
+	assert.Empty(t, entries)
 }
