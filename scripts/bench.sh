@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks `diskferry copy` against nbdcopy between the same endpoints (targets in docs/architecture.md, Data-plane performance):
+# Benchmarks `diskferry copy` against nbdcopy between the same endpoints, and retention's merge
+# against a plain qemu-img commit (case merge) (targets in docs/architecture.md, Data-plane performance):
 # source served by `nbdkit file`, target a fresh qcow2 behind qemu-nbd. Builds its fixtures
 # in .bench/ (git-ignored) once, runs the two tools alternately, checks every copy with
 # `qemu-img compare` and the qcow2's allocated size, and prints one line per case:
@@ -16,7 +17,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bench="$root/.bench"
 ours="$root/bin/diskferry"
 runs=${BENCH_RUNS:-3}
-cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental restore}
+cases=${BENCH_CASES:-sparse zeros dense1g virtual64g incremental restore merge}
 # Target cache options, the same for both tools: by default what the hub's exports run
 # (DISKFERRY_EXPORT_CACHE=none: O_DIRECT with native AIO, no page-cache copy);
 # BENCH_TARGET_CACHE=--cache=writeback measures qemu's default instead.
@@ -224,7 +225,14 @@ for c in $cases; do
     # target; the source's holes are holes in the chain too.
     source_image="$bench/inc-top.qcow2" bench_case restore "$bench/inc.raw" $((4 * GiB)) "$(du --block-size=1 "$bench/inc.raw" | cut -f1)"
     ;;
-  *) fail "unknown case $c (sparse zeros dense1g virtual64g incremental restore)" ;;
+  merge)
+    # Retention's merge of a 1 GiB incremental into its full (commit, header, catalog, the
+    # incremental's file removed) against a plain `qemu-img commit -d` and rm of identical files,
+    # both synced, in the same run (internal/chain BenchmarkMerge; needs MariaDB binaries).
+    (cd "$root" && go test -run '^$' -bench '^BenchmarkMerge$' -benchtime 1x ./internal/chain) | grep '^bench merge' ||
+      fail "merge benchmark failed"
+    ;;
+  *) fail "unknown case $c (sparse zeros dense1g virtual64g incremental restore merge)" ;;
   esac
 done
 log "load average after: $(cat /proc/loadavg)"

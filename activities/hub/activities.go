@@ -135,6 +135,7 @@ func (a *Activities) RegisterHost(w worker.ActivityRegistry) {
 	reg(a.StopExport, activities.StopExportName)
 	reg(a.VerifyTarget, activities.VerifyTargetName)
 	reg(a.RestoreFile, activities.RestoreFileName)
+	reg(a.ApplyRetention, activities.ApplyRetentionName)
 }
 
 func badInput(format string, args ...any) error {

@@ -250,7 +250,9 @@ func (a *Activities) sweepPoints(ctx context.Context, report *ReconcileReport) e
 	var errs []error
 	for dir, id := range dirs {
 		p, known := points[id]
-		if !known || p.Status == catalog.StatusComplete {
+		// A deleting point's files are retention's: its directory may hold a kept point's
+		// file after a merge.
+		if !known || p.Status == catalog.StatusComplete || p.Status == catalog.StatusDeleting {
 			continue
 		}
 		closed, err := a.settings.WorkflowClosed(ctx, p.WorkflowID)

@@ -14,6 +14,7 @@ import (
 	"github.com/diskferry/diskferry/internal/retention"
 )
 
+// busy is the non-retryable ErrBusy: retention leaves the VM's chain alone this time.
 func busy(format string, args ...any) error {
 	return temporal.NewNonRetryableApplicationError(fmt.Sprintf(format, args...), activities.ErrBusy, nil)
 }

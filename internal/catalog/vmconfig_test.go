@@ -103,12 +103,13 @@ func TestCheckSchema(t *testing.T) {
 	ctx := testCtx(t)
 	latest, err := LatestSchemaVersion()
 	require.NoError(t, err)
-	assert.GreaterOrEqual(t, latest, int64(7), "the retention migration is embedded")
+	assert.GreaterOrEqual(t, latest, int64(8), "the retention migrations are embedded")
 
 	s := newStore(t)
 	require.NoError(t, s.CheckSchema(ctx))
 	_, err = s.DB().ExecContext(ctx, "DELETE FROM goose_db_version WHERE version_id = ?", latest)
 	require.NoError(t, err)
+	// Migration numbers may have gaps: the version behind is whatever is applied below.
 	previous, err := s.SchemaVersion(ctx)
 	require.NoError(t, err)
 	require.Less(t, previous, latest)

@@ -120,9 +120,17 @@ func Info(ctx context.Context, path string) (ImageInfo, error) {
 	if err != nil {
 		return ImageInfo{}, fmt.Errorf("image info %s: %w", path, err)
 	}
+	info, err := decodeInfo(out)
+	if err != nil {
+		return ImageInfo{}, fmt.Errorf("image info %s: %w", path, err)
+	}
+	return info, nil
+}
+
+func decodeInfo(out []byte) (ImageInfo, error) {
 	var info ImageInfo
 	if err := json.Unmarshal(out, &info); err != nil {
-		return ImageInfo{}, fmt.Errorf("image info %s: decode: %w", path, err)
+		return ImageInfo{}, fmt.Errorf("decode: %w", err)
 	}
 	return info, nil
 }

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // ErrOutsideRoot is returned for a path that is not where the layout puts things.
@@ -277,4 +278,28 @@ func evalExisting(dir string) (string, error) {
 		rest = append([]string{filepath.Base(dir)}, rest...)
 		dir = parent
 	}
+}
+
+// RemoveDirIfEmpty deletes a point directory (<root>/<vm>/<point>) once it holds nothing;
+// a missing or non-empty directory is left as it is. A path anywhere else is refused.
+func (l Layout) RemoveDirIfEmpty(path string) error {
+	resolved, err := l.resolve(path, 2)
+	if err != nil {
+		return fmt.Errorf("remove empty point directory: %w", err)
+	}
+	st, err := os.Lstat(resolved)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("remove empty point directory: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("remove empty point directory %s: %w: not a directory", path, ErrOutsideRoot)
+	}
+	err = os.Remove(resolved)
+	if err == nil || errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTEMPTY) || errors.Is(err, syscall.EEXIST) {
+		return nil
+	}
+	return fmt.Errorf("remove empty point directory: %w", err)
 }
