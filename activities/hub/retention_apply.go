@@ -116,4 +116,3 @@ func nonNil(s []string) []string {
 	}
 	return s
 }
-
