@@ -80,9 +80,32 @@ func (a *Activities) ApplyRetention(ctx context.Context, in activities.ApplyRete
 	if err != nil {
 		return activities.RetentionResult{}, classifyRetention(what, err)
 	}
+	a.remeasure(ctx, cat)
 	a.log.InfoContext(ctx, "retention applied", "vm", plan.VMName, "vmId", plan.VMID, "deleted", len(res.Deleted),
 		"flattened", len(res.Flattened), "bytesFreed", res.BytesFreed)
 	return activities.RetentionResult{Deleted: nonNil(res.Deleted), Flattened: nonNil(res.Flattened), BytesFreed: res.BytesFreed}, nil
+}
+
+// remeasure records the allocated size of every remaining file of the VM's points: merges
+// and flattens grew some, and points list must not show the sizes of before. A file it
+// cannot measure keeps its old size (logged): the merge itself succeeded.
+func (a *Activities) remeasure(ctx context.Context, cat chain.Catalog) {
+	points, err := cat.Points(ctx)
+	if err != nil {
+		a.log.WarnContext(ctx, "retention: cannot list the points to measure", "err", err)
+		return
+	}
+	for _, p := range points {
+		for _, d := range p.Disks {
+			info, err := qemu.Info(ctx, d.Path)
+			if err == nil {
+				err = a.store.SetAllocatedBytes(ctx, p.ID, d.Key, info.ActualSize)
+			}
+			if err != nil {
+				a.log.WarnContext(ctx, "retention: allocated size not updated", "point", p.ID, "disk", d.Key, "err", err)
+			}
+		}
+	}
 }
 
 // checkMergeSpace refuses a plan whose merges may write more than the repository has free,

@@ -301,3 +301,12 @@ func (c chainCatalog) RemoveDisk(ctx context.Context, pointID string, key int32)
 func (c chainCatalog) RemovePoint(ctx context.Context, pointID string) error {
 	return c.s.RemoveDeletedPoint(ctx, c.vmID, pointID)
 }
+
+// SetAllocatedBytes records what a point disk's file takes on the hub now: retention's
+// merges and flattens change it after the backup measured it.
+func (s *Store) SetAllocatedBytes(ctx context.Context, pointID string, key int32, bytes int64) error {
+	return s.inTx(ctx, "set allocated bytes", func(tx *sql.Tx) error {
+		_, err := tx.ExecContext(ctx, "UPDATE point_disks SET allocated_bytes = ? WHERE point_id = ? AND disk_key = ?", bytes, pointID, key)
+		return err
+	})
+}
