@@ -34,7 +34,8 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 	defer store.Close()
 
 	sources := map[string]string{} // point → the source as of its snapshot
-	var order []string
+	var order, deleted []string
+	var freed int64
 	for i := range 10 {
 		if i > 0 {
 			// Rewrites of the same blocks and new ones.
@@ -57,7 +58,11 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 		var outcome workflows.RetentionOutcome
 		require.NoError(t, l.Temporal.Client.GetWorkflow(ctx, workflows.RetentionWorkflowID(l.VC.VMName), "").Get(ctx, &outcome),
 			"retention after backup %d", i+1)
+		deleted = append(deleted, outcome.Result.Deleted...)
+		freed += outcome.Result.BytesFreed
 	}
+	require.ElementsMatch(t, order[:len(order)-3], deleted, "the retentions deleted every point but the newest 3")
+	require.Positive(t, freed)
 
 	points, err := store.FindPoints(ctx, l.VC.VMName)
 	require.NoError(t, err)
