@@ -2,12 +2,14 @@ package lab_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"go.temporal.io/api/workflowservice/v1"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/catalog"
@@ -64,6 +66,63 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 	require.ElementsMatch(t, order[:len(order)-3], deleted, "the retentions deleted every point but the newest 3")
 	require.Positive(t, freed)
 
+	requireRetained(ctx, t, l, store, order[len(order)-3:], func(id string) string { return sources[id] })
+}
+
+// TestScheduledBackupsKeepTheSchedulesPolicy runs a schedule created with the CLI's retention
+// flags (keep the last 3, chains of at most 2 incrementals) every 2 s: after 10 backups and
+// the schedule's end, the schedule's default policy left exactly the newest 3 points, each
+// restoring equal to the source.
+func TestScheduledBackupsKeepTheSchedulesPolicy(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
+	cli := lab.Build(t, t.TempDir(), "./starter", "diskferry")
+	key := l.VC.Disks[0].Key
+	_, err := l.VC.WriteRandom(key, 1<<20, 2<<20)
+	require.NoError(t, err)
+	source := snapshotSources(t, l)[key]
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	store, err := catalog.Open(ctx, l.DB.DSN, nil)
+	require.NoError(t, err)
+	defer store.Close()
+
+	run(ctx, t, l, cli, "schedule", "create", "--vm", l.VC.VMName, "--site", l.Site, "--every", "2s",
+		"--keep-last", "3", "--max-chain", "2")
+	backups := fmt.Sprintf("WorkflowType = '%s' AND VMName = '%s'", workflows.BackupWorkflowName, l.VC.VMName)
+	require.Eventually(t, func() bool {
+		return countWorkflows(ctx, t, l, backups+" AND ExecutionStatus = 'Completed'") >= 10
+	}, 6*time.Minute, time.Second, "ten scheduled backups never completed\nhub log:\n%s", tail(l.WorkerLog("hub")))
+	run(ctx, t, l, cli, "schedule", "delete", "backup-schedule-"+l.VC.VMName)
+	open := fmt.Sprintf("(WorkflowType = '%s' OR WorkflowType = '%s') AND ExecutionStatus = 'Running'",
+		workflows.BackupWorkflowName, workflows.RetentionWorkflowName)
+	require.Eventually(t, func() bool { return countWorkflows(ctx, t, l, open) == 0 },
+		2*time.Minute, 200*time.Millisecond, "backups or retentions still running after the schedule's end")
+	require.Zero(t, countWorkflows(ctx, t, l, backups+" AND ExecutionStatus != 'Completed'"), "a scheduled backup failed")
+
+	points, err := store.FindPoints(ctx, l.VC.VMName)
+	require.NoError(t, err)
+	var newest []string // FindPoints lists newest first
+	for _, p := range points {
+		if p.Status == catalog.StatusComplete && len(newest) < 3 {
+			newest = append(newest, p.ID)
+		}
+	}
+	requireRetained(ctx, t, l, store, newest, func(string) string { return source })
+}
+
+func countWorkflows(ctx context.Context, t *testing.T, l *lab.Lab, query string) int64 {
+	t.Helper()
+	resp, err := l.Temporal.Client.CountWorkflow(ctx, &workflowservice.CountWorkflowExecutionsRequest{Namespace: l.Temporal.Namespace, Query: query})
+	require.NoError(t, err)
+	return resp.GetCount()
+}
+
+// requireRetained checks the VM's points after retention: exactly want remain complete (none
+// left deleting), none reads through more than 3 files, each equals its source (sourceOf)
+// and restores to a file equal to it, the catalog's allocated bytes are what the files take,
+// and the repository holds only the kept points' files.
+func requireRetained(ctx context.Context, t *testing.T, l *lab.Lab, store *catalog.Store, want []string, sourceOf func(id string) string) {
+	t.Helper()
 	points, err := store.FindPoints(ctx, l.VC.VMName)
 	require.NoError(t, err)
 	var kept []string
@@ -73,9 +132,9 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 			kept = append(kept, p.ID)
 		}
 	}
-	require.ElementsMatch(t, order[len(order)-3:], kept, "exactly the newest 3 points remain")
+	require.ElementsMatch(t, want, kept, "exactly the points retention keeps remain")
 
-	want := map[string]bool{}
+	files := map[string]bool{}
 	var recorded int64
 	dir := t.TempDir()
 	for _, id := range kept {
@@ -86,15 +145,15 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 		info, err := qemu.Info(ctx, d.Path)
 		require.NoError(t, err)
 		require.LessOrEqual(t, chainLength(ctx, t, d.Path), 3, "point %s reads through more than 3 files", id)
-		requireSameContent(ctx, t, sources[id], d.Path)
+		requireSameContent(ctx, t, sourceOf(id), d.Path)
 		require.Equal(t, info.ActualSize, d.AllocatedBytes, "point %s: catalog and file disagree on its size", id)
 		recorded += d.AllocatedBytes
-		want[d.Path] = true
-		want[repo.ManifestPath(d.Path)] = true
+		files[d.Path] = true
+		files[repo.ManifestPath(d.Path)] = true
 
 		out := filepath.Join(dir, id+".raw")
 		runRestore(ctx, t, l, workflows.RestoreInput{Point: id, Destination: activities.DestinationFile, Format: activities.FormatRaw, Output: out})
-		requireSameRaw(ctx, t, sources[id], out)
+		requireSameRaw(ctx, t, sourceOf(id), out)
 	}
 	require.Positive(t, recorded)
 
@@ -104,12 +163,12 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 		if err != nil || info.IsDir() {
 			return err
 		}
-		require.True(t, want[path], "file in the repository no kept point uses: %s", path)
-		delete(want, path)
+		require.True(t, files[path], "file in the repository no kept point uses: %s", path)
+		delete(files, path)
 		return nil
 	})
 	require.NoError(t, err)
-	for path := range want {
+	for path := range files {
 		if filepath.Ext(path) == ".qcow2" {
 			t.Errorf("kept point file missing: %s", path)
 		}
