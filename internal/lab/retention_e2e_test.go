@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	enumspb "go.temporal.io/api/enums/v1"
 	"go.temporal.io/api/workflowservice/v1"
+	"go.temporal.io/sdk/client"
 
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/catalog"
@@ -191,4 +193,69 @@ func chainLength(ctx context.Context, t *testing.T, path string) int {
 		path = next
 	}
 	return n
+}
+
+// TestRetentionSurvivesHubWorkerKill kills the hub worker (SIGKILL) while ApplyRetention
+// merges a VM's oldest full point into the incremental kept above it, and starts it again:
+// Temporal retries the step on the restarted worker, which finishes the merge from what the
+// catalog and the files say. The kept points equal their sources, the dropped one is gone,
+// and the repository holds only the kept points' files.
+func TestRetentionSurvivesHubWorkerKill(t *testing.T) {
+	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 512 << 20})
+	key := l.VC.Disks[0].Key
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	store, err := catalog.Open(ctx, l.DB.DSN, nil)
+	require.NoError(t, err)
+	defer store.Close()
+
+	// A full, then an incremental rewriting all of its data: dropping the full commits the
+	// incremental's 256 MiB into the full's file, long enough to be interrupted.
+	fillDisk(t, l, key, 256<<20)
+	full := runBackup(ctx, t, l, workflows.BackupInput{VM: l.VC.VMName, Site: l.Site})
+	fillDisk(t, l, key, 256<<20)
+	sources := map[string]string{}
+	var kept []string
+	for range 2 {
+		src := snapshotSources(t, l)[key]
+		res := runBackup(ctx, t, l, workflows.BackupInput{VM: l.VC.VMName, Site: l.Site})
+		sources[res.PointID] = src
+		kept = append(kept, res.PointID)
+		_, err := l.VC.WriteRandom(key, 300<<20, 1<<20)
+		require.NoError(t, err)
+	}
+	vms, err := store.FindVMs(ctx, l.VC.VMName)
+	require.NoError(t, err)
+	require.Len(t, vms, 1)
+	require.NoError(t, store.SetVMPolicy(ctx, vms[0].ID, retention.Policy{KeepLast: 2}))
+	// The backups' own retentions ran before the policy existed and kept everything.
+	id := workflows.RetentionWorkflowID(l.VC.VMName)
+	require.NoError(t, l.Temporal.Client.GetWorkflow(ctx, id, "").Get(ctx, nil))
+
+	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: id, TaskQueue: activities.HubQueue},
+		workflows.RetentionWorkflowName, workflows.RetentionInput{VM: l.VC.VMName})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		desc, err := l.Temporal.Client.DescribeWorkflow(ctx, run.GetID(), run.GetRunID())
+		if err != nil {
+			return false
+		}
+		for _, a := range desc.RawResponse.GetPendingActivities() {
+			if a.GetActivityType().GetName() == activities.ApplyRetentionName && a.GetState() == enumspb.PENDING_ACTIVITY_STATE_STARTED {
+				return true
+			}
+		}
+		return false
+	}, time.Minute, 10*time.Millisecond, "ApplyRetention never started")
+	l.KillWorker("hub")
+	l.StartWorker("hub")
+
+	var outcome workflows.RetentionOutcome
+	if err := run.Get(ctx, &outcome); err != nil {
+		t.Fatalf("retention after the hub restart: %v\nhub log:\n%s", err, tail(l.WorkerLog("hub")))
+	}
+	require.Greater(t, activityAttempts(ctx, t, l, run.GetID(), activities.ApplyRetentionName), int32(1), "the merge was retried")
+	p, err := store.GetPoint(ctx, full.PointID)
+	require.ErrorIs(t, err, catalog.ErrNotFound, "the dropped full point is gone (%+v)", p)
+	requireRetained(ctx, t, l, store, kept, func(id string) string { return sources[id] })
 }
