@@ -202,21 +202,8 @@ func (s *Store) RemoveDeletedPoint(ctx context.Context, vmID int64, pointID stri
 		if p.Status != StatusDeleting {
 			return fmt.Errorf("%w: point %s is %s, not deleting", ErrInvalid, pointID, p.Status)
 		}
-		var keys []string
-		rows, err := tx.QueryContext(ctx, "SELECT disk_key FROM point_disks WHERE point_id = ?", pointID)
+		keys, err := queryStrings(ctx, tx, "SELECT disk_key FROM point_disks WHERE point_id = ?", pointID)
 		if err != nil {
-			return err
-		}
-		for rows.Next() {
-			var k string
-			if err := rows.Scan(&k); err != nil {
-				rows.Close()
-				return err
-			}
-			keys = append(keys, k)
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
 			return err
 		}
 		if len(keys) > 0 {
@@ -224,22 +211,9 @@ func (s *Store) RemoveDeletedPoint(ctx context.Context, vmID int64, pointID stri
 		}
 		// Its children's disks no longer back onto its files (it has none), so each child's
 		// parent follows from its own disks once the row is gone.
-		var children []string
 		// A failed child keeps no parent: its files are the reconcile's to remove.
-		crows, err := tx.QueryContext(ctx, "SELECT id FROM restore_points WHERE parent_id = ? AND status IN ('complete', 'deleting') FOR UPDATE", pointID)
+		children, err := queryStrings(ctx, tx, "SELECT id FROM restore_points WHERE parent_id = ? AND status IN ('complete', 'deleting') FOR UPDATE", pointID)
 		if err != nil {
-			return err
-		}
-		for crows.Next() {
-			var id string
-			if err := crows.Scan(&id); err != nil {
-				crows.Close()
-				return err
-			}
-			children = append(children, id)
-		}
-		crows.Close()
-		if err := crows.Err(); err != nil {
 			return err
 		}
 		if _, err := tx.ExecContext(ctx, "UPDATE restore_points SET parent_id = NULL WHERE parent_id = ?", pointID); err != nil {
@@ -309,4 +283,22 @@ func (s *Store) SetAllocatedBytes(ctx context.Context, pointID string, key int32
 		_, err := tx.ExecContext(ctx, "UPDATE point_disks SET allocated_bytes = ? WHERE point_id = ? AND disk_key = ?", bytes, pointID, key)
 		return err
 	})
+}
+
+// queryStrings returns the first column of every row of a query.
+func queryStrings(ctx context.Context, tx *sql.Tx, query string, args ...any) ([]string, error) {
+	rows, err := tx.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []string
+	for rows.Next() {
+		var v string
+		if err := rows.Scan(&v); err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
 }
