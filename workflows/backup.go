@@ -4,8 +4,6 @@
 package workflows
 
 import (
-	"bytes"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"regexp"
@@ -54,12 +52,9 @@ type BackupInput struct {
 // have refused it: an error here would fail the workflow task over and over instead of the run.
 func (in *BackupInput) UnmarshalJSON(data []byte) error {
 	type plain BackupInput
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var strict plain
-	unknown := dec.Decode(&strict)
 	var lenient plain
-	if err := json.Unmarshal(data, &lenient); err != nil {
+	unknown, err := decodeStrict(data, &lenient)
+	if err != nil {
 		return err
 	}
 	*in = BackupInput(lenient)

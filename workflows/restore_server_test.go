@@ -2,7 +2,6 @@ package workflows
 
 import (
 	"context"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,12 +25,7 @@ func TestRestoreOnServer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
-	f := newFakeActivities(activities.ModeFull)
-	t.Cleanup(func() { close(f.release) })
-	blocked := make(chan struct{})
-	var once sync.Once
-	f.blockAt = "WriteDisk 2101"
-	f.onBlock = func() { once.Do(func() { close(blocked) }) }
+	f, blocked := blockedFakes(t, "WriteDisk 2101")
 	f.blockHeartbeat = activities.CopyProgress{Checkpoint: 3 * gib, BytesDone: 3 * gib, BytesTotal: 8 * gib}
 	startWorkers(t, srv.Client, f)
 

@@ -27,12 +27,7 @@ func TestBackupOnServer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
-	f := newFakeActivities(activities.ModeFull)
-	t.Cleanup(func() { close(f.release) })
-	blocked := make(chan struct{})
-	var once sync.Once
-	f.blockAt = "CopyDisk 2001"
-	f.onBlock = func() { once.Do(func() { close(blocked) }) }
+	f, blocked := blockedFakes(t, "CopyDisk 2001")
 	f.blockHeartbeat = activities.CopyProgress{Checkpoint: 3 * gib, BytesDone: 3 * gib, BytesTotal: 8 * gib}
 	startWorkers(t, srv.Client, f)
 
@@ -138,12 +133,7 @@ func TestBackupOnServerCancelEndsCancelledWhenTheCopyFails(t *testing.T) {
 	srv := testenv.StartTemporal(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	f := newFakeActivities(activities.ModeFull)
-	t.Cleanup(func() { close(f.release) })
-	blocked := make(chan struct{})
-	var once sync.Once
-	f.blockAt = "CopyDisk 2001"
-	f.onBlock = func() { once.Do(func() { close(blocked) }) }
+	f, blocked := blockedFakes(t, "CopyDisk 2001")
 	f.cancelErr = temporal.NewNonRetryableApplicationError("nbdkit exited while starting", "Injected", nil)
 	startWorkers(t, srv.Client, f)
 
@@ -161,4 +151,17 @@ func TestBackupOnServerCancelEndsCancelledWhenTheCopyFails(t *testing.T) {
 	require.ErrorAs(t, err, &canceled)
 	assert.Equal(t, append(callsUntil(t, "CopyDisk 2001"), undosAfter["CopyDisk 2001"]...), f.recorded())
 	assertVisible(ctx, t, srv, `VMName = "web01" AND BackupStatus = "cancelled"`)
+}
+
+// blockedFakes are fake activities that hold the named step until the test ends; blocked
+// closes when that step is reached.
+func blockedFakes(t *testing.T, step string) (*fakeActivities, <-chan struct{}) {
+	t.Helper()
+	f := newFakeActivities(activities.ModeFull)
+	t.Cleanup(func() { close(f.release) })
+	blocked := make(chan struct{})
+	var once sync.Once
+	f.blockAt = step
+	f.onBlock = func() { once.Do(func() { close(blocked) }) }
+	return f, blocked
 }

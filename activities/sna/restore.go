@@ -158,7 +158,7 @@ func (a *Activities) uploadDisk(ctx context.Context, in activities.WriteDiskInpu
 		return nil, err
 	}
 	var res *blockcopy.Result
-	err = vsphere.UploadFlat(ctx, flat, in.CapacityBytes, vsphere.Trust{Thumbprint: a.settings.Thumbprint, Insecure: a.settings.Insecure},
+	err = vsphere.UploadFlat(ctx, flat, in.CapacityBytes, vsphere.Trust{Thumbprint: a.settings.Thumbprint, Insecure: a.settings.Insecure, Logger: a.log},
 		func(w io.Writer) error {
 			var err error
 			res, err = blockcopy.Stream(ctx, source, w, opts)

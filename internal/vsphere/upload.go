@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -22,12 +23,20 @@ import (
 type Trust struct {
 	Thumbprint string
 	Insecure   bool
+	// Logger warns on every upload that Insecure leaves unverified, as the curl source does
+	// for reads; nil discards.
+	Logger *slog.Logger
 }
 
 // tlsConfig trusts what the curl source trusts: the certificate matching the pin, fetched
 // and made the only trust anchor, with the URL's host name checked against it.
 func (t Trust) tlsConfig(ctx context.Context, hostport string) (*tls.Config, error) {
 	if t.Insecure {
+		log := t.Logger
+		if log == nil {
+			log = slog.New(slog.DiscardHandler)
+		}
+		log.Warn("INSECURE: datastore upload does not verify the server certificate (explicit opt-in)", "host", hostport)
 		return &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: true}, nil // the operator's explicit opt-in
 	}
 	if t.Thumbprint == "" {
