@@ -91,23 +91,10 @@ func (a *Activities) findPoint(ctx context.Context, in activities.ResolvePointIn
 	if in.VM == "" {
 		return catalog.Point{}, catalog.VM{}, badInput("point: name a restore point or a VM")
 	}
-	vms, err := a.store.FindVMs(ctx, in.VM)
+	vm, err := a.findVM(ctx, in.VM, "the moref or a point ID")
 	if err != nil {
-		return catalog.Point{}, catalog.VM{}, fmt.Errorf("resolve latest point of VM %s: %w", in.VM, err)
+		return catalog.Point{}, catalog.VM{}, err
 	}
-	switch len(vms) {
-	case 0:
-		return catalog.Point{}, catalog.VM{}, notFound("vm: no VM %s in the catalog", in.VM)
-	case 1:
-	default:
-		named := make([]string, len(vms))
-		for i, v := range vms {
-			named[i] = fmt.Sprintf("%s %s of vCenter %s", v.Name, v.Moref, v.InstanceUUID)
-		}
-		return catalog.Point{}, catalog.VM{}, badInput("vm: %s names %d VMs (%s); give the moref or a point ID",
-			in.VM, len(vms), strings.Join(named, ", "))
-	}
-	vm := vms[0]
 	point, err := a.store.LastCompletePoint(ctx, vm.ID)
 	if errors.Is(err, catalog.ErrNotFound) {
 		return catalog.Point{}, catalog.VM{}, notFound("vm: VM %s (%s) has no complete restore point", vm.Name, vm.Moref)

@@ -26,7 +26,7 @@ func busy(format string, args ...any) error {
 // export serves one of its points; an unknown VM is ErrNotFound; a point to delete that is
 // unknown, of another VM or not complete is ErrBadInput.
 func (a *Activities) PlanRetention(ctx context.Context, in activities.PlanRetentionInput) (activities.RetentionPlan, error) {
-	vm, err := a.findVM(ctx, in.VM)
+	vm, err := a.findVM(ctx, in.VM, "the moref")
 	if err != nil {
 		return activities.RetentionPlan{}, err
 	}
@@ -76,8 +76,9 @@ func (a *Activities) PlanRetention(ctx context.Context, in activities.PlanRetent
 	return plan, nil
 }
 
-// findVM resolves a catalog VM by name or moref; none is ErrNotFound, several ErrBadInput.
-func (a *Activities) findVM(ctx context.Context, name string) (catalog.VM, error) {
+// findVM resolves a catalog VM by name or moref; none is ErrNotFound, several ErrBadInput
+// listing them and asking for instead (what else the caller accepts).
+func (a *Activities) findVM(ctx context.Context, name, instead string) (catalog.VM, error) {
 	if name == "" {
 		return catalog.VM{}, badInput("vm: empty")
 	}
@@ -95,7 +96,7 @@ func (a *Activities) findVM(ctx context.Context, name string) (catalog.VM, error
 	for i, v := range vms {
 		named[i] = fmt.Sprintf("%s %s of vCenter %s", v.Name, v.Moref, v.InstanceUUID)
 	}
-	return catalog.VM{}, badInput("vm: %s names %d VMs (%s); give the moref", name, len(vms), strings.Join(named, ", "))
+	return catalog.VM{}, badInput("vm: %s names %d VMs (%s); give %s", name, len(vms), strings.Join(named, ", "), instead)
 }
 
 // checkIdle refuses (ErrBusy) while anything uses the VM's chain: a backup whose workflow
