@@ -474,33 +474,17 @@ func (b *backup) createSnapshot(ctx workflow.Context) error {
 	return nil
 }
 
-// copyDisks copies every disk in parallel. The first failure cancels the other copies and
-// waits for them to stop, so compensation never pulls an export or the snapshot from under a
-// running copy.
+// copyDisks copies every disk in parallel (copyAll: the first failure stops the others).
 func (b *backup) copyDisks(ctx workflow.Context) error {
 	b.setStatus(ctx, StatusCopying)
 	b.step(ctx, "copying %d disk(s)", len(b.disks))
-	b.waitFor(ctx, activities.CopyDiskName, b.snaQueue())
-	copyCtx, cancelCopies := workflow.WithCancel(ctx)
-	defer cancelCopies()
-
-	var firstErr error
-	wg := workflow.NewWaitGroup(ctx)
-	for _, d := range b.disks {
-		b.setPhase(d.plan.Key, PhaseCopying)
-		b.progress.disk(d.plan.Key).CopyStarted = workflow.Now(ctx)
-		wg.Add(1)
-		workflow.Go(copyCtx, func(copyCtx workflow.Context) {
-			defer wg.Done()
-			if err := b.copyDisk(copyCtx, d); err != nil && firstErr == nil {
-				firstErr = err
-				cancelCopies()
-			}
-		})
+	keys := make([]int32, len(b.disks))
+	for i, d := range b.disks {
+		keys[i] = d.plan.Key
 	}
-	wg.Wait(ctx)
-	b.waitFor(ctx, "", "")
-	return firstErr
+	return b.copyAll(ctx, activities.CopyDiskName, b.snaQueue(), keys, func(ctx workflow.Context, i int) error {
+		return b.copyDisk(ctx, b.disks[i])
+	})
 }
 
 // copyDisk copies one disk. When vCenter refuses the previous changeId of an incremental

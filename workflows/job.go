@@ -227,3 +227,31 @@ func pointRef(point, vm string) string {
 	}
 	return "the latest point of VM " + text.Shorten(vm, MaxVMRefLength)
 }
+
+// copyAll runs copy for each disk (by key) in parallel, each disk in phase copying from now;
+// the run waits for activity on queue meanwhile. The first failure cancels the other copies
+// and waits for them to stop, so compensation never pulls an export or a snapshot from under
+// a running copy.
+func (j *job) copyAll(ctx workflow.Context, activity, queue string, keys []int32, copy func(ctx workflow.Context, i int) error) error {
+	j.waitFor(ctx, activity, queue)
+	copyCtx, cancelCopies := workflow.WithCancel(ctx)
+	defer cancelCopies()
+
+	var firstErr error
+	wg := workflow.NewWaitGroup(ctx)
+	for i, key := range keys {
+		j.setPhase(key, PhaseCopying)
+		j.progress.disk(key).CopyStarted = workflow.Now(ctx)
+		wg.Add(1)
+		workflow.Go(copyCtx, func(copyCtx workflow.Context) {
+			defer wg.Done()
+			if err := copy(copyCtx, i); err != nil && firstErr == nil {
+				firstErr = err
+				cancelCopies()
+			}
+		})
+	}
+	wg.Wait(ctx)
+	j.waitFor(ctx, "", "")
+	return firstErr
+}

@@ -317,35 +317,20 @@ func (r *restore) ensureTunnel(ctx workflow.Context) error {
 	return r.openTunnel(ctx, r.snaQueue(), r.src.HubID, exports, nil)
 }
 
-// writeDisks writes every disk in parallel. The first failure cancels the other writes and
-// waits for them to stop, so compensation never pulls an export from under a running write.
+// writeDisks writes every disk in parallel (copyAll: the first failure stops the others).
 func (r *restore) writeDisks(ctx workflow.Context) error {
 	if r.in.Destination == activities.DestinationInPlace {
 		r.partial = true
 	}
 	r.setStatus(ctx, StatusCopying)
 	r.step(ctx, "writing %d disk(s) into VM %s", len(r.disks), r.vm.Name)
-	r.waitFor(ctx, activities.WriteDiskName, r.snaQueue())
-	writeCtx, cancelWrites := workflow.WithCancel(ctx)
-	defer cancelWrites()
-
-	var firstErr error
-	wg := workflow.NewWaitGroup(ctx)
-	for _, d := range r.disks {
-		r.setPhase(d.src.Key, PhaseCopying)
-		r.progress.disk(d.src.Key).CopyStarted = workflow.Now(ctx)
-		wg.Add(1)
-		workflow.Go(writeCtx, func(writeCtx workflow.Context) {
-			defer wg.Done()
-			if err := r.writeDisk(writeCtx, d); err != nil && firstErr == nil {
-				firstErr = err
-				cancelWrites()
-			}
-		})
+	keys := make([]int32, len(r.disks))
+	for i, d := range r.disks {
+		keys[i] = d.src.Key
 	}
-	wg.Wait(ctx)
-	r.waitFor(ctx, "", "")
-	return firstErr
+	return r.copyAll(ctx, activities.WriteDiskName, r.snaQueue(), keys, func(ctx workflow.Context, i int) error {
+		return r.writeDisk(ctx, r.disks[i])
+	})
 }
 
 // writeDisk writes one disk under the activity ID of a copy of its point key, so clients find
