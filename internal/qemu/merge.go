@@ -49,8 +49,12 @@ func Commit(ctx context.Context, top, base string, opts MergeOptions) error {
 // empty (a flatten), keeping its guest-visible content: qemu-img copies into path every
 // cluster where the old and the new backing chain differ before it rewrites the header, so
 // path reads the same at every instant and a killed rebase can simply run again.
+//
+// The copy runs writethrough (-t): with qemu-img's default writeback cache the new header
+// can reach the file while the L2 entries of the copied clusters are still only in the
+// killed process's memory, and path then reads its new backing where the old one differed.
 func Rebase(ctx context.Context, path, backing string, opts MergeOptions) error {
-	args := []string{"rebase", "-p", "-f", FormatQCOW2, "-b", backing}
+	args := []string{"rebase", "-p", "-t", "writethrough", "-f", FormatQCOW2, "-b", backing}
 	if backing != "" {
 		args = append(args, "-F", FormatQCOW2)
 	}
