@@ -2,6 +2,7 @@ package lab_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	enumspb "go.temporal.io/api/enums/v1"
+	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/api/workflowservice/v1"
 	"go.temporal.io/sdk/client"
 
@@ -224,29 +226,15 @@ func TestRetentionSurvivesHubWorkerKill(t *testing.T) {
 		_, err := l.VC.WriteRandom(key, 300<<20, 1<<20)
 		require.NoError(t, err)
 	}
+	// The backups' own retentions run before the policy exists and keep everything: the last
+	// one must have ended, or it would apply the policy set next itself.
+	require.NoError(t, l.Temporal.Client.GetWorkflow(ctx, workflows.RetentionWorkflowID(l.VC.VMName), "").Get(ctx, nil))
 	vms, err := store.FindVMs(ctx, l.VC.VMName)
 	require.NoError(t, err)
 	require.Len(t, vms, 1)
 	require.NoError(t, store.SetVMPolicy(ctx, vms[0].ID, retention.Policy{KeepLast: 2}))
-	// The backups' own retentions ran before the policy existed and kept everything.
-	id := workflows.RetentionWorkflowID(l.VC.VMName)
-	require.NoError(t, l.Temporal.Client.GetWorkflow(ctx, id, "").Get(ctx, nil))
-
-	run, err := l.Temporal.Client.ExecuteWorkflow(ctx, client.StartWorkflowOptions{ID: id, TaskQueue: activities.HubQueue},
-		workflows.RetentionWorkflowName, workflows.RetentionInput{VM: l.VC.VMName})
-	require.NoError(t, err)
-	require.Eventually(t, func() bool {
-		desc, err := l.Temporal.Client.DescribeWorkflow(ctx, run.GetID(), run.GetRunID())
-		if err != nil {
-			return false
-		}
-		for _, a := range desc.RawResponse.GetPendingActivities() {
-			if a.GetActivityType().GetName() == activities.ApplyRetentionName && a.GetState() == enumspb.PENDING_ACTIVITY_STATE_STARTED {
-				return true
-			}
-		}
-		return false
-	}, time.Minute, 10*time.Millisecond, "ApplyRetention never started")
+	run := startRetention(ctx, t, l, workflows.RetentionInput{VM: l.VC.VMName})
+	waitForActivity(ctx, t, l, run, activities.ApplyRetentionName)
 	l.KillWorker("hub")
 	l.StartWorker("hub")
 
@@ -258,4 +246,45 @@ func TestRetentionSurvivesHubWorkerKill(t *testing.T) {
 	p, err := store.GetPoint(ctx, full.PointID)
 	require.ErrorIs(t, err, catalog.ErrNotFound, "the dropped full point is gone (%+v)", p)
 	requireRetained(ctx, t, l, store, kept, func(id string) string { return sources[id] })
+}
+
+// startRetention starts a retention run of its own: a run still going (one a backup started)
+// is waited for first, so the new run plans with everything the test set up.
+func startRetention(ctx context.Context, t *testing.T, l *lab.Lab, in workflows.RetentionInput) client.WorkflowRun {
+	t.Helper()
+	id := workflows.RetentionWorkflowID(in.VM)
+	for {
+		run, err := l.Temporal.Client.ExecuteWorkflow(ctx, client.StartWorkflowOptions{
+			ID: id, TaskQueue: activities.HubQueue, WorkflowExecutionErrorWhenAlreadyStarted: true,
+		}, workflows.RetentionWorkflowName, in)
+		var running *serviceerror.WorkflowExecutionAlreadyStarted
+		if !errors.As(err, &running) {
+			require.NoError(t, err)
+			return run
+		}
+		_ = l.Temporal.Client.GetWorkflow(ctx, id, running.RunId).Get(ctx, nil)
+	}
+}
+
+// waitForActivity returns once the run has an attempt of the activity type started. A run that
+// ends first fails the test with what it did instead.
+func waitForActivity(ctx context.Context, t *testing.T, l *lab.Lab, run client.WorkflowRun, activityType string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		desc, err := l.Temporal.Client.DescribeWorkflow(ctx, run.GetID(), run.GetRunID())
+		require.NoError(t, err)
+		for _, a := range desc.RawResponse.GetPendingActivities() {
+			if a.GetActivityType().GetName() == activityType && a.GetState() == enumspb.PENDING_ACTIVITY_STATE_STARTED {
+				return
+			}
+		}
+		if desc.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING {
+			var out any
+			err := run.Get(ctx, &out)
+			t.Fatalf("%s ended before %s started: result %+v, error %v\nhub log:\n%s", run.GetID(), activityType, out, err, tail(l.WorkerLog("hub")))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%s: %s not started in 2 minutes\nhub log:\n%s", run.GetID(), activityType, tail(l.WorkerLog("hub")))
 }
