@@ -133,3 +133,31 @@ func TestBackupLogsThePlansNote(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, r.details(t), escapeMarkdown(note))
 }
+
+// A mount (and a restore: the same job core) waits for a port the same way; its job log
+// says so (a mount has no progress query).
+func TestMountWaitsForAPort(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	const step = "AllocatePort 2000"
+	r.fakes.exhaust[step] = 2
+	var waiting []string
+	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, args converter.EncodedValues) {
+		var in activities.AllocatePortInput
+		if info.ActivityType.Name == activities.AllocatePortName && args.Get(&in) == nil && in.DiskKey == 2000 {
+			waiting = append(waiting, r.details(t))
+		}
+	})
+	r.whileMounted(t, func(MountInfo) {
+		assert.Equal(t, mountForward, withoutRepeats(r.fakes.recorded(), step))
+		r.env.SignalWorkflow(UnmountSignalName, nil)
+	})
+	_, err := r.executeMount(MountInput{Point: testPointID})
+	require.NoError(t, err)
+	assert.Equal(t, 3, r.fakes.attempts[step])
+	require.Len(t, waiting, 3)
+	assert.NotContains(t, waiting[0], portWaitText)
+	for _, d := range waiting[1:] {
+		assert.Contains(t, d, "Waiting for: "+portWaitText)
+	}
+	assert.NotContains(t, r.details(t), "Waiting for:")
+}
