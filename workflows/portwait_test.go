@@ -161,3 +161,16 @@ func TestMountWaitsForAPort(t *testing.T) {
 	}
 	assert.NotContains(t, r.details(t), "Waiting for:")
 }
+
+// No hub alive for a VM's first chain: PlanBackup's NoHub is retried like a catalog outage,
+// for a bounded time, then the backup fails with its message, naming the hubs.
+func TestBackupWithoutAliveHubFailsNamingTheHubs(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	msg := "plan backup of web01: no hub is alive to start its chain (hub hub1 last seen 5m0s ago; ...); start a hub worker"
+	r.fakes.fail["PlanBackup"] = temporal.NewApplicationError(msg, activities.ErrNoHub)
+	_, err := r.execute(validInput())
+	require.ErrorContains(t, err, msg)
+	assert.Equal(t, catalogAttempts, r.fakes.attempts["PlanBackup"], "retried as a catalog step, then given up")
+	assert.Equal(t, []string{"InspectVM", "PlanBackup"}, slices.Compact(r.fakes.recorded()))
+	r.assertFailed(t, StatusFailed, "no hub is alive")
+}
