@@ -520,6 +520,9 @@ func (m *Manager) dial(s *slot, done chan struct{}) {
 		// new forwarded connections prefer the others.
 		s.down = true
 		m.startReconnect(s)
+		if !m.closed {
+			m.log.Warn("ssh connection failed", "conn", s.id, "err", err)
+		}
 	}
 	m.mu.Unlock()
 	close(done)
