@@ -67,9 +67,9 @@ type SNA struct {
 	// OpenSSH's ServerAliveCountMax). Default 3.
 	SSHKeepaliveCount int `envconfig:"DISKFERRY_SSH_KEEPALIVE_COUNT" default:"3"`
 	// DISKFERRY_HUB_SSH_CONNECTIONS is how many SSH connections the tunnel keeps to each hub,
-	// 1-16; forwarded connections spread over them (sshd runs each on one core). Default 4
+	// 1-16; forwarded connections spread over them (sshd runs each on one core). Default 2
 	// (internal/tunnel.DefaultConnections).
-	HubSSHConnections int `envconfig:"DISKFERRY_HUB_SSH_CONNECTIONS" default:"4"`
+	HubSSHConnections int `envconfig:"DISKFERRY_HUB_SSH_CONNECTIONS" default:"2"`
 
 	// DISKFERRY_TRANSPORT is how disks are read: https (default) or vddk.
 	Transport string `envconfig:"DISKFERRY_TRANSPORT" default:"https"`

@@ -40,9 +40,11 @@ const (
 	DefaultKeepaliveCountMax = 3
 	DefaultDialTimeout       = 10 * time.Second
 	DefaultMaxBackoff        = 30 * time.Second
-	// DefaultConnections: docs/architecture.md, "SSH tunnel on loopback": one connection
-	// is bound by one sshd process's crypto on one core; MEASURE.
-	DefaultConnections = 4
+	// DefaultConnections: sshd runs each connection in one process on one core, ~1.7-2 s
+	// of CPU per GB here (500-600 MB/s), so two connections are the fewest that pass
+	// 1 GB/s on a hub with the cores; on the 2-core rig two also measured fastest, more
+	// only cost sshd CPU (docs/architecture.md, "The SSH tunnel's ceiling").
+	DefaultConnections = 2
 )
 
 // DefaultCiphers is the cipher preference offered to the hub, by measurement
