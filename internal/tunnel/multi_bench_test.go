@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,7 +36,9 @@ const (
 // multiBytes in all, SNA→hub, to unix-socket sinks on the hub that confirm every byte. It
 // runs the pool (Config.Connections default) and a single SSH connection alternately,
 // multiRounds times each, and prints medians with the CPU seconds of sshd and of this
-// process (the tunnel plus the senders and sinks) per GB.
+// process (the tunnel plus the senders and sinks) per GB, and the rates those costs
+// allow: with every core on this path (ceiling_cores), and with one core per sshd
+// process, the per-connection limit (ceiling_sshd).
 //
 //	go test -run '^$' -bench '^BenchmarkTunnelMulti$' -benchtime 1x ./internal/tunnel
 //
@@ -89,13 +92,17 @@ func BenchmarkTunnelMulti(b *testing.B) {
 	b.StopTimer()
 
 	load, _ := os.ReadFile("/proc/loadavg")
-	single := median(results[sizes[0]]).rate
+	single := median(results[sizes[0]])
 	for _, n := range sizes {
 		r := median(results[n])
 		b.ReportMetric(r.rate/1e6, fmt.Sprintf("MB/s-conns=%d", n))
-		fmt.Printf("bench tunnel-multi conns=%d forwards=%d streams=%d cipher=%s rate=%.0fMB/s vs-%dconn=%.2f sshd_cpu=%.2fs/GB ours_cpu=%.2fs/GB runs=%d load=%s target >= 1000 MB/s\n",
-			n, multiForwards, multiForwards*multiStreams, cipher, r.rate/1e6, sizes[0], r.rate/single,
-			r.sshdCPU, r.ownCPU, len(results[n]), strings.Fields(string(load))[0])
+		// The ceilings the CPU costs imply: all cores busy with this path alone, and each
+		// sshd process (one per SSH connection, single-threaded) on a core of its own.
+		cpuCeiling := float64(runtime.NumCPU()) / (r.sshdCPU + r.ownCPU) * 1e3
+		sshdCeiling := float64(n) / r.sshdCPU * 1e3
+		fmt.Printf("bench tunnel-multi conns=%d forwards=%d streams=%d cipher=%s rate=%.0fMB/s conns%d=%.0fMB/s ratio=%.2f sshd_cpu=%.2fs/GB ours_cpu=%.2fs/GB ceiling_cores=%.0fMB/s ceiling_sshd=%.0fMB/s cores=%d runs=%d load=%s target >= 1000 MB/s\n",
+			n, multiForwards, multiForwards*multiStreams, cipher, r.rate/1e6, sizes[0], single.rate/1e6, r.rate/single.rate,
+			r.sshdCPU, r.ownCPU, cpuCeiling, sshdCeiling, runtime.NumCPU(), len(results[n]), strings.Fields(string(load))[0])
 	}
 }
 
