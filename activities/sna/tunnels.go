@@ -8,8 +8,8 @@ import (
 	"github.com/diskferry/diskferry/internal/tunnel"
 )
 
-// Tunnels keeps one SSH tunnel per hub, opened on first use and shared by every backup
-// that copies to that hub.
+// Tunnels keeps one SSH tunnel per hub (a tunnel.Manager with its pool of SSH
+// connections), opened on first use and shared by every backup that copies to that hub.
 type Tunnels struct {
 	mu        sync.Mutex
 	byHub     map[string]*tunnel.Manager

@@ -66,6 +66,10 @@ type SNA struct {
 	// check unanswered and nothing else arriving from the hub before the tunnel redials (as
 	// OpenSSH's ServerAliveCountMax). Default 3.
 	SSHKeepaliveCount int `envconfig:"DISKFERRY_SSH_KEEPALIVE_COUNT" default:"3"`
+	// DISKFERRY_HUB_SSH_CONNECTIONS is how many SSH connections the tunnel keeps to each hub,
+	// 1-16; forwarded connections spread over them (sshd runs each on one core). Default 2
+	// (internal/tunnel.DefaultConnections).
+	HubSSHConnections int `envconfig:"DISKFERRY_HUB_SSH_CONNECTIONS" default:"2"`
 
 	// DISKFERRY_TRANSPORT is how disks are read: https (default) or vddk.
 	Transport string `envconfig:"DISKFERRY_TRANSPORT" default:"https"`
@@ -155,6 +159,9 @@ func (c *SNA) resolveAndValidate() error {
 	}
 	if c.SSHKeepaliveCount < 1 {
 		v.fail("DISKFERRY_SSH_KEEPALIVE_COUNT", fmt.Errorf("want 1 or more, got %d", c.SSHKeepaliveCount))
+	}
+	if c.HubSSHConnections < 1 || c.HubSSHConnections > 16 {
+		v.fail("DISKFERRY_HUB_SSH_CONNECTIONS", fmt.Errorf("want 1-16, got %d", c.HubSSHConnections))
 	}
 
 	switch c.Transport {

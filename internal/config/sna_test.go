@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/diskferry/diskferry/internal/config"
+	"github.com/diskferry/diskferry/internal/tunnel"
 )
 
 const sha1Thumbprint = "AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01"
@@ -41,6 +42,7 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"ssh user", c.HubSSHUser, "diskferry"},
 		{"keepalive", c.SSHKeepalive, 15 * time.Second},
 		{"keepalive count", c.SSHKeepaliveCount, 3},
+		{"hub ssh connections", c.HubSSHConnections, tunnel.DefaultConnections},
 		{"transport", c.Transport, config.TransportHTTPS},
 		{"connections", c.CopyConnections, 4},
 		{"checkpoint interval", c.CopyCheckpointInterval, 10 * time.Second},
@@ -169,6 +171,8 @@ func TestLoadSNARejects(t *testing.T) {
 		{"unreadable known_hosts", map[string]string{"DISKFERRY_SSH_KNOWN_HOSTS_FILE": filepath.Join(dir, "kh")}, "DISKFERRY_SSH_KNOWN_HOSTS_FILE", "unreadable file"},
 		{"keepalive zero", map[string]string{"DISKFERRY_SSH_KEEPALIVE": "0s"}, "DISKFERRY_SSH_KEEPALIVE", "positive duration"},
 		{"keepalive count zero", map[string]string{"DISKFERRY_SSH_KEEPALIVE_COUNT": "0"}, "DISKFERRY_SSH_KEEPALIVE_COUNT", "want 1 or more"},
+		{"no hub ssh connections", map[string]string{"DISKFERRY_HUB_SSH_CONNECTIONS": "0"}, "DISKFERRY_HUB_SSH_CONNECTIONS", "want 1-16"},
+		{"too many hub ssh connections", map[string]string{"DISKFERRY_HUB_SSH_CONNECTIONS": "17"}, "DISKFERRY_HUB_SSH_CONNECTIONS", "want 1-16"},
 		{"unknown transport", map[string]string{"DISKFERRY_TRANSPORT": "nfc"}, "DISKFERRY_TRANSPORT", "want https or vddk"},
 		{"vddk without libdir", map[string]string{"DISKFERRY_TRANSPORT": "vddk"}, "DISKFERRY_VDDK_LIBDIR", "required"},
 		{"vddk with a sha-256 pin", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": dir,

@@ -1,11 +1,15 @@
 // Package tunnel keeps SSH local forwards from the SNA to the hub's exports: a unix socket
 // in a private 0700 directory on the SNA, one per export port P, reaches the unix socket
 // the hub's qemu-nbd serves export P on, through a direct-streamlocal@openssh.com channel.
-// Neither end listens on TCP, so no other local process reaches an export. One SSH
-// connection carries every forward; keepalives detect a dead connection (silent for
-// several intervals; one still delivering data is alive) and it is redialled with
-// backoff, so forwards outlive an sshd restart or a network outage (connections open at
-// the time die, new ones use the new SSH connection).
+// Neither end listens on TCP, so no other local process reaches an export. A small pool
+// of SSH connections (Config.Connections) carries the forwards: sshd handles each
+// connection in one single-threaded process, so one connection caps the tunnel at one
+// core's crypto, and each new forwarded connection takes the pooled SSH connection with
+// the fewest channels. Every SSH connection is dialled with the same pinned host key and
+// account, on first use; keepalives detect a dead one (silent for several intervals; one
+// still delivering data is alive) and it is redialled with backoff, so forwards outlive
+// an sshd restart or a network outage (connections open at the time die, new ones use
+// the redialled SSH connections).
 //
 // The hub's host key is pinned through a known_hosts file; there is no insecure mode.
 package tunnel
@@ -36,7 +40,18 @@ const (
 	DefaultKeepaliveCountMax = 3
 	DefaultDialTimeout       = 10 * time.Second
 	DefaultMaxBackoff        = 30 * time.Second
+	// DefaultConnections: sshd runs each connection in one process on one core, ~1.7-2 s
+	// of CPU per GB here (500-600 MB/s), so two connections are the fewest that pass
+	// 1 GB/s on a hub with the cores; on the 2-core rig two also measured fastest, more
+	// only cost sshd CPU (docs/architecture.md, "The SSH tunnel's ceiling").
+	DefaultConnections = 2
 )
+
+// DefaultCiphers is the cipher preference offered to the hub, by measurement
+// (docs/security.md): AES-GCM runs on the AES instructions of both ends.
+func DefaultCiphers() []string {
+	return []string{ssh.CipherAES128GCM, ssh.CipherAES256GCM, ssh.CipherChaCha20Poly1305}
+}
 
 // copyBufferSize is the buffer per direction of a forwarded connection. An SSH channel
 // delivers at most one 32 KiB packet per read, so larger buffers buy little; the 2 MiB
@@ -68,6 +83,12 @@ type Config struct {
 	DialTimeout time.Duration
 	// MaxBackoff caps the wait between reconnect attempts. Default DefaultMaxBackoff.
 	MaxBackoff time.Duration
+	// Connections is how many SSH connections to the hub carry the forwards. Default
+	// DefaultConnections.
+	Connections int
+	// Ciphers is the cipher preference offered to the hub; only x/crypto/ssh's secure
+	// ciphers are accepted. Default DefaultCiphers().
+	Ciphers []string
 }
 
 // Forward makes the hub's export socket Remote reachable on the SNA at SocketPath(Port).
@@ -102,8 +123,8 @@ func (e *HostKeyError) Error() string {
 // ErrClosed is returned by a Manager after Close.
 var ErrClosed = errors.New("tunnel manager closed")
 
-// Manager owns one SSH connection to the hub and the forwards over it. Its methods are
-// safe for concurrent use.
+// Manager owns a pool of SSH connections to the hub and the forwards over them. Its
+// methods are safe for concurrent use.
 type Manager struct {
 	cfg       Config
 	log       *slog.Logger
@@ -115,14 +136,33 @@ type Manager struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu           sync.Mutex
-	closed       bool
-	client       *ssh.Client
+	mu        sync.Mutex
+	closed    bool
+	slots     []*slot          // the pool, Config.Connections long
+	forwards  map[int]*forward // by port
+	socketDir string           // private directory of the forward sockets
+}
+
+// slot is one place in the pool: an SSH connection while one is up, and the dials and
+// reconnects that keep it so. Its fields are guarded by Manager.mu.
+type slot struct {
+	id           int
+	client       *sshConn      // nil while not connected
 	dialing      chan struct{} // closed when the running dial ends; nil when none runs
 	dialErr      error         // outcome of the last dial
+	down         bool          // the last dial failed or the connection died; not back yet
 	reconnecting bool
-	forwards     map[int]*forward // by port
-	socketDir    string           // private directory of the forward sockets
+	channels     int // forwarded connections assigned to this slot and not yet ended
+}
+
+// sshConn is one SSH connection, closed exactly once by whoever gives up on it first.
+type sshConn struct {
+	*ssh.Client
+	once sync.Once
+}
+
+func (c *sshConn) close() {
+	c.once.Do(func() { _ = c.Client.Close() })
 }
 
 // New checks the configuration and reads the key and known_hosts; it does not connect.
@@ -145,6 +185,17 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 	}
 	if cfg.MaxBackoff <= 0 {
 		cfg.MaxBackoff = DefaultMaxBackoff
+	}
+	if cfg.Connections <= 0 {
+		cfg.Connections = DefaultConnections
+	}
+	if len(cfg.Ciphers) == 0 {
+		cfg.Ciphers = DefaultCiphers()
+	}
+	for _, c := range cfg.Ciphers {
+		if !slices.Contains(secureCiphers(), c) {
+			return nil, fmt.Errorf("tunnel config: cipher %q is not one of %v", c, secureCiphers())
+		}
 	}
 	if log == nil {
 		log = slog.Default()
@@ -175,6 +226,10 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		return nil, fmt.Errorf("tunnel socket directory: %w", err)
 	}
 
+	slots := make([]*slot, cfg.Connections)
+	for i := range slots {
+		slots[i] = &slot{id: i}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Manager{
 		cfg:       cfg,
@@ -184,13 +239,17 @@ func New(cfg Config, log *slog.Logger) (*Manager, error) {
 		hostAlgos: algos,
 		ctx:       ctx,
 		cancel:    cancel,
+		slots:     slots,
 		forwards:  map[int]*forward{},
 		socketDir: socketDir,
 	}, nil
 }
 
-// readPrivateKey reads the key file, refusing it, as ssh does, when its owner is not the
-// only one who may read it.
+// secureCiphers are the ciphers x/crypto/ssh implements that OpenSSH also considers secure.
+func secureCiphers() []string {
+	return ssh.SupportedAlgorithms().Ciphers
+}
+
 // CheckKeyMode refuses a private key file that group or others may access, as ssh does.
 func CheckKeyMode(path string, mode fs.FileMode) error {
 	if perm := mode.Perm(); perm&0o077 != 0 {
@@ -199,6 +258,8 @@ func CheckKeyMode(path string, mode fs.FileMode) error {
 	return nil
 }
 
+// readPrivateKey reads the key file, refusing it, as ssh does, when its owner is not the
+// only one who may read it.
 func readPrivateKey(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -265,7 +326,7 @@ func (m *Manager) SocketPath(port int) string {
 // a wrong host key or refused login is returned here. A port already forwarded to a
 // different hub socket is an error; forwards made before the error stay.
 func (m *Manager) EnsureForwards(ctx context.Context, forwards []Forward) error {
-	if _, err := m.connection(ctx); err != nil {
+	if err := m.connected(ctx); err != nil {
 		return err
 	}
 	for _, f := range forwards {
@@ -338,7 +399,7 @@ func (m *Manager) Forwards() []Forward {
 	return out
 }
 
-// Close drops every forward, its socket directory and the SSH connection. Idempotent.
+// Close drops every forward, its socket directory and the SSH connections. Idempotent.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	if m.closed {
@@ -348,16 +409,21 @@ func (m *Manager) Close() error {
 	m.closed = true
 	forwards := m.forwards
 	m.forwards = map[int]*forward{}
-	client := m.client
-	m.client = nil
+	var clients []*sshConn
+	for _, s := range m.slots {
+		if s.client != nil {
+			clients = append(clients, s.client)
+			s.client = nil
+		}
+	}
 	m.mu.Unlock()
 
 	m.cancel()
 	for _, fw := range forwards {
 		fw.close()
 	}
-	if client != nil {
-		client.Close()
+	for _, c := range clients {
+		c.close()
 	}
 	m.wg.Wait()
 	if err := os.RemoveAll(m.socketDir); err != nil {
@@ -366,26 +432,58 @@ func (m *Manager) Close() error {
 	return nil
 }
 
-// connection returns the live SSH connection, dialling when there is none. Concurrent
-// callers share one dial, which runs on the manager's context so that one caller giving
-// up does not abort it for the others.
-func (m *Manager) connection(ctx context.Context) (*ssh.Client, error) {
+// connected returns once some SSH connection of the pool is up, dialling one when none
+// is, so that a wrong host key or a refused login surfaces to the caller.
+func (m *Manager) connected(ctx context.Context) error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return ErrClosed
+	}
+	for _, s := range m.slots {
+		if s.client != nil {
+			m.mu.Unlock()
+			return nil
+		}
+	}
+	s := m.best()
+	m.mu.Unlock()
+	_, err := m.connection(ctx, s)
+	return err
+}
+
+// best is the slot a new forwarded connection should use: one that is not down, then
+// the one carrying the fewest channels, then the first. m.mu must be held.
+func (m *Manager) best() *slot {
+	var pick *slot
+	for _, s := range m.slots {
+		if pick == nil || s.down != pick.down && !s.down || s.down == pick.down && s.channels < pick.channels {
+			pick = s
+		}
+	}
+	return pick
+}
+
+// connection returns the slot's live SSH connection, dialling when there is none.
+// Concurrent callers share one dial, which runs on the manager's context so that one
+// caller giving up does not abort it for the others.
+func (m *Manager) connection(ctx context.Context, s *slot) (*sshConn, error) {
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
 		return nil, ErrClosed
 	}
-	if m.client != nil {
-		c := m.client
+	if s.client != nil {
+		c := s.client
 		m.mu.Unlock()
 		return c, nil
 	}
-	if m.dialing == nil {
-		m.dialing = make(chan struct{})
+	if s.dialing == nil {
+		s.dialing = make(chan struct{})
 		m.wg.Add(1)
-		go m.dial(m.dialing)
+		go m.dial(s, s.dialing)
 	}
-	done := m.dialing
+	done := s.dialing
 	m.mu.Unlock()
 
 	select {
@@ -395,38 +493,59 @@ func (m *Manager) connection(ctx context.Context) (*ssh.Client, error) {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.client != nil {
-		return m.client, nil
+	if s.client != nil {
+		return s.client, nil
 	}
 	if m.closed {
 		return nil, ErrClosed
 	}
-	return nil, m.dialErr
+	return nil, s.dialErr
 }
 
-func (m *Manager) dial(done chan struct{}) {
+func (m *Manager) dial(s *slot, done chan struct{}) {
 	defer m.wg.Done()
-	client, inbound, err := m.connect(m.ctx)
+	client, inbound, err := m.connect(m.ctx, s.id)
 
 	m.mu.Lock()
-	m.dialing = nil
-	m.dialErr = err
-	if err == nil {
-		if m.closed {
-			client.Close()
-		} else {
-			m.client = client
-			m.wg.Add(1)
-			go m.watch(client, inbound)
+	s.dialing = nil
+	s.dialErr = err
+	switch {
+	case err == nil && m.closed:
+		client.close()
+	case err == nil:
+		s.client = client
+		s.down = false
+		m.wg.Add(1)
+		go m.watch(s, client, inbound)
+	default:
+		// A slot that cannot connect heals on its own while forwards need it; meanwhile
+		// new forwarded connections prefer the others.
+		s.down = true
+		m.startReconnect(s)
+		if !m.closed {
+			m.log.Warn("ssh connection failed", "conn", s.id, "err", err)
 		}
 	}
 	m.mu.Unlock()
 	close(done)
 }
 
+// startReconnect starts the slot's reconnect loop unless one runs, the manager is closed
+// or no forward remains. m.mu must be held.
+func (m *Manager) startReconnect(s *slot) {
+	if m.closed || len(m.forwards) == 0 || s.reconnecting {
+		return
+	}
+	s.reconnecting = true
+	m.wg.Add(1)
+	// Started even when Close runs meanwhile: reconnect sees it and returns, releasing the
+	// WaitGroup slot taken above, which Close waits for.
+	go m.reconnect(s)
+}
+
 // connect dials and logs in. The counter it returns moves whenever bytes arrive on the
 // connection, which is what the keepalive watches.
-func (m *Manager) connect(ctx context.Context) (*ssh.Client, *atomic.Uint64, error) {
+func (m *Manager) connect(ctx context.Context, id int) (*sshConn, *atomic.Uint64, error) {
 	dialer := net.Dialer{Timeout: m.cfg.DialTimeout, KeepAlive: 30 * time.Second}
 	conn, err := dialer.DialContext(ctx, "tcp", m.cfg.Addr)
 	if err != nil {
@@ -438,9 +557,11 @@ func (m *Manager) connect(ctx context.Context) (*ssh.Client, *atomic.Uint64, err
 
 	var hostKeyErr *HostKeyError
 	config := &ssh.ClientConfig{
+		Config:            ssh.Config{Ciphers: m.cfg.Ciphers},
 		User:              m.cfg.User,
 		Auth:              []ssh.AuthMethod{ssh.PublicKeys(m.signer)},
 		HostKeyAlgorithms: m.hostAlgos,
+		// Every connection of the pool checks the pinned key; none trusts another's check.
 		HostKeyCallback: func(host string, remote net.Addr, key ssh.PublicKey) error {
 			err := m.hostKeys(host, remote, key)
 			var keyErr *knownhosts.KeyError
@@ -452,7 +573,7 @@ func (m *Manager) connect(ctx context.Context) (*ssh.Client, *atomic.Uint64, err
 		},
 	}
 	inbound := new(atomic.Uint64)
-	sshConn, chans, reqs, err := ssh.NewClientConn(countReads(quickAck(conn), inbound), m.cfg.Addr, config)
+	c, chans, reqs, err := ssh.NewClientConn(countReads(quickAck(conn), inbound), m.cfg.Addr, config)
 	if err != nil {
 		conn.Close()
 		if hostKeyErr != nil {
@@ -461,13 +582,17 @@ func (m *Manager) connect(ctx context.Context) (*ssh.Client, *atomic.Uint64, err
 		return nil, nil, fmt.Errorf("ssh login to %s as %s with key %s: %w", m.cfg.Addr, m.cfg.User, m.cfg.KeyFile, err)
 	}
 	_ = conn.SetDeadline(time.Time{})
-	m.log.Info("ssh connected")
-	return ssh.NewClient(sshConn, chans, reqs), inbound, nil
+	var cipher string
+	if meta, ok := c.(ssh.AlgorithmsConnMetadata); ok {
+		cipher = meta.Algorithms().Write.Cipher
+	}
+	m.log.Info("ssh connected", "conn", id, "cipher", cipher)
+	return &sshConn{Client: ssh.NewClient(c, chans, reqs)}, inbound, nil
 }
 
 // watch ends when the connection does: closed by the server, the network, a failed
 // keepalive or Close. It then forgets the connection and, while forwards remain, redials.
-func (m *Manager) watch(client *ssh.Client, inbound *atomic.Uint64) {
+func (m *Manager) watch(s *slot, client *sshConn, inbound *atomic.Uint64) {
 	defer m.wg.Done()
 	ended := make(chan error, 1)
 	go func() { ended <- client.Wait() }()
@@ -475,25 +600,19 @@ func (m *Manager) watch(client *ssh.Client, inbound *atomic.Uint64) {
 	ticker := time.NewTicker(m.cfg.KeepaliveInterval)
 	reason := m.keepalive(client, inbound, ticker.C, ended)
 	ticker.Stop()
-	client.Close()
+	client.close()
 
 	m.mu.Lock()
-	if m.client == client {
-		m.client = nil
+	if s.client == client {
+		s.client = nil
+		s.down = true
 	}
-	redial := !m.closed && len(m.forwards) > 0 && !m.reconnecting
-	if redial {
-		m.reconnecting = true
-		m.wg.Add(1)
+	if s.client == nil {
+		m.startReconnect(s)
 	}
 	m.mu.Unlock()
 	if m.ctx.Err() == nil {
-		m.log.Warn("ssh connection lost", "reason", reason)
-	}
-	// Started even when Close ran meanwhile: reconnect sees it and returns, releasing the
-	// WaitGroup slot taken above, which Close waits for.
-	if redial {
-		go m.reconnect()
+		m.log.Warn("ssh connection lost", "conn", s.id, "reason", reason)
 	}
 }
 
@@ -584,12 +703,13 @@ func (c *countingConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// reconnect redials with exponential backoff until connected, closed, or no forwards remain.
-func (m *Manager) reconnect() {
+// reconnect redials the slot with exponential backoff until connected, closed, or no
+// forwards remain.
+func (m *Manager) reconnect(s *slot) {
 	defer m.wg.Done()
 	defer func() {
 		m.mu.Lock()
-		m.reconnecting = false
+		s.reconnecting = false
 		m.mu.Unlock()
 	}()
 	backoff := 250 * time.Millisecond
@@ -601,16 +721,16 @@ func (m *Manager) reconnect() {
 			return
 		}
 		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
-		_, err := m.connection(ctx)
+		_, err := m.connection(ctx, s)
 		cancel()
 		if err == nil {
-			m.log.Info("ssh reconnected", "attempt", attempt)
+			m.log.Info("ssh reconnected", "conn", s.id, "attempt", attempt)
 			return
 		}
 		if m.ctx.Err() != nil {
 			return
 		}
-		m.log.Error("ssh reconnect failed", "attempt", attempt, "retry_in", backoff, "err", err)
+		m.log.Error("ssh reconnect failed", "conn", s.id, "attempt", attempt, "retry_in", backoff, "err", err)
 		select {
 		case <-time.After(backoff):
 		case <-m.ctx.Done():
@@ -694,50 +814,79 @@ func (m *Manager) carry(f *forward, local net.Conn) {
 	defer f.untrack(p)
 	defer p.close()
 
-	remote, err := m.openChannel(f.spec.Remote)
+	remote, release, err := m.openChannel(f.spec.Remote)
 	if err != nil {
 		f.setErr(err)
 		m.log.Warn("forwarded connection failed", "port", f.spec.Port, "remote", f.spec.Remote, "err", err)
 		return
 	}
+	defer release()
 	f.setErr(nil)
 	p.setRemote(remote)
 	p.copy()
 }
 
-// openChannel opens a direct-streamlocal channel to a unix socket on the hub. A connection
-// that died unnoticed is closed and the open retried once on a fresh one.
-func (m *Manager) openChannel(target string) (net.Conn, error) {
+// openChannel opens a direct-streamlocal channel to a unix socket on the hub over the
+// pooled SSH connection with the fewest channels, and returns what gives that place back.
+// A connection that cannot be had or died unnoticed is given up (its slot redials) and
+// the open retried once on the next best.
+func (m *Manager) openChannel(target string) (net.Conn, func(), error) {
 	var lastErr error
 	for range 2 {
-		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
-		client, err := m.connection(ctx)
-		if err != nil {
-			cancel()
-			return nil, err
+		m.mu.Lock()
+		if m.closed {
+			m.mu.Unlock()
+			return nil, nil, ErrClosed
 		}
-		remote, err := client.DialContext(ctx, "unix", target)
-		cancel()
+		s := m.best()
+		s.channels++
+		m.mu.Unlock()
+		release := func() {
+			m.mu.Lock()
+			s.channels--
+			m.mu.Unlock()
+		}
+
+		remote, err := m.openOn(s, target)
 		if err == nil {
-			return remote, nil
+			return remote, release, nil
 		}
-		var refused *ssh.OpenChannelError
-		if errors.As(err, &refused) {
-			return nil, fmt.Errorf("%w to %s: %w", ErrRefused, target, err)
+		release()
+		if errors.Is(err, ErrRefused) || errors.Is(err, ErrClosed) {
+			return nil, nil, err
 		}
-		lastErr = fmt.Errorf("open channel to hub %s: %w", target, err)
-		client.Close()
-		m.forget(client)
+		lastErr = err
 	}
-	return nil, lastErr
+	return nil, nil, lastErr
+}
+
+func (m *Manager) openOn(s *slot, target string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.DialTimeout)
+	defer cancel()
+	client, err := m.connection(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	remote, err := client.DialContext(ctx, "unix", target)
+	if err == nil {
+		return remote, nil
+	}
+	var refused *ssh.OpenChannelError
+	if errors.As(err, &refused) {
+		return nil, fmt.Errorf("%w to %s: %w", ErrRefused, target, err)
+	}
+	client.close()
+	m.forget(s, client)
+	return nil, fmt.Errorf("open channel to hub %s: %w", target, err)
 }
 
 // forget drops a connection known to be dead so the next caller dials instead of
 // waiting for watch to notice.
-func (m *Manager) forget(client *ssh.Client) {
+func (m *Manager) forget(s *slot, client *sshConn) {
 	m.mu.Lock()
-	if m.client == client {
-		m.client = nil
+	if s.client == client {
+		s.client = nil
+		s.down = true
 	}
 	m.mu.Unlock()
 }

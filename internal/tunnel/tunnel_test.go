@@ -555,12 +555,12 @@ func TestForwardWaitsOutSSHDOutage(t *testing.T) {
 // rate, it delivers the target's bytes no faster than that, like a slow link.
 type linkProxy struct {
 	listener net.Listener
-	target   string
 	rate     int // bytes per second from the target; 0: unlimited
 	accepted atomic.Int32
 	returned atomic.Int64 // bytes delivered from the target
 
 	mu      sync.Mutex
+	target  string
 	conns   []net.Conn
 	wg      sync.WaitGroup
 	current *atomic.Bool
@@ -589,6 +589,13 @@ func startLinkProxy(t testing.TB, target string, rate int) *linkProxy {
 
 func (p *linkProxy) addr() string { return p.listener.Addr().String() }
 
+// retarget relays connections made from now on to another server.
+func (p *linkProxy) retarget(target string) {
+	p.mu.Lock()
+	p.target = target
+	p.mu.Unlock()
+}
+
 func (p *linkProxy) freeze() {
 	p.mu.Lock()
 	p.current.Store(true)
@@ -604,7 +611,10 @@ func (p *linkProxy) serve() {
 			return
 		}
 		p.accepted.Add(1)
-		out, err := net.Dial("tcp", p.target)
+		p.mu.Lock()
+		target := p.target
+		p.mu.Unlock()
+		out, err := net.Dial("tcp", target)
 		if err != nil {
 			in.Close()
 			continue
@@ -696,13 +706,16 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 	cfg.KnownHostsFile = writeKnownHosts(t, proxy.addr(), s.HostPublicKey)
 	cfg.KeepaliveInterval = 500 * time.Millisecond
 	cfg.KeepaliveCountMax = 3
+	// Two SSH connections carrying four bulk echoes each: the small echo lands behind bulk
+	// data whichever it takes, and each connection's keepalive must tolerate the wait.
+	cfg.Connections = 2
 	m := newManager(t, cfg)
 	remote := echoServer(t, s.ExportSocket(testPort))
 	if err := m.EnsureForwards(testContext(t), []tunnel.Forward{{Port: testPort, Remote: remote}}); err != nil {
 		t.Fatalf("EnsureForwards: %v", err)
 	}
 
-	wait := startRoundTrips(m, 4, randomBytes(t, 2<<20))
+	wait := startRoundTrips(m, 4*cfg.Connections, randomBytes(t, 2<<20))
 
 	// The premise: while the bulk echoes queue on the link, a reply waits longer than the
 	// keepalive would have tolerated of a silent connection. A small echo on a channel of
@@ -730,8 +743,8 @@ func TestKeepaliveKeepsBusySlowConnection(t *testing.T) {
 	if err := wait(); err != nil {
 		t.Fatalf("bulk round trip over the slow link: %v", err)
 	}
-	if got := proxy.accepted.Load(); got != 1 {
-		t.Fatalf("the manager dialled %d times: the busy connection was dropped", got)
+	if got := proxy.accepted.Load(); got != int32(cfg.Connections) {
+		t.Fatalf("the manager dialled %d times for a pool of %d: a busy connection was dropped", got, cfg.Connections)
 	}
 	if waited <= tolerated {
 		t.Fatalf("test premise not met: the reply waited %s, not more than %s", waited, tolerated)

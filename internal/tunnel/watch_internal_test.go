@@ -31,6 +31,7 @@ func TestCloseDuringConnectionLossReturns(t *testing.T) {
 		log:      slog.New(slog.DiscardHandler),
 		ctx:      ctx,
 		cancel:   cancel,
+		slots:    []*slot{{}},
 		forwards: map[int]*forward{1: {spec: Forward{Port: 1, Remote: "/run/nonexistent.sock"}, listener: l, conns: map[*pipe]struct{}{}}},
 	}
 	chans := make(chan ssh.NewChannel)
@@ -41,7 +42,7 @@ func TestCloseDuringConnectionLossReturns(t *testing.T) {
 
 	cancel() // as Close does once watch has read closed == false
 	m.wg.Add(1)
-	m.watch(client, new(atomic.Uint64))
+	m.watch(m.slots[0], &sshConn{Client: client}, new(atomic.Uint64))
 
 	done := make(chan struct{})
 	go func() {

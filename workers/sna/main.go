@@ -139,6 +139,7 @@ func tunnelConfig(cfg config.SNA) func(hubID string) (tunnel.Config, error) {
 			KnownHostsFile:    cfg.SSHKnownHostsFile,
 			KeepaliveInterval: cfg.SSHKeepalive,
 			KeepaliveCountMax: cfg.SSHKeepaliveCount,
+			Connections:       cfg.HubSSHConnections,
 		}, nil
 	}
 }
