@@ -25,7 +25,7 @@ demo: setup build
 # The run gets a private TMPDIR; afterwards no process may still name it (scripts/leftovers.sh).
 test: setup lint
 	@tmp=$$(mktemp -d /tmp/df.XXXXXX); \
-	  CI=$${CI:-true} TMPDIR=$$tmp $(GO) test -race -count=1 -timeout 25m ./...; rc=$$?; \
+	  CI=$${CI:-true} TMPDIR=$$tmp $(GO) test -race -count=1 -timeout 40m ./...; rc=$$?; \
 	  bash scripts/leftovers.sh $$tmp || rc=1; \
 	  rm -rf $$tmp; exit $$rc
 
