@@ -9,9 +9,10 @@ import (
 )
 
 // burst is the most a limit lets through at once after an idle spell, and the piece size a
-// wait is cut into: small against a second of any accepted rate (MinRate is 122 KiB/s), so
-// a measured rate holds from the first second, and copies sharing a limit interleave finely.
-const burst = 64 << 10
+// wait is cut into. Tokens that come while every copy is busy sending are kept up to it, so
+// a copy that stalled briefly on the network catches up; 1 MiB is under a fifth of a second
+// at 50 Mbit and a few percent of a minute at 1 Mbit (MinRate), and less than one request.
+const burst = 1 << 20
 
 // Limit is a token bucket of bytes per second, safe for concurrent use: every copy that
 // waits on the same Limit shares its rate.

@@ -22,12 +22,12 @@ func TestLimitHoldsBytesBeyondItsRate(t *testing.T) {
 	}
 }
 
-// At 1 Mbit/s (125 kB/s) a full bucket holds 64 KiB; after that 1 MB needs 8 s.
+// At 1 Mbit/s (125 kB/s) a full bucket holds 1 MiB; after that 1 MB more needs 8 s.
 func TestLimitLetsBurstThroughThenPaces(t *testing.T) {
 	l := limits.NewLimit(limits.MinRate)
 	ctx, cancel := context.WithTimeout(t.Context(), time.Second)
 	defer cancel()
-	if err := l.WaitN(ctx, 64<<10); err != nil {
+	if err := l.WaitN(ctx, 1<<20); err != nil {
 		t.Fatalf("a full bucket refused its burst: %v", err)
 	}
 	if err := l.WaitN(ctx, 1_000_000); err == nil {
@@ -72,16 +72,16 @@ func TestJobsShareOneLimitPerKey(t *testing.T) {
 	if a == other {
 		t.Fatal("two jobs share one limit")
 	}
-	// As above: 64 KiB is a full bucket at 125 kB/s, 1 MB more needs 8 s.
+	// As above: 1 MiB is a full bucket at 125 kB/s, 1 MB more needs 8 s.
 	ctx, cancel := context.WithTimeout(t.Context(), time.Second)
 	defer cancel()
-	if err := a.WaitN(ctx, 64<<10); err != nil {
+	if err := a.WaitN(ctx, 1<<20); err != nil {
 		t.Fatalf("first copy's burst: %v", err)
 	}
 	if err := b.WaitN(ctx, 1_000_000); err == nil {
 		t.Fatal("the job's second copy got 1 MB within a second although the first had emptied their bucket")
 	}
-	if err := other.WaitN(ctx, 64<<10); err != nil {
+	if err := other.WaitN(ctx, 1<<20); err != nil {
 		t.Fatalf("another job's copy was held by this job's limit: %v", err)
 	}
 	if jobs.Len() != 2 {
