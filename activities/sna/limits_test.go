@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"go.temporal.io/sdk/interceptor"
@@ -56,6 +57,7 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 		}
 	}}
 	envA := r.suite.NewTestActivityEnvironment()
+	envA.SetTestTimeout(2 * time.Minute)
 	envA.SetWorkerOptions(worker.Options{BackgroundActivityContext: ctxA, Interceptors: []interceptor.WorkerInterceptor{tapA}})
 	a.Register(envA)
 	doneA := make(chan error, 1)
@@ -84,8 +86,12 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 			ranBeforeRelease = true
 		}
 	}}
+	// Bounded: a slot the first copy never gave back would hold the second forever.
+	ctxB, cancelB := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancelB()
 	envB := r.suite.NewTestActivityEnvironment()
-	envB.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{tapB}})
+	envB.SetTestTimeout(2 * time.Minute)
+	envB.SetWorkerOptions(worker.Options{BackgroundActivityContext: ctxB, Interceptors: []interceptor.WorkerInterceptor{tapB}})
 	a.Register(envB)
 	res := execute[activities.CopyDiskResult](t, envB, activities.CopyDiskName, input(second, expB))
 	require.Error(t, <-doneA, "the first copy was cancelled")
@@ -97,21 +103,25 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 	requireDigest(t, expB, res)
 
 	// A copy failing after it took the slot (its hub is unknown here) gives the slot back:
-	// the next one does not wait.
+	// the next one does not wait (one that does is stopped at once and fails the test).
 	for i := range 2 {
 		var waited atomic.Bool
+		ctxF, cancelF := context.WithCancel(context.Background())
+		defer cancelF()
 		tap := &heartbeatTap{record: func(p activities.CopyProgress) {
 			if p.WaitingFor != "" {
 				waited.Store(true)
+				cancelF()
 			}
 		}}
 		envF := r.suite.NewTestActivityEnvironment()
-		envF.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{tap}})
+		envF.SetTestTimeout(2 * time.Minute)
+		envF.SetWorkerOptions(worker.Options{BackgroundActivityContext: ctxF, Interceptors: []interceptor.WorkerInterceptor{tap}})
 		a.Register(envF)
 		bad := input(second, expB)
 		bad.HubID = "no-such-hub"
 		_, err := envF.ExecuteActivity(activities.CopyDiskName, bad)
-		require.ErrorContains(t, err, "no-such-hub", "failing copy %d", i)
 		require.False(t, waited.Load(), "failing copy %d waited for a slot: a failed copy kept its slot", i)
+		require.ErrorContains(t, err, "no-such-hub", "failing copy %d", i)
 	}
 }
