@@ -39,6 +39,7 @@ bench: setup build
 	@$(GO) test -run '^$$' -bench '^BenchmarkExportPath$$' -benchtime 1x ./internal/lab | grep '^bench '
 	@$(GO) test -run '^$$' -bench '^BenchmarkTunnelWAN$$' -benchtime 1x ./internal/tunnel | grep '^bench '
 	@$(GO) test -run '^$$' -bench '^BenchmarkTunnelMulti$$' -benchtime 1x ./internal/tunnel | grep '^bench '
+	@$(GO) test -run '^$$' -bench '^BenchmarkBandwidthWAN$$' -benchtime 1x ./internal/limits | grep '^bench '
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' ; git ls-files -o --exclude-standard '*.go')); \

@@ -285,6 +285,10 @@ type CopyDiskInput struct {
 	Mode         string `json:"mode"`                   // full|incremental
 	PrevChangeID string `json:"prevChangeId,omitempty"` // incremental base
 	Connections  int    `json:"connections"`
+	// BandwidthBytesPerSec is the job's bandwidth limit (BackupInput.Bandwidth), shared by
+	// every disk of the job (the SNA keys it by workflow ID); 0: none. The site's limit
+	// (DISKFERRY_SITE_BANDWIDTH) applies as well: the stricter wins.
+	BandwidthBytesPerSec int64 `json:"bandwidthBytesPerSec,omitempty"`
 }
 
 // CopyProgress is heartbeated by CopyDisk; a retried attempt resumes from Checkpoint.
@@ -299,6 +303,9 @@ type CopyProgress struct {
 	// Ahead are stretches beyond Checkpoint already written and flushed (the copy works up
 	// to 512 MiB ahead of it); a retried attempt does not redo them.
 	Ahead []CopyStretch `json:"ahead,omitempty"`
+	// WaitingFor says what the copy waits for before it starts, e.g. "a copy slot on the SNA
+	// of site S" while the SNA runs DISKFERRY_MAX_COPIES copies already; empty once it runs.
+	WaitingFor string `json:"waitingFor,omitempty"`
 }
 
 // CopyStretch is a finished stretch beyond a copy's checkpoint.

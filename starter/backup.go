@@ -67,6 +67,7 @@ func newBackupStartCommand() *cobra.Command {
 	f.BoolVar(&in.Quiesce, "quiesce", false, "quiesce the guest file systems for the snapshot")
 	f.Int32SliceVar(&in.Disks, "disk", nil, "disk key to back up (repeatable; default every disk)")
 	f.IntVar(&in.Connections, "connections", 0, "NBD connections per disk copy (default 4)")
+	f.StringVar(&in.Bandwidth, "bandwidth", "", "bandwidth the backup's disk copies share, e.g. 50Mbit, 1Gbit, 12.5MB/s (default: the site's limit only)")
 	f.BoolVar(&wait, "wait", false, "follow the backup with progress bars until it ends; the exit code tells the outcome")
 	f.BoolVar(&asJSON, "json", false, "print JSON for scripts")
 	_ = cmd.MarkFlagRequired("vm")

@@ -19,6 +19,7 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/text"
 )
 
@@ -42,6 +43,10 @@ type BackupInput struct {
 	// WorkerWaitSeconds bounds how long an SNA or hub-host step waits for a worker to take
 	// it; 0: DefaultWorkerWait.
 	WorkerWaitSeconds int `json:"workerWaitSeconds,omitempty"`
+	// Bandwidth limits the job's copies together, e.g. "50Mbit", "1Gbit", "12.5MB/s",
+	// "800KiB/s" (at least 1Mbit); empty: no job limit. The SNA's DISKFERRY_SITE_BANDWIDTH
+	// applies as well: the stricter wins.
+	Bandwidth string `json:"bandwidth,omitempty"`
 
 	// unknown is the error of a strict decoding (a field this version does not know, such as
 	// a misspelt "disk"); Validate reports it, so the run fails cleanly instead of ignoring it.
@@ -141,7 +146,7 @@ var vmMoref = regexp.MustCompile(`^VirtualMachine:vm-[0-9]+$`)
 // Validate checks the input and returns a non-retryable ErrBadInput error naming the field.
 func (in BackupInput) Validate() error {
 	if in.unknown != nil {
-		return badInput(fmt.Sprintf("%v (known fields: vm, site, mode, quiesce, disks, connections, workerWaitSeconds)", in.unknown))
+		return badInput(fmt.Sprintf("%v (known fields: vm, site, mode, quiesce, disks, connections, workerWaitSeconds, bandwidth)", in.unknown))
 	}
 	if err := validateVMRef(in.VM, badInput); err != nil {
 		return err
@@ -163,6 +168,9 @@ func (in BackupInput) Validate() error {
 	if in.WorkerWaitSeconds < 0 || in.WorkerWaitSeconds > int(MaxWorkerWait/time.Second) {
 		return badInput(fmt.Sprintf("workerWaitSeconds: %d is outside 0..%d", in.WorkerWaitSeconds, int(MaxWorkerWait/time.Second)))
 	}
+	if _, err := limits.ParseRate(in.Bandwidth); err != nil {
+		return badInput(fmt.Sprintf("bandwidth: %s", text.Shorten(err.Error(), 120)))
+	}
 	seen := make(map[int32]bool, len(in.Disks))
 	for _, key := range in.Disks {
 		if seen[key] {
@@ -171,6 +179,12 @@ func (in BackupInput) Validate() error {
 		seen[key] = true
 	}
 	return nil
+}
+
+// bandwidthBytesPerSec is the job's limit; 0: none. The input is validated by then.
+func (in BackupInput) bandwidthBytesPerSec() int64 {
+	n, _ := limits.ParseRate(in.Bandwidth)
+	return n
 }
 
 // validateVMRef accepts a name, a moref or an absolute inventory path of sane length; bad
@@ -508,6 +522,7 @@ func (b *backup) copyDisk(ctx workflow.Context, d *diskRun) error {
 			PrevChangeID:  d.plan.PrevChangeID,
 			Connections:   b.in.Connections,
 		}
+		in.BandwidthBytesPerSec = b.in.bandwidthBytesPerSec()
 		opts := b.options(activities.CopyDiskName, b.snaQueue(),
 			fmt.Sprintf("copy disk %d (%s, %s)", d.plan.Key, d.plan.Mode, humanBytes(d.plan.CapacityBytes)))
 		// An ID is unique among the run's pending activities only: the full copy after a

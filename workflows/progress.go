@@ -116,19 +116,27 @@ func LiveCopies(pending []*workflowpb.PendingActivityInfo, dc converter.DataConv
 }
 
 // WithLiveCopies returns p with the bytes of copies still in flight taken from their
-// heartbeats; rate is measured since the workflow scheduled the copy.
+// heartbeats; rate is measured since the workflow scheduled the copy. A copy that waits on
+// the SNA before it starts (for a copy slot) says so in WaitingFor, naming its disk.
 func (p Progress) WithLiveCopies(live map[int32]activities.CopyProgress, now time.Time) Progress {
 	p = p.clone()
+	var waits []string
 	for i := range p.Disks {
 		d := &p.Disks[i]
 		cp, ok := live[d.Key]
 		if !ok || d.Phase != PhaseCopying {
 			continue
 		}
+		if cp.WaitingFor != "" {
+			waits = append(waits, fmt.Sprintf("%s (disk %d)", cp.WaitingFor, d.Key))
+		}
 		d.BytesDone, d.BytesTotal = cp.BytesDone, cp.BytesTotal
 		if elapsed := now.Sub(d.CopyStarted).Seconds(); !d.CopyStarted.IsZero() && elapsed > 0 {
 			d.Rate = float64(cp.BytesDone) / elapsed
 		}
+	}
+	if len(waits) > 0 {
+		p.WaitingFor = strings.Join(waits, "; ")
 	}
 	return p
 }

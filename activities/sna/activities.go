@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/url"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/activities/heartbeat"
 	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/nbdkit"
 	"github.com/diskferry/diskferry/internal/tunnel"
 	"github.com/diskferry/diskferry/internal/vsphere"
@@ -50,6 +52,11 @@ type Settings struct {
 	// CheckpointEvery is how often a copy flushes the target to advance its resume
 	// checkpoint: what a crashed attempt's successor may have to redo. 0: blockcopy's default.
 	CheckpointEvery time.Duration
+	// MaxCopies caps the disk copies (backup and restore) this SNA runs at once; the others
+	// wait for a slot. 0: no cap.
+	MaxCopies int
+	// SiteBandwidth is the bytes per second every copy of this SNA shares; 0: no limit.
+	SiteBandwidth int64
 }
 
 // Activities are the SNA activities. One instance per worker; safe for concurrent use.
@@ -58,6 +65,9 @@ type Activities struct {
 	tunnels  *Tunnels
 	settings Settings
 	log      *slog.Logger
+	slots    *limits.Slots // nil: no cap
+	site     *limits.Limit // nil: no site limit
+	jobs     limits.Jobs
 }
 
 // New returns the SNA activities over a connected vSphere client and the tunnel pool.
@@ -71,7 +81,11 @@ func New(vc *vsphere.Client, tunnels *Tunnels, settings Settings, log *slog.Logg
 	if settings.Transport == "" {
 		settings.Transport = TransportHTTPS
 	}
-	return &Activities{vc: vc, tunnels: tunnels, settings: settings, log: log}
+	a := &Activities{vc: vc, tunnels: tunnels, settings: settings, log: log, slots: limits.NewSlots(settings.MaxCopies)}
+	if settings.SiteBandwidth > 0 {
+		a.site = limits.NewLimit(settings.SiteBandwidth)
+	}
+	return a
 }
 
 // Register registers every SNA activity under its contract name.
@@ -321,6 +335,11 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
 	resume, beat := a.startCopyHeartbeat(ctx, log)
 	defer beat.Stop()
+	release, err := a.takeCopySlot(ctx, beat, resume, log)
+	if err != nil {
+		return activities.CopyDiskResult{}, fmt.Errorf("copy disk %d: %w", in.DiskKey, err)
+	}
+	defer release()
 
 	vm, err := a.vc.FindVM(ctx, in.Snapshot.VMMoref)
 	if err != nil {
@@ -337,6 +356,11 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 	if opts.Connections <= 0 {
 		opts.Connections = a.settings.Connections
+	}
+	pace, releasePace := a.pacer(ctx, in.BandwidthBytesPerSec, log)
+	defer releasePace()
+	if len(pace) > 0 {
+		opts.Throttle = pace
 	}
 	switch in.Mode {
 	case activities.ModeFull:
@@ -434,6 +458,66 @@ func (a *Activities) startCopyHeartbeat(ctx context.Context, log *slog.Logger) (
 		first = *resume
 	}
 	return resume, heartbeat.Start(ctx, a.settings.HeartbeatEvery, first)
+}
+
+// takeCopySlot waits for one of the SNA's copy slots (Settings.MaxCopies) before a copy
+// opens anything. Meanwhile the heartbeat goes on (a cancel reaches the wait, the heartbeat
+// timeout does not fire), carrying the previous attempt's checkpoint and what the copy waits
+// for; the activity's own timeouts bound the wait. The release is safe to call twice.
+func (a *Activities) takeCopySlot(ctx context.Context, beat *heartbeat.Keeper, resume *activities.CopyProgress,
+	log *slog.Logger) (func(), error) {
+	var base activities.CopyProgress
+	if resume != nil {
+		base = *resume
+	}
+	what := "a copy slot on the SNA of site " + siteOf(ctx)
+	waited := false
+	release, err := a.slots.Acquire(ctx, func() {
+		waited = true
+		log.Info("waiting for a copy slot", "maxCopies", a.slots.Cap())
+		waiting := base
+		waiting.WaitingFor = what
+		beat.Record(waiting)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("wait for %s: %w", what, err)
+	}
+	if waited {
+		log.Info("copy slot taken")
+		beat.Record(base)
+	}
+	return release, nil
+}
+
+// siteOf is the site whose queue (diskferry-sna.<site>) the activity came from.
+func siteOf(ctx context.Context) string {
+	queue := activity.GetInfo(ctx).TaskQueue
+	if site, ok := strings.CutPrefix(queue, activities.SNAQueue("")); ok {
+		return site
+	}
+	return queue
+}
+
+// pacer is a copy's bandwidth limits, narrowest first: its job's (shared by the job's
+// copies, keyed by workflow ID; jobBytesPerSec 0: none) and the site's. It logs the
+// effective limit; call the release when the copy ends.
+func (a *Activities) pacer(ctx context.Context, jobBytesPerSec int64, log *slog.Logger) (limits.Pacer, func()) {
+	var pace limits.Pacer
+	release := func() {}
+	var jobRate, siteRate int64
+	if jobBytesPerSec > 0 {
+		var job *limits.Limit
+		job, release = a.jobs.Acquire(activity.GetInfo(ctx).WorkflowExecution.ID, jobBytesPerSec)
+		pace = append(pace, job)
+		jobRate = jobBytesPerSec
+	}
+	if a.site != nil {
+		pace = append(pace, a.site)
+		siteRate = a.site.BytesPerSec()
+	}
+	log.Info("copy bandwidth", "limit", limits.FormatRate(pace.BytesPerSec()),
+		"jobLimit", limits.FormatRate(jobRate), "siteLimit", limits.FormatRate(siteRate))
+	return pace, release
 }
 
 // recordProgress heartbeats a copy's progress and checkpoint.

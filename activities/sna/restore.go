@@ -81,6 +81,11 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	log := a.log.With("vm", in.VMMoref, "disk", in.DiskKey, "transport", a.settings.Transport)
 	resume, beat := a.startCopyHeartbeat(ctx, log)
 	defer beat.Stop()
+	release, err := a.takeCopySlot(ctx, beat, resume, log)
+	if err != nil {
+		return activities.WriteDiskResult{}, fmt.Errorf("write disk %d: %w", in.DiskKey, err)
+	}
+	defer release()
 
 	state, err := a.vc.PowerState(ctx, in.VMMoref)
 	if err != nil {
@@ -119,6 +124,15 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	}
 	if opts.Connections <= 0 {
 		opts.Connections = a.settings.Connections
+	}
+	// The site's limit paces the copy engine's data writes (vddk); the https upload is one
+	// sequential stream outside the engine and is not paced.
+	if a.settings.Transport == TransportVDDK {
+		pace, releasePace := a.pacer(ctx, 0, log)
+		defer releasePace()
+		if len(pace) > 0 {
+			opts.Throttle = pace
+		}
 	}
 
 	var res *blockcopy.Result

@@ -74,6 +74,8 @@ type Options struct {
 	// manifest: ManifestWriter.Add), from one goroutine; an error fails the copy. It needs
 	// the digest (not SkipDigest). After a Resume it starts at the checkpoint.
 	OnBlock func(BlockHash) error
+	// Throttle, when set, paces the data writes: a bandwidth limit (see Throttle).
+	Throttle Throttle
 	// OnProgress, when set, is called every ProgressInterval and once at the end.
 	OnProgress       func(Progress)
 	ProgressInterval time.Duration
@@ -241,6 +243,7 @@ type run struct {
 	// cancelled: a worker left a chunk undone because the caller cancelled.
 	cancelled atomic.Bool
 	actx      context.Context // cancelled on the first error
+	tctx      context.Context // a throttle's wait: ends with actx or the caller's cancel
 }
 
 // Run copies. On failure or cancel once the copy has started it returns the error together
@@ -287,6 +290,11 @@ func (c *Copy) Run(ctx context.Context) (*Result, error) {
 	r := &run{Copy: c, conns: conns, zh: newZeroHasher(c.opts.BlockSize)}
 	r.actx, r.abort = context.WithCancelCause(context.Background())
 	defer r.abort(nil)
+	if c.opts.Throttle != nil {
+		var stop func()
+		r.tctx, stop = throttleContext(ctx, r.actx)
+		defer stop()
+	}
 	window := max(4*workersPerConnection*c.opts.Connections, int(aheadWindow/c.opts.RequestSize))
 	r.slots = make([]slot, window)
 	perChunk := int(c.opts.RequestSize/c.opts.BlockSize) + 1

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/diskferry/diskferry/internal/certpin"
+	"github.com/diskferry/diskferry/internal/limits"
 )
 
 // Source transports: how nbdkit reads a snapshot's disk.
@@ -86,6 +87,12 @@ type SNA struct {
 	// checkpoint a retried copy resumes from (after an SNA restart it redoes at most what was
 	// copied since). Default 10s.
 	CopyCheckpointInterval time.Duration `envconfig:"DISKFERRY_COPY_CHECKPOINT_INTERVAL" default:"10s"`
+	// DISKFERRY_MAX_COPIES caps the disk copies (backup and restore) this SNA runs at once;
+	// the others wait for a slot, heartbeating. 0: no cap. Default 4.
+	MaxCopies int `envconfig:"DISKFERRY_MAX_COPIES" default:"4"`
+	// DISKFERRY_SITE_BANDWIDTH is the bandwidth every copy of this SNA shares, e.g. 50Mbit,
+	// 1Gbit, 12.5MB/s, 800KiB/s (at least 1Mbit). Empty (default): no limit.
+	SiteBandwidth Bandwidth `envconfig:"DISKFERRY_SITE_BANDWIDTH"`
 
 	// DISKFERRY_LOG_LEVEL is debug, info, warn or error. Default info.
 	LogLevel slog.Level `envconfig:"DISKFERRY_LOG_LEVEL" default:"info"`
@@ -184,6 +191,9 @@ func (c *SNA) resolveAndValidate() error {
 	if c.CopyCheckpointInterval <= 0 {
 		v.fail("DISKFERRY_COPY_CHECKPOINT_INTERVAL", fmt.Errorf("want a positive duration, got %s", c.CopyCheckpointInterval))
 	}
+	if c.MaxCopies < 0 {
+		v.fail("DISKFERRY_MAX_COPIES", fmt.Errorf("want 0 (no cap) or more, got %d", c.MaxCopies))
+	}
 	if c.CopyConnections < 1 || c.CopyConnections > 16 {
 		v.fail("DISKFERRY_COPY_CONNECTIONS", fmt.Errorf("want 1-16, got %d", c.CopyConnections))
 	}
@@ -274,6 +284,28 @@ func (h HubAddrs) String() string {
 		parts[i] = id + "=" + h[id]
 	}
 	return strings.Join(parts, ",")
+}
+
+// Bandwidth is a rate in bytes per second, 0 for none; set from "50Mbit", "1Gbit",
+// "12.5MB/s", "800KiB/s" (limits.ParseRate).
+type Bandwidth int64
+
+// Decode parses the variable (envconfig.Decoder).
+func (b *Bandwidth) Decode(value string) error {
+	n, err := limits.ParseRate(value)
+	if err != nil {
+		return err
+	}
+	*b = Bandwidth(n)
+	return nil
+}
+
+// String renders the rate as it is logged; empty when there is none.
+func (b Bandwidth) String() string {
+	if b == 0 {
+		return ""
+	}
+	return limits.FormatRate(int64(b))
 }
 
 // ByteSize is a size in bytes; set from "1048576", "1024KiB", "1MiB" or "1GiB"

@@ -47,6 +47,8 @@ func TestLoadSNADefaults(t *testing.T) {
 		{"connections", c.CopyConnections, 4},
 		{"checkpoint interval", c.CopyCheckpointInterval, 10 * time.Second},
 		{"request size", c.CopyRequestSize, config.ByteSize(2 << 20)},
+		{"max copies", c.MaxCopies, 4},
+		{"site bandwidth", c.SiteBandwidth, config.Bandwidth(0)},
 		{"temporal", c.Address, "127.0.0.1:7233"},
 	}
 	for _, check := range checks {
@@ -66,6 +68,8 @@ func TestLoadSNANormalises(t *testing.T) {
 		"DISKFERRY_VDDK_LIBDIR":        libdir,
 		"DISKFERRY_COPY_REQUEST_SIZE":  "1MiB",
 		"DISKFERRY_COPY_CONNECTIONS":   "8",
+		"DISKFERRY_MAX_COPIES":         "0",
+		"DISKFERRY_SITE_BANDWIDTH":     "200Mbit",
 	}))
 	c, err := config.LoadSNA()
 	if err != nil {
@@ -76,6 +80,9 @@ func TestLoadSNANormalises(t *testing.T) {
 	}
 	if c.HubSSHAddr != "hub.example.com:22" {
 		t.Errorf("hub ssh addr = %q, want port 22 added", c.HubSSHAddr)
+	}
+	if c.MaxCopies != 0 || c.SiteBandwidth != 25_000_000 {
+		t.Errorf("limits = %d copies, %d B/s; want 0 (no cap) and 25000000 (200Mbit)", c.MaxCopies, c.SiteBandwidth)
 	}
 	if c.CopyRequestSize != 1<<20 || c.CopyConnections != 8 || c.VDDKLibdir != libdir {
 		t.Errorf("copy/vddk settings = %s, %d, %q", c.CopyRequestSize, c.CopyConnections, c.VDDKLibdir)
@@ -180,6 +187,9 @@ func TestLoadSNARejects(t *testing.T) {
 		{"vddk libdir missing", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": filepath.Join(dir, "vddk")}, "DISKFERRY_VDDK_LIBDIR", "no such file"},
 		{"vddk libdir is a file", map[string]string{"DISKFERRY_TRANSPORT": "vddk", "DISKFERRY_VDDK_LIBDIR": writeFile(t, "lib", "")}, "DISKFERRY_VDDK_LIBDIR", "not a directory"},
 		{"zero connections", map[string]string{"DISKFERRY_COPY_CONNECTIONS": "0"}, "DISKFERRY_COPY_CONNECTIONS", "want 1-16"},
+		{"negative max copies", map[string]string{"DISKFERRY_MAX_COPIES": "-1"}, "DISKFERRY_MAX_COPIES", "want 0 (no cap) or more"},
+		{"site bandwidth without unit", map[string]string{"DISKFERRY_SITE_BANDWIDTH": "50"}, "DISKFERRY_SITE_BANDWIDTH", "not a bandwidth"},
+		{"site bandwidth too low", map[string]string{"DISKFERRY_SITE_BANDWIDTH": "100kbit"}, "DISKFERRY_SITE_BANDWIDTH", "below the minimum"},
 		{"request size too large", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "64MiB"}, "DISKFERRY_COPY_REQUEST_SIZE", "want 1MiB or 2MiB"},
 		{"request size unaligned", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "1536KiB"}, "DISKFERRY_COPY_REQUEST_SIZE", "multiple of the 1MiB digest block"},
 		{"request size unparseable", map[string]string{"DISKFERRY_COPY_REQUEST_SIZE": "lots"}, "DISKFERRY_COPY_REQUEST_SIZE", "not a size"},

@@ -167,5 +167,7 @@ func snaSettings(cfg config.SNA) (sna.Settings, error) {
 		Connections:     cfg.CopyConnections,
 		RequestSize:     int64(cfg.CopyRequestSize),
 		CheckpointEvery: cfg.CopyCheckpointInterval,
+		MaxCopies:       cfg.MaxCopies,
+		SiteBandwidth:   int64(cfg.SiteBandwidth),
 	}, nil
 }
