@@ -27,11 +27,12 @@ func SNAQueue(site string) string { return "diskferry-sna." + site }
 // Each comment gives the activity's input → result.
 const (
 	// hub, on HubQueue
-	PlanBackupName   = "PlanBackup"   // PlanBackupInput → Plan
-	AllocatePortName = "AllocatePort" // AllocatePortInput → int (the port)
-	ReleasePortsName = "ReleasePorts" // ReleasePortsInput → nothing
-	CommitPointName  = "CommitPoint"  // CommitPointInput → nothing
-	FailPointName    = "FailPoint"    // FailPointInput → nothing
+	PlanBackupName    = "PlanBackup"    // PlanBackupInput → Plan
+	AllocatePortName  = "AllocatePort"  // AllocatePortInput → int (the port); runs before the port-wait change
+	AllocatePortsName = "AllocatePorts" // AllocatePortsInput → []int (the ports, in DiskKeys' order)
+	ReleasePortsName  = "ReleasePorts"  // ReleasePortsInput → nothing
+	CommitPointName   = "CommitPoint"   // CommitPointInput → nothing
+	FailPointName     = "FailPoint"     // FailPointInput → nothing
 
 	// hub host, on HubHostQueue(hubID)
 	PrepareTargetName = "PrepareTarget" // PrepareTargetInput → Target
@@ -140,13 +141,15 @@ type Plan struct {
 	Note string `json:"note,omitempty"`
 }
 
-// PortsExhausted are the details of AllocatePort's ErrPortsExhausted: the hub whose every
-// port is leased and its range.
+// PortsExhausted are the details of ErrPortsExhausted: the hub without enough free ports,
+// its range, how many ports the caller needed and how many were free.
 type PortsExhausted struct {
-	HubID string `json:"hubId"`
-	Ports int    `json:"ports"`
-	First int    `json:"first"`
-	Last  int    `json:"last"`
+	HubID  string `json:"hubId"`
+	Ports  int    `json:"ports"`
+	First  int    `json:"first"`
+	Last   int    `json:"last"`
+	Needed int    `json:"needed,omitempty"`
+	Free   int    `json:"free,omitempty"`
 }
 
 // AllocatePortInput leases a port on a hub to (workflow, disk); idempotent per pair.
@@ -154,6 +157,14 @@ type AllocatePortInput struct {
 	HubID      string `json:"hubId"`
 	WorkflowID string `json:"workflowId"`
 	DiskKey    int32  `json:"diskKey"`
+}
+
+// AllocatePortsInput leases a port on a hub to each (workflow, disk) pair, all or none;
+// idempotent per pair.
+type AllocatePortsInput struct {
+	HubID      string  `json:"hubId"`
+	WorkflowID string  `json:"workflowId"`
+	DiskKeys   []int32 `json:"diskKeys"`
 }
 
 // ReleasePortsInput frees every lease a workflow holds; idempotent.

@@ -421,11 +421,20 @@ func (b *backup) planBackup(ctx workflow.Context) error {
 func (b *backup) prepareTargets(ctx workflow.Context) error {
 	hubHost := activities.HubHostQueue(b.plan.HubID)
 	b.registerPortRelease(b.plan.HubID)
+	keys := make([]int32, len(b.disks))
+	for i, d := range b.disks {
+		keys[i] = d.plan.Key
+	}
+	b.step(ctx, "leasing ports on hub %s", b.plan.HubID)
+	portFor, err := b.leasePorts(ctx, b.plan.HubID, keys)
+	if err != nil {
+		return err
+	}
 	for _, d := range b.disks {
 		key := d.plan.Key
 		b.step(ctx, "preparing target of disk %d", key)
 		b.setPhase(key, PhaseExporting)
-		if err := b.allocatePort(ctx, b.plan.HubID, key, &d.port); err != nil {
+		if d.port, err = portFor(ctx, key); err != nil {
 			return err
 		}
 

@@ -132,8 +132,8 @@ func validInput() BackupInput { return BackupInput{VM: "web01", Site: testSite} 
 // forward lists the calls of a successful two-disk backup, in order (copies sorted).
 var forward = []string{
 	"InspectVM", "PlanBackup",
-	"AllocatePort 2000", "PrepareTarget 2000", "StartExport 2000",
-	"AllocatePort 2001", "PrepareTarget 2001", "StartExport 2001",
+	"AllocatePorts", "PrepareTarget 2000", "StartExport 2000",
+	"PrepareTarget 2001", "StartExport 2001",
 	"EnsureTunnel", "CreateSnapshot", "CopyDisk 2000", "CopyDisk 2001",
 	"ReadChangeIDs", "RemoveSnapshot", "DropTunnel",
 	"StopExport 2000", "StopExport 2001", "VerifyTarget 2000", "VerifyTarget 2001",
@@ -227,10 +227,9 @@ func TestBackupSelectedDisk(t *testing.T) {
 var undosAfter = map[string][]string{
 	"InspectVM":          nil,
 	"PlanBackup":         nil,
-	"AllocatePort 2000":  {"ReleasePorts", "FailPoint"},
+	"AllocatePorts":      {"ReleasePorts", "FailPoint"},
 	"PrepareTarget 2000": {"DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"StartExport 2000":   {"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
-	"AllocatePort 2001":  {"StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"PrepareTarget 2001": {"DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000", "ReleasePorts", "FailPoint"},
 	"StartExport 2001": {"StopExport 2001", "DiscardTarget 2001", "StopExport 2000", "DiscardTarget 2000",
 		"ReleasePorts", "FailPoint"},

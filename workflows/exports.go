@@ -3,6 +3,8 @@ package workflows
 import (
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"go.temporal.io/sdk/temporal"
@@ -29,74 +31,126 @@ func (j *job) registerPortRelease(hubID string) {
 	})
 }
 
-// portWaitChange versions the wait for a port (allocatePort): runs that started before it
-// left AllocatePort retrying ErrPortsExhausted on the server, silently.
+// portWaitChange versions how a run leases its ports (leasePorts): runs that started before
+// it leased disk by disk, between the exports, and left AllocatePort retrying
+// ErrPortsExhausted on the server, silently.
 const portWaitChange = "port-wait"
 
-// Bounds of the wait for a port: the first pause, the longest, and the whole wait from the
-// first time every port of the hub was leased.
+// Bounds of the wait for ports: the first pause, the longest, and the whole wait from the
+// first time the hub had too few free ports.
 const (
 	portWaitFirst = time.Second
 	portWaitMax   = 30 * time.Second
 	portWaitBound = 30 * time.Minute
 )
 
-// allocatePort leases a port on the hub for one disk of the run. A hub with every port leased
-// is back-pressure, not failure: the run waits for a lease to free up, saying so in its
-// progress and job log, with pauses from portWaitFirst growing to portWaitMax so the catalog
-// is not hammered, for portWaitBound at most; then it fails naming the hub and its range.
-func (j *job) allocatePort(ctx workflow.Context, hubID string, key int32, port *int) error {
-	name, queue := activities.AllocatePortName, activities.HubQueue
-	in := activities.AllocatePortInput{HubID: hubID, WorkflowID: j.workflowID(), DiskKey: key}
-	opts := j.options(name, queue, fmt.Sprintf("lease a port for disk %d", key))
+// portFor returns the port leased to a disk of the run.
+type portFor func(ctx workflow.Context, key int32) (int, error)
+
+// leasePorts leases a port on the hub for every disk of the run in one step, all or none: a
+// run never holds some ports while it waits for others, so runs that each need several
+// cannot deadlock on a small range. Too few free ports is back-pressure, not failure: the
+// run waits for leases to free up, saying so in its progress and job log, with pauses from
+// portWaitFirst growing to portWaitMax so the catalog is not hammered, for portWaitBound at
+// most; then it fails naming the hub and its range. The result gives each disk its port; for
+// a run that started before portWaitChange it leases the disk's port right then, as that run
+// did.
+func (j *job) leasePorts(ctx workflow.Context, hubID string, keys []int32) (portFor, error) {
 	if workflow.GetVersion(ctx, portWaitChange, workflow.DefaultVersion, 1) == workflow.DefaultVersion {
-		opts.RetryPolicy.NonRetryableErrorTypes = nonRetryable
-		opts.RetryPolicy.InitialInterval = 5 * time.Second
-		opts.RetryPolicy.MaximumAttempts = 0
-		opts.ScheduleToCloseTimeout = portWaitBound
-		return j.executeWith(ctx, opts, name, in, port)
+		return func(ctx workflow.Context, key int32) (int, error) {
+			name := activities.AllocatePortName
+			opts := j.options(name, activities.HubQueue, fmt.Sprintf("lease a port for disk %d", key))
+			opts.RetryPolicy.NonRetryableErrorTypes = nonRetryable
+			opts.RetryPolicy.InitialInterval = 5 * time.Second
+			opts.RetryPolicy.MaximumAttempts = 0
+			opts.ScheduleToCloseTimeout = portWaitBound
+			var port int
+			err := j.executeWith(ctx, opts, name, activities.AllocatePortInput{HubID: hubID, WorkflowID: j.workflowID(), DiskKey: key}, &port)
+			return port, err
+		}, nil
 	}
-	err := j.executeWith(ctx, opts, name, in, port)
+	ports, err := j.allocatePorts(ctx, hubID, keys)
+	if err != nil {
+		return nil, err
+	}
+	leased := make(map[int32]int, len(keys))
+	for i, key := range keys {
+		leased[key] = ports[i]
+	}
+	return func(_ workflow.Context, key int32) (int, error) {
+		port, ok := leased[key]
+		if !ok {
+			return 0, fmt.Errorf("disk %d has no port leased on hub %s", key, hubID)
+		}
+		return port, nil
+	}, nil
+}
+
+// allocatePorts runs AllocatePorts, waiting as leasePorts says while the hub has too few free ports.
+func (j *job) allocatePorts(ctx workflow.Context, hubID string, keys []int32) ([]int, error) {
+	name, queue := activities.AllocatePortsName, activities.HubQueue
+	in := activities.AllocatePortsInput{HubID: hubID, WorkflowID: j.workflowID(), DiskKeys: keys}
+	opts := j.options(name, queue, "lease ports for "+diskList(keys))
+	var ports []int
+	err := j.executeWith(ctx, opts, name, in, &ports)
 	exhausted, ok := portsExhausted(err, hubID)
 	if !ok {
-		return err
+		return ports, err
 	}
 	since := workflow.Now(ctx)
-	waitingFor := fmt.Sprintf("a port on hub %s (all %s leased; retrying)", hubID, exhausted.count())
-	j.journal.add(ctx, "disk %d waits for %s", key, waitingFor)
+	waitingFor := exhausted.waitingFor(len(keys))
+	j.journal.add(ctx, "%s wait for %s", diskList(keys), waitingFor)
 	defer j.waiting(ctx, "")
 	pause := portWaitFirst
 	for {
 		waited := workflow.Now(ctx).Sub(since)
 		if waited >= portWaitBound {
-			return temporal.NewNonRetryableApplicationError(fmt.Sprintf(
-				"no free export port on hub %s for disk %d: all %s stayed leased for %s (other jobs hold them; "+
+			return nil, temporal.NewNonRetryableApplicationError(fmt.Sprintf(
+				"no free export ports on hub %s for %s: %s for %s (other jobs hold them; "+
 					"widen DISKFERRY_PORT_MIN-DISKFERRY_PORT_MAX on the hub or run fewer jobs at once)",
-				hubID, key, exhausted.describe(), waited.Round(time.Second)), activities.ErrPortsExhausted, err)
+				hubID, diskList(keys), exhausted.describe(), waited.Round(time.Second)), activities.ErrPortsExhausted, err)
 		}
 		j.waiting(ctx, waitingFor)
 		if err := workflow.NewTimerWithOptions(ctx, min(pause, portWaitBound-waited), workflow.TimerOptions{
 			Summary: escapeMarkdown("wait for " + waitingFor),
 		}).Get(ctx, nil); err != nil {
-			return err
+			return nil, err
 		}
 		pause = min(2*pause, portWaitMax)
-		err = j.run(ctx, opts, name, in, port)
+		err = j.run(ctx, opts, name, in, &ports)
 		if exhausted, ok = portsExhausted(err, hubID); !ok {
 			if err == nil {
-				j.journal.add(ctx, "disk %d leased port %d on hub %s after waiting %s", key, *port, hubID,
+				j.journal.add(ctx, "%s leased ports %s on hub %s after waiting %s", diskList(keys), joinInts(ports), hubID,
 					workflow.Now(ctx).Sub(since).Round(time.Second))
 			}
-			return err
+			return ports, err
 		}
+		waitingFor = exhausted.waitingFor(len(keys))
 	}
+}
+
+// diskList names disks for people: "disk 2000", "disks 2000, 2001".
+func diskList(keys []int32) string {
+	if len(keys) == 1 {
+		return fmt.Sprintf("disk %d", keys[0])
+	}
+	return "disks " + joinInts(keys)
+}
+
+// joinInts is "1, 2, 3".
+func joinInts[T int | int32](values []T) string {
+	s := make([]string, len(values))
+	for i, v := range values {
+		s[i] = strconv.Itoa(int(v))
+	}
+	return strings.Join(s, ", ")
 }
 
 // portsLeased is what an ErrPortsExhausted says of the hub's ports.
 type portsLeased activities.PortsExhausted
 
-// portsExhausted reports whether err is AllocatePort's ErrPortsExhausted, with its details;
-// a hub worker older than the details says only which hub.
+// portsExhausted reports whether err is ErrPortsExhausted, with its details; a hub worker
+// older than the details says only which hub.
 func portsExhausted(err error, hubID string) (portsLeased, bool) {
 	var appErr *temporal.ApplicationError
 	if !errors.As(err, &appErr) || appErr.Type() != activities.ErrPortsExhausted {
@@ -112,20 +166,34 @@ func portsExhausted(err error, hubID string) (portsLeased, bool) {
 	return d, true
 }
 
-// count is "<N> ports", or "ports" when the hub did not say.
-func (p portsLeased) count() string {
-	if p.Ports == 0 {
-		return "ports"
+// waitingFor is what a run needing ports for n disks waits for: "a port on hub X (all 4 ports
+// leased; retrying)", "a port on hub X for each of 2 disks (1 of 4 ports free; retrying)".
+func (p portsLeased) waitingFor(n int) string {
+	what := "a port on hub " + p.HubID
+	if n > 1 {
+		what += fmt.Sprintf(" for each of %d disks", n)
 	}
-	return fmt.Sprintf("%d ports", p.Ports)
+	switch {
+	case p.Ports == 0:
+		return what + " (retrying)"
+	case p.Free == 0:
+		return fmt.Sprintf("%s (all %d ports leased; retrying)", what, p.Ports)
+	default:
+		return fmt.Sprintf("%s (%d of %d ports free; retrying)", what, p.Free, p.Ports)
+	}
 }
 
-// describe is count with the range: "4 ports (10100-10103)".
+// describe says how the hub's ports stood: "all 4 ports (10100-10103) stayed leased",
+// "2 of the 4 ports (10100-10103) stayed free at most".
 func (p portsLeased) describe() string {
-	if p.Ports == 0 {
-		return "ports"
+	switch {
+	case p.Ports == 0:
+		return "its ports stayed leased"
+	case p.Free == 0:
+		return fmt.Sprintf("all %d ports (%d-%d) stayed leased", p.Ports, p.First, p.Last)
+	default:
+		return fmt.Sprintf("only %d of the %d ports (%d-%d) were free at the last try", p.Free, p.Ports, p.First, p.Last)
 	}
-	return fmt.Sprintf("%d ports (%d-%d)", p.Ports, p.First, p.Last)
 }
 
 // startExport serves a file on its leased port with qemu-nbd on the hub host. Its stop is

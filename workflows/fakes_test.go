@@ -53,7 +53,7 @@ type fakeActivities struct {
 	prepares []activities.PrepareTargetInput
 	plans    []activities.PlanBackupInput
 	flaky    map[string]int // call label → attempts that fail retryably before success
-	// exhaust is AllocatePort's label → attempts that find every port of the hub leased.
+	// exhaust is AllocatePorts' label → attempts that find too few free ports on the hub.
 	exhaust  map[string]int
 	attempts map[string]int
 	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
@@ -95,7 +95,7 @@ func (f *fakeActivities) register(r worker.ActivityRegistry) {
 	for name, fn := range map[string]any{
 		activities.InspectVMName:      f.InspectVM,
 		activities.PlanBackupName:     f.PlanBackup,
-		activities.AllocatePortName:   f.AllocatePort,
+		activities.AllocatePortsName:  f.AllocatePorts,
 		activities.ReleasePortsName:   f.ReleasePorts,
 		activities.CommitPointName:    f.CommitPoint,
 		activities.FailPointName:      f.FailPoint,
@@ -280,20 +280,24 @@ func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBacku
 	return plan, nil
 }
 
-func (f *fakeActivities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
-	l := label(activities.AllocatePortName, in.DiskKey)
+func (f *fakeActivities) AllocatePorts(ctx context.Context, in activities.AllocatePortsInput) ([]int, error) {
+	l := activities.AllocatePortsName
 	if err := f.call(ctx, l); err != nil {
-		return 0, err
+		return nil, err
 	}
 	f.mu.Lock()
 	exhausted := f.attempts[l] <= f.exhaust[l]
 	f.mu.Unlock()
 	if exhausted {
-		// As the hub says it (activities/hub AllocatePort): retryable, with the hub's range.
-		return 0, temporal.NewApplicationErrorWithOptions("no free export port on hub "+in.HubID, activities.ErrPortsExhausted,
+		// As the hub says it (activities/hub AllocatePorts): retryable, with the hub's range.
+		return nil, temporal.NewApplicationErrorWithOptions("no free export port on hub "+in.HubID, activities.ErrPortsExhausted,
 			temporal.ApplicationErrorOptions{Details: []any{testPortsExhausted(in.HubID)}})
 	}
-	return testPort(in.DiskKey), nil
+	ports := make([]int, len(in.DiskKeys))
+	for i, key := range in.DiskKeys {
+		ports[i] = testPort(key)
+	}
+	return ports, nil
 }
 
 func testPortsExhausted(hubID string) activities.PortsExhausted {

@@ -93,11 +93,20 @@ func (m *mount) prepare(ctx workflow.Context) error {
 	m.journal.add(ctx, "point %s of VM %s on hub %s", m.src.PointID, m.src.VMName, m.src.HubID)
 
 	m.registerPortRelease(m.src.HubID)
+	keys := make([]int32, len(m.src.Disks))
+	for i, d := range m.src.Disks {
+		keys[i] = d.Key
+	}
+	m.step(ctx, "leasing ports on hub %s", m.src.HubID)
+	portFor, err := m.leasePorts(ctx, m.src.HubID, keys)
+	if err != nil {
+		return err
+	}
 	exports := make([]activities.Export, 0, len(m.src.Disks))
 	for _, d := range m.src.Disks {
 		m.step(ctx, "exporting disk %d", d.Key)
-		var port int
-		if err := m.allocatePort(ctx, m.src.HubID, d.Key, &port); err != nil {
+		port, err := portFor(ctx, d.Key)
+		if err != nil {
 			return err
 		}
 		var export activities.Export

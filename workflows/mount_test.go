@@ -14,7 +14,7 @@ import (
 )
 
 // mountForward are the calls that set up a mount of both disks, without a site.
-var mountForward = []string{"ResolvePoint", "AllocatePort 2000", "StartExport 2000", "AllocatePort 2001", "StartExport 2001"}
+var mountForward = []string{"ResolvePoint", "AllocatePorts", "StartExport 2000", "StartExport 2001"}
 
 // mountTeardown are the calls that end it.
 var mountTeardown = []string{"StopExport 2001", "StopExport 2000", "ReleasePorts"}
@@ -127,14 +127,14 @@ func TestMountForwardsToSite(t *testing.T) {
 	require.Len(t, mounted.Disks, 1)
 	assert.Equal(t, "nbd+unix:///disk-2001?socket="+testForwardSocket(testPort(2001)), mounted.Disks[0].SiteURI)
 	assert.Equal(t, testSite, mounted.Site)
-	assert.Equal(t, []string{"ResolvePoint", "AllocatePort 2001", "StartExport 2001", "EnsureTunnel", "DropTunnel", "StopExport 2001", "ReleasePorts"},
+	assert.Equal(t, []string{"ResolvePoint", "AllocatePorts", "StartExport 2001", "EnsureTunnel", "DropTunnel", "StopExport 2001", "ReleasePorts"},
 		r.fakes.recorded())
 }
 
 // An unmount sent while the mount is still being prepared ends it once it serves.
 func TestMountUnmountWhilePreparing(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	r.fakes.before = map[string]func(){"AllocatePort 2000": func() { r.env.SignalWorkflow(UnmountSignalName, nil) }}
+	r.fakes.before = map[string]func(){"AllocatePorts": func() { r.env.SignalWorkflow(UnmountSignalName, nil) }}
 	info, err := r.executeMount(MountInput{Point: testPointID})
 	require.NoError(t, err)
 	assert.Equal(t, EndedUnmount, info.Ended)

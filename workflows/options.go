@@ -45,7 +45,7 @@ var nonRetryable = []string{
 
 // usesCatalog are the activities that read or write the catalog.
 var usesCatalog = map[string]bool{
-	activities.PlanBackupName: true, activities.AllocatePortName: true, activities.ReleasePortsName: true,
+	activities.PlanBackupName: true, activities.AllocatePortName: true, activities.AllocatePortsName: true, activities.ReleasePortsName: true,
 	activities.CommitPointName: true, activities.FailPointName: true,
 	activities.PrepareTargetName: true, activities.DiscardTargetName: true,
 	activities.StartExportName: true, activities.StopExportName: true,
@@ -94,9 +94,9 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.RetryPolicy.InitialInterval = 10 * time.Second
 		opts.RetryPolicy.MaximumInterval = 5 * time.Minute
 		opts.RetryPolicy.MaximumAttempts = 10
-	case activities.AllocatePortName:
+	case activities.AllocatePortsName:
 		// ErrPortsExhausted clears when other jobs finish: the run waits for it itself and
-		// says so (allocatePort), the retries are for the catalog.
+		// says so (leasePorts), the retries are for the catalog.
 		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrPortsExhausted)
 	case activities.CreateSnapshotName:
 		// Quiescing a busy guest can take minutes.

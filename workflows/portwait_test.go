@@ -15,7 +15,7 @@ import (
 	"github.com/diskferry/diskferry/activities"
 )
 
-const portWaitText = "a port on hub hub1 (all 4 ports leased; retrying)"
+const portWaitText = "a port on hub hub1 for each of 2 disks (all 4 ports leased; retrying)"
 
 // withoutRepeats drops the repeated attempts of step from calls.
 func withoutRepeats(calls []string, step string) []string {
@@ -29,11 +29,12 @@ func withoutRepeats(calls []string, step string) []string {
 	return out
 }
 
-// A hub with every port leased is back-pressure: the backup waits, says so in its progress
-// and job log while it waits, with pauses growing from a second, and clears it once leased.
+// A hub with too few free ports is back-pressure: the backup waits, holding none of them,
+// says so in its progress and job log while it waits, with pauses growing from a second, and
+// clears it once every disk has its port.
 func TestBackupWaitsForAPortAndSaysSo(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	const step = "AllocatePort 2001"
+	const step = activities.AllocatePortsName
 	r.fakes.exhaust[step] = 4
 	var (
 		starts  []time.Time
@@ -41,10 +42,11 @@ func TestBackupWaitsForAPortAndSaysSo(t *testing.T) {
 		details []string
 	)
 	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, args converter.EncodedValues) {
-		var in activities.AllocatePortInput
-		if info.ActivityType.Name != activities.AllocatePortName || args.Get(&in) != nil || in.DiskKey != 2001 {
+		var in activities.AllocatePortsInput
+		if info.ActivityType.Name != step || args.Get(&in) != nil {
 			return
 		}
+		assert.Equal(t, []int32{2000, 2001}, in.DiskKeys, "every disk's port in one lease")
 		starts = append(starts, r.env.Now())
 		waiting = append(waiting, r.progress(t).WaitingFor)
 		details = append(details, r.details(t))
@@ -62,23 +64,23 @@ func TestBackupWaitsForAPortAndSaysSo(t *testing.T) {
 	}
 	assert.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second}, pauses,
 		"the pause doubles from a second")
-	assert.Contains(t, waiting[0], "a hub worker to run AllocatePort", "the first attempt waits for a worker")
+	assert.Contains(t, waiting[0], "a hub worker to run AllocatePorts", "the first attempt waits for a worker")
 	for i := 1; i < len(waiting); i++ {
 		assert.Equal(t, portWaitText, waiting[i], "attempt %d", i+1)
 		assert.Contains(t, details[i], "Waiting for: "+portWaitText, "attempt %d", i+1)
-		assert.Contains(t, details[i], "disk 2001 waits for "+portWaitText, "attempt %d", i+1)
+		assert.Contains(t, details[i], "disks 2000, 2001 wait for "+portWaitText, "attempt %d", i+1)
 	}
 	assert.Empty(t, r.progress(t).WaitingFor, "cleared once the port is leased")
 	final := r.details(t)
 	assert.NotContains(t, final, "Waiting for:")
-	assert.Contains(t, final, "disk 2001 leased port 12001 on hub hub1 after waiting 15s")
+	assert.Contains(t, final, "disks 2000, 2001 leased ports 12000, 12001 on hub hub1 after waiting 15s")
 }
 
 // The wait is bounded: past 30 minutes the backup fails naming the hub and its range, every
 // undo runs, and the catalog was asked no more than every 30 s once the backoff grew.
 func TestBackupPortWaitIsBounded(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	const step = "AllocatePort 2000"
+	const step = activities.AllocatePortsName
 	r.fakes.exhaust[step] = 1 << 30
 	_, err := r.execute(validInput())
 
@@ -86,7 +88,7 @@ func TestBackupPortWaitIsBounded(t *testing.T) {
 	require.ErrorAs(t, err, &appErr)
 	assert.Equal(t, activities.ErrPortsExhausted, appErr.Type())
 	assert.True(t, appErr.NonRetryable())
-	assert.Contains(t, err.Error(), "no free export port on hub hub1 for disk 2000: all 4 ports (20100-20103) stayed leased for 30m0s")
+	assert.Contains(t, err.Error(), "no free export ports on hub hub1 for disks 2000, 2001: all 4 ports (20100-20103) stayed leased for 30m0s")
 	r.assertFailed(t, StatusFailed, "all 4 ports (20100-20103) stayed leased")
 	assert.Equal(t, append(callsUntil(t, step), undosAfter[step]...), withoutRepeats(r.fakes.recorded(), step))
 	// 1+2+4+8+16 s, then every 30 s until 30 min: 5 + 59 pauses, one attempt after each.
@@ -94,15 +96,14 @@ func TestBackupPortWaitIsBounded(t *testing.T) {
 	assert.Empty(t, r.progress(t).WaitingFor)
 }
 
-// A cancel while the backup waits for a port ends the wait at once and releases what the
-// run leased (the first disk's port, its export and target).
+// A cancel while the backup waits for ports ends the wait at once and runs the undos of what
+// the run had set up (the release of its leases, should an attempt have written one).
 func TestBackupCancelWhileWaitingForAPortReleases(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	const step = "AllocatePort 2001"
+	const step = activities.AllocatePortsName
 	r.fakes.exhaust[step] = 1 << 30
 	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, args converter.EncodedValues) {
-		var in activities.AllocatePortInput
-		if info.ActivityType.Name != activities.AllocatePortName || args.Get(&in) != nil || in.DiskKey != 2001 {
+		if info.ActivityType.Name != step {
 			return
 		}
 		r.fakes.mu.Lock()
@@ -138,12 +139,11 @@ func TestBackupLogsThePlansNote(t *testing.T) {
 // says so (a mount has no progress query).
 func TestMountWaitsForAPort(t *testing.T) {
 	r := newRun(t, activities.ModeFull)
-	const step = "AllocatePort 2000"
+	const step = activities.AllocatePortsName
 	r.fakes.exhaust[step] = 2
 	var waiting []string
-	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, args converter.EncodedValues) {
-		var in activities.AllocatePortInput
-		if info.ActivityType.Name == activities.AllocatePortName && args.Get(&in) == nil && in.DiskKey == 2000 {
+	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, _ converter.EncodedValues) {
+		if info.ActivityType.Name == step {
 			waiting = append(waiting, r.details(t))
 		}
 	})

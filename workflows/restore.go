@@ -293,11 +293,20 @@ func (r *restore) markRestored(ctx workflow.Context) error {
 // exportPoint serves each disk of the point read-only on a leased port of its hub.
 func (r *restore) exportPoint(ctx workflow.Context) error {
 	r.registerPortRelease(r.src.HubID)
+	keys := make([]int32, len(r.disks))
+	for i, d := range r.disks {
+		keys[i] = d.src.Key
+	}
+	r.step(ctx, "leasing ports on hub %s", r.src.HubID)
+	portFor, err := r.leasePorts(ctx, r.src.HubID, keys)
+	if err != nil {
+		return err
+	}
 	for _, d := range r.disks {
 		key := d.src.Key
 		r.step(ctx, "exporting disk %d", key)
 		r.setPhase(key, PhaseExporting)
-		if err := r.allocatePort(ctx, r.src.HubID, key, &d.port); err != nil {
+		if d.port, err = portFor(ctx, key); err != nil {
 			return err
 		}
 		in := activities.StartExportInput{WorkflowID: r.workflowID(), DiskKey: key, Path: d.src.Path, Port: d.port, Connections: r.in.Connections, ReadOnly: true}

@@ -42,7 +42,7 @@ func inPlaceInput() RestoreInput {
 // newVMForward lists the calls of a successful two-disk restore to a new VM, in order.
 var newVMForward = []string{
 	"ResolvePoint", "CreateRestoreVM",
-	"AllocatePort 2000", "StartExport 2000", "AllocatePort 2001", "StartExport 2001",
+	"AllocatePorts", "StartExport 2000", "StartExport 2001",
 	"EnsureTunnel", "WriteDisk 2100", "WriteDisk 2101",
 	"DropTunnel", "StopExport 2000", "StopExport 2001", "ReleasePorts",
 	"ReadBackDisk 2100", "ReadBackDisk 2101",
@@ -51,7 +51,7 @@ var newVMForward = []string{
 // inPlaceForward lists the calls of a successful in-place restore of the powered-off original.
 var inPlaceForward = []string{
 	"ResolvePoint", "InspectVM", "MarkRestoredInPlace",
-	"AllocatePort 2000", "StartExport 2000", "AllocatePort 2001", "StartExport 2001",
+	"AllocatePorts", "StartExport 2000", "StartExport 2001",
 	"EnsureTunnel", "WriteDisk 2000", "WriteDisk 2001",
 	"DropTunnel", "StopExport 2000", "StopExport 2001", "ReleasePorts",
 	"ReadBackDisk 2000", "ReadBackDisk 2001",
@@ -157,9 +157,8 @@ func TestRestoreNewVMPowerOnFailureIsWarning(t *testing.T) {
 var newVMUndosAfter = map[string][]string{
 	"ResolvePoint":      nil,
 	"CreateRestoreVM":   {"DestroyRestoreVM"},
-	"AllocatePort 2000": {"ReleasePorts", "DestroyRestoreVM"},
+	"AllocatePorts":     {"ReleasePorts", "DestroyRestoreVM"},
 	"StartExport 2000":  {"StopExport 2000", "ReleasePorts", "DestroyRestoreVM"},
-	"AllocatePort 2001": {"StopExport 2000", "ReleasePorts", "DestroyRestoreVM"},
 	"StartExport 2001":  {"StopExport 2001", "StopExport 2000", "ReleasePorts", "DestroyRestoreVM"},
 	"EnsureTunnel":      {"DropTunnel", "StopExport 2001", "StopExport 2000", "ReleasePorts", "DestroyRestoreVM"},
 	"WriteDisk 2101":    {"DropTunnel", "StopExport 2001", "StopExport 2000", "ReleasePorts", "DestroyRestoreVM"},

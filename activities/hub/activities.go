@@ -125,6 +125,7 @@ func (a *Activities) RegisterShared(w worker.ActivityRegistry) {
 	reg := func(f any, name string) { w.RegisterActivityWithOptions(f, activity.RegisterOptions{Name: name}) }
 	reg(a.PlanBackup, activities.PlanBackupName)
 	reg(a.AllocatePort, activities.AllocatePortName)
+	reg(a.AllocatePorts, activities.AllocatePortsName)
 	reg(a.ReleasePorts, activities.ReleasePortsName)
 	reg(a.CommitPoint, activities.CommitPointName)
 	reg(a.FailPoint, activities.FailPointName)
@@ -401,20 +402,36 @@ func changeIDEpoch(id string) string {
 }
 
 // AllocatePort leases a port for (workflow, disk); the same pair gets the same port back.
-// Exhaustion is ErrPortsExhausted with the hub and its range as details (PortsExhausted):
-// leases free up as other backups finish, so it is retryable unless the caller's policy says
-// otherwise (the workflows wait for a port with their own timer and say so).
+// Runs that started before the port-wait change lease disk by disk through it.
 func (a *Activities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
 	port, err := a.ports.Allocate(ctx, in.HubID, in.WorkflowID, in.DiskKey)
+	return port, classifyLease(in.HubID, fmt.Sprintf("allocate port for disk %d", in.DiskKey), err)
+}
+
+// AllocatePorts leases a port for every disk of the workflow at once, or none: a job never
+// holds some ports while it waits for others. Too few free ports is ErrPortsExhausted with
+// the hub, its range and the counts as details (PortsExhausted): leases free up as other
+// jobs finish, so it is retryable unless the caller's policy says otherwise (the workflows
+// wait for ports with their own timer and say so). More disks than the hub has ports is
+// BadInput.
+func (a *Activities) AllocatePorts(ctx context.Context, in activities.AllocatePortsInput) ([]int, error) {
+	ports, err := a.ports.AllocateAll(ctx, in.HubID, in.WorkflowID, in.DiskKeys)
+	return ports, classifyLease(in.HubID, fmt.Sprintf("allocate ports for disks %v", in.DiskKeys), err)
+}
+
+// classifyLease turns the catalog's *PortsExhaustedError into ErrPortsExhausted with its
+// details, and everything else as classify does.
+func classifyLease(hubID, what string, err error) error {
 	var exhausted *catalog.PortsExhaustedError
 	if errors.As(err, &exhausted) {
 		rng := exhausted.Range
-		return 0, temporal.NewApplicationErrorWithOptions(fmt.Sprintf("no free export port on hub %s: %v", in.HubID, err),
+		return temporal.NewApplicationErrorWithOptions(fmt.Sprintf("no free export port on hub %s: %v", hubID, err),
 			activities.ErrPortsExhausted, temporal.ApplicationErrorOptions{
-				Details: []any{activities.PortsExhausted{HubID: in.HubID, Ports: rng.Size(), First: rng.First, Last: rng.Last}},
+				Details: []any{activities.PortsExhausted{HubID: hubID, Ports: rng.Size(), First: rng.First, Last: rng.Last,
+					Needed: exhausted.Needed, Free: exhausted.Free}},
 			})
 	}
-	return port, classify(fmt.Sprintf("allocate port for disk %d", in.DiskKey), err)
+	return classify(what, err)
 }
 
 // ReleasePorts frees every lease of the workflow; idempotent.

@@ -27,15 +27,21 @@ func (r PortRange) check() error {
 	return nil
 }
 
-// PortsExhaustedError is a hub with every port of its range leased; it matches
+// PortsExhaustedError is a hub without enough free ports for a lease; it matches
 // ErrPortsExhausted.
 type PortsExhaustedError struct {
-	Hub   string
-	Range PortRange
+	Hub    string
+	Range  PortRange
+	Needed int // ports the caller asked for beyond those it already held
+	Free   int // ports of the range without a lease
 }
 
 func (e *PortsExhaustedError) Error() string {
-	return fmt.Sprintf("%v: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+	if e.Free == 0 {
+		return fmt.Sprintf("%v: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+	}
+	return fmt.Sprintf("%v: %d ports needed, %d of the %d ports %d-%d of hub %s free", ErrPortsExhausted,
+		e.Needed, e.Free, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
 }
 
 func (e *PortsExhaustedError) Unwrap() error { return ErrPortsExhausted }
@@ -69,15 +75,28 @@ func NewPorts(store *Store, rng PortRange) (*Ports, error) {
 func (p *Ports) Range() PortRange { return p.rng }
 
 // Allocate leases the lowest free port of hub's range to (workflowID, diskKey) and returns
-// it; the same pair gets the same port back. The range is the one hub recorded (any hub
-// worker may lease another hub's ports), else the allocator's. When every port is leased it
-// returns a *PortsExhaustedError, which clears once leases are released.
+// it, as AllocateAll does for one disk.
 func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey int32) (int, error) {
-	if err := checkWorkflowID(workflowID); err != nil {
+	ports, err := p.AllocateAll(ctx, hub, workflowID, []int32{diskKey})
+	if err != nil {
 		return 0, err
 	}
-	var port int
-	err := p.store.inTx(ctx, fmt.Sprintf("allocate port on %s for %s disk %d", hub, workflowID, diskKey), func(tx *sql.Tx) error {
+	return ports[0], nil
+}
+
+// AllocateAll leases a port of hub's range to every (workflowID, disk) pair at once and
+// returns them in diskKeys' order; a pair that holds a lease gets the same port back. All or
+// nothing: a workflow never holds some of its ports while waiting for the rest, so jobs that
+// each need several cannot deadlock on a small range. The range is the one hub recorded (any
+// hub worker may lease another hub's ports), else the allocator's. Too few free ports is a
+// *PortsExhaustedError, which clears once leases are released; more disks than the range
+// has ports is ErrInvalid, which never clears.
+func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKeys []int32) ([]int, error) {
+	if err := checkWorkflowID(workflowID); err != nil {
+		return nil, err
+	}
+	ports := make([]int, len(diskKeys))
+	err := p.store.inTx(ctx, fmt.Sprintf("allocate ports on %s for %s disks %v", hub, workflowID, diskKeys), func(tx *sql.Tx) error {
 		if err := ensureRow(ctx, tx, "hubs", hub); err != nil {
 			return err
 		}
@@ -91,54 +110,78 @@ func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey in
 		if first.Valid && last.Valid {
 			rng = PortRange{First: int(first.Int32), Last: int(last.Int32)}
 		}
-		err := tx.QueryRowContext(ctx, "SELECT port FROM port_leases WHERE hub_id = ? AND workflow_id = ? AND disk_key = ?",
-			hub, workflowID, diskKey).Scan(&port)
-		if err == nil {
-			return nil
+		if len(diskKeys) > rng.Size() {
+			return fmt.Errorf("%w: %d disks need a port each and hub %s has %d (%d-%d)", ErrInvalid, len(diskKeys), hub, rng.Size(), rng.First, rng.Last)
 		}
-		if !errors.Is(err, sql.ErrNoRows) {
-			return err
-		}
-		port, err = lowestFree(ctx, tx, hub, rng)
+		held, err := queryLeases(ctx, tx, "hub_id = ? AND workflow_id = ?", hub, workflowID)
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, "INSERT INTO port_leases (hub_id, port, workflow_id, disk_key, leased_at) VALUES (?, ?, ?, ?, ?)",
-			hub, port, workflowID, diskKey, now())
-		return err
+		byDisk := make(map[int32]int, len(held))
+		for _, l := range held {
+			byDisk[l.DiskKey] = l.Port
+		}
+		var missing []int
+		for i, key := range diskKeys {
+			if port, ok := byDisk[key]; ok {
+				ports[i] = port
+			} else {
+				missing = append(missing, i)
+			}
+		}
+		if len(missing) == 0 {
+			return nil
+		}
+		free, err := lowestFree(ctx, tx, hub, rng, len(missing))
+		if err != nil {
+			return err
+		}
+		at := now()
+		for j, i := range missing {
+			ports[i] = free[j]
+			if _, err := tx.ExecContext(ctx, "INSERT INTO port_leases (hub_id, port, workflow_id, disk_key, leased_at) VALUES (?, ?, ?, ?, ?)",
+				hub, free[j], workflowID, diskKeys[i], at); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	return port, nil
+	return ports, nil
 }
 
-// lowestFree finds the lowest port of rng without a lease on hub.
-func lowestFree(ctx context.Context, tx *sql.Tx, hub string, rng PortRange) (int, error) {
+// lowestFree finds the n lowest ports of rng without a lease on hub, or a
+// *PortsExhaustedError when fewer are free.
+func lowestFree(ctx context.Context, tx *sql.Tx, hub string, rng PortRange, n int) ([]int, error) {
 	rows, err := tx.QueryContext(ctx, "SELECT port FROM port_leases WHERE hub_id = ? AND port BETWEEN ? AND ? ORDER BY port",
 		hub, rng.First, rng.Last)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer rows.Close()
-	candidate := rng.First
+	leased := map[int]bool{}
 	for rows.Next() {
-		var leased int
-		if err := rows.Scan(&leased); err != nil {
-			return 0, err
+		var port int
+		if err := rows.Scan(&port); err != nil {
+			return nil, err
 		}
-		if leased != candidate {
-			break
-		}
-		candidate++
+		leased[port] = true
 	}
 	if err := rows.Err(); err != nil {
-		return 0, err
+		return nil, err
 	}
-	if candidate > rng.Last {
-		return 0, &PortsExhaustedError{Hub: hub, Range: rng}
+	free := make([]int, 0, n)
+	for port := rng.First; port <= rng.Last && len(free) < n; port++ {
+		if !leased[port] {
+			free = append(free, port)
+		}
 	}
-	return candidate, nil
+	if len(free) < n {
+		return nil, &PortsExhaustedError{Hub: hub, Range: rng, Needed: n, Free: rng.Size() - len(leased)}
+	}
+	return free, nil
 }
 
 // ReleaseWorkflow frees every lease the workflow holds on hub and returns them; releasing
