@@ -59,6 +59,7 @@ const (
 	ErrNoSpace        = "NoSpace"        // a disk (the hub's repository) is full
 	ErrRefused        = "Refused"        // vCenter refused the request (invalid argument, not supported, no permission)
 	ErrNoWorker       = "NoWorker"       // no worker took the step from its task queue in time
+	ErrNoHub          = "NoHub"          // no hub is alive to take a new chain; retryable for the step's bound
 	// ErrChangeIDRefused is CopyDisk's answer when vCenter refuses the previous changeId of
 	// an incremental copy: the workflow copies that disk in full instead.
 	ErrChangeIDRefused = "ChangeIDRefused"
@@ -134,6 +135,18 @@ type Plan struct {
 	HubID   string     `json:"hubId"`
 	Mode    string     `json:"mode"` // full if any disk is copied in full, else incremental
 	Disks   []DiskPlan `json:"disks"`
+	// Note is for the job log: why the backup may wait for its hub (the VM's chain lives on
+	// a hub whose worker was not seen lately).
+	Note string `json:"note,omitempty"`
+}
+
+// PortsExhausted are the details of AllocatePort's ErrPortsExhausted: the hub whose every
+// port is leased and its range.
+type PortsExhausted struct {
+	HubID string `json:"hubId"`
+	Ports int    `json:"ports"`
+	First int    `json:"first"`
+	Last  int    `json:"last"`
 }
 
 // AllocatePortInput leases a port on a hub to (workflow, disk); idempotent per pair.

@@ -397,6 +397,10 @@ func (b *backup) planBackup(ctx workflow.Context) error {
 	}
 	b.upsert(ctx, BackupModeKey.ValueSet(b.plan.Mode))
 	b.journal.add(ctx, "planned %s backup as point %s on hub %s: %s", b.plan.Mode, b.plan.PointID, b.plan.HubID, b.describeDisks())
+	if b.plan.Note != "" {
+		// The chain's hub is down: the hub-host steps wait for its worker (workerWait).
+		b.journal.add(ctx, "%s", b.plan.Note)
+	}
 	return nil
 }
 

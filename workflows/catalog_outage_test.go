@@ -38,8 +38,10 @@ func TestBackupOnServerOutlastsCatalogRestart(t *testing.T) {
 	require.NoError(t, err)
 	layout, err := repo.New(t.TempDir())
 	require.NoError(t, err)
-	acts, err := hub.New(store, ports, layout, hub.Settings{HubID: testHubID, RunDir: t.TempDir()}, quiet)
+	// Alive for the whole test (placement needs an alive hub), as its worker records it.
+	acts, err := hub.New(store, ports, layout, hub.Settings{HubID: testHubID, RunDir: t.TempDir(), HubHeartbeat: time.Hour}, quiet)
 	require.NoError(t, err)
+	require.NoError(t, store.RecordHub(ctx, testHubID, 1<<40, 0))
 
 	f := newFakeActivities(activities.ModeFull)
 	t.Cleanup(func() { close(f.release) })

@@ -54,12 +54,24 @@ func (j *job) execute(ctx workflow.Context, name, queue, summary string, in, out
 // executeAs is execute under a given activity ID (empty: the SDK's), for steps clients
 // look up by ID to read their heartbeats.
 func (j *job) executeAs(ctx workflow.Context, activityID, name, queue, summary string, in, out any) error {
-	j.waitFor(ctx, name, queue)
-	defer j.waitFor(ctx, "", "")
 	opts := j.options(name, queue, summary)
 	opts.ActivityID = activityID
+	return j.executeWith(ctx, opts, name, in, out)
+}
+
+// executeWith runs one activity by name with the given options, the job log naming the worker
+// it waits for meanwhile.
+func (j *job) executeWith(ctx workflow.Context, opts workflow.ActivityOptions, name string, in, out any) error {
+	j.waitFor(ctx, name, opts.TaskQueue)
+	defer j.waitFor(ctx, "", "")
+	return j.run(ctx, opts, name, in, out)
+}
+
+// run runs one activity and waits for its result, leaving what the job log says it waits for
+// as it is.
+func (j *job) run(ctx workflow.Context, opts workflow.ActivityOptions, name string, in, out any) error {
 	err := workflow.ExecuteActivity(workflow.WithActivityOptions(ctx, opts), name, in).Get(ctx, out)
-	return j.noWorker(err, name, queue)
+	return j.noWorker(err, name, opts.TaskQueue)
 }
 
 // workerWait is the schedule-to-start bound of the SNA and hub-host steps.
@@ -74,16 +86,22 @@ func (j *job) workerWait() time.Duration {
 // shared hub queue has no worker-wait bound (options): its line names no deadline.
 func (j *job) waitFor(ctx workflow.Context, name, queue string) {
 	_, owner := queueOwner(queue)
+	var what string
 	switch {
 	case name == "":
-		j.progress.WaitingFor = ""
 	case queue == activities.HubQueue:
-		j.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s)", owner, name, queue)
+		what = fmt.Sprintf("%s to run %s (task queue %s)", owner, name, queue)
 	default:
-		j.progress.WaitingFor = fmt.Sprintf("%s to run %s (task queue %s; the %s fails if no worker takes it within %s)",
+		what = fmt.Sprintf("%s to run %s (task queue %s; the %s fails if no worker takes it within %s)",
 			owner, name, queue, j.kind, j.workerWait())
 	}
-	j.journal.waiting = j.progress.WaitingFor
+	j.waiting(ctx, what)
+}
+
+// waiting sets what the run waits for, in its progress and its job log; "" clears it.
+func (j *job) waiting(ctx workflow.Context, what string) {
+	j.progress.WaitingFor = what
+	j.journal.waiting = what
 	j.journal.publish(ctx, j.journal.current)
 }
 

@@ -95,10 +95,9 @@ func (j *job) options(name, queue, summary string) workflow.ActivityOptions {
 		opts.RetryPolicy.MaximumInterval = 5 * time.Minute
 		opts.RetryPolicy.MaximumAttempts = 10
 	case activities.AllocatePortName:
-		// ErrPortsExhausted clears when other backups finish: keep trying for a while.
-		opts.RetryPolicy.InitialInterval = 5 * time.Second
-		opts.RetryPolicy.MaximumAttempts = 0
-		opts.ScheduleToCloseTimeout = 30 * time.Minute
+		// ErrPortsExhausted clears when other jobs finish: the run waits for it itself and
+		// says so (allocatePort), the retries are for the catalog.
+		opts.RetryPolicy.NonRetryableErrorTypes = append(slices.Clone(nonRetryable), activities.ErrPortsExhausted)
 	case activities.CreateSnapshotName:
 		// Quiescing a busy guest can take minutes.
 		opts.StartToCloseTimeout = 30 * time.Minute

@@ -52,6 +52,10 @@ type Settings struct {
 	// RepositoryMargin is the free space PrepareTarget leaves in the repository's file
 	// system; the zero value is the default (repo.Margin).
 	RepositoryMargin repo.Margin
+	// HubHeartbeat is how often hub workers record themselves in the catalog
+	// (DISKFERRY_HUB_HEARTBEAT): a hub seen within 3 heartbeats is alive for placement. Zero:
+	// 10s.
+	HubHeartbeat time.Duration
 	// RetentionRunning returns the workflow ID of the running retention started for a VM by
 	// this name or moref, "" when none runs. PlanBackup and ResolvePoint wait while one runs: a
 	// retention merges and removes the files of the VM's chain. Nil: none ever runs.
@@ -91,6 +95,9 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	}
 	if settings.RetentionRunning == nil {
 		settings.RetentionRunning = func(context.Context, string) (string, error) { return "", nil }
+	}
+	if settings.HubHeartbeat <= 0 {
+		settings.HubHeartbeat = 10 * time.Second
 	}
 	if settings.CountVerified == nil {
 		settings.CountVerified = func(int64) {}
@@ -203,9 +210,9 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
 	}
 
-	plan := activities.Plan{HubID: a.settings.HubID, Mode: activities.ModeIncremental}
-	if hasLast {
-		plan.HubID = last.Hub // an incremental lives beside its chain
+	plan := activities.Plan{Mode: activities.ModeIncremental}
+	if plan.HubID, plan.Note, err = a.placeBackup(ctx, vm, last, hasLast); err != nil {
+		return activities.Plan{}, err
 	}
 	anyIncremental := false
 	for _, d := range disks {
@@ -394,11 +401,17 @@ func changeIDEpoch(id string) string {
 }
 
 // AllocatePort leases a port for (workflow, disk); the same pair gets the same port back.
-// Exhaustion is a retryable ErrPortsExhausted: leases free up as other backups finish.
+// Exhaustion is ErrPortsExhausted with the hub and its range as details (PortsExhausted):
+// leases free up as other backups finish, so it is retryable unless the caller's policy says
+// otherwise (the workflows wait for a port with their own timer and say so).
 func (a *Activities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
 	port, err := a.ports.Allocate(ctx, in.HubID, in.WorkflowID, in.DiskKey)
 	if errors.Is(err, catalog.ErrPortsExhausted) {
-		return 0, temporal.NewApplicationError(fmt.Sprintf("no free export port on hub %s: %v", in.HubID, err), activities.ErrPortsExhausted)
+		rng := a.ports.Range()
+		return 0, temporal.NewApplicationErrorWithOptions(fmt.Sprintf("no free export port on hub %s: %v", in.HubID, err),
+			activities.ErrPortsExhausted, temporal.ApplicationErrorOptions{
+				Details: []any{activities.PortsExhausted{HubID: in.HubID, Ports: rng.Size(), First: rng.First, Last: rng.Last}},
+			})
 	}
 	return port, classify(fmt.Sprintf("allocate port for disk %d", in.DiskKey), err)
 }

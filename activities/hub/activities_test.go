@@ -93,9 +93,21 @@ func newRig(t *testing.T, store *catalog.Store, rng catalog.PortRange, runDir, r
 	require.NoError(t, err)
 	layout, err := repo.New(root)
 	require.NoError(t, err)
-	settings.HubID, settings.RunDir, settings.StopTimeout = hubID, runDir, 5*time.Second
+	if settings.HubID == "" {
+		settings.HubID = hubID
+	}
+	if settings.HubHeartbeat == 0 {
+		// Alive for the whole test however slow the machine: placement tests make a hub
+		// stale by writing its last_seen (backdate).
+		settings.HubHeartbeat = time.Hour
+	}
+	settings.RunDir, settings.StopTimeout = runDir, 5*time.Second
 	acts, err := New(store, ports, layout, settings, slog.New(slog.DiscardHandler))
 	require.NoError(t, err)
+	// What the hub worker does at start: new chains are placed on alive hubs only.
+	space, err := layout.Space()
+	require.NoError(t, err)
+	require.NoError(t, store.RecordHub(context.Background(), settings.HubID, space.Free, space.Used))
 	var suite testsuite.WorkflowTestSuite
 	suite.SetLogger(sdklog.NewStructuredLogger(slog.New(slog.DiscardHandler))) // failures show in assertions
 	env := suite.NewTestActivityEnvironment()

@@ -60,12 +60,21 @@ func (a *Activities) PlanRetention(ctx context.Context, in activities.PlanRetent
 	if err != nil {
 		return activities.RetentionPlan{}, badInput("plan retention of %s: %v", vm.Name, err)
 	}
+	// The plan is applied on the hub of the VM's chain, not on the worker that planned it: a
+	// VM's complete points live on one hub (PlanBackup keeps a VM on the hub of its newest
+	// one). None: nothing to apply, and no hub.
 	plan := activities.RetentionPlan{
-		VMID: vm.ID, VMName: vm.Name, HubID: a.settings.HubID, Policy: toActivityPolicy(policy), PolicySource: source,
+		VMID: vm.ID, VMName: vm.Name, Policy: toActivityPolicy(policy), PolicySource: source,
 		Points: make([]activities.PointDecision, len(points)),
 	}
+	if len(points) > 0 {
+		plan.HubID = points[len(points)-1].Hub
+	}
 	for i, p := range points {
-		plan.HubID = p.Hub // a VM's chain lives on one hub (PlanBackup puts an incremental beside it)
+		if p.Hub != plan.HubID {
+			return activities.RetentionPlan{}, badInput("plan retention of %s: its points are on more than one hub (%s on %s, %s on %s); "+
+				"retention works on one hub's chain", vm.Name, p.ID, p.Hub, points[len(points)-1].ID, plan.HubID)
+		}
 		d := decisions[i]
 		var bytes int64
 		for _, disk := range p.Disks {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/diskferry/diskferry/internal/config"
 )
@@ -84,6 +85,7 @@ func TestLoadHubDefaults(t *testing.T) {
 		{"metrics", c.MetricsAddr, "127.0.0.1:9464"},
 		{"log level", c.LogLevel, slog.LevelInfo},
 		{"margin", c.Margin().Of(100 << 30), int64(1 << 30)},
+		{"heartbeat", c.Heartbeat, 10 * time.Second},
 	}
 	for _, check := range checks {
 		if check.got != check.want {
@@ -106,6 +108,7 @@ func TestLoadHubOverrides(t *testing.T) {
 		"DISKFERRY_PORT_MAX":           "20000",
 		"DISKFERRY_METRICS_ADDR":       "",
 		"DISKFERRY_LOG_LEVEL":          "DEBUG",
+		"DISKFERRY_HUB_HEARTBEAT":      "3s",
 	}))
 	c, err := config.LoadHub()
 	if err != nil {
@@ -122,6 +125,9 @@ func TestLoadHubOverrides(t *testing.T) {
 	}
 	if c.LogLevel != slog.LevelDebug {
 		t.Errorf("log level = %v, want DEBUG", c.LogLevel)
+	}
+	if c.Heartbeat != 3*time.Second {
+		t.Errorf("heartbeat = %s, want 3s", c.Heartbeat)
 	}
 }
 
@@ -169,6 +175,8 @@ func TestLoadHubRejects(t *testing.T) {
 		{"tls key is a directory", map[string]string{"DISKFERRY_TEMPORAL_TLS_CERT": writeFile(t, "c2.pem", "c"), "DISKFERRY_TEMPORAL_TLS_KEY": dir}, "DISKFERRY_TEMPORAL_TLS_KEY", "is a directory"},
 		{"log level unknown", map[string]string{"DISKFERRY_LOG_LEVEL": "loud"}, "DISKFERRY_LOG_LEVEL", "cannot parse"},
 		{"margin unreadable", map[string]string{"DISKFERRY_REPOSITORY_MARGIN": "2GB"}, "DISKFERRY_REPOSITORY_MARGIN", "want a size such as 2GiB"},
+		{"heartbeat too short", map[string]string{"DISKFERRY_HUB_HEARTBEAT": "100ms"}, "DISKFERRY_HUB_HEARTBEAT", "want 1s-10m"},
+		{"heartbeat not a duration", map[string]string{"DISKFERRY_HUB_HEARTBEAT": "often"}, "DISKFERRY_HUB_HEARTBEAT", "cannot parse"},
 		{"margin percentage too large", map[string]string{"DISKFERRY_REPOSITORY_MARGIN": "60%"}, "DISKFERRY_REPOSITORY_MARGIN", "not a percentage of 0-50"},
 	}
 	for _, tc := range cases {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/diskferry/diskferry/internal/repo"
 )
@@ -48,6 +49,10 @@ type Hub struct {
 	MetricsAddr string `envconfig:"DISKFERRY_METRICS_ADDR" default:"127.0.0.1:9464"`
 	// DISKFERRY_LOG_LEVEL is debug, info, warn or error. Default info.
 	LogLevel slog.Level `envconfig:"DISKFERRY_LOG_LEVEL" default:"info"`
+	// DISKFERRY_HUB_HEARTBEAT is how often the worker records in the catalog that it is alive
+	// and how much space its repository has; a hub not seen for 3 heartbeats is down for the
+	// placement of new chains. Every hub of a catalog should use the same value. Default 10s.
+	Heartbeat time.Duration `envconfig:"DISKFERRY_HUB_HEARTBEAT" default:"10s"`
 }
 
 // LoadHub reads the hub worker's configuration from the environment and validates it.
@@ -90,6 +95,9 @@ func (c *Hub) resolveAndValidate() error {
 	}
 	v.retired("DISKFERRY_EXPORT_BIND", "exports listen on unix sockets in DISKFERRY_RUN_DIR/exports, reached through SSH stream-local forwarding")
 	v.hostPort("DISKFERRY_METRICS_ADDR", c.MetricsAddr, false)
+	if c.Heartbeat < time.Second || c.Heartbeat > 10*time.Minute {
+		v.fail("DISKFERRY_HUB_HEARTBEAT", fmt.Errorf("want 1s-10m, got %s", c.Heartbeat))
+	}
 	return v.err("hub")
 }
 

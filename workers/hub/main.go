@@ -39,6 +39,9 @@ const (
 	// workerStopTimeout lets running activities finish on shutdown before they are abandoned
 	// to Temporal's retry.
 	workerStopTimeout = 20 * time.Second
+	// defaultHeartbeat is DISKFERRY_HUB_HEARTBEAT's default, for a configuration built
+	// without LoadHub.
+	defaultHeartbeat = 10 * time.Second
 )
 
 func main() {
@@ -60,6 +63,10 @@ func main() {
 func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	log = log.With("hub", cfg.HubID)
 	log.Info("hub worker starting", "config", cfg)
+	heartbeat := cfg.Heartbeat
+	if heartbeat <= 0 {
+		heartbeat = defaultHeartbeat
+	}
 
 	store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
 	if err != nil {
@@ -105,6 +112,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 		RetentionRunning: hub.RetentionRunningFunc(c, workflows.RetentionWorkflowID),
 		CountVerified:    func(n int64) { verified.Add(float64(n)) },
 		RepositoryMargin: cfg.Margin(),
+		HubHeartbeat:     heartbeat,
 	}, log)
 	if err != nil {
 		return err
@@ -153,10 +161,16 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 		return fmt.Errorf("start worker on %s: %w", activities.HubHostQueue(cfg.HubID), err)
 	}
 	defer host.Stop()
+	// Seen once it polls its host queue: placement may send new chains here from now on.
+	if err := recordHub(ctx, store, layout, cfg.HubID, heartbeat); err != nil {
+		return err
+	}
 	log.Info("hub worker running", "queues", []string{activities.HubQueue, activities.HubHostQueue(cfg.HubID)})
 
 	tick := time.NewTicker(reconcileInterval)
 	defer tick.Stop()
+	beat := time.NewTicker(heartbeat)
+	defer beat.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -166,8 +180,26 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 			return fmt.Errorf("worker: %w", err)
 		case <-tick.C:
 			reconcile(ctx, acts, log)
+		case <-beat.C:
+			// A missed heartbeat only makes the hub look down for new chains until the next.
+			if err := recordHub(ctx, store, layout, cfg.HubID, heartbeat); err != nil {
+				log.Warn("hub heartbeat", "err", err)
+			}
 		}
 	}
+}
+
+// recordHub records in the catalog that the hub is alive, with its repository's free and
+// used bytes (what the repository metrics report). It takes at most one heartbeat, so a
+// hanging catalog never delays the next one or the reconcile.
+func recordHub(ctx context.Context, store *catalog.Store, layout repo.Layout, hubID string, heartbeat time.Duration) error {
+	space, err := layout.Space()
+	if err != nil {
+		return fmt.Errorf("hub heartbeat: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, heartbeat)
+	defer cancel()
+	return store.RecordHub(ctx, hubID, space.Free, space.Used)
 }
 
 // reconcile logs rather than fails: the next round retries, and a hub that cannot reach

@@ -19,6 +19,7 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/catalog"
 	"github.com/diskferry/diskferry/internal/config"
 	"github.com/diskferry/diskferry/internal/repo"
 	"github.com/diskferry/diskferry/internal/testenv"
@@ -54,6 +55,7 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 		PortMax:        20110,
 		MetricsAddr:    metricsAddr,
 		LogLevel:       slog.LevelWarn,
+		Heartbeat:      time.Second,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -89,6 +91,23 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 		assert.Contains(t, body, name)
 	}
 
+	// The hub records itself at start and again at each heartbeat.
+	store, err := catalog.Open(ctx, db.DSN, nil)
+	require.NoError(t, err)
+	defer store.Close()
+	var first catalog.Hub
+	require.Eventually(t, func() bool {
+		first, err = findHub(ctx, store, cfg.HubID)
+		return err == nil
+	}, 20*time.Second, 100*time.Millisecond, "hub row: %v", err)
+	assert.Positive(t, first.FreeBytes, "free bytes of the repository")
+	assert.Positive(t, first.UsedBytes, "used bytes of the repository's file system")
+	assert.False(t, first.LastSeen.IsZero())
+	require.Eventually(t, func() bool {
+		h, err := findHub(ctx, store, cfg.HubID)
+		return err == nil && h.LastSeen.After(first.LastSeen)
+	}, 20*time.Second, 100*time.Millisecond, "the heartbeat never refreshed last seen %s", first.LastSeen)
+
 	cancel()
 	select {
 	case err := <-done:
@@ -98,6 +117,19 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 	}
 	_, err = scrape("http://" + metricsAddr + "/metrics")
 	assert.Error(t, err, "the metrics endpoint is closed")
+}
+
+func findHub(ctx context.Context, store *catalog.Store, id string) (catalog.Hub, error) {
+	hubs, err := store.ListHubs(ctx)
+	if err != nil {
+		return catalog.Hub{}, err
+	}
+	for _, h := range hubs {
+		if h.ID == id && !h.LastSeen.IsZero() {
+			return h, nil
+		}
+	}
+	return catalog.Hub{}, fmt.Errorf("hub %s not seen in %v", id, hubs)
 }
 
 func TestSDKMetricsFamiliesWithDifferentTags(t *testing.T) {

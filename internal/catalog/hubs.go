@@ -1,0 +1,65 @@
+package catalog
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+)
+
+// Hub is a hub's row: when its worker was last seen and the space of its repository's file
+// system then. A hub only ever named by a point, lease or export (its worker never ran this
+// version) has a zero LastSeen.
+type Hub struct {
+	ID        string
+	LastSeen  time.Time
+	FreeBytes int64
+	UsedBytes int64
+}
+
+// Alive reports whether the hub's worker was seen within within of at.
+func (h Hub) Alive(at time.Time, within time.Duration) bool {
+	return !h.LastSeen.IsZero() && at.Sub(h.LastSeen) <= within
+}
+
+// RecordHub writes the hub worker's heartbeat: seen now, with its repository's free and used
+// bytes. The row is created when missing.
+func (s *Store) RecordHub(ctx context.Context, hub string, freeBytes, usedBytes int64) error {
+	if hub == "" || len(hub) > 128 {
+		return fmt.Errorf("%w: hub id %q must be 1-128 characters", ErrInvalid, hub)
+	}
+	at := now()
+	_, err := s.db.ExecContext(ctx, `INSERT INTO hubs (id, created_at, last_seen, free_bytes, used_bytes) VALUES (?, ?, ?, ?, ?)
+		ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen), free_bytes = VALUES(free_bytes), used_bytes = VALUES(used_bytes)`,
+		hub, at, at, freeBytes, usedBytes)
+	if err != nil {
+		return fmt.Errorf("record hub %s: %w", hub, err)
+	}
+	return nil
+}
+
+// ListHubs returns every hub by id.
+func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
+	rows, err := s.db.QueryContext(ctx, "SELECT id, last_seen, free_bytes, used_bytes FROM hubs ORDER BY id")
+	if err != nil {
+		return nil, fmt.Errorf("list hubs: %w", err)
+	}
+	defer rows.Close()
+	var hubs []Hub
+	for rows.Next() {
+		var (
+			h          Hub
+			seen       sql.NullTime
+			free, used sql.NullInt64
+		)
+		if err := rows.Scan(&h.ID, &seen, &free, &used); err != nil {
+			return nil, fmt.Errorf("list hubs: %w", err)
+		}
+		h.LastSeen, h.FreeBytes, h.UsedBytes = seen.Time, free.Int64, used.Int64
+		hubs = append(hubs, h)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list hubs: %w", err)
+	}
+	return hubs, nil
+}
