@@ -49,6 +49,9 @@ type Options struct {
 	// PortsPerHub is the size of each hub's export port range; default (and at most) the
 	// sshd's SSHDExportPortMax-SSHDExportPortMin+1.
 	PortsPerHub int
+	// HubHeartbeat is how often the hub workers record themselves alive in the catalog
+	// (DISKFERRY_HUB_HEARTBEAT); 0 keeps the workers' default.
+	HubHeartbeat time.Duration
 }
 
 // Hub is one hub of the lab.
@@ -143,7 +146,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 
 	dsn := l.secretFile("db-dsn", l.DB.DSN)
 	for _, h := range l.Hubs {
-		l.envs[h.Worker] = l.hubEnvironment(h, dsn, opts.PortsPerHub)
+		l.envs[h.Worker] = l.hubEnvironment(h, dsn, opts)
 	}
 	snaShared := l.snaShared()
 	for _, s := range l.Sites {
@@ -197,17 +200,21 @@ func (l *Lab) temporalEnv() []string {
 	}
 }
 
-func (l *Lab) hubEnvironment(h Hub, dsnFile string, ports int) []string {
-	return append(l.temporalEnv(),
+func (l *Lab) hubEnvironment(h Hub, dsnFile string, opts Options) []string {
+	env := append(l.temporalEnv(),
 		"DISKFERRY_HUB_ID="+h.ID,
 		"DISKFERRY_DB_DSN_FILE="+dsnFile,
 		"DISKFERRY_REPOSITORY_ROOT="+h.RepoRoot,
 		"DISKFERRY_RUN_DIR="+h.RunDir,
 		// Ports are only the exports' identities now; nothing listens on them.
 		"DISKFERRY_PORT_MIN="+strconv.Itoa(testenv.SSHDExportPortMin),
-		"DISKFERRY_PORT_MAX="+strconv.Itoa(testenv.SSHDExportPortMin+ports-1),
+		"DISKFERRY_PORT_MAX="+strconv.Itoa(testenv.SSHDExportPortMin+opts.PortsPerHub-1),
 		"DISKFERRY_METRICS_ADDR=",
 	)
+	if opts.HubHeartbeat > 0 {
+		env = append(env, "DISKFERRY_HUB_HEARTBEAT="+opts.HubHeartbeat.String())
+	}
+	return env
 }
 
 // snaShared is every SNA's environment but its site: the vCenter, and every hub's sshd.
