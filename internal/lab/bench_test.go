@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -48,11 +49,13 @@ func BenchmarkConcurrent20(b *testing.B) {
 	ctx := context.Background()
 	var wall time.Duration
 	var each []time.Duration
+	perHub := map[string]int{}
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		start := time.Now()
 		took := make([]time.Duration, vms)
 		errs := make([]error, vms)
+		results := make([]workflows.BackupResult, vms)
 		var wg sync.WaitGroup
 		for v, vm := range l.VC.VMs {
 			in := workflows.BackupInput{VM: vm.Name, Site: l.Sites[v%len(l.Sites)].Name, Mode: "full"}
@@ -62,7 +65,7 @@ func BenchmarkConcurrent20(b *testing.B) {
 				begin := time.Now()
 				run, err := l.Temporal.Client.ExecuteWorkflow(ctx, workflows.StartBackupOptions(in), workflows.BackupWorkflowName, in)
 				if err == nil {
-					err = run.Get(ctx, nil)
+					err = run.Get(ctx, &results[v])
 				}
 				took[v], errs[v] = time.Since(begin), err
 			}()
@@ -75,6 +78,9 @@ func BenchmarkConcurrent20(b *testing.B) {
 			}
 		}
 		each = append(each, took...)
+		for _, res := range results {
+			perHub[res.HubID]++
+		}
 	}
 	b.StopTimer()
 	slices.Sort(each)
@@ -83,7 +89,12 @@ func BenchmarkConcurrent20(b *testing.B) {
 	b.ReportMetric(secs, "s/wall")
 	b.ReportMetric(p50.Seconds(), "s/p50")
 	b.ReportMetric(p95.Seconds(), "s/p95")
-	fmt.Printf("bench concurrent20 vms=%d disks=2x64MiB sites=2 hubs=2 wall=%.1fs p50=%.1fs p95=%.1fs runs=%d\n", vms, secs, p50.Seconds(), p95.Seconds(), b.N)
+	var placed []string
+	for _, h := range l.Hubs {
+		placed = append(placed, fmt.Sprintf("%s:%d", h.ID, perHub[h.ID]))
+	}
+	fmt.Printf("bench concurrent20 vms=%d disks=2x64MiB sites=2 hubs=2 wall=%.1fs p50=%.1fs p95=%.1fs points=%s runs=%d\n",
+		vms, secs, p50.Seconds(), p95.Seconds(), strings.Join(placed, ","), b.N)
 }
 
 // percentile is the p-th percentile of sorted durations (nearest rank).
