@@ -93,10 +93,31 @@ func waitBackups(ctx context.Context, t testing.TB, l *lab.Lab, runs []client.Wo
 	results := make([]workflows.BackupResult, len(runs))
 	for i, run := range runs {
 		if err := getResult(ctx, run, &results[i]); err != nil {
-			t.Fatalf("backup %s: %v\n%s", run.GetID(), err, workerLogs(l))
+			t.Fatalf("backup %s: %v\nwhere every backup stands:\n%s%s", run.GetID(), err, standings(l, runs), workerLogs(l))
 		}
 	}
 	return results
+}
+
+// standings says, per run, its status, step and what it waits for: after a deadline, whether
+// the runs were stuck and on what.
+func standings(l *lab.Lab, runs []client.WorkflowRun) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var b strings.Builder
+	for _, run := range runs {
+		var p workflows.Progress
+		v, err := l.Temporal.Client.QueryWorkflow(ctx, run.GetID(), run.GetRunID(), workflows.ProgressQueryName)
+		if err == nil {
+			err = v.Get(&p)
+		}
+		if err != nil {
+			fmt.Fprintf(&b, "  %s: progress: %v\n", run.GetID(), err)
+			continue
+		}
+		fmt.Fprintf(&b, "  %s: %s on %s, step %q, waiting for %q\n", run.GetID(), p.Status, p.HubID, p.Step, p.WaitingFor)
+	}
+	return b.String()
 }
 
 // getResult is run.Get, asked again while the dev server, overloaded by many runs on a busy
