@@ -41,7 +41,7 @@ func TestBackupOnServerOutlastsCatalogRestart(t *testing.T) {
 	// Alive for the whole test (placement needs an alive hub), as its worker records it.
 	acts, err := hub.New(store, ports, layout, hub.Settings{HubID: testHubID, RunDir: t.TempDir(), HubHeartbeat: time.Hour}, quiet)
 	require.NoError(t, err)
-	require.NoError(t, store.RecordHub(ctx, testHubID, 1<<40, 0))
+	require.NoError(t, store.RecordHub(ctx, catalog.Hub{ID: testHubID, FreeBytes: 1 << 40, Ports: ports.Range()}))
 
 	f := newFakeActivities(activities.ModeFull)
 	t.Cleanup(func() { close(f.release) })

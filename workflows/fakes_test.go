@@ -35,6 +35,7 @@ type fakeActivities struct {
 	stops      []activities.StopExportInput
 
 	planMode string           // full | incremental: what PlanBackup decides for every disk
+	planNote string           // what PlanBackup notes for the job log
 	fail     map[string]error // call label → error to return
 	blockAt  string           // call label whose first call blocks until its context ends or release closes
 	onBlock  func()           // runs when the blocking call started
@@ -52,6 +53,8 @@ type fakeActivities struct {
 	prepares []activities.PrepareTargetInput
 	plans    []activities.PlanBackupInput
 	flaky    map[string]int // call label → attempts that fail retryably before success
+	// exhaust is AllocatePort's label → attempts that find every port of the hub leased.
+	exhaust  map[string]int
 	attempts map[string]int
 	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
 
@@ -82,6 +85,7 @@ func newFakeActivities(planMode string) *fakeActivities {
 		fail:          map[string]error{},
 		release:       make(chan struct{}),
 		flaky:         map[string]int{},
+		exhaust:       map[string]int{},
 		attempts:      map[string]int{},
 		retentionPlan: testRetentionPlan(),
 	}
@@ -258,7 +262,7 @@ func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBacku
 	f.mu.Lock()
 	f.plans = append(f.plans, in)
 	f.mu.Unlock()
-	plan := activities.Plan{PointID: "p1", HubID: testHubID, Mode: f.planMode}
+	plan := activities.Plan{PointID: "p1", HubID: testHubID, Mode: f.planMode, Note: f.planNote}
 	for _, d := range in.VM.Disks {
 		if len(in.DiskKeys) > 0 && !slices.Contains(in.DiskKeys, d.Key) {
 			continue
@@ -277,10 +281,23 @@ func (f *fakeActivities) PlanBackup(ctx context.Context, in activities.PlanBacku
 }
 
 func (f *fakeActivities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
-	if err := f.call(ctx, label(activities.AllocatePortName, in.DiskKey)); err != nil {
+	l := label(activities.AllocatePortName, in.DiskKey)
+	if err := f.call(ctx, l); err != nil {
 		return 0, err
 	}
+	f.mu.Lock()
+	exhausted := f.attempts[l] <= f.exhaust[l]
+	f.mu.Unlock()
+	if exhausted {
+		// As the hub says it (activities/hub AllocatePort): retryable, with the hub's range.
+		return 0, temporal.NewApplicationErrorWithOptions("no free export port on hub "+in.HubID, activities.ErrPortsExhausted,
+			temporal.ApplicationErrorOptions{Details: []any{testPortsExhausted(in.HubID)}})
+	}
 	return testPort(in.DiskKey), nil
+}
+
+func testPortsExhausted(hubID string) activities.PortsExhausted {
+	return activities.PortsExhausted{HubID: hubID, Ports: 4, First: 20100, Last: 20103}
 }
 
 func (f *fakeActivities) ReleasePorts(ctx context.Context, in activities.ReleasePortsInput) error {

@@ -406,8 +406,9 @@ func changeIDEpoch(id string) string {
 // otherwise (the workflows wait for a port with their own timer and say so).
 func (a *Activities) AllocatePort(ctx context.Context, in activities.AllocatePortInput) (int, error) {
 	port, err := a.ports.Allocate(ctx, in.HubID, in.WorkflowID, in.DiskKey)
-	if errors.Is(err, catalog.ErrPortsExhausted) {
-		rng := a.ports.Range()
+	var exhausted *catalog.PortsExhaustedError
+	if errors.As(err, &exhausted) {
+		rng := exhausted.Range
 		return 0, temporal.NewApplicationErrorWithOptions(fmt.Sprintf("no free export port on hub %s: %v", in.HubID, err),
 			activities.ErrPortsExhausted, temporal.ApplicationErrorOptions{
 				Details: []any{activities.PortsExhausted{HubID: in.HubID, Ports: rng.Size(), First: rng.First, Last: rng.Last}},

@@ -107,7 +107,8 @@ func newRig(t *testing.T, store *catalog.Store, rng catalog.PortRange, runDir, r
 	// What the hub worker does at start: new chains are placed on alive hubs only.
 	space, err := layout.Space()
 	require.NoError(t, err)
-	require.NoError(t, store.RecordHub(context.Background(), settings.HubID, space.Free, space.Used))
+	require.NoError(t, store.RecordHub(context.Background(), catalog.Hub{ID: settings.HubID, FreeBytes: space.Free, UsedBytes: space.Used,
+		Ports: rng}))
 	var suite testsuite.WorkflowTestSuite
 	suite.SetLogger(sdklog.NewStructuredLogger(slog.New(slog.DiscardHandler))) // failures show in assertions
 	env := suite.NewTestActivityEnvironment()
@@ -316,6 +317,9 @@ func TestAllocateAndReleasePorts(t *testing.T) {
 	_, err = alloc("wf-2", diskA)
 	appErr := requireAppError(t, err, activities.ErrPortsExhausted, false)
 	assert.Contains(t, appErr.Error(), hubID)
+	var details activities.PortsExhausted
+	require.NoError(t, appErr.Details(&details))
+	assert.Equal(t, activities.PortsExhausted{HubID: hubID, Ports: 4, First: rng.First, Last: rng.Last}, details)
 
 	release := activities.ReleasePortsInput{HubID: hubID, WorkflowID: "wf-1"}
 	require.NoError(t, r.run(t, activities.ReleasePortsName, release, nil))

@@ -63,5 +63,6 @@ func seenAgo(h catalog.Hub, at time.Time) string {
 	if h.LastSeen.IsZero() {
 		return "never (no worker of this version has run on it)"
 	}
-	return at.Sub(h.LastSeen).Round(time.Second).String() + " ago"
+	// A clock a little ahead on the hub says "0s ago", not a negative age.
+	return max(at.Sub(h.LastSeen), 0).Round(time.Second).String() + " ago"
 }

@@ -29,7 +29,8 @@ const placementHeartbeat = 10 * time.Minute
 // seen records hub id as its worker does, seen now with free bytes free.
 func seen(t *testing.T, store *catalog.Store, id string, free int64) {
 	t.Helper()
-	require.NoError(t, store.RecordHub(context.Background(), id, free, 1))
+	require.NoError(t, store.RecordHub(context.Background(), catalog.Hub{ID: id, FreeBytes: free, UsedBytes: 1,
+		Ports: catalog.PortRange{First: 20100, Last: 20103}}))
 }
 
 // backdate makes hub id's worker last seen ago: stale, as a hub whose worker stopped.

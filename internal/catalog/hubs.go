@@ -7,14 +7,15 @@ import (
 	"time"
 )
 
-// Hub is a hub's row: when its worker was last seen and the space of its repository's file
-// system then. A hub only ever named by a point, lease or export (its worker never ran this
-// version) has a zero LastSeen.
+// Hub is a hub's row: when its worker was last seen, the space of its repository's file
+// system then, and its export port range. A hub only ever named by a point, lease or export
+// (its worker never ran this version) has a zero LastSeen and Ports.
 type Hub struct {
 	ID        string
 	LastSeen  time.Time
 	FreeBytes int64
 	UsedBytes int64
+	Ports     PortRange
 }
 
 // Alive reports whether the hub's worker was seen within within of at.
@@ -22,25 +23,30 @@ func (h Hub) Alive(at time.Time, within time.Duration) bool {
 	return !h.LastSeen.IsZero() && at.Sub(h.LastSeen) <= within
 }
 
-// RecordHub writes the hub worker's heartbeat: seen now, with its repository's free and used
-// bytes. The row is created when missing.
-func (s *Store) RecordHub(ctx context.Context, hub string, freeBytes, usedBytes int64) error {
-	if hub == "" || len(hub) > 128 {
-		return fmt.Errorf("%w: hub id %q must be 1-128 characters", ErrInvalid, hub)
+// RecordHub writes the hub worker's heartbeat: h's hub seen now, with its repository's free
+// and used bytes and its port range (h.LastSeen is not read). The row is created when missing.
+func (s *Store) RecordHub(ctx context.Context, h Hub) error {
+	if h.ID == "" || len(h.ID) > 128 {
+		return fmt.Errorf("%w: hub id %q must be 1-128 characters", ErrInvalid, h.ID)
+	}
+	if err := h.Ports.check(); err != nil {
+		return fmt.Errorf("record hub %s: %w", h.ID, err)
 	}
 	at := now()
-	_, err := s.db.ExecContext(ctx, `INSERT INTO hubs (id, created_at, last_seen, free_bytes, used_bytes) VALUES (?, ?, ?, ?, ?)
-		ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen), free_bytes = VALUES(free_bytes), used_bytes = VALUES(used_bytes)`,
-		hub, at, at, freeBytes, usedBytes)
+	_, err := s.db.ExecContext(ctx, `INSERT INTO hubs (id, created_at, last_seen, free_bytes, used_bytes, port_first, port_last)
+		VALUES (?, ?, ?, ?, ?, ?, ?)
+		ON DUPLICATE KEY UPDATE last_seen = VALUES(last_seen), free_bytes = VALUES(free_bytes), used_bytes = VALUES(used_bytes),
+			port_first = VALUES(port_first), port_last = VALUES(port_last)`,
+		h.ID, at, at, h.FreeBytes, h.UsedBytes, h.Ports.First, h.Ports.Last)
 	if err != nil {
-		return fmt.Errorf("record hub %s: %w", hub, err)
+		return fmt.Errorf("record hub %s: %w", h.ID, err)
 	}
 	return nil
 }
 
 // ListHubs returns every hub by id.
 func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
-	rows, err := s.db.QueryContext(ctx, "SELECT id, last_seen, free_bytes, used_bytes FROM hubs ORDER BY id")
+	rows, err := s.db.QueryContext(ctx, "SELECT id, last_seen, free_bytes, used_bytes, port_first, port_last FROM hubs ORDER BY id")
 	if err != nil {
 		return nil, fmt.Errorf("list hubs: %w", err)
 	}
@@ -48,14 +54,16 @@ func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
 	var hubs []Hub
 	for rows.Next() {
 		var (
-			h          Hub
-			seen       sql.NullTime
-			free, used sql.NullInt64
+			h           Hub
+			seen        sql.NullTime
+			free, used  sql.NullInt64
+			first, last sql.NullInt32
 		)
-		if err := rows.Scan(&h.ID, &seen, &free, &used); err != nil {
+		if err := rows.Scan(&h.ID, &seen, &free, &used, &first, &last); err != nil {
 			return nil, fmt.Errorf("list hubs: %w", err)
 		}
 		h.LastSeen, h.FreeBytes, h.UsedBytes = seen.Time, free.Int64, used.Int64
+		h.Ports = PortRange{First: int(first.Int32), Last: int(last.Int32)}
 		hubs = append(hubs, h)
 	}
 	if err := rows.Err(); err != nil {

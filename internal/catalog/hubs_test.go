@@ -19,8 +19,9 @@ func TestRecordHubUpsertsLivenessAndSpace(t *testing.T) {
 	require.NoError(t, err)
 
 	before := now()
-	require.NoError(t, s.RecordHub(ctx, "hub-a", 100, 50))
-	require.NoError(t, s.RecordHub(ctx, "hub-a", 80, 70), "a second heartbeat updates the row")
+	require.NoError(t, s.RecordHub(ctx, Hub{ID: "hub-a", FreeBytes: 100, UsedBytes: 50, Ports: PortRange{First: 20100, Last: 20101}}))
+	require.NoError(t, s.RecordHub(ctx, Hub{ID: "hub-a", FreeBytes: 80, UsedBytes: 70, Ports: PortRange{First: 20100, Last: 20103}}),
+		"a second heartbeat updates the row")
 
 	hubs, err := s.ListHubs(ctx)
 	require.NoError(t, err)
@@ -29,13 +30,42 @@ func TestRecordHubUpsertsLivenessAndSpace(t *testing.T) {
 	assert.Equal(t, "hub-a", a.ID)
 	assert.Equal(t, int64(80), a.FreeBytes)
 	assert.Equal(t, int64(70), a.UsedBytes)
+	assert.Equal(t, PortRange{First: 20100, Last: 20103}, a.Ports)
 	assert.False(t, a.LastSeen.Before(before), "last seen %s is before the heartbeat at %s", a.LastSeen, before)
 	assert.True(t, a.Alive(a.LastSeen, 0))
 	assert.False(t, a.Alive(a.LastSeen.Add(31*time.Second), 30*time.Second))
 
 	assert.Equal(t, "hub-b", b.ID)
 	assert.True(t, b.LastSeen.IsZero())
+	assert.Equal(t, PortRange{}, b.Ports)
 	assert.False(t, b.Alive(time.Now(), time.Hour), "a hub never seen is not alive")
 
-	require.ErrorIs(t, s.RecordHub(ctx, "", 1, 1), ErrInvalid)
+	require.ErrorIs(t, s.RecordHub(ctx, Hub{FreeBytes: 1, Ports: PortRange{First: 1, Last: 1}}), ErrInvalid)
+	require.ErrorIs(t, s.RecordHub(ctx, Hub{ID: "hub-a"}), ErrInvalid, "a hub has a port range")
+}
+
+// Any hub worker leases a hub's ports from the range that hub recorded, not its own, and
+// exhaustion names that hub and range.
+func TestAllocateUsesTheHubsRecordedRange(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	mine, err := NewPorts(s, PortRange{First: 10100, Last: 10200})
+	require.NoError(t, err)
+	require.NoError(t, s.RecordHub(ctx, Hub{ID: "hub-b", FreeBytes: 1, Ports: PortRange{First: 20100, Last: 20101}}))
+
+	for i, want := range []int{20100, 20101} {
+		port, err := mine.Allocate(ctx, "hub-b", "wf-1", int32(2000+i))
+		require.NoError(t, err)
+		assert.Equal(t, want, port)
+	}
+	_, err = mine.Allocate(ctx, "hub-b", "wf-2", 2000)
+	var exhausted *PortsExhaustedError
+	require.ErrorAs(t, err, &exhausted)
+	require.ErrorIs(t, err, ErrPortsExhausted)
+	assert.Equal(t, PortsExhaustedError{Hub: "hub-b", Range: PortRange{First: 20100, Last: 20101}}, *exhausted)
+	assert.Contains(t, err.Error(), "all 2 ports 20100-20101 of hub hub-b are leased")
+
+	port, err := mine.Allocate(ctx, "hub-c", "wf-1", 2000)
+	require.NoError(t, err)
+	assert.Equal(t, 10100, port, "a hub that recorded no range gets the allocator's")
 }

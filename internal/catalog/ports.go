@@ -20,6 +20,26 @@ var DefaultPortRange = PortRange{First: 10100, Last: 10200}
 // Size is the number of ports in the range.
 func (r PortRange) Size() int { return r.Last - r.First + 1 }
 
+func (r PortRange) check() error {
+	if r.First < 1 || r.Last > 65535 || r.First > r.Last {
+		return fmt.Errorf("%w: port range %d-%d", ErrInvalid, r.First, r.Last)
+	}
+	return nil
+}
+
+// PortsExhaustedError is a hub with every port of its range leased; it matches
+// ErrPortsExhausted.
+type PortsExhaustedError struct {
+	Hub   string
+	Range PortRange
+}
+
+func (e *PortsExhaustedError) Error() string {
+	return fmt.Sprintf("%v: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+}
+
+func (e *PortsExhaustedError) Unwrap() error { return ErrPortsExhausted }
+
 // Lease is a port on a hub leased to one disk of one workflow.
 type Lease struct {
 	Hub        string
@@ -38,18 +58,20 @@ type Ports struct {
 
 // NewPorts returns the allocator for a port range.
 func NewPorts(store *Store, rng PortRange) (*Ports, error) {
-	if rng.First < 1 || rng.Last > 65535 || rng.First > rng.Last {
-		return nil, fmt.Errorf("%w: port range %d-%d", ErrInvalid, rng.First, rng.Last)
+	if err := rng.check(); err != nil {
+		return nil, err
 	}
 	return &Ports{store: store, rng: rng}, nil
 }
 
-// Range is the allocator's port range.
+// Range is the allocator's port range: this hub's, and the one used for a hub that has not
+// recorded its own (RecordHub).
 func (p *Ports) Range() PortRange { return p.rng }
 
-// Allocate leases the lowest free port of the range on hub to (workflowID, diskKey) and
-// returns it; the same pair gets the same port back. When every port is leased it returns
-// an error matching ErrPortsExhausted, which clears once leases are released.
+// Allocate leases the lowest free port of hub's range to (workflowID, diskKey) and returns
+// it; the same pair gets the same port back. The range is the one hub recorded (any hub
+// worker may lease another hub's ports), else the allocator's. When every port is leased it
+// returns a *PortsExhaustedError, which clears once leases are released.
 func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey int32) (int, error) {
 	if err := checkWorkflowID(workflowID); err != nil {
 		return 0, err
@@ -61,9 +83,13 @@ func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey in
 		}
 		// The hub row lock serialises allocators of one hub: lowest-free is then exact and
 		// no two callers ever pick the same port. The unique keys stay as the last guard.
-		var locked string
-		if err := tx.QueryRowContext(ctx, "SELECT id FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&locked); err != nil {
+		var first, last sql.NullInt32
+		if err := tx.QueryRowContext(ctx, "SELECT port_first, port_last FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&first, &last); err != nil {
 			return err
+		}
+		rng := p.rng
+		if first.Valid && last.Valid {
+			rng = PortRange{First: int(first.Int32), Last: int(last.Int32)}
 		}
 		err := tx.QueryRowContext(ctx, "SELECT port FROM port_leases WHERE hub_id = ? AND workflow_id = ? AND disk_key = ?",
 			hub, workflowID, diskKey).Scan(&port)
@@ -73,7 +99,7 @@ func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey in
 		if !errors.Is(err, sql.ErrNoRows) {
 			return err
 		}
-		port, err = lowestFree(ctx, tx, hub, p.rng)
+		port, err = lowestFree(ctx, tx, hub, rng)
 		if err != nil {
 			return err
 		}
@@ -110,7 +136,7 @@ func lowestFree(ctx context.Context, tx *sql.Tx, hub string, rng PortRange) (int
 		return 0, err
 	}
 	if candidate > rng.Last {
-		return 0, fmt.Errorf("%w: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, rng.Size(), rng.First, rng.Last, hub)
+		return 0, &PortsExhaustedError{Hub: hub, Range: rng}
 	}
 	return candidate, nil
 }

@@ -162,7 +162,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	}
 	defer host.Stop()
 	// Seen once it polls its host queue: placement may send new chains here from now on.
-	if err := recordHub(ctx, store, layout, cfg.HubID, heartbeat); err != nil {
+	if err := recordHub(ctx, store, layout, ports, cfg.HubID, heartbeat); err != nil {
 		return err
 	}
 	log.Info("hub worker running", "queues", []string{activities.HubQueue, activities.HubHostQueue(cfg.HubID)})
@@ -182,7 +182,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 			reconcile(ctx, acts, log)
 		case <-beat.C:
 			// A missed heartbeat only makes the hub look down for new chains until the next.
-			if err := recordHub(ctx, store, layout, cfg.HubID, heartbeat); err != nil {
+			if err := recordHub(ctx, store, layout, ports, cfg.HubID, heartbeat); err != nil {
 				log.Warn("hub heartbeat", "err", err)
 			}
 		}
@@ -190,16 +190,18 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 }
 
 // recordHub records in the catalog that the hub is alive, with its repository's free and
-// used bytes (what the repository metrics report). It takes at most one heartbeat, so a
-// hanging catalog never delays the next one or the reconcile.
-func recordHub(ctx context.Context, store *catalog.Store, layout repo.Layout, hubID string, heartbeat time.Duration) error {
+// used bytes (what the repository metrics report) and its port range (which any hub worker
+// leases its ports from). It takes at most one heartbeat, so a hanging catalog never delays
+// the next one or the reconcile.
+func recordHub(ctx context.Context, store *catalog.Store, layout repo.Layout, ports *catalog.Ports, hubID string,
+	heartbeat time.Duration) error {
 	space, err := layout.Space()
 	if err != nil {
 		return fmt.Errorf("hub heartbeat: %w", err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, heartbeat)
 	defer cancel()
-	return store.RecordHub(ctx, hubID, space.Free, space.Used)
+	return store.RecordHub(ctx, catalog.Hub{ID: hubID, FreeBytes: space.Free, UsedBytes: space.Used, Ports: ports.Range()})
 }
 
 // reconcile logs rather than fails: the next round retries, and a hub that cannot reach

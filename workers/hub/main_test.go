@@ -103,6 +103,7 @@ func TestRunServesMetricsAndStopsOnCancel(t *testing.T) {
 	assert.Positive(t, first.FreeBytes, "free bytes of the repository")
 	assert.Positive(t, first.UsedBytes, "used bytes of the repository's file system")
 	assert.False(t, first.LastSeen.IsZero())
+	assert.Equal(t, catalog.PortRange{First: 20100, Last: 20110}, first.Ports)
 	require.Eventually(t, func() bool {
 		h, err := findHub(ctx, store, cfg.HubID)
 		return err == nil && h.LastSeen.After(first.LastSeen)
