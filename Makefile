@@ -36,6 +36,7 @@ test-unit:
 bench: setup build
 	@bash scripts/bench.sh
 	@$(GO) test -run '^$$' -bench BackupEndToEnd -benchtime 3x ./internal/lab | grep '^bench '
+	@$(GO) test -run '^$$' -bench '^BenchmarkConcurrent20$$' -benchtime 1x -timeout 30m ./internal/lab | grep '^bench '
 	@$(GO) test -run '^$$' -bench '^BenchmarkExportPath$$' -benchtime 1x ./internal/lab | grep '^bench '
 	@$(GO) test -run '^$$' -bench '^BenchmarkTunnelWAN$$' -benchtime 1x ./internal/tunnel | grep '^bench '
 	@$(GO) test -run '^$$' -bench '^BenchmarkTunnelMulti$$' -benchtime 1x ./internal/tunnel | grep '^bench '

@@ -1,8 +1,9 @@
 // Package lab runs a whole diskferry installation on one machine from real parts: the
-// Temporal dev server, a throwaway MariaDB catalog, a vcsim vCenter with a VM whose disks
-// hold real content (CBT emulated), an OpenSSH sshd as the hub's tunnel endpoint, and the
-// hub and SNA worker binaries as child processes configured through the environment exactly
-// as in production. The end-to-end tests and `make demo` both run on it.
+// Temporal dev server, a throwaway MariaDB catalog, a vcsim vCenter with VMs whose disks
+// hold real content (CBT emulated), an OpenSSH sshd per hub as its tunnel endpoint, and the
+// hub and SNA worker binaries (one per hub, one per site) as child processes configured
+// through the environment exactly as in production. The end-to-end tests and `make demo`
+// both run on it.
 package lab
 
 import (
@@ -12,7 +13,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -33,6 +36,37 @@ type Options struct {
 	WithoutSearchAttributes bool
 	// BinDir holds diskferry-hub and diskferry-sna; empty builds them into a temp dir.
 	BinDir string
+
+	// VMs is the number of VMs in vCenter, each with Disks disks of its own content;
+	// default 1. The first is VMName (VC.VMName), the others VC.VMs[i].
+	VMs int
+	// Sites is the number of source sites, each an SNA worker polling its own site queue
+	// (all reach the one vCenter); default 1. See Lab.Sites.
+	Sites int
+	// Hubs is the number of hubs, each a hub worker with its own ID, repository, run dir
+	// and sshd; default 1. See Lab.Hubs.
+	Hubs int
+	// PortsPerHub is the size of each hub's export port range; default (and at most) the
+	// sshd's SSHDExportPortMax-SSHDExportPortMin+1.
+	PortsPerHub int
+	// HubHeartbeat is how often the hub workers record themselves alive in the catalog
+	// (DISKFERRY_HUB_HEARTBEAT); 0 keeps the workers' default.
+	HubHeartbeat time.Duration
+}
+
+// Hub is one hub of the lab.
+type Hub struct {
+	ID       string // "hub1", "hub2", ...
+	Worker   string // its worker's name for StartWorker and friends: "hub", "hub2", ...
+	RepoRoot string
+	RunDir   string // its pid files and, in exports/, its export sockets
+	SSHD     *testenv.SSHD
+}
+
+// Site is one source site of the lab.
+type Site struct {
+	Name   string // "lab", "lab2", ...
+	Worker string // its SNA worker's name: "sna", "sna2", ...
 }
 
 // Lab is a running installation. Everything it started stops through t's cleanups.
@@ -42,16 +76,19 @@ type Lab struct {
 	VC       *vcsimtest.Lab
 	SSHD     *testenv.SSHD
 
+	// The first hub and site: HubID, RepoRoot, RunDir and SSHD are Hubs[0]'s, Site is
+	// Sites[0]'s, and the workers "hub" and "sna" are theirs.
 	HubID    string
 	Site     string
 	RepoRoot string // the hub's repository
 	RunDir   string // the hub's pid files and, in exports/, its export sockets
+	Hubs     []Hub
+	Sites    []Site
 
 	t       testenv.TB
 	binDir  string
 	dir     string
-	hubEnv  []string
-	snaEnv  []string
+	envs    map[string][]string // by worker name
 	mu      sync.Mutex
 	workers map[string]*worker
 }
@@ -69,12 +106,16 @@ func Start(t testenv.TB, opts Options) *Lab {
 	if opts.Disks == 0 {
 		opts.Disks = 2
 	}
-	l := &Lab{t: t, HubID: "hub1", Site: "lab", workers: map[string]*worker{}}
-	l.dir = t.TempDir()
-	l.RepoRoot = filepath.Join(l.dir, "repository")
-	if err := os.MkdirAll(l.RepoRoot, 0o750); err != nil {
-		t.Fatalf("lab: %v", err)
+	opts.Hubs, opts.Sites = max(opts.Hubs, 1), max(opts.Sites, 1)
+	maxPorts := testenv.SSHDExportPortMax - testenv.SSHDExportPortMin + 1
+	if opts.PortsPerHub == 0 {
+		opts.PortsPerHub = maxPorts
 	}
+	if opts.PortsPerHub < 1 || opts.PortsPerHub > maxPorts {
+		t.Fatalf("lab: %d ports per hub, want 1 to %d", opts.PortsPerHub, maxPorts)
+	}
+	l := &Lab{t: t, workers: map[string]*worker{}, envs: map[string][]string{}}
+	l.dir = t.TempDir()
 	l.binDir = opts.BinDir
 	if l.binDir == "" {
 		l.binDir = BuildWorkers(t)
@@ -83,24 +124,62 @@ func Start(t testenv.TB, opts Options) *Lab {
 	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort, WithoutSearchAttributes: opts.WithoutSearchAttributes})
 	l.DB = testenv.StartMariaDB(t)
 	vc, err := vcsimtest.Start(context.Background(), vcsimtest.Options{
-		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, CBT: true, Seed: 1, NIC: true,
+		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, VMs: opts.VMs, CBT: true, Seed: 1, NIC: true,
 	})
 	if err != nil {
 		t.Fatalf("lab: start vcsim: %v", err)
 	}
 	t.Cleanup(vc.Close)
 	l.VC = vc
-	// The hub runs where the sshd's lockdown lets the SNA's key reach export sockets.
-	l.SSHD = testenv.StartSSHD(t)
-	l.RunDir = l.SSHD.HubRunDir
+	for i := range opts.Hubs {
+		l.Hubs = append(l.Hubs, l.newHub(i))
+	}
+	for i := range opts.Sites {
+		site := Site{Name: "lab", Worker: "sna"}
+		if i > 0 {
+			site = Site{Name: fmt.Sprintf("lab%d", i+1), Worker: fmt.Sprintf("sna%d", i+1)}
+		}
+		l.Sites = append(l.Sites, site)
+	}
+	first := l.Hubs[0]
+	l.HubID, l.RepoRoot, l.RunDir, l.SSHD, l.Site = first.ID, first.RepoRoot, first.RunDir, first.SSHD, l.Sites[0].Name
 
-	l.hubEnv = l.hubEnvironment()
-	l.snaEnv = l.snaEnvironment()
+	dsn := l.secretFile("db-dsn", l.DB.DSN)
+	for _, h := range l.Hubs {
+		l.envs[h.Worker] = l.hubEnvironment(h, dsn, opts)
+	}
+	snaShared := l.snaShared()
+	for _, s := range l.Sites {
+		l.envs[s.Worker] = append(slices.Clone(snaShared), "DISKFERRY_SITE="+s.Name)
+	}
 	// Registered after the parts the workers use, so it runs before those stop.
 	t.Cleanup(l.shutdown)
-	l.StartWorker("hub")
-	l.StartWorker("sna")
+	for _, h := range l.Hubs {
+		l.StartWorker(h.Worker)
+	}
+	for _, s := range l.Sites {
+		l.StartWorker(s.Worker)
+	}
 	return l
+}
+
+// newHub creates the i-th hub's repository and starts its sshd; every sshd authorizes the
+// first one's client key, the one key the SNAs hold.
+func (l *Lab) newHub(i int) Hub {
+	h := Hub{ID: fmt.Sprintf("hub%d", i+1), Worker: "hub", RepoRoot: filepath.Join(l.dir, "repository")}
+	var sshdOpts testenv.SSHDOptions
+	if i > 0 {
+		h.Worker = fmt.Sprintf("hub%d", i+1)
+		h.RepoRoot = filepath.Join(l.dir, "repository-"+h.ID)
+		sshdOpts.ClientKeyPath = l.Hubs[0].SSHD.ClientKeyPath
+	}
+	if err := os.MkdirAll(h.RepoRoot, 0o750); err != nil {
+		l.t.Fatalf("lab: %v", err)
+	}
+	// The hub runs where the sshd's lockdown lets the SNA's key reach export sockets.
+	h.SSHD = testenv.StartSSHDWith(l.t, sshdOpts)
+	h.RunDir = h.SSHD.HubRunDir
+	return h
 }
 
 // secretFile writes a secret into a 0600 file and returns its path: secrets reach the
@@ -121,22 +200,26 @@ func (l *Lab) temporalEnv() []string {
 	}
 }
 
-func (l *Lab) hubEnvironment() []string {
-	return append(l.temporalEnv(),
-		"DISKFERRY_HUB_ID="+l.HubID,
-		"DISKFERRY_DB_DSN_FILE="+l.secretFile("db-dsn", l.DB.DSN),
-		"DISKFERRY_REPOSITORY_ROOT="+l.RepoRoot,
-		"DISKFERRY_RUN_DIR="+l.RunDir,
+func (l *Lab) hubEnvironment(h Hub, dsnFile string, opts Options) []string {
+	env := append(l.temporalEnv(),
+		"DISKFERRY_HUB_ID="+h.ID,
+		"DISKFERRY_DB_DSN_FILE="+dsnFile,
+		"DISKFERRY_REPOSITORY_ROOT="+h.RepoRoot,
+		"DISKFERRY_RUN_DIR="+h.RunDir,
 		// Ports are only the exports' identities now; nothing listens on them.
 		"DISKFERRY_PORT_MIN="+strconv.Itoa(testenv.SSHDExportPortMin),
-		"DISKFERRY_PORT_MAX="+strconv.Itoa(testenv.SSHDExportPortMax),
+		"DISKFERRY_PORT_MAX="+strconv.Itoa(testenv.SSHDExportPortMin+opts.PortsPerHub-1),
 		"DISKFERRY_METRICS_ADDR=",
 	)
+	if opts.HubHeartbeat > 0 {
+		env = append(env, "DISKFERRY_HUB_HEARTBEAT="+opts.HubHeartbeat.String())
+	}
+	return env
 }
 
-func (l *Lab) snaEnvironment() []string {
-	return append(l.temporalEnv(),
-		"DISKFERRY_SITE="+l.Site,
+// snaShared is every SNA's environment but its site: the vCenter, and every hub's sshd.
+func (l *Lab) snaShared() []string {
+	env := append(l.temporalEnv(),
 		"DISKFERRY_VCENTER_URL="+l.VC.URL,
 		"DISKFERRY_VCENTER_USER="+l.VC.User,
 		"DISKFERRY_VCENTER_PASSWORD_FILE="+l.secretFile("vcenter-password", l.VC.Password),
@@ -144,25 +227,50 @@ func (l *Lab) snaEnvironment() []string {
 		"DISKFERRY_HUB_SSH_ADDR="+l.SSHD.Addr,
 		"DISKFERRY_HUB_SSH_USER="+l.SSHD.User,
 		"DISKFERRY_SSH_KEY_FILE="+l.SSHD.ClientKeyPath,
-		"DISKFERRY_SSH_KNOWN_HOSTS_FILE="+l.SSHD.KnownHostsPath,
 		// Frequent checkpoints: a copy interrupted in a test has one to resume from.
 		"DISKFERRY_COPY_CHECKPOINT_INTERVAL=1s",
 	)
+	if len(l.Hubs) == 1 {
+		return append(env, "DISKFERRY_SSH_KNOWN_HOSTS_FILE="+l.SSHD.KnownHostsPath)
+	}
+	var addrs []string
+	var knownHosts []byte
+	for _, h := range l.Hubs {
+		addrs = append(addrs, h.ID+"="+h.SSHD.Addr)
+		line, err := os.ReadFile(h.SSHD.KnownHostsPath)
+		if err != nil {
+			l.t.Fatalf("lab: %v", err)
+		}
+		knownHosts = append(knownHosts, line...)
+	}
+	knownHostsPath := filepath.Join(l.dir, "known_hosts")
+	if err := os.WriteFile(knownHostsPath, knownHosts, 0o600); err != nil {
+		l.t.Fatalf("lab: %v", err)
+	}
+	return append(env,
+		"DISKFERRY_HUB_SSH_ADDRS="+strings.Join(addrs, ","),
+		"DISKFERRY_SSH_KNOWN_HOSTS_FILE="+knownHostsPath, // every hub's host key, pinned
+	)
 }
 
-// StartWorker starts the "hub" or "sna" worker binary; its output goes to a log file in the
-// lab directory (WorkerLog).
+// StartWorker starts a worker binary by name ("hub", "sna", or a Hub's or Site's Worker);
+// its output goes to a log file in the lab directory (WorkerLog).
 func (l *Lab) StartWorker(name string) {
 	l.t.Helper()
-	env := l.hubEnv
-	if name == "sna" {
-		env = l.snaEnv
+	env, ok := l.envs[name]
+	if !ok {
+		l.t.Fatalf("lab: no worker %q", name)
+		return
+	}
+	binary := "diskferry-sna"
+	if strings.HasPrefix(name, "hub") {
+		binary = "diskferry-hub"
 	}
 	logFile, err := os.OpenFile(l.WorkerLogPath(name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		l.t.Fatalf("lab: %v", err)
 	}
-	cmd := exec.Command(filepath.Join(l.binDir, "diskferry-"+name))
+	cmd := exec.Command(filepath.Join(l.binDir, binary))
 	// Only the lab's settings and PATH: nothing of the caller's environment leaks in.
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + l.dir}, env...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile

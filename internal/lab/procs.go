@@ -8,10 +8,13 @@ import (
 )
 
 // DataPlaneProcesses lists live processes (pid: command line) that serve or read this lab's
-// data: qemu-nbd on files of its repository and nbdkit on its vCenter's datastore. After
-// every backup has ended there must be none.
+// data: qemu-nbd on files of its hubs' repositories and nbdkit on its vCenter's datastore.
+// After every backup has ended there must be none.
 func (l *Lab) DataPlaneProcesses() []string {
-	markers := []string{l.RepoRoot}
+	var markers []string
+	for _, h := range l.Hubs {
+		markers = append(markers, h.RepoRoot)
+	}
 	if u, err := url.Parse(l.VC.URL); err == nil {
 		markers = append(markers, u.Host)
 	}

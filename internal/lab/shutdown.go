@@ -28,7 +28,7 @@ const (
 
 // shutdown stops everything the lab caused, while Temporal, the catalog, vcsim and sshd are
 // still up: schedules are deleted and running backups cancelled (their cleanup runs on the
-// workers) and waited for, then the workers stop, then the exports the hub leaves running by
+// workers) and waited for, then the workers stop, then the exports the hubs leave running by
 // design (a restarted hub adopts them) are stopped by their pid files, and any data-plane
 // process still serving the lab's files is killed.
 func (l *Lab) shutdown() {
@@ -107,10 +107,18 @@ func (l *Lab) drainWorkflows(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// stopExports stops every qemu-nbd whose pid file is in the hub's run dir.
+// stopExports stops every qemu-nbd whose pid file is in a hub's run dir.
 func (l *Lab) stopExports(ctx context.Context) error {
 	var errs []error
-	err := filepath.WalkDir(l.RunDir, func(path string, d fs.DirEntry, err error) error {
+	for _, h := range l.Hubs {
+		errs = append(errs, stopRunDirExports(ctx, h.RunDir))
+	}
+	return errors.Join(errs...)
+}
+
+func stopRunDirExports(ctx context.Context, runDir string) error {
+	var errs []error
+	err := filepath.WalkDir(runDir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() || !strings.HasSuffix(path, ".pid") {
 			return err
 		}
@@ -120,7 +128,7 @@ func (l *Lab) stopExports(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		errs = append(errs, fmt.Errorf("walk %s: %w", l.RunDir, err))
+		errs = append(errs, fmt.Errorf("walk %s: %w", runDir, err))
 	}
 	return errors.Join(errs...)
 }

@@ -67,6 +67,9 @@ type SSHDOptions struct {
 	// TCPForwarding allows direct-tcpip forwards to 127.0.0.1 as well: the tunnel's old
 	// path, the yardstick of the export path benchmark.
 	TCPForwarding bool
+	// ClientKeyPath authorizes this existing client key (another SSHD's ClientKeyPath)
+	// instead of a generated one, as one SNA key reaches several hubs.
+	ClientKeyPath string
 }
 
 // StartSSHD starts /usr/sbin/sshd in the foreground on a free loopback port with a generated
@@ -113,7 +116,13 @@ func StartSSHDWith(t TB, opts SSHDOptions) *SSHD {
 		logPath:        filepath.Join(dir, "sshd.log"),
 	}
 	s.HostPublicKey = sshdWriteKey(t, filepath.Join(dir, "host_ed25519"))
-	clientPub := sshdWriteKey(t, s.ClientKeyPath)
+	var clientPub ssh.PublicKey
+	if opts.ClientKeyPath != "" {
+		s.ClientKeyPath = opts.ClientKeyPath
+		clientPub = sshdReadPublicKey(t, opts.ClientKeyPath)
+	} else {
+		clientPub = sshdWriteKey(t, s.ClientKeyPath)
+	}
 	sshdWriteFile(t, filepath.Join(dir, "authorized_keys"), tunnelAuthorizedKey(clientPub))
 
 	// A port free a moment ago may be taken by a parallel test before sshd binds it.
@@ -361,6 +370,20 @@ func sshdWriteKey(t TB, path string) ssh.PublicKey {
 		t.Fatalf("ssh public key: %v", err)
 	}
 	return sshPub
+}
+
+// sshdReadPublicKey returns the public half of an OpenSSH private key file.
+func sshdReadPublicKey(t TB, path string) ssh.PublicKey {
+	t.Helper()
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("read client key: %v", err)
+	}
+	signer, err := ssh.ParsePrivateKey(pem)
+	if err != nil {
+		t.Fatalf("parse client key %s: %v", path, err)
+	}
+	return signer.PublicKey()
 }
 
 func sshdWriteFile(t TB, path string, data []byte) {

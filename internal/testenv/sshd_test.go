@@ -147,3 +147,19 @@ func TestSSHDRestartKeepsPortAndKeys(t *testing.T) {
 	}
 	sshdClient(t, s) // same address, same pinned host key
 }
+
+// A second SSHD given the first one's client key lets that key in and forwards to its own
+// run directory's exports.
+func TestSSHDSharedClientKey(t *testing.T) {
+	first := testenv.StartSSHD(t)
+	second := testenv.StartSSHDWith(t, testenv.SSHDOptions{ClientKeyPath: first.ClientKeyPath})
+	if second.ClientKeyPath != first.ClientKeyPath || second.HubRunDir == first.HubRunDir {
+		t.Fatalf("second sshd: key %s, run dir %s", second.ClientKeyPath, second.HubRunDir)
+	}
+	path := unixEcho(t, second.ExportSocket(testenv.SSHDExportPortMin))
+	conn, err := sshdClient(t, second).Dial("unix", path)
+	if err != nil {
+		t.Fatalf("forward with the shared key: %v\nsshd log:\n%s", err, second.Log())
+	}
+	conn.Close()
+}

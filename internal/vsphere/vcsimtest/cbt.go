@@ -203,10 +203,16 @@ func (l *Lab) ResetCBT(key int32) error {
 	return nil
 }
 
-// syncChangeIDs writes each disk's changeId into the simulator VM's disk backings
+// syncChangeIDs writes each disk's changeId into the simulator VMs' disk backings
 // (empty while CBT is off), so snapshots copy them into their config.
 func (l *Lab) syncChangeIDs(ctx *simulator.Context) {
-	vm, ok := l.reg.Get(l.vmRef).(*simulator.VirtualMachine)
+	for ref, disks := range l.vms {
+		l.syncVMChangeIDs(ctx, ref, disks)
+	}
+}
+
+func (l *Lab) syncVMChangeIDs(ctx *simulator.Context, ref types.ManagedObjectReference, disks map[int32]*diskState) {
+	vm, ok := l.reg.Get(ref).(*simulator.VirtualMachine)
 	if !ok {
 		return
 	}
@@ -214,7 +220,7 @@ func (l *Lab) syncChangeIDs(ctx *simulator.Context) {
 		on := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
 		l.mu.Lock()
 		defer l.mu.Unlock()
-		for key, st := range l.disks {
+		for key, st := range disks {
 			d, ok := diskDevice(vm.Config.Hardware.Device, key)
 			if !ok {
 				continue
@@ -243,19 +249,20 @@ func diskDevice(devices []types.BaseVirtualDevice, key int32) (*types.VirtualDis
 // VM that has one. It must be a per-session object (Session.Put): replacing the VM in
 // the global registry breaks vcsim's own type assertions (CreateSnapshot panics).
 func (l *Lab) intercept(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
-	if m.This != l.vmRef {
+	disks, ok := l.vms[m.This]
+	if !ok {
 		return nil, nil
 	}
 	switch m.Name {
 	case "QueryChangedDiskAreas":
-		if ctx.Session == nil || ctx.Session.Registry.Get(l.vmRef) != nil {
+		if ctx.Session == nil || ctx.Session.Registry.Get(m.This) != nil {
 			return nil, nil
 		}
-		vm := l.reg.Get(l.vmRef).(*simulator.VirtualMachine)
-		ctx.WithLock(vm, func() { ctx.Session.Put(&cbtVM{VirtualMachine: vm, lab: l}) })
+		vm := l.reg.Get(m.This).(*simulator.VirtualMachine)
+		ctx.WithLock(vm, func() { ctx.Session.Put(&cbtVM{VirtualMachine: vm, lab: l, disks: disks}) })
 	case "CreateSnapshot_Task", "CreateSnapshotEx_Task":
 		// CBT may have been switched on or off since the last write.
-		l.syncChangeIDs(ctx)
+		l.syncVMChangeIDs(ctx, m.This, disks)
 	}
 	return nil, nil
 }
@@ -263,7 +270,8 @@ func (l *Lab) intercept(ctx *simulator.Context, m *simulator.Method) (mo.Referen
 // cbtVM is the simulator VM plus QueryChangedDiskAreas; every other method is the VM's.
 type cbtVM struct {
 	*simulator.VirtualMachine
-	lab *Lab
+	lab   *Lab
+	disks map[int32]*diskState
 }
 
 // QueryChangedDiskAreas answers like vCenter: the areas changed since req.ChangeId up to
@@ -271,7 +279,7 @@ type cbtVM struct {
 // MaxExtentsPerQuery of them; the answer's range ends where the caller continues.
 func (v *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
 	body := &methods.QueryChangedDiskAreasBody{}
-	info, fault := v.lab.changedAreas(ctx, v.VirtualMachine, req)
+	info, fault := v.lab.changedAreas(ctx, v.VirtualMachine, v.disks, req)
 	if fault != nil {
 		body.Fault_ = simulator.Fault("", fault)
 		return body
@@ -280,7 +288,7 @@ func (v *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryCh
 	return body
 }
 
-func (l *Lab) changedAreas(ctx *simulator.Context, vm *simulator.VirtualMachine, req *types.QueryChangedDiskAreas) (types.DiskChangeInfo, types.BaseMethodFault) {
+func (l *Lab) changedAreas(ctx *simulator.Context, vm *simulator.VirtualMachine, disks map[int32]*diskState, req *types.QueryChangedDiskAreas) (types.DiskChangeInfo, types.BaseMethodFault) {
 	devices := vm.Config.Hardware.Device
 	if req.Snapshot != nil {
 		snap, ok := ctx.Map.Get(*req.Snapshot).(*simulator.VirtualMachineSnapshot)
@@ -300,7 +308,7 @@ func (l *Lab) changedAreas(ctx *simulator.Context, vm *simulator.VirtualMachine,
 
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	st, ok := l.disks[req.DeviceKey]
+	st, ok := disks[req.DeviceKey]
 	if !ok {
 		return types.DiskChangeInfo{}, &types.InvalidArgument{InvalidProperty: "deviceKey"}
 	}

@@ -1,5 +1,5 @@
 // Package vcsimtest runs an in-process vCenter simulator (govmomi's vcsim) holding one
-// VM whose disks are real flat files with generated content, plus what vcsim lacks:
+// or more VMs whose disks are real flat files with generated content, plus what vcsim lacks:
 // Changed Block Tracking (changeIds and QueryChangedDiskAreas) and a session check on
 // the datastore file endpoint. Tests, e2e tests and the demo all use it.
 package vcsimtest
@@ -44,6 +44,9 @@ type Options struct {
 	DiskSize int64 // bytes per disk, a multiple of 1 MiB; default 64 MiB
 	Seed     uint64
 	VMName   string // default "df-vm01"
+	// VMs is the number of VMs; default 1. The first is VMName, the others VMName-02,
+	// VMName-03, ...; each has Disks disks of its own content.
+	VMs int
 	// CBT starts the VM with changeTrackingEnabled, so disks carry changeIds at once.
 	CBT bool
 	// NIC gives the VM a vmxnet3 adapter on "VM Network" (a restore recreates it).
@@ -53,7 +56,15 @@ type Options struct {
 	MaxExtentsPerQuery int
 }
 
-// Disk is one disk of the lab VM.
+// VM is one VM of the lab.
+type VM struct {
+	Name  string
+	Moref string
+	Path  string // inventory path
+	Disks []Disk
+}
+
+// Disk is one disk of a lab VM.
 type Disk struct {
 	Key           int32
 	Label         string
@@ -63,7 +74,8 @@ type Disk struct {
 }
 
 // Lab is a running simulator. Everything exported is safe to read; the password is a
-// throwaway generated per lab.
+// throwaway generated per lab. VMName, VMMoref, VMPath and Disks describe the first VM,
+// which the disk methods (WriteDisk, ReadDisk, ResetCBT, ...) act on.
 type Lab struct {
 	URL          string // https://127.0.0.1:port/sdk
 	Thumbprint   string // SHA-1 of the simulator's certificate, "AB:CD:..."
@@ -76,6 +88,7 @@ type Lab struct {
 	VMMoref      string
 	VMPath       string // inventory path
 	Disks        []Disk
+	VMs          []VM // every VM, the first one first
 
 	model  *simulator.Model
 	server *simulator.Server
@@ -86,7 +99,9 @@ type Lab struct {
 	seed   uint64
 
 	mu    sync.Mutex
-	disks map[int32]*diskState
+	disks map[int32]*diskState // the first VM's
+	// vms holds each VM's disks, for CBT.
+	vms map[types.ManagedObjectReference]map[int32]*diskState
 }
 
 // NewLab starts a lab and stops it when the test ends.
@@ -114,6 +129,9 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if opts.VMName == "" {
 		opts.VMName = "df-vm01"
 	}
+	if opts.VMs <= 0 {
+		opts.VMs = 1
+	}
 	if opts.MaxExtentsPerQuery <= 0 {
 		opts.MaxExtentsPerQuery = 8
 	}
@@ -124,7 +142,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 		VMName:   opts.VMName,
 		batch:    opts.MaxExtentsPerQuery,
 		seed:     opts.Seed,
-		disks:    map[int32]*diskState{},
+		vms:      map[types.ManagedObjectReference]map[int32]*diskState{},
 	}
 
 	m := simulator.VPX()
@@ -170,8 +188,10 @@ func (l *Lab) Close() {
 		l.server = nil
 	}
 	l.mu.Lock()
-	for _, st := range l.disks {
-		_ = st.file.Close()
+	for _, disks := range l.vms {
+		for _, st := range disks {
+			_ = st.file.Close()
+		}
 	}
 	l.mu.Unlock()
 	if l.model != nil {
@@ -180,7 +200,7 @@ func (l *Lab) Close() {
 	}
 }
 
-// build logs in as the lab's admin and creates the VM, its disks and their content.
+// build logs in as the lab's admin and creates the VMs, their disks and their content.
 func (l *Lab) build(ctx context.Context, opts Options) error {
 	u, err := soap.ParseURL(l.URL)
 	if err != nil {
@@ -245,25 +265,50 @@ func (l *Lab) build(ctx context.Context, opts Options) error {
 			return fmt.Errorf("lab network backing: %w", err)
 		}
 	}
-	vm, err := l.createVM(ctx, folders.VmFolder, pool, host, ds.Reference(), nicBacking, opts)
-	if err != nil {
-		return err
+	for v := range opts.VMs {
+		name := opts.VMName
+		if v > 0 {
+			name = fmt.Sprintf("%s-%02d", opts.VMName, v+1)
+		}
+		vm, err := l.createVM(ctx, name, folders.VmFolder, pool, host, ds.Reference(), nicBacking, opts)
+		if err != nil {
+			return err
+		}
+		// Each VM's disks get content and CBT ids of their own: index v*Disks+i of the seed.
+		info, disks, err := l.vmDisks(ctx, vm, v*opts.Disks)
+		if err != nil {
+			return err
+		}
+		if len(info.Disks) != opts.Disks {
+			return fmt.Errorf("lab VM %s has %d disks, want %d", name, len(info.Disks), opts.Disks)
+		}
+		info.Name, info.Moref, info.Path = name, vm.Reference().Value, path.Join(dc.InventoryPath, "vm", name)
+		l.VMs = append(l.VMs, info)
+		l.vms[vm.Reference()] = disks
+		if v == 0 {
+			l.vmRef = vm.Reference()
+			l.VMMoref, l.VMPath, l.Disks, l.disks = info.Moref, info.Path, info.Disks, disks
+		}
 	}
-	l.vmRef = vm.Reference()
-	l.VMMoref = l.vmRef.Value
-	l.VMPath = path.Join(dc.InventoryPath, "vm", l.VMName)
+	l.syncChangeIDs(&simulator.Context{Context: ctx, Map: l.reg})
+	return nil
+}
 
+// vmDisks reads a new VM's disks and creates their content, seeded from index first on.
+func (l *Lab) vmDisks(ctx context.Context, vm *object.VirtualMachine, first int) (VM, map[int32]*diskState, error) {
 	var o mo.VirtualMachine
-	if err := vm.Properties(ctx, l.vmRef, []string{"config.hardware.device"}, &o); err != nil {
-		return fmt.Errorf("lab VM devices: %w", err)
+	if err := vm.Properties(ctx, vm.Reference(), []string{"config.hardware.device"}, &o); err != nil {
+		return VM{}, nil, fmt.Errorf("lab VM devices: %w", err)
 	}
+	var info VM
+	states := map[int32]*diskState{}
 	devices := object.VirtualDeviceList(o.Config.Hardware.Device)
 	for i, d := range devices.SelectByType((*types.VirtualDisk)(nil)) {
 		vd := d.(*types.VirtualDisk)
 		b := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo)
 		var p object.DatastorePath
 		if !p.FromString(b.FileName) {
-			return fmt.Errorf("lab disk %d: backing %q", vd.Key, b.FileName)
+			return VM{}, nil, fmt.Errorf("lab disk %d: backing %q", vd.Key, b.FileName)
 		}
 		disk := Disk{
 			Key:           vd.Key,
@@ -275,21 +320,17 @@ func (l *Lab) build(ctx context.Context, opts Options) error {
 		if vd.DeviceInfo != nil {
 			disk.Label = vd.DeviceInfo.GetDescription().Label
 		}
-		st, err := newDiskState(disk, l.seed, i)
+		st, err := newDiskState(disk, l.seed, first+i)
 		if err != nil {
-			return err
+			return VM{}, nil, err
 		}
-		l.Disks = append(l.Disks, disk)
-		l.disks[disk.Key] = st
+		info.Disks = append(info.Disks, disk)
+		states[disk.Key] = st
 	}
-	if len(l.Disks) != opts.Disks {
-		return fmt.Errorf("lab VM has %d disks, want %d", len(l.Disks), opts.Disks)
-	}
-	l.syncChangeIDs(&simulator.Context{Context: ctx, Map: l.reg})
-	return nil
+	return info, states, nil
 }
 
-func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.ResourcePool, host *object.HostSystem,
+func (l *Lab) createVM(ctx context.Context, name string, folder *object.Folder, pool *object.ResourcePool, host *object.HostSystem,
 	ds types.ManagedObjectReference, nicBacking types.BaseVirtualDeviceBackingInfo, opts Options) (*object.VirtualMachine, error) {
 	var devices object.VirtualDeviceList
 	scsi, err := devices.CreateSCSIController("pvscsi")
@@ -303,11 +344,11 @@ func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.
 		Device:    scsi,
 	}}
 	for i := range opts.Disks {
-		name := fmt.Sprintf("[%s] %s/%s.vmdk", l.Datastore, l.VMName, l.VMName)
+		file := fmt.Sprintf("[%s] %s/%s.vmdk", l.Datastore, name, name)
 		if i > 0 {
-			name = fmt.Sprintf("[%s] %s/%s_%d.vmdk", l.Datastore, l.VMName, l.VMName, i)
+			file = fmt.Sprintf("[%s] %s/%s_%d.vmdk", l.Datastore, name, name, i)
 		}
-		disk := devices.CreateDisk(ctrl, ds, name)
+		disk := devices.CreateDisk(ctrl, ds, file)
 		disk.CapacityInBytes = opts.DiskSize
 		disk.CapacityInKB = opts.DiskSize / 1024
 		devices = append(devices, disk)
@@ -326,7 +367,7 @@ func (l *Lab) createVM(ctx context.Context, folder *object.Folder, pool *object.
 	}
 	cbt := opts.CBT
 	spec := types.VirtualMachineConfigSpec{
-		Name:                  l.VMName,
+		Name:                  name,
 		GuestId:               string(types.VirtualMachineGuestOsIdentifierOtherLinux64Guest),
 		NumCPUs:               1,
 		MemoryMB:              256,

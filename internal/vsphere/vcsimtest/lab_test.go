@@ -3,6 +3,7 @@ package vcsimtest_test
 import (
 	"context"
 	"net/url"
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -102,5 +103,49 @@ func TestLabContentAndCBTBatches(t *testing.T) {
 	for i, e := range alloc {
 		require.Equal(t, e.Start, got[i].Start)
 		require.Equal(t, e.Length, got[i].Length)
+	}
+}
+
+// Every VM of a many-VM lab has disks of its own content, and each answers
+// QueryChangedDiskAreas on its own snapshot with its own allocated areas.
+func TestLabManyVMs(t *testing.T) {
+	testenv.Integration(t)
+	ctx := context.Background()
+	lab := vcsimtest.NewLab(t, vcsimtest.Options{VMs: 3, Disks: 2, DiskSize: 4 << 20, CBT: true, Seed: 3})
+	require.Len(t, lab.VMs, 3)
+	require.Equal(t, lab.VMName, lab.VMs[0].Name)
+	require.Equal(t, lab.VMMoref, lab.VMs[0].Moref)
+	require.Equal(t, lab.Disks, lab.VMs[0].Disks)
+	require.Equal(t, lab.VMName+"-03", lab.VMs[2].Name)
+
+	u, err := soap.ParseURL(lab.URL)
+	require.NoError(t, err)
+	sc := soap.NewClient(u, false)
+	sc.SetThumbprint(u.Host, lab.Thumbprint)
+	vc, err := vim25.NewClient(ctx, sc)
+	require.NoError(t, err)
+	require.NoError(t, session.NewManager(vc).Login(ctx, url.UserPassword(lab.User, lab.Password)))
+
+	contents := map[string]string{}
+	for _, v := range lab.VMs {
+		require.Len(t, v.Disks, 2)
+		for _, d := range v.Disks {
+			data, err := os.ReadFile(d.FlatPath)
+			require.NoError(t, err)
+			require.NotContains(t, contents, string(data), "disk %s of %s has another disk's content", d.Label, v.Name)
+			contents[string(data)] = v.Name
+		}
+		vm := object.NewVirtualMachine(vc, types.ManagedObjectReference{Type: "VirtualMachine", Value: v.Moref})
+		task, err := vm.CreateSnapshot(ctx, "s", "", false, false)
+		require.NoError(t, err)
+		res, err := task.WaitForResult(ctx)
+		require.NoError(t, err)
+		snap := res.Result.(types.ManagedObjectReference)
+		r, err := methods.QueryChangedDiskAreas(ctx, vc, &types.QueryChangedDiskAreas{
+			This: vm.Reference(), Snapshot: &snap, DeviceKey: v.Disks[1].Key, ChangeId: "*",
+		})
+		require.NoError(t, err, "CBT of %s", v.Name)
+		require.NotEmpty(t, r.Returnval.ChangedArea)
+		require.Zero(t, r.Returnval.ChangedArea[0].Start, "the first chunk of every disk holds data")
 	}
 }
