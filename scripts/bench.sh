@@ -154,6 +154,7 @@ serve_target() {
     env "$target_env" qemu-nbd -t --shared=16 -b 127.0.0.1 -p "$port" -f qcow2 $target_cache \
       --discard=unmap --detect-zeroes=unmap "$qcow2" 2>"$work/qemu-nbd.err" &
     dst_pid=$!
+    pids+=("$dst_pid") # a failed copy exits through cleanup with its target still served
     for _ in $(seq 100); do
       kill -0 "$dst_pid" 2>/dev/null || break
       nbdinfo --size "nbd://127.0.0.1:$port" >/dev/null 2>&1 && { dst_uri="nbd://127.0.0.1:$port"; return; }
