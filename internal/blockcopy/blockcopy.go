@@ -221,7 +221,8 @@ const (
 type chunk struct {
 	off, n int64
 	kind   int
-	sums   []byte // kindDone: the pieces' SHA-256, 32 bytes each
+	sums   []byte   // kindDone: the pieces' SHA-256, 32 bytes each
+	holes  []Extent // kindData: stretches the source reports as zeros, not read
 }
 
 // slot holds one in-flight chunk; slots are reused round robin by sequence number.

@@ -1,8 +1,10 @@
 package blockcopy
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"slices"
 
 	"github.com/diskferry/diskferry/internal/nbd"
 )
@@ -95,9 +97,12 @@ func (r *run) cut(start, end int64, ext []nbd.Extent, emit func(chunk) error) er
 		if runKind < 0 || at == runStart {
 			return nil
 		}
-		err := emit(chunk{off: runStart, n: at - runStart, kind: runKind})
+		ch := chunk{off: runStart, n: at - runStart, kind: runKind}
+		if runKind == kindData {
+			ch.holes = holesIn(ext, runStart, at)
+		}
 		runStart = at
-		return err
+		return emit(ch)
 	}
 	i := 0
 	for p := start; p < end; {
@@ -125,4 +130,27 @@ func (r *run) cut(start, end int64, ext []nbd.Extent, emit func(chunk) error) er
 		p = pe
 	}
 	return flush(end)
+}
+
+// minReadHole is the smallest stretch of zeros inside a data chunk that is not read: a
+// piece holding a little data among holes (many small runs) would otherwise read the whole
+// piece, while a shorter hole costs less to read than an extra request.
+const minReadHole = 64 << 10
+
+// holesIn returns the zero extents of ext inside [start, end) of at least minReadHole.
+func holesIn(ext []nbd.Extent, start, end int64) []Extent {
+	i, _ := slices.BinarySearchFunc(ext, start, func(e nbd.Extent, off int64) int {
+		return cmp.Compare(e.Offset+e.Length, off+1)
+	})
+	var holes []Extent
+	for ; i < len(ext) && ext[i].Offset < end; i++ {
+		if !ext[i].Zero() {
+			continue
+		}
+		hs, he := max(start, ext[i].Offset), min(end, ext[i].Offset+ext[i].Length)
+		if he-hs >= minReadHole {
+			holes = append(holes, Extent{Start: hs, Length: he - hs})
+		}
+	}
+	return holes
 }

@@ -11,6 +11,11 @@ import (
 
 const workersPerConnection = 2
 
+// writeGrain is the finest stretch of zeros in read data that becomes a zero request (or
+// nothing, when the target reads as zeros) instead of data: qcow2's default cluster size,
+// the unit a target allocates.
+const writeGrain = 64 << 10
+
 // worker owns one buffer and uses one source and one target connection.
 type worker struct {
 	src, dst *nbd.Handle // dst nil when only computing the digest
@@ -92,11 +97,10 @@ func (w *worker) loop(ctx context.Context, r *run) {
 // costs little time.
 func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	off, n := s.c.off, s.c.n
-	if err := w.src.Pread(r.actx, w.buf, 0, int(n), off); err != nil {
-		return false, fmt.Errorf("read source at %d+%d: %w", off, n, err)
-	}
-	r.nRead.Add(n)
 	data := w.buf.Bytes()[:n]
+	if err := w.read(r, off, n, s.c.holes, data); err != nil {
+		return false, err
+	}
 	end := off + n
 	w.allZero = w.allZero[:0]
 	for p := off; p < end; {
@@ -111,16 +115,42 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 		hashing.Go(func() { w.hash(r, s, data) })
 	}
 	defer hashing.Wait() // the buffer and the slot stay the chunk's until hashed
+	// Zeros are not sent as data at a finer grain than the digest's pieces: a piece with
+	// 128 KiB of data in 1 MiB would otherwise write (and allocate) the whole MiB.
 	runStart, runZero := off, w.allZero[0]
-	for i, p := 0, off; p < end; i, p = i+1, pieceEnd(p, end, r.opts.BlockSize) {
-		if w.allZero[i] != runZero {
-			if err := w.write(r, off, runStart, p, runZero); err != nil {
-				return wrote, err
+	for i, p := 0, off; p < end; i++ {
+		pe := pieceEnd(p, end, r.opts.BlockSize)
+		for g := p; g < pe; {
+			ge := min(pe, (g/writeGrain+1)*writeGrain)
+			zero := w.allZero[i] || r.zh.isZero(data[g-off:ge-off])
+			if zero != runZero && g > runStart {
+				if err := w.write(r, off, runStart, g, runZero); err != nil {
+					return wrote, err
+				}
+				runStart = g
 			}
-			runStart, runZero = p, w.allZero[i]
+			runZero = zero
+			g = ge
 		}
+		p = pe
 	}
 	return wrote, w.write(r, off, runStart, end, runZero)
+}
+
+// read fills data with the chunk at off: the source's holes in it as zeros, the rest read.
+func (w *worker) read(r *run, off, n int64, holes []Extent, data []byte) error {
+	at := off
+	for _, h := range append(holes, Extent{Start: off + n}) {
+		if h.Start > at {
+			if err := w.src.Pread(r.actx, w.buf, int(at-off), int(h.Start-at), at); err != nil {
+				return fmt.Errorf("read source at %d+%d: %w", at, h.Start-at, err)
+			}
+			r.nRead.Add(h.Start - at)
+		}
+		clear(data[h.Start-off : h.End()-off])
+		at = h.End()
+	}
+	return nil
 }
 
 // hash sets the slot's piece hashes from the chunk's data and the zero map.

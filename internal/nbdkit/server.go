@@ -60,13 +60,22 @@ type Filter struct {
 	Params map[string]string
 }
 
+// DefaultThreads is nbdkit's --threads when Options leaves it 0. A copy (internal/blockcopy)
+// keeps at most two requests in flight per connection, and nbdkit's default of 16 worker
+// threads per connection each grows its own request buffer, cleared on growth: at 2 MiB
+// requests over five connections that is up to 160 MiB of fresh pages faulted in and
+// cleared per copy. In perf, memset and its page faults were 40 % of nbdkit's CPU; with
+// two threads scripts/bench.sh's s2g-holes copy cost nbdkit 0.44 CPU-s instead of 1.8
+// and took 3.6 s instead of 6.7 s (docs/architecture.md, Data-plane performance).
+const DefaultThreads = 2
+
 // Options controls how nbdkit runs.
 type Options struct {
 	// Dir is a private directory for the socket and secret files. Empty: a new 0700
 	// temporary directory, removed by Stop.
 	Dir          string
 	Writable     bool // sources are read-only unless this is set
-	Threads      int  // nbdkit --threads; 0 keeps nbdkit's default
+	Threads      int  // nbdkit --threads; 0 means DefaultThreads
 	Filters      []Filter
 	ReadyTimeout time.Duration // default DefaultReadyTimeout
 	StopTimeout  time.Duration // default DefaultStopTimeout
@@ -131,6 +140,7 @@ func Start(ctx context.Context, src Source, opts Options) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	log = log.With("plugin", src.Plugin())
+	opts.Threads = cmp.Or(opts.Threads, DefaultThreads)
 	s := &Server{done: make(chan struct{}), stderr: &tailWriter{log: log}, log: log,
 		timeout: cmp.Or(opts.StopTimeout, DefaultStopTimeout)}
 	if opts.Dir == "" {

@@ -86,6 +86,7 @@ func TestFileSourceServes(t *testing.T) {
 	t.Logf("nbdkit file ready in %v", time.Since(began))
 	assert.Equal(t, "nbd+unix:///?socket="+strings.ReplaceAll(s.Socket, "/", "%2F"), s.URI())
 	assert.Contains(t, cmdline(t, s.PID()), "--readonly", "sources are served read-only")
+	assert.Contains(t, cmdline(t, s.PID()), "--threads 2 ", "few threads per connection (DefaultThreads)")
 
 	assert.True(t, bytes.Equal(data, readAll(t, s.URI())), "nbd content equals the file")
 

@@ -31,6 +31,16 @@ const (
 	// exports on unix sockets; only the tests and the export path benchmark (the former TCP
 	// transport as its baseline) serve on TCP.
 	DefaultAddr = "127.0.0.1"
+	// MallocTunables keep qemu-nbd's request buffers in its heap. glibc serves a buffer
+	// above its mmap threshold (128 KiB at start, raised only as far as freed sizes and
+	// lowered again by trimming) with a fresh mmap, so each 2 MiB write request faulted in
+	// and cleared 512 new pages before the socket read filled them: in perf, 23 % of
+	// qemu-nbd's CPU went to those faults and the rest mostly to the socket copy. With the
+	// threshold at glibc's 32 MiB maximum and trimming above 256 MiB (the most the requests
+	// of all clients can hold at once is far below), scripts/bench.sh's s2g-holes copy
+	// cost qemu-nbd 0.35 CPU-s instead of 2.7 and took 5.8 s instead of 15 s on a loaded
+	// machine (docs/architecture.md, Data-plane performance).
+	MallocTunables = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456"
 	// DefaultReadyTimeout bounds the wait for the first NBD handshake after start.
 	DefaultReadyTimeout = 10 * time.Second
 	// DefaultStopTimeout is how long Stop waits after SIGTERM before it sends SIGKILL.
@@ -219,7 +229,7 @@ func Start(ctx context.Context, opts ExportOptions) (*Export, error) {
 
 	began := time.Now()
 	cmd := exec.CommandContext(ctx, qemuNBD, args...)
-	cmd.Env = childenv.Environ()
+	cmd.Env = append(childenv.Environ(), "GLIBC_TUNABLES="+MallocTunables)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// A session of its own: a signal to the worker's process group must not reach the export.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -199,6 +199,21 @@ func TestExportGetsNoWorkerSecrets(t *testing.T) {
 	}
 }
 
+// qemu-nbd's request buffers must come from its heap, not a fresh mmap per request (see
+// MallocTunables): the daemon's environment carries the tunables.
+func TestExportRunsWithMallocTunables(t *testing.T) {
+	f := newExportFixture(t)
+	exp, err := f.start(t, ExportOptions{Socket: filepath.Join(f.dir, "e.sock"), Name: "disk"})
+	require.NoError(t, err)
+	// glibc cuts the variable at its colons in place while parsing it, so /proc shows the
+	// settings as separate entries once qemu-nbd runs.
+	env := testenv.ProcessEnviron(t, exp.PID)
+	for _, setting := range strings.Split(MallocTunables, ":") {
+		assert.True(t, slices.ContainsFunc(env, func(kv string) bool { return strings.HasSuffix(kv, setting) }),
+			"qemu-nbd's environment lacks %s: %q", setting, env)
+	}
+}
+
 func TestExportUnixSocket(t *testing.T) {
 	f := newExportFixture(t)
 	sock := filepath.Join(f.dir, "e.sock")
