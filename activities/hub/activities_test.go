@@ -293,6 +293,33 @@ func TestPlanBackupTakesOverClosedWorkflowsPoint(t *testing.T) {
 	assert.Contains(t, p.Error, "closed")
 }
 
+// AllocatePorts leases a run's ports in one step, all or none; too few free is the
+// retryable ErrPortsExhausted with the counts, more disks than the hub has ports BadInput.
+func TestAllocatePortsAllOrNone(t *testing.T) {
+	r := setup(t) // four ports
+	alloc := func(wf string, keys ...int32) ([]int, error) {
+		var ports []int
+		err := r.run(t, activities.AllocatePortsName, activities.AllocatePortsInput{HubID: hubID, WorkflowID: wf, DiskKeys: keys}, &ports)
+		return ports, err
+	}
+	rng := r.ports.Range()
+	got, err := alloc("wf-1", diskA, diskB, 2002)
+	require.NoError(t, err)
+	assert.Equal(t, []int{rng.First, rng.First + 1, rng.First + 2}, got)
+	_, err = alloc("wf-2", diskA, diskB)
+	appErr := requireAppError(t, err, activities.ErrPortsExhausted, false)
+	var details activities.PortsExhausted
+	require.NoError(t, appErr.Details(&details))
+	assert.Equal(t, activities.PortsExhausted{HubID: hubID, Ports: 4, First: rng.First, Last: rng.Last, Needed: 2, Free: 1}, details)
+	leases, err := r.ports.ListLeases(context.Background(), hubID)
+	require.NoError(t, err)
+	assert.Len(t, leases, 3, "the refused run holds no port")
+
+	_, err = alloc("wf-3", 1, 2, 3, 4, 5)
+	appErr = requireAppError(t, err, activities.ErrBadInput, true)
+	assert.Contains(t, appErr.Error(), "5 disks need a port each")
+}
+
 func TestAllocateAndReleasePorts(t *testing.T) {
 	r := setup(t) // four ports
 	alloc := func(wf string, key int32) (int, error) {
@@ -319,7 +346,7 @@ func TestAllocateAndReleasePorts(t *testing.T) {
 	assert.Contains(t, appErr.Error(), hubID)
 	var details activities.PortsExhausted
 	require.NoError(t, appErr.Details(&details))
-	assert.Equal(t, activities.PortsExhausted{HubID: hubID, Ports: 4, First: rng.First, Last: rng.Last}, details)
+	assert.Equal(t, activities.PortsExhausted{HubID: hubID, Ports: 4, First: rng.First, Last: rng.Last, Needed: 1}, details)
 
 	release := activities.ReleasePortsInput{HubID: hubID, WorkflowID: "wf-1"}
 	require.NoError(t, r.run(t, activities.ReleasePortsName, release, nil))

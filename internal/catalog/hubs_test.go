@@ -62,7 +62,7 @@ func TestAllocateUsesTheHubsRecordedRange(t *testing.T) {
 	var exhausted *PortsExhaustedError
 	require.ErrorAs(t, err, &exhausted)
 	require.ErrorIs(t, err, ErrPortsExhausted)
-	assert.Equal(t, PortsExhaustedError{Hub: "hub-b", Range: PortRange{First: 20100, Last: 20101}}, *exhausted)
+	assert.Equal(t, PortsExhaustedError{Hub: "hub-b", Range: PortRange{First: 20100, Last: 20101}, Needed: 1}, *exhausted)
 	assert.Contains(t, err.Error(), "all 2 ports 20100-20101 of hub hub-b are leased")
 
 	port, err := mine.Allocate(ctx, "hub-c", "wf-1", 2000)

@@ -159,3 +159,43 @@ func TestAllocateRejectsEmptyWorkflow(t *testing.T) {
 	_, err := newPorts(t, s).Allocate(testCtx(t), "hub-1", "", 1)
 	assert.ErrorIs(t, err, ErrInvalid)
 }
+
+// AllocateAll leases a workflow's ports all or none: with too few free ports nothing is
+// leased (so no two workflows each hold part of what they need and wait for the rest), a
+// retry after a release gets them all, a pair already holding a port keeps it, and more
+// disks than the range has ports is an error no retry clears.
+func TestAllocateAllIsAllOrNothing(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports, err := NewPorts(s, PortRange{First: 20100, Last: 20103})
+	require.NoError(t, err)
+
+	first, err := ports.AllocateAll(ctx, "hub-1", "wf-a", []int32{2000, 2001, 2002})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20100, 20101, 20102}, first)
+
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-b", []int32{2000, 2001})
+	var exhausted *PortsExhaustedError
+	require.ErrorAs(t, err, &exhausted)
+	assert.ErrorIs(t, err, ErrPortsExhausted)
+	assert.Equal(t, PortsExhaustedError{Hub: "hub-1", Range: PortRange{First: 20100, Last: 20103}, Needed: 2, Free: 1}, *exhausted)
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Len(t, leases, 3, "the refused workflow holds nothing")
+
+	// The holder asking again with one more disk keeps its ports and takes the last one.
+	again, err := ports.AllocateAll(ctx, "hub-1", "wf-a", []int32{2002, 2003, 2000, 2001})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20102, 20103, 20100, 20101}, again)
+
+	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-a")
+	require.NoError(t, err)
+	second, err := ports.AllocateAll(ctx, "hub-1", "wf-b", []int32{2000, 2001})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20100, 20101}, second)
+
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-c", []int32{1, 2, 3, 4, 5})
+	require.ErrorIs(t, err, ErrInvalid)
+	assert.NotErrorIs(t, err, ErrPortsExhausted)
+	assert.ErrorContains(t, err, "5 disks need a port each and hub hub-1 has 4 (20100-20103)")
+}
