@@ -425,7 +425,6 @@ func (b *backup) prepareTargets(ctx workflow.Context) error {
 	for i, d := range b.disks {
 		keys[i] = d.plan.Key
 	}
-	b.step(ctx, "leasing ports on hub %s", b.plan.HubID)
 	portFor, err := b.leasePorts(ctx, b.plan.HubID, keys)
 	if err != nil {
 		return err

@@ -56,6 +56,7 @@ type portFor func(ctx workflow.Context, key int32) (int, error)
 // a run that started before portWaitChange it leases the disk's port right then, as that run
 // did.
 func (j *job) leasePorts(ctx workflow.Context, hubID string, keys []int32) (portFor, error) {
+	j.step(ctx, "leasing ports on hub %s", hubID)
 	if workflow.GetVersion(ctx, portWaitChange, workflow.DefaultVersion, 1) == workflow.DefaultVersion {
 		return func(ctx workflow.Context, key int32) (int, error) {
 			name := activities.AllocatePortName

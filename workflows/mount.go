@@ -97,7 +97,6 @@ func (m *mount) prepare(ctx workflow.Context) error {
 	for i, d := range m.src.Disks {
 		keys[i] = d.Key
 	}
-	m.step(ctx, "leasing ports on hub %s", m.src.HubID)
 	portFor, err := m.leasePorts(ctx, m.src.HubID, keys)
 	if err != nil {
 		return err

@@ -297,7 +297,6 @@ func (r *restore) exportPoint(ctx workflow.Context) error {
 	for i, d := range r.disks {
 		keys[i] = d.src.Key
 	}
-	r.step(ctx, "leasing ports on hub %s", r.src.HubID)
 	portFor, err := r.leasePorts(ctx, r.src.HubID, keys)
 	if err != nil {
 		return err
