@@ -18,7 +18,9 @@ const aliveHeartbeats = 3
 // placeBackup picks the hub of a backup (docs/architecture.md, Placement). A VM with a
 // complete point stays on the hub of its newest one, where its chain lives, alive or not:
 // note then says that the backup waits for that hub's worker (the hub-host steps' worker
-// wait bounds it). A VM without one goes to the alive hub with the most free bytes, the
+// wait bounds it). A VM without one goes to the alive hub with the most room: free bytes at
+// its last heartbeat less the disk capacity of the backups running on it (so a burst of new
+// VMs spreads instead of all landing on the hub that was freest before they began), the
 // smallest id on a tie; none alive is a retryable ErrNoHub naming every hub and when it was
 // last seen. Which hub worker runs this does not matter.
 func (a *Activities) placeBackup(ctx context.Context, vm catalog.VM, last catalog.Point, hasLast bool) (hubID, note string, err error) {
@@ -39,7 +41,7 @@ func (a *Activities) placeBackup(ctx context.Context, vm catalog.VM, last catalo
 	var best *catalog.Hub
 	for i, h := range hubs {
 		// ListHubs is ordered by id: on a tie the first, smallest id stays.
-		if h.Alive(at, within) && (best == nil || h.FreeBytes > best.FreeBytes) {
+		if h.Alive(at, within) && (best == nil || h.Room() > best.Room()) {
 			best = &hubs[i]
 		}
 	}

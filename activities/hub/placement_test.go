@@ -73,7 +73,8 @@ func TestPlanBackupPlacesNewChainOnFreestAliveHub(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "hub-b", point.Hub, "the point is opened on the chosen hub")
 
-	seen(t, store, "hub-a", 2000)
+	// vm1's backup, running on hub-b, may still write its two disks there.
+	seen(t, store, "hub-a", 2000-2*capacity)
 	plan, err = b.plan(t, "wf-2", vmNamed("vm2", "vm-2"), activities.ModeAuto)
 	require.NoError(t, err)
 	assert.Equal(t, "hub-a", plan.HubID, "a tie goes to the smallest id")
@@ -97,6 +98,32 @@ func TestPlanBackupPlacesNewChainOnFreestAliveHub(t *testing.T) {
 	require.Len(t, vms, 1)
 	_, err = store.RunningPointForVM(context.Background(), vms[0].ID)
 	require.ErrorIs(t, err, catalog.ErrNotFound, "no point is opened without a hub")
+}
+
+// New VMs whose backups start together spread over the hubs: a hub's room is its free bytes
+// less the disks of the backups running on it, so the second VM does not land on the hub the
+// first one is filling though both hubs had the same free bytes at their last heartbeat.
+func TestPlanBackupSpreadsABurstOfNewVMs(t *testing.T) {
+	testenv.Integration(t)
+	store := newStore(t)
+	a := hubRig(t, store, "hub-a")
+	hubRig(t, store, "hub-b")
+	seen(t, store, "hub-a", 100*capacity)
+	seen(t, store, "hub-b", 100*capacity)
+
+	var got []string
+	for i, name := range []string{"vm1", "vm2", "vm3", "vm4"} {
+		plan, err := a.plan(t, "wf-"+name, vmNamed(name, "vm-"+name), activities.ModeAuto)
+		require.NoError(t, err, "VM %d", i+1)
+		got = append(got, plan.HubID)
+	}
+	assert.Equal(t, []string{"hub-a", "hub-b", "hub-a", "hub-b"}, got)
+	hubs, err := store.ListHubs(context.Background())
+	require.NoError(t, err)
+	require.Len(t, hubs, 2)
+	for _, h := range hubs {
+		assert.Equal(t, 4*capacity, h.PendingBytes, "hub %s: two running backups of two disks", h.ID)
+	}
 }
 
 // A VM with a complete point stays on the hub of its chain, even when another hub is freer,

@@ -16,7 +16,13 @@ type Hub struct {
 	FreeBytes int64
 	UsedBytes int64
 	Ports     PortRange
+	// PendingBytes is what the backups running on the hub may still write at most: the
+	// capacity of their VMs' disks (ListHubs; not recorded).
+	PendingBytes int64
 }
+
+// Room is the hub's free bytes less what its running backups may still write.
+func (h Hub) Room() int64 { return h.FreeBytes - h.PendingBytes }
 
 // Alive reports whether the hub's worker was seen within within of at.
 func (h Hub) Alive(at time.Time, within time.Duration) bool {
@@ -44,9 +50,14 @@ func (s *Store) RecordHub(ctx context.Context, h Hub) error {
 	return nil
 }
 
-// ListHubs returns every hub by id.
+// ListHubs returns every hub by id, with the bytes its running backups may still write.
 func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
-	rows, err := s.db.QueryContext(ctx, "SELECT id, last_seen, free_bytes, used_bytes, port_first, port_last FROM hubs ORDER BY id")
+	rows, err := s.db.QueryContext(ctx, `SELECT h.id, h.last_seen, h.free_bytes, h.used_bytes, h.port_first, h.port_last, COALESCE(r.pending, 0)
+		FROM hubs h LEFT JOIN (
+			SELECT p.hub_id, SUM(d.capacity_bytes) AS pending FROM restore_points p JOIN disks d ON d.vm_id = p.vm_id
+			WHERE p.status = 'running' GROUP BY p.hub_id
+		) r ON r.hub_id = h.id
+		ORDER BY h.id`)
 	if err != nil {
 		return nil, fmt.Errorf("list hubs: %w", err)
 	}
@@ -59,7 +70,7 @@ func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
 			free, used  sql.NullInt64
 			first, last sql.NullInt32
 		)
-		if err := rows.Scan(&h.ID, &seen, &free, &used, &first, &last); err != nil {
+		if err := rows.Scan(&h.ID, &seen, &free, &used, &first, &last, &h.PendingBytes); err != nil {
 			return nil, fmt.Errorf("list hubs: %w", err)
 		}
 		h.LastSeen, h.FreeBytes, h.UsedBytes = seen.Time, free.Int64, used.Int64
