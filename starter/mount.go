@@ -161,7 +161,7 @@ func waitMounted(ctx context.Context, c client.Client, run client.WorkflowRun, t
 		}
 		select {
 		case err := <-done:
-			if wctx.Err() == nil {
+			if !waitExpired(wctx, err) {
 				if err != nil {
 					return final, runFailure("mount", id, err)
 				}
@@ -182,6 +182,14 @@ func waitMounted(ctx context.Context, c client.Client, run client.WorkflowRun, t
 		defer dcancel()
 		return final, fmt.Errorf("%s; %s; it goes on: diskferry unmount %s ends it", msg, pendingSteps(dctx, c, id), id)
 	}
+}
+
+// waitExpired reports whether a wait bounded by wctx ended on its bound: wctx's deadline
+// passed, or the server answered DeadlineExceeded for it (gRPC can, just before wctx's own
+// timer fires).
+func waitExpired(wctx context.Context, err error) bool {
+	var deadline *serviceerror.DeadlineExceeded
+	return wctx.Err() != nil || errors.Is(err, context.DeadlineExceeded) || errors.As(err, &deadline)
 }
 
 // mountView is a mount as mount and mount status print it.
@@ -347,7 +355,7 @@ or the mount's workflow ID (mount-<point>, mount-<vm>-latest).`,
 			defer cancel()
 			var info workflows.MountInfo
 			err = c.GetWorkflow(wctx, id, "").Get(wctx, &info)
-			if wctx.Err() != nil && ctx.Err() == nil {
+			if waitExpired(wctx, err) && ctx.Err() == nil {
 				dctx, dcancel := context.WithTimeout(ctx, catalogTimeout)
 				defer dcancel()
 				return fmt.Errorf("mount %s has not ended %s after the unmount signal (--timeout); %s", id, timeout, pendingSteps(dctx, c, id))
