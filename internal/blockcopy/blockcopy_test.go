@@ -219,8 +219,10 @@ func TestChangedAreasIntoOverlay(t *testing.T) {
 func TestCancelThenResume(t *testing.T) {
 	src := fixture(t, 128*mib)
 	testenv.WriteFileAt(t, src, 40*mib, random(t, 64*mib))
-	// 20 ms per read slows the copy enough to interrupt it.
-	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{Filters: []string{"delay"}, Params: []string{"rdelay=20ms"}})
+	// 200 ms per read: the data (32 reads of 2 MiB, 8 at a time) takes 0.8 s at least, so the
+	// cancel, sent once the checkpoint has passed the leading holes, always comes first even
+	// on a busy machine (at 20 ms the copy sometimes finished before the cancel reached it).
+	source := testenv.StartNbdkitFile(t, src, testenv.NbdkitOptions{Filters: []string{"delay"}, Params: []string{"rdelay=200ms"}})
 	dstPath := testenv.CreateQcow2(t, 128*mib)
 	target := testenv.StartQemuNBD(t, dstPath, testenv.QemuNBDOptions{})
 

@@ -140,7 +140,11 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 // read fills data with the chunk at off: the source's holes in it as zeros, the rest read.
 func (w *worker) read(r *run, off, n int64, holes []Extent, data []byte) error {
 	at := off
-	for _, h := range append(holes, Extent{Start: off + n}) {
+	for i := 0; i <= len(holes); i++ {
+		h := Extent{Start: off + n} // after the last hole: the rest of the chunk
+		if i < len(holes) {
+			h = holes[i]
+		}
 		if h.Start > at {
 			if err := w.src.Pread(r.actx, w.buf, int(at-off), int(h.Start-at), at); err != nil {
 				return fmt.Errorf("read source at %d+%d: %w", at, h.Start-at, err)
