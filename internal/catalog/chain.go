@@ -18,16 +18,9 @@ const StatusDeleting = "deleting"
 // ChainPoints lists the VM's complete and deleting points with their disks, oldest first:
 // the chain engine's view of the VM.
 func (s *Store) ChainPoints(ctx context.Context, vmID int64) ([]Point, error) {
-	points, err := queryPoints(ctx, s.db, "vm_id = ? AND status IN ('complete', 'deleting') ORDER BY started_at, id", vmID)
+	points, err := s.pointsWithDisks(ctx, "vm_id = ? AND status IN ('complete', 'deleting') ORDER BY started_at, id", vmID)
 	if err != nil {
 		return nil, fmt.Errorf("chain points of VM %d: %w", vmID, err)
-	}
-	ptrs := make([]*Point, len(points))
-	for i := range points {
-		ptrs[i] = &points[i]
-	}
-	if err := s.loadDisks(ctx, ptrs); err != nil {
-		return nil, err
 	}
 	return points, nil
 }
@@ -95,6 +88,22 @@ func lockSurgery(ctx context.Context, tx *sql.Tx, vmID int64, pointID string) (P
 		return Point{}, fmt.Errorf("%w: point %s is %s", ErrInvalid, pointID, p.Status)
 	}
 	return p, nil
+}
+
+// lockDeleting locks a deleting point of the VM for surgery; found is false, without an
+// error, when the point is gone (a repeated removal), and any other status is ErrInvalid.
+func lockDeleting(ctx context.Context, tx *sql.Tx, vmID int64, pointID string) (found bool, err error) {
+	p, err := lockSurgery(ctx, tx, vmID, pointID)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if p.Status != StatusDeleting {
+		return false, fmt.Errorf("%w: point %s is %s, not deleting", ErrInvalid, pointID, p.Status)
+	}
+	return true, nil
 }
 
 // RepointDisks sets the file and backing file of disks of the VM's complete or deleting
@@ -173,17 +182,10 @@ func deriveParent(ctx context.Context, tx *sql.Tx, vmID int64, pointID string) e
 // point counts as removed.
 func (s *Store) RemovePointDisk(ctx context.Context, vmID int64, pointID string, key int32) error {
 	return s.inTx(ctx, fmt.Sprintf("remove disk %d of point %s", key, pointID), func(tx *sql.Tx) error {
-		p, err := lockSurgery(ctx, tx, vmID, pointID)
-		if errors.Is(err, ErrNotFound) {
-			return nil
-		}
-		if err != nil {
+		if found, err := lockDeleting(ctx, tx, vmID, pointID); !found || err != nil {
 			return err
 		}
-		if p.Status != StatusDeleting {
-			return fmt.Errorf("%w: point %s is %s, not deleting", ErrInvalid, pointID, p.Status)
-		}
-		_, err = tx.ExecContext(ctx, "DELETE FROM point_disks WHERE point_id = ? AND disk_key = ?", pointID, key)
+		_, err := tx.ExecContext(ctx, "DELETE FROM point_disks WHERE point_id = ? AND disk_key = ?", pointID, key)
 		return err
 	})
 }
@@ -192,15 +194,8 @@ func (s *Store) RemovePointDisk(ctx context.Context, vmID int64, pointID string,
 // it take its parent. An absent point counts as removed.
 func (s *Store) RemoveDeletedPoint(ctx context.Context, vmID int64, pointID string) error {
 	err := s.inTx(ctx, "remove point "+pointID, func(tx *sql.Tx) error {
-		p, err := lockSurgery(ctx, tx, vmID, pointID)
-		if errors.Is(err, ErrNotFound) {
-			return nil
-		}
-		if err != nil {
+		if found, err := lockDeleting(ctx, tx, vmID, pointID); !found || err != nil {
 			return err
-		}
-		if p.Status != StatusDeleting {
-			return fmt.Errorf("%w: point %s is %s, not deleting", ErrInvalid, pointID, p.Status)
 		}
 		keys, err := queryStrings(ctx, tx, "SELECT disk_key FROM point_disks WHERE point_id = ?", pointID)
 		if err != nil {

@@ -21,16 +21,9 @@ func (s *Store) FindPoints(ctx context.Context, vm string) ([]PointOfVM, error) 
 		where = "vm_id IN (SELECT id FROM vms WHERE name = ? OR moref = ?)"
 		args = append(args, vm, vm)
 	}
-	points, err := queryPoints(ctx, s.db, where+" ORDER BY started_at DESC, id DESC", args...)
+	points, err := s.pointsWithDisks(ctx, where+" ORDER BY started_at DESC, id DESC", args...)
 	if err != nil {
 		return nil, fmt.Errorf("list points of VM %q: %w", vm, err)
-	}
-	ptrs := make([]*Point, len(points))
-	for i := range points {
-		ptrs[i] = &points[i]
-	}
-	if err := s.loadDisks(ctx, ptrs); err != nil {
-		return nil, err
 	}
 	vms := map[int64]VM{}
 	out := make([]PointOfVM, len(points))

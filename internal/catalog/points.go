@@ -246,16 +246,9 @@ func (s *Store) ListPoints(ctx context.Context, vmID int64, status string) ([]Po
 		where += " AND status = ?"
 		args = append(args, status)
 	}
-	points, err := queryPoints(ctx, s.db, where+" ORDER BY started_at DESC, id DESC", args...)
+	points, err := s.pointsWithDisks(ctx, where+" ORDER BY started_at DESC, id DESC", args...)
 	if err != nil {
 		return nil, fmt.Errorf("list points of VM %d: %w", vmID, err)
-	}
-	ptrs := make([]*Point, len(points))
-	for i := range points {
-		ptrs[i] = &points[i]
-	}
-	if err := s.loadDisks(ctx, ptrs); err != nil {
-		return nil, err
 	}
 	return points, nil
 }
@@ -522,6 +515,22 @@ func queryPoint(ctx context.Context, q querier, where string, args ...any) (Poin
 		return Point{}, ErrNotFound
 	}
 	return p, err
+}
+
+// pointsWithDisks returns the points matching where, each with its disks.
+func (s *Store) pointsWithDisks(ctx context.Context, where string, args ...any) ([]Point, error) {
+	points, err := queryPoints(ctx, s.db, where, args...)
+	if err != nil {
+		return nil, err
+	}
+	ptrs := make([]*Point, len(points))
+	for i := range points {
+		ptrs[i] = &points[i]
+	}
+	if err := s.loadDisks(ctx, ptrs); err != nil {
+		return nil, err
+	}
+	return points, nil
 }
 
 func queryPoints(ctx context.Context, q querier, where string, args ...any) ([]Point, error) {
