@@ -39,9 +39,6 @@ const (
 	// workerStopTimeout lets running activities finish on shutdown before they are abandoned
 	// to Temporal's retry.
 	workerStopTimeout = 20 * time.Second
-	// defaultHeartbeat is DISKFERRY_HUB_HEARTBEAT's default, for a configuration built
-	// without LoadHub.
-	defaultHeartbeat = 10 * time.Second
 )
 
 func main() {
@@ -63,10 +60,7 @@ func main() {
 func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	log = log.With("hub", cfg.HubID)
 	log.Info("hub worker starting", "config", cfg)
-	heartbeat := cfg.Heartbeat
-	if heartbeat <= 0 {
-		heartbeat = defaultHeartbeat
-	}
+	heartbeat := cfg.Heartbeat // LoadHub checked it: 1s-10m
 
 	store, err := catalog.Open(ctx, cfg.DBDSN.Value(), log)
 	if err != nil {
