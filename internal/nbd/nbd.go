@@ -11,6 +11,7 @@ package nbd
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 
 // libnbd keeps the last error per OS thread, and a goroutine may change threads between
 // two cgo calls, so every shim captures the message and errno inside the failing call.
@@ -590,18 +591,17 @@ type Buffer struct {
 	n int
 }
 
-// NewBuffer allocates a page-aligned buffer of size bytes, all zeros.
+// NewBuffer allocates a page-aligned buffer of size bytes, all zeros. It is its own
+// anonymous mapping: the kernel hands it out zeroed as it is first touched, where heap
+// memory would need a memset (perf: 12 % of a copy's CPU went to clearing its buffers).
 func NewBuffer(size int) (*Buffer, error) {
 	if size <= 0 {
 		return nil, fmt.Errorf("nbd buffer: size %d", size)
 	}
-	var p unsafe.Pointer
-	if C.posix_memalign(&p, 4096, C.size_t(size)) != 0 {
-		return nil, fmt.Errorf("nbd buffer of %d bytes: %w", size, syscall.ENOMEM)
+	p, err := C.mmap(nil, C.size_t(size), C.PROT_READ|C.PROT_WRITE, C.MAP_PRIVATE|C.MAP_ANONYMOUS, -1, 0)
+	if p == C.MAP_FAILED {
+		return nil, fmt.Errorf("nbd buffer of %d bytes: %w", size, err)
 	}
-	// posix_memalign hands back freed heap memory as it was; callers use a fresh buffer
-	// as a source of zeros.
-	C.memset(p, 0, C.size_t(size))
 	return &Buffer{p: p, n: size}, nil
 }
 
@@ -620,7 +620,7 @@ func (b *Buffer) Len() int { return b.n }
 // was cancelled mid-command must only be freed after that handle's Close.
 func (b *Buffer) Free() {
 	if b.p != nil {
-		C.free(b.p)
+		C.munmap(b.p, C.size_t(b.n))
 		b.p = nil
 		b.n = 0
 	}
