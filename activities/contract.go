@@ -302,6 +302,18 @@ type CopyDiskInput struct {
 	BandwidthBytesPerSec int64 `json:"bandwidthBytesPerSec,omitempty"`
 }
 
+// CopyWaitSignal is the signal a copy (CopyDisk, WriteDisk) sends its run when it starts
+// waiting on the SNA for a copy slot, and again once it runs, so the run's job log (the Web
+// UI's Current Details) says what the copy waits for; the heartbeat says it to queries.
+const CopyWaitSignal = "copy-wait"
+
+// CopyWait is CopyWaitSignal's payload: the disk and what its copy waits for, empty once it
+// runs.
+type CopyWait struct {
+	DiskKey    int32  `json:"diskKey"`
+	WaitingFor string `json:"waitingFor,omitempty"`
+}
+
 // CopyProgress is heartbeated by CopyDisk; a retried attempt resumes from Checkpoint.
 type CopyProgress struct {
 	Checkpoint   int64  `json:"checkpoint"` // every byte below is written and flushed on the target

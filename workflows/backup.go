@@ -289,6 +289,7 @@ func newBackup(ctx workflow.Context, in BackupInput) *backup {
 	title := fmt.Sprintf("Backup of %s (site %s)", text.Shorten(in.VM, MaxVMRefLength), text.Shorten(in.Site, MaxVMRefLength))
 	b := &backup{job: newJob(ctx, "backup", title, in.WorkerWaitSeconds, progress), in: in}
 	b.attributes = b.statusAttributes
+	b.watchCopyWaits(ctx)
 	return b
 }
 

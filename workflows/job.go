@@ -43,6 +43,32 @@ func newJob(ctx workflow.Context, kind, title string, workerWaitSeconds int, pro
 	}
 }
 
+// watchCopyWaits keeps the job log's copy waits as the run's copies report them
+// (CopyWaitSignal): a copy waiting on the SNA for a copy slot, and no longer once it runs.
+func (j *job) watchCopyWaits(ctx workflow.Context) {
+	signals := workflow.GetSignalChannel(ctx, activities.CopyWaitSignal)
+	workflow.Go(ctx, func(ctx workflow.Context) {
+		for {
+			var w activities.CopyWait
+			if more := signals.Receive(ctx, &w); !more {
+				return
+			}
+			if w.WaitingFor == "" {
+				delete(j.journal.copyWaits, w.DiskKey)
+			} else {
+				if j.journal.copyWaits == nil {
+					j.journal.copyWaits = map[int32]string{}
+				}
+				j.journal.copyWaits[w.DiskKey] = text.Shorten(w.WaitingFor, maxWaitText)
+			}
+			j.journal.publish(ctx, j.journal.current)
+		}
+	})
+}
+
+// maxWaitText bounds what a signal may put in the job log.
+const maxWaitText = 200
+
 // workflowID is the run's workflow ID: what leases, exports and restored VMs are named by.
 func (j *job) workflowID() string { return j.info.WorkflowExecution.ID }
 

@@ -82,6 +82,7 @@ func newRestore(ctx workflow.Context, in RestoreInput) *restore {
 	r := &restore{in: in, site: in.Site}
 	r.job = newJob(ctx, "restore", fmt.Sprintf("Restore of %s to %s", pointRef(r.in.Point, r.in.VM), progress.Mode), in.WorkerWaitSeconds, progress)
 	r.attributes = r.pointStatusAttributes
+	r.watchCopyWaits(ctx)
 	return r
 }
 

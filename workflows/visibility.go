@@ -2,6 +2,8 @@ package workflows
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"unicode"
 
@@ -41,7 +43,9 @@ type jobLog struct {
 	title   string
 	current string
 	waiting string
-	lines   []string
+	// copyWaits is what each disk's copy waits for on the SNA (CopyWaitSignal), by disk key.
+	copyWaits map[int32]string
+	lines     []string
 }
 
 // add appends a line to the log.
@@ -62,6 +66,9 @@ func (j *jobLog) render() string {
 	fmt.Fprintf(&s, "**%s**\n\nNow: %s\n\n", escapeMarkdown(j.title), escapeMarkdown(j.current))
 	if j.waiting != "" {
 		fmt.Fprintf(&s, "Waiting for: %s\n\n", escapeMarkdown(j.waiting))
+	}
+	for _, key := range slices.Sorted(maps.Keys(j.copyWaits)) {
+		fmt.Fprintf(&s, "Waiting for: %s (disk %d)\n\n", escapeMarkdown(j.copyWaits[key]), key)
 	}
 	for _, l := range j.lines {
 		s.WriteString("- " + escapeMarkdown(l) + "\n")

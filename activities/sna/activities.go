@@ -68,6 +68,13 @@ type Activities struct {
 	slots    *limits.Slots // nil: no cap
 	site     *limits.Limit // nil: no site limit
 	jobs     limits.Jobs
+	// signaler tells runs what their copies wait for; nil: the activity's own client.
+	signaler runSignaler
+}
+
+// runSignaler is the part of a Temporal client that tells a run something.
+type runSignaler interface {
+	SignalWorkflow(ctx context.Context, workflowID, runID, signalName string, arg any) error
 }
 
 // New returns the SNA activities over a connected vSphere client and the tunnel pool.
@@ -335,7 +342,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	log := a.log.With("vm", in.Snapshot.VMMoref, "disk", in.DiskKey, "mode", in.Mode)
 	resume, beat := a.startCopyHeartbeat(ctx, log)
 	defer beat.Stop()
-	release, err := a.takeCopySlot(ctx, beat, resume, log)
+	release, err := a.takeCopySlot(ctx, in.DiskKey, beat, resume, log)
 	if err != nil {
 		return activities.CopyDiskResult{}, fmt.Errorf("copy disk %d: %w", in.DiskKey, err)
 	}
@@ -463,8 +470,9 @@ func (a *Activities) startCopyHeartbeat(ctx context.Context, log *slog.Logger) (
 // takeCopySlot waits for one of the SNA's copy slots (Settings.MaxCopies) before a copy
 // opens anything. Meanwhile the heartbeat goes on (a cancel reaches the wait, the heartbeat
 // timeout does not fire), carrying the previous attempt's checkpoint and what the copy waits
-// for; the activity's own timeouts bound the wait. The release is safe to call twice.
-func (a *Activities) takeCopySlot(ctx context.Context, beat *heartbeat.Keeper, resume *activities.CopyProgress,
+// for, and the run is told (CopyWaitSignal) for its job log; the activity's own timeouts
+// bound the wait. The release is safe to call twice.
+func (a *Activities) takeCopySlot(ctx context.Context, disk int32, beat *heartbeat.Keeper, resume *activities.CopyProgress,
 	log *slog.Logger) (func(), error) {
 	var base activities.CopyProgress
 	if resume != nil {
@@ -478,15 +486,42 @@ func (a *Activities) takeCopySlot(ctx context.Context, beat *heartbeat.Keeper, r
 		waiting := base
 		waiting.WaitingFor = what
 		beat.Record(waiting)
+		a.tellRun(ctx, activities.CopyWait{DiskKey: disk, WaitingFor: what}, log)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("wait for %s: %w", what, err)
 	}
-	if waited {
+	// A retried attempt also clears what its predecessor may have said before it died.
+	if waited || activity.GetInfo(ctx).Attempt > 1 {
 		log.Info("copy slot taken")
 		beat.Record(base)
+		a.tellRun(ctx, activities.CopyWait{DiskKey: disk}, log)
 	}
 	return release, nil
+}
+
+// tellRunTimeout bounds telling the run about a wait: the job log is a courtesy that must
+// never hold up the copy.
+const tellRunTimeout = 10 * time.Second
+
+// tellRun signals the activity's run what a copy waits for. A failure is only logged: the
+// heartbeat carries the same to queries.
+func (a *Activities) tellRun(ctx context.Context, w activities.CopyWait, log *slog.Logger) {
+	var c runSignaler = a.signaler
+	if c == nil {
+		if ac := activity.GetClient(ctx); ac != nil {
+			c = ac
+		}
+	}
+	if c == nil {
+		return
+	}
+	info := activity.GetInfo(ctx)
+	ctx, cancel := context.WithTimeout(ctx, tellRunTimeout)
+	defer cancel()
+	if err := c.SignalWorkflow(ctx, info.WorkflowExecution.ID, info.WorkflowExecution.RunID, activities.CopyWaitSignal, w); err != nil {
+		log.Warn("could not tell the run what the copy waits for", "waitingFor", w.WaitingFor, "err", err)
+	}
 }
 
 // siteOf is the site whose queue (diskferry-sna.<site>) the activity came from.

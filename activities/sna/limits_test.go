@@ -71,7 +71,13 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 	var cancelledA atomic.Bool
 	var mu sync.Mutex
 	var waitingFor string
+	var told []activities.CopyWait
 	ranBeforeRelease := false
+	sna.SetRunSignaler(a, signalTap(func(w activities.CopyWait) {
+		mu.Lock()
+		defer mu.Unlock()
+		told = append(told, w)
+	}))
 	tapB := &heartbeatTap{record: func(p activities.CopyProgress) {
 		mu.Lock()
 		defer mu.Unlock()
@@ -98,6 +104,8 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 	mu.Lock()
 	require.True(t, strings.HasPrefix(waitingFor, "a copy slot on the SNA of site "), "the waiting copy's heartbeat said %q", waitingFor)
 	require.False(t, ranBeforeRelease, "the second copy ran while the first held the only slot")
+	require.Equal(t, []activities.CopyWait{{DiskKey: second, WaitingFor: waitingFor}, {DiskKey: second}}, told,
+		"the run was told what the copy waited for, then that it runs")
 	mu.Unlock()
 	require.Equal(t, second, res.DiskKey)
 	requireDigest(t, expB, res)
@@ -124,4 +132,15 @@ func TestCopySlotsCapConcurrentCopies(t *testing.T) {
 		require.False(t, waited.Load(), "failing copy %d waited for a slot: a failed copy kept its slot", i)
 		require.ErrorContains(t, err, "no-such-hub", "failing copy %d", i)
 	}
+}
+
+// signalTap takes what the activities tell their runs (CopyWaitSignal): the test
+// environment has no server to signal.
+type signalTap func(activities.CopyWait)
+
+func (s signalTap) SignalWorkflow(_ context.Context, _, _ string, name string, arg any) error {
+	if w, ok := arg.(activities.CopyWait); ok && name == activities.CopyWaitSignal {
+		s(w)
+	}
+	return nil
 }

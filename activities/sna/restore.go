@@ -81,7 +81,7 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	log := a.log.With("vm", in.VMMoref, "disk", in.DiskKey, "transport", a.settings.Transport)
 	resume, beat := a.startCopyHeartbeat(ctx, log)
 	defer beat.Stop()
-	release, err := a.takeCopySlot(ctx, beat, resume, log)
+	release, err := a.takeCopySlot(ctx, in.DiskKey, beat, resume, log)
 	if err != nil {
 		return activities.WriteDiskResult{}, fmt.Errorf("write disk %d: %w", in.DiskKey, err)
 	}
