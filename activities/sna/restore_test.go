@@ -237,6 +237,7 @@ func TestWriteDiskOverHTTPSIsPaced(t *testing.T) {
 		elapsed := time.Since(start)
 		require.Equal(t, int64(restoreDiskSize), res.BytesWritten+res.BytesZeroed, "%s: the whole flat file was sent", c.name)
 		speed := float64(restoreDiskSize) / elapsed.Seconds()
+		t.Logf("%s: %d bytes in %s: %s under a limit of %s", c.name, restoreDiskSize, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
 		require.LessOrEqual(t, speed, 1.5*rate, "%s: %d bytes in %s is %s, over the limit of %s",
 			c.name, restoreDiskSize, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
 		r.requireFlatIs(r.lab.Disks[0].BackingFile, image)

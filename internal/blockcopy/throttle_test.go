@@ -134,6 +134,7 @@ func TestStreamIsPacedByALimit(t *testing.T) {
 	elapsed := time.Since(start)
 	require.Equal(t, int64(size), res.BytesDone)
 	speed := float64(size) / elapsed.Seconds()
+	t.Logf("%d bytes in %s: %s under a limit of %s", size, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
 	require.LessOrEqual(t, speed, 1.5*rate, "%d bytes in %s is %s, over the limit of %s",
 		size, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
 }
