@@ -182,6 +182,9 @@ type WriteDiskInput struct {
 	DiskKey       int32  `json:"diskKey"` // the VM's disk
 	CapacityBytes int64  `json:"capacityBytes"`
 	Connections   int    `json:"connections"`
+	// BandwidthBytesPerSec is the job's bandwidth limit (RestoreInput.Bandwidth), shared by
+	// every disk of the job as CopyDiskInput's; 0: none. The site's limit applies as well.
+	BandwidthBytesPerSec int64 `json:"bandwidthBytesPerSec,omitempty"`
 }
 
 // WriteDiskResult is what WriteDisk did. Digest is over the whole disk as read from the

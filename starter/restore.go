@@ -17,6 +17,7 @@ import (
 	"go.temporal.io/sdk/client"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/workflows"
 )
 
@@ -50,6 +51,7 @@ func (r *restoreFlags) add(cmd *cobra.Command) {
 	if r.hasSite {
 		f.StringVar(&r.in.Site, "site", "", "site whose SNA writes into vCenter (default the point's site)")
 		f.IntVar(&r.in.Connections, "connections", 0, "NBD connections per disk (default 4)")
+		f.StringVar(&r.in.Bandwidth, "bandwidth", "", "bandwidth the restore's disk writes share, e.g. 50Mbit, 1Gbit, 12.5MB/s (default: the site's limit only)")
 	}
 	f.BoolVar(&r.wait, "wait", true, "follow the restore with per-disk progress until it ends; the exit code tells the outcome")
 	f.BoolVar(&r.noWait, "no-wait", false, "start the restore and return (same as --wait=false)")
@@ -149,6 +151,9 @@ func validateRestore(in workflows.RestoreInput) error {
 	}
 	if in.Connections < 0 || in.Connections > workflows.MaxConnections {
 		return fmt.Errorf("--connections %d is outside 0..%d", in.Connections, workflows.MaxConnections)
+	}
+	if _, err := limits.ParseRate(in.Bandwidth); err != nil {
+		return fmt.Errorf("--bandwidth: %w", err)
 	}
 	switch in.Destination {
 	case activities.DestinationNewVM:

@@ -138,7 +138,7 @@ func TestRestoreCommandsOnServer(t *testing.T) {
 	c := startFakeWorkflows(t)
 
 	out, err := runCLI(t, "restore", "new-vm", "--point", "P1", "--disk", "2000", "--disk", "2001", "--name", "web01-test",
-		"--folder", "/dc/vm/restored", "--pool", "/dc/host/c1/Resources", "--datastore", "ds2", "--power-on", "--site", "lab", "--json")
+		"--folder", "/dc/vm/restored", "--pool", "/dc/host/c1/Resources", "--datastore", "ds2", "--power-on", "--site", "lab", "--bandwidth", "50Mbit", "--json")
 	require.NoError(t, err, out)
 	var res workflows.RestoreResult
 	require.NoError(t, json.Unmarshal([]byte(out), &res), out)
@@ -149,7 +149,7 @@ func TestRestoreCommandsOnServer(t *testing.T) {
 	assert.Equal(t, workflows.RestoreWorkflowName, wfType)
 	assert.Equal(t, activities.HubQueue, queue)
 	assert.JSONEq(t, `{"point":"P1","destination":"new-vm","disks":[2000,2001],"site":"lab","name":"web01-test",
-		"folder":"/dc/vm/restored","resourcePool":"/dc/host/c1/Resources","datastore":"ds2","powerOn":true}`, input)
+		"folder":"/dc/vm/restored","resourcePool":"/dc/host/c1/Resources","datastore":"ds2","powerOn":true,"bandwidth":"50Mbit"}`, input)
 
 	out, err = runCLI(t, "restore", "file", "--point", "P1", "--disk", "2000", "--format", "vmdk", "--output", "/srv/web01.vmdk")
 	require.NoError(t, err, out)
@@ -165,13 +165,13 @@ DISK  INTO             READ     WRITTEN  TIME  DIGEST
 
 	out, err = runCLI(t, "restore", "in-place", "--vm", "web01", "--point", holdPoint)
 	assert.EqualError(t, err, "give --point or --vm, not both", out)
-	out, err = runCLI(t, "restore", "in-place", "--point", holdPoint, "--disk", "2000", "--power-off", "--no-wait", "--json")
+	out, err = runCLI(t, "restore", "in-place", "--point", holdPoint, "--disk", "2000", "--power-off", "--bandwidth", "1Gbit", "--no-wait", "--json")
 	require.NoError(t, err, out)
 	var started map[string]string
 	require.NoError(t, json.Unmarshal([]byte(out), &started), out)
 	assert.Equal(t, "restore-in-place-hold", started["workflowId"])
 	_, _, input = startedWith(t, c, "restore-in-place-hold")
-	assert.JSONEq(t, `{"point":"hold","destination":"in-place","disks":[2000],"powerOff":true}`, input)
+	assert.JSONEq(t, `{"point":"hold","destination":"in-place","disks":[2000],"powerOff":true,"bandwidth":"1Gbit"}`, input)
 
 	_, err = runCLI(t, "restore", "in-place", "--point", holdPoint)
 	assert.EqualError(t, err, "a restore into in-place hold is already running (workflow restore-in-place-hold); watch it with: diskferry restore status restore-in-place-hold")

@@ -19,7 +19,6 @@ import (
 	"go.temporal.io/sdk/workflow"
 
 	"github.com/diskferry/diskferry/activities"
-	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/text"
 )
 
@@ -168,8 +167,8 @@ func (in BackupInput) Validate() error {
 	if in.WorkerWaitSeconds < 0 || in.WorkerWaitSeconds > int(MaxWorkerWait/time.Second) {
 		return badInput(fmt.Sprintf("workerWaitSeconds: %d is outside 0..%d", in.WorkerWaitSeconds, int(MaxWorkerWait/time.Second)))
 	}
-	if _, err := limits.ParseRate(in.Bandwidth); err != nil {
-		return badInput(fmt.Sprintf("bandwidth: %s", text.Shorten(err.Error(), 120)))
+	if err := validateBandwidth(in.Bandwidth, badInput); err != nil {
+		return err
 	}
 	seen := make(map[int32]bool, len(in.Disks))
 	for _, key := range in.Disks {
@@ -179,12 +178,6 @@ func (in BackupInput) Validate() error {
 		seen[key] = true
 	}
 	return nil
-}
-
-// bandwidthBytesPerSec is the job's limit; 0: none. The input is validated by then.
-func (in BackupInput) bandwidthBytesPerSec() int64 {
-	n, _ := limits.ParseRate(in.Bandwidth)
-	return n
 }
 
 // validateVMRef accepts a name, a moref or an absolute inventory path of sane length; bad
@@ -531,7 +524,7 @@ func (b *backup) copyDisk(ctx workflow.Context, d *diskRun) error {
 			PrevChangeID:  d.plan.PrevChangeID,
 			Connections:   b.in.Connections,
 		}
-		in.BandwidthBytesPerSec = b.in.bandwidthBytesPerSec()
+		in.BandwidthBytesPerSec = bandwidthBytesPerSec(b.in.Bandwidth)
 		opts := b.options(activities.CopyDiskName, b.snaQueue(),
 			fmt.Sprintf("copy disk %d (%s, %s)", d.plan.Key, d.plan.Mode, humanBytes(d.plan.CapacityBytes)))
 		// An ID is unique among the run's pending activities only: the full copy after a

@@ -61,7 +61,44 @@ func TestBackupInputDecodesBandwidth(t *testing.T) {
 	require.NoError(t, in.UnmarshalJSON([]byte(`{"vm":"web01","site":"lab","bandwidth":"1Gbit"}`)))
 	require.NoError(t, in.Validate())
 	assert.Equal(t, "1Gbit", in.Bandwidth)
-	assert.Equal(t, int64(125_000_000), in.bandwidthBytesPerSec())
+	assert.Equal(t, int64(125_000_000), bandwidthBytesPerSec(in.Bandwidth))
+}
+
+// A restore's bandwidth reaches every disk's write as a backup's reaches its copies, for
+// both destinations that write through an SNA; without it there is no job limit.
+func TestRestoreBandwidthReachesEveryWrite(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		in        RestoreInput
+		bandwidth string
+		want      int64
+	}{
+		{"new-vm", newVMInput(), "50Mbit", 6_250_000},
+		{"in-place", inPlaceInput(), "12.5MB/s", 12_500_000},
+		{"no limit", newVMInput(), "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRun(t, activities.ModeFull)
+			r.fakes.changeVM = func(vm *activities.VM) { vm.PowerState = activities.PowerOff }
+			in := tc.in
+			in.Bandwidth = tc.bandwidth
+			_, err := r.executeRestore(in)
+			require.NoError(t, err)
+			r.fakes.mu.Lock()
+			defer r.fakes.mu.Unlock()
+			require.Len(t, r.fakes.writes, 2)
+			for _, w := range r.fakes.writes {
+				assert.Equal(t, tc.want, w.BandwidthBytesPerSec, "disk %d", w.DiskKey)
+			}
+		})
+	}
+}
+
+func TestRestoreInputDecodesBandwidth(t *testing.T) {
+	var in RestoreInput
+	require.NoError(t, in.UnmarshalJSON([]byte(`{"point":"p1","bandwidth":"1Gbit"}`)))
+	require.NoError(t, in.Validate())
+	assert.Equal(t, "1Gbit", in.Bandwidth)
 }
 
 // A copy waiting for a slot on its SNA heartbeats what it waits for; the run's progress

@@ -228,3 +228,28 @@ func TestRecordRetentionHistories(t *testing.T) {
 		})
 	}
 }
+
+// TestRecordPortWaitHistory records a backup that waits for ports (leasePorts, change
+// portWaitChange): the hub has too few free ports twice, then leases them:
+//
+//	go test -tags record ./workflows -run TestRecordPortWaitHistory
+func TestRecordPortWaitHistory(t *testing.T) {
+	srv := testenv.StartTemporal(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	f := newFakeActivities(activities.ModeFull)
+	t.Cleanup(func() { close(f.release) })
+	f.exhaust[activities.AllocatePortsName] = 2
+	startWorkers(t, srv.Client, f)
+	in := validInput()
+	run, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
+	require.NoError(t, err)
+	var res BackupResult
+	require.NoError(t, run.Get(ctx, &res))
+	require.Equal(t, "p1", res.PointID)
+	f.mu.Lock()
+	attempts := f.attempts[activities.AllocatePortsName]
+	f.mu.Unlock()
+	require.Equal(t, 3, attempts, "two exhausted attempts, then the lease")
+	writeHistory(ctx, t, srv.Client, run, historyPath("backup_port_wait.json"))
+}

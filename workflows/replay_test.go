@@ -3,6 +3,7 @@ package workflows
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -11,6 +12,7 @@ import (
 	enumspb "go.temporal.io/api/enums/v1"
 	historypb "go.temporal.io/api/history/v1"
 	"go.temporal.io/sdk/client"
+	"go.temporal.io/sdk/converter"
 	"go.temporal.io/sdk/worker"
 	"go.temporal.io/sdk/workflow"
 
@@ -21,7 +23,8 @@ import (
 // mid-copy; a restore per destination, a restore whose write fails and one cancelled
 // mid-write; a mount ended by unmount and one by cancel; a backup that starts its VM's
 // retention (the backups above predate that step), that retention, a dry run, a run skipped
-// because the chain is busy and one whose apply fails.
+// because the chain is busy and one whose apply fails; a backup that waits for ports
+// (portWaitChange: the older backups lease disk by disk).
 var histories = []string{
 	"backup_full.json",
 	"backup_incremental.json",
@@ -39,6 +42,7 @@ var histories = []string{
 	"retention_dry_run.json",
 	"retention_skipped_busy.json",
 	"retention_apply_failure.json",
+	"backup_port_wait.json",
 }
 
 func historyPath(name string) string { return filepath.Join("testdata", name) }
@@ -213,4 +217,46 @@ func TestRecordedBackupStartsRetention(t *testing.T) {
 		assert.Zero(t, markers, old)
 		assert.Empty(t, started, old)
 	}
+}
+
+// TestRecordedBackupWaitsForPorts checks the port-wait history holds the path it is kept for,
+// so a re-recording cannot silently lose it: the portWaitChange marker, then every disk's
+// ports asked in one AllocatePorts, twice refused with PortsExhausted and each time followed
+// by a timer, then leased, before the first export; no disk-by-disk AllocatePort.
+func TestRecordedBackupWaitsForPorts(t *testing.T) {
+	f, err := os.Open(historyPath("backup_port_wait.json"))
+	require.NoError(t, err)
+	defer f.Close()
+	hist, err := client.HistoryFromJSON(f, client.HistoryJSONOptions{})
+	require.NoError(t, err)
+	var (
+		steps     []string
+		scheduled = map[int64]string{}
+	)
+	for _, e := range hist.GetEvents() {
+		switch {
+		case e.GetMarkerRecordedEventAttributes() != nil:
+			var change string
+			require.NoError(t, converter.GetDefaultDataConverter().FromPayloads(e.GetMarkerRecordedEventAttributes().GetDetails()["change-id"], &change))
+			steps = append(steps, "marker "+change)
+		case e.GetActivityTaskScheduledEventAttributes() != nil:
+			name := e.GetActivityTaskScheduledEventAttributes().GetActivityType().GetName()
+			scheduled[e.GetEventId()] = name
+			steps = append(steps, name)
+		case e.GetActivityTaskFailedEventAttributes() != nil:
+			a := e.GetActivityTaskFailedEventAttributes()
+			steps = append(steps, scheduled[a.GetScheduledEventId()]+" failed "+a.GetFailure().GetApplicationFailureInfo().GetType())
+		case e.GetTimerStartedEventAttributes() != nil:
+			steps = append(steps, "timer")
+		}
+	}
+	start := slices.Index(steps, "marker "+portWaitChange)
+	require.GreaterOrEqual(t, start, 0, "the port-wait marker: %v", steps)
+	assert.Equal(t, []string{
+		"marker " + portWaitChange,
+		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer",
+		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer",
+		activities.AllocatePortsName, activities.PrepareTargetName,
+	}, steps[start:min(start+9, len(steps))])
+	assert.NotContains(t, steps, activities.AllocatePortName)
 }

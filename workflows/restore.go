@@ -348,6 +348,7 @@ func (r *restore) writeDisk(ctx workflow.Context, d *restoreDisk) error {
 	in := activities.WriteDiskInput{
 		HubID: r.src.HubID, SourcePort: d.export.Port, SourceSocket: d.export.Socket, ExportName: d.export.Name,
 		VMMoref: r.vm.Moref, DiskKey: d.vmKey, CapacityBytes: d.src.CapacityBytes, Connections: r.in.Connections,
+		BandwidthBytesPerSec: bandwidthBytesPerSec(r.in.Bandwidth),
 	}
 	opts := r.options(activities.WriteDiskName, r.snaQueue(),
 		fmt.Sprintf("write disk %d into disk %d of VM %s (%s)", d.src.Key, d.vmKey, r.vm.Name, humanBytes(d.src.CapacityBytes)))

@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/sdk/temporal"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/text"
 )
 
@@ -104,6 +105,20 @@ func validateSite(site string, bad func(string) error) error {
 	return nil
 }
 
+// validateBandwidth accepts a job's bandwidth limit as limits.ParseRate reads it; empty is none.
+func validateBandwidth(bandwidth string, bad func(string) error) error {
+	if _, err := limits.ParseRate(bandwidth); err != nil {
+		return bad(fmt.Sprintf("bandwidth: %s", text.Shorten(err.Error(), 120)))
+	}
+	return nil
+}
+
+// bandwidthBytesPerSec is a validated job limit in bytes per second; 0: none.
+func bandwidthBytesPerSec(bandwidth string) int64 {
+	n, _ := limits.ParseRate(bandwidth)
+	return n
+}
+
 func validateWorkerWait(seconds int, bad func(string) error) error {
 	if seconds < 0 || seconds > int(MaxWorkerWait/time.Second) {
 		return bad(fmt.Sprintf("workerWaitSeconds: %d is outside 0..%d", seconds, int(MaxWorkerWait/time.Second)))
@@ -150,7 +165,7 @@ func validateInventoryPath(field, p string) error {
 // Validate checks the input and returns a non-retryable ErrBadInput error naming the field.
 func (in RestoreInput) Validate() error {
 	if in.unknown != nil {
-		return badRestoreInput(fmt.Sprintf("%v (known fields: point, vm, destination, disks, site, name, folder, resourcePool, host, datastore, powerOn, powerOff, format, output, connections, workerWaitSeconds)", in.unknown))
+		return badRestoreInput(fmt.Sprintf("%v (known fields: point, vm, destination, disks, site, name, folder, resourcePool, host, datastore, powerOn, powerOff, format, output, connections, workerWaitSeconds, bandwidth)", in.unknown))
 	}
 	if err := validatePointRef(in.Point, in.VM, badRestoreInput); err != nil {
 		return err
@@ -196,6 +211,7 @@ func (in RestoreInput) Validate() error {
 		{"powerOff", in.PowerOff, []string{activities.DestinationInPlace}},
 		{"site", in.Site != "", []string{activities.DestinationNewVM, activities.DestinationInPlace}},
 		{"connections", in.Connections != 0, []string{activities.DestinationNewVM, activities.DestinationInPlace}},
+		{"bandwidth", in.Bandwidth != "", []string{activities.DestinationNewVM, activities.DestinationInPlace}},
 		{"format", in.Format != "", []string{activities.DestinationFile}},
 		{"output", in.Output != "", []string{activities.DestinationFile}},
 	} {
@@ -239,6 +255,9 @@ func (in RestoreInput) Validate() error {
 	}
 	if in.Connections < 0 || in.Connections > MaxConnections {
 		return badRestoreInput(fmt.Sprintf("connections: %d is outside 0..%d", in.Connections, MaxConnections))
+	}
+	if err := validateBandwidth(in.Bandwidth, badRestoreInput); err != nil {
+		return err
 	}
 	return validateWorkerWait(in.WorkerWaitSeconds, badRestoreInput)
 }

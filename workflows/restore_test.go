@@ -493,6 +493,10 @@ func TestRestoreBadInput(t *testing.T) {
 		{RestoreInput{Point: "p1", Destination: activities.DestinationFile, Format: "raw", Output: "/x", PowerOn: true}, "powerOn: only for destination new-vm or in-place, not file"},
 		{RestoreInput{Point: "p1", Connections: MaxConnections + 1}, "connections: 17 is outside 0..16"},
 		{RestoreInput{Point: "p1", WorkerWaitSeconds: -1}, "workerWaitSeconds: -1 is outside"},
+		{RestoreInput{Point: "p1", Bandwidth: "50MB"}, `bandwidth: "50MB" is not a bandwidth (e.g. 50Mbit, 1Gbit, 12.5MB/s, 800KiB/s)`},
+		{RestoreInput{Point: "p1", Destination: activities.DestinationInPlace, Bandwidth: "10kbit"}, `bandwidth: bandwidth "10kbit" is below the minimum of 1Mbit`},
+		{RestoreInput{Point: "p1", Destination: activities.DestinationFile, Format: "raw", Output: "/x", Bandwidth: "50Mbit"},
+			"bandwidth: only for destination new-vm or in-place, not file"},
 	} {
 		t.Run(tc.want, func(t *testing.T) {
 			r := newRun(t, activities.ModeFull)

@@ -52,6 +52,10 @@ type RestoreInput struct {
 
 	Connections       int `json:"connections,omitempty"`
 	WorkerWaitSeconds int `json:"workerWaitSeconds,omitempty"`
+	// Bandwidth limits the restore's disk writes together (new-vm, in-place), as a backup's
+	// (BackupInput.Bandwidth); empty: no job limit. The SNA's DISKFERRY_SITE_BANDWIDTH
+	// applies as well: the stricter wins.
+	Bandwidth string `json:"bandwidth,omitempty"`
 
 	unknown error
 }

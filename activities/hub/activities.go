@@ -211,9 +211,20 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 		return activities.Plan{}, fmt.Errorf("plan backup of %s: %w", in.VM.Name, err)
 	}
 
+	// A VM with a complete point stays on its chain's hub; a new chain is placed by OpenPoint
+	// (docs/architecture.md, Placement).
+	req := catalog.OpenPointRequest{
+		WorkflowID: in.WorkflowID, RunID: in.RunID, Site: in.Site,
+		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: in.VM.Config, RestoreClosed: vm.RestoreWorkflowID,
+	}
 	plan := activities.Plan{Mode: activities.ModeIncremental}
-	if plan.HubID, plan.Note, err = a.placeBackup(ctx, vm, last, hasLast); err != nil {
-		return activities.Plan{}, err
+	if hasLast {
+		req.Hub = last.Hub
+		if plan.Note, err = a.chainNote(ctx, vm, last.Hub); err != nil {
+			return activities.Plan{}, err
+		}
+	} else {
+		req.Choose = a.chooseHub(vm)
 	}
 	anyIncremental := false
 	for _, d := range disks {
@@ -224,10 +235,6 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 			plan.Mode = activities.ModeFull // the contract: full if any disk is full
 		}
 		plan.Disks = append(plan.Disks, dp)
-	}
-	req := catalog.OpenPointRequest{
-		WorkflowID: in.WorkflowID, RunID: in.RunID, Site: in.Site, Hub: plan.HubID,
-		VMID: vm.ID, Mode: catalog.ModeFull, VMConfig: in.VM.Config, RestoreClosed: vm.RestoreWorkflowID,
 	}
 	if anyIncremental {
 		// In the catalog the point is incremental as soon as one disk depends on the parent.
@@ -246,10 +253,14 @@ func (a *Activities) PlanBackup(ctx context.Context, in activities.PlanBackupInp
 		// An in-place restore marked the VM since it was read.
 		return activities.Plan{}, restoreRunning(in.VM.Name, restoring.WorkflowID)
 	}
+	var noHub *temporal.ApplicationError
+	if errors.As(err, &noHub) {
+		return activities.Plan{}, noHub
+	}
 	if err != nil {
 		return activities.Plan{}, classify("open restore point for "+in.VM.Name, err)
 	}
-	plan.PointID = point.ID
+	plan.HubID, plan.PointID = point.Hub, point.ID
 	return plan, nil
 }
 

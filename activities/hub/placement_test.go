@@ -2,8 +2,10 @@ package hub
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"regexp"
+	"sync"
 	"testing"
 	"time"
 
@@ -171,4 +173,45 @@ func TestPlanBackupKeepsTheChainOnItsHub(t *testing.T) {
 	retention, err := b.planRetention(t, activities.PlanRetentionInput{VM: vm.Moref})
 	require.NoError(t, err)
 	assert.Equal(t, "hub-a", retention.HubID, "retention is applied on the chain's hub")
+}
+
+// New VMs whose PlanBackups run at the very same moment, on both hubs' workers, still
+// spread evenly: each placement sees the points the others opened (the choice and the
+// opening of the point are one step under the hubs' lock).
+func TestPlanBackupPlacesConcurrentNewVMsEvenly(t *testing.T) {
+	testenv.Integration(t)
+	store := newStore(t)
+	rigs := []*rig{hubRig(t, store, "hub-a"), hubRig(t, store, "hub-b")}
+	seen(t, store, "hub-a", 100*capacity)
+	seen(t, store, "hub-b", 100*capacity)
+
+	const n = 8
+	hubs := make([]string, n)
+	errs := make([]error, n)
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			name := fmt.Sprintf("vm%d", i)
+			<-start
+			plan, err := rigs[i%2].acts.PlanBackup(context.Background(), activities.PlanBackupInput{
+				// A site each: the placements share no row but the hubs'.
+				WorkflowID: "wf-" + name, RunID: "run-" + name, Site: "site-" + name, VM: vmNamed(name, "vm-"+name), Mode: activities.ModeAuto,
+			})
+			hubs[i], errs[i] = plan.HubID, err
+		})
+	}
+	close(start)
+	wg.Wait()
+	count := map[string]int{}
+	for i := range n {
+		require.NoError(t, errs[i], "VM %d", i)
+		count[hubs[i]]++
+	}
+	assert.Equal(t, map[string]int{"hub-a": n / 2, "hub-b": n / 2}, count, "placements: %v", hubs)
+	listed, err := store.ListHubs(context.Background())
+	require.NoError(t, err)
+	for _, h := range listed {
+		assert.Equal(t, n/2*2*capacity, h.PendingBytes, "hub %s: %d running backups of two disks", h.ID, n/2)
+	}
 }

@@ -125,14 +125,12 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	if opts.Connections <= 0 {
 		opts.Connections = a.settings.Connections
 	}
-	// The site's limit paces the copy engine's data writes (vddk); the https upload is one
-	// sequential stream outside the engine and is not paced.
-	if a.settings.Transport == TransportVDDK {
-		pace, releasePace := a.pacer(ctx, 0, log)
-		defer releasePace()
-		if len(pace) > 0 {
-			opts.Throttle = pace
-		}
+	// The job's and the site's limits pace the bytes sent to vCenter as a backup's copies:
+	// vddk's data writes, or every byte of the https upload (its zeros cross the wire too).
+	pace, releasePace := a.pacer(ctx, in.BandwidthBytesPerSec, log)
+	defer releasePace()
+	if len(pace) > 0 {
+		opts.Throttle = pace
 	}
 
 	var res *blockcopy.Result

@@ -9,13 +9,16 @@ import (
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 	"go.temporal.io/sdk/interceptor"
 	"go.temporal.io/sdk/worker"
 
 	"github.com/diskferry/diskferry/activities"
+	"github.com/diskferry/diskferry/activities/sna"
 	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/qemu"
 	"github.com/diskferry/diskferry/internal/testenv"
 	"github.com/diskferry/diskferry/internal/vsphere/vcsimtest"
@@ -204,4 +207,39 @@ func TestCreateRestoreVMRefusals(t *testing.T) {
 	_, err = env.ExecuteActivity(activities.CreateRestoreVMName, activities.CreateRestoreVMInput{WorkflowID: "wf",
 		Spec: activities.RestoreVMSpec{Name: "x"}})
 	requireAppError(t, err, activities.ErrBadInput)
+}
+
+// An https restore is paced like a backup's copy: by its job's limit (WriteDiskInput's,
+// from RestoreInput.Bandwidth) and by the site's (DISKFERRY_SITE_BANDWIDTH). A token bucket
+// lets through at most its burst plus the rate times the time taken, so the margin only
+// covers the burst, never the machine's speed.
+func TestWriteDiskOverHTTPSIsPaced(t *testing.T) {
+	const rate = 8 << 20
+	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: restoreDiskSize})
+	key := r.lab.Disks[0].Key
+	image := r.pointImage("point", restoreDiskSize)
+	exp := r.startPointExport(image, "disk-"+strconv.Itoa(int(key)))
+	for _, c := range []struct {
+		name      string
+		job, site int64
+	}{
+		{name: "job limit", job: rate},
+		{name: "site limit", site: rate},
+	} {
+		a := r.activities("", func(s *sna.Settings) { s.SiteBandwidth = c.site })
+		env := r.env(a)
+		execute[struct{}](t, env, activities.SetPowerName, activities.SetPowerInput{VMMoref: r.lab.VMMoref, State: activities.PowerOff})
+		execute[activities.Forwards](t, env, activities.EnsureTunnelName, tunnelInput(exp))
+		in := activities.WriteDiskInput{HubID: hubID, SourcePort: exp.Port, SourceSocket: exp.Socket, ExportName: exp.opts.Name,
+			VMMoref: r.lab.VMMoref, DiskKey: key, CapacityBytes: restoreDiskSize, BandwidthBytesPerSec: c.job}
+		start := time.Now()
+		res := execute[activities.WriteDiskResult](t, env, activities.WriteDiskName, in)
+		elapsed := time.Since(start)
+		require.Equal(t, int64(restoreDiskSize), res.BytesWritten+res.BytesZeroed, "%s: the whole flat file was sent", c.name)
+		speed := float64(restoreDiskSize) / elapsed.Seconds()
+		t.Logf("%s: %d bytes in %s: %s under a limit of %s", c.name, restoreDiskSize, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
+		require.LessOrEqual(t, speed, 1.5*rate, "%s: %d bytes in %s is %s, over the limit of %s",
+			c.name, restoreDiskSize, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
+		r.requireFlatIs(r.lab.Disks[0].BackingFile, image)
+	}
 }

@@ -18,9 +18,10 @@ import (
 // connections read ahead; holes are not read but written to w as zeros. The Result's
 // digest is the one ComputeDigest reports for the whole source with the same BlockSize.
 //
-// Connections, RequestSize, MaxRequestSize, BlockSize, timeouts, OnProgress and Logger
-// apply; Areas, Resume, DestinationIsZero and OnBlock do not (a stream has no random
-// access, so an interrupted stream starts over).
+// Connections, RequestSize, MaxRequestSize, BlockSize, timeouts, OnProgress, Logger and
+// Throttle apply; Areas, Resume, DestinationIsZero and OnBlock do not (a stream has no random
+// access, so an interrupted stream starts over). The Throttle is asked for every byte written
+// to w, the zeros of holes too: they cross the wire like data.
 func Stream(ctx context.Context, src string, w io.Writer, opts Options) (*Result, error) {
 	if src == "" || w == nil {
 		return nil, errors.New("blockcopy: stream needs a source URI and a writer")
@@ -208,6 +209,9 @@ func (c *Copy) emit(ctx context.Context, w io.Writer, ch *streamChunk, readErr e
 		return err
 	}
 	if !ch.hole {
+		if err := c.pace(ctx, ch.n); err != nil {
+			return err
+		}
 		if _, err := w.Write(ch.buf.Bytes()[:ch.n]); err != nil {
 			return fmt.Errorf("write stream at %d+%d: %w", ch.off, ch.n, err)
 		}
@@ -223,6 +227,9 @@ func (c *Copy) emit(ctx context.Context, w io.Writer, ch *streamChunk, readErr e
 			return err
 		}
 		pe := pieceEnd(p, ch.off+ch.n, c.opts.BlockSize)
+		if err := c.pace(ctx, pe-p); err != nil {
+			return err
+		}
 		if _, err := w.Write(zeros[:pe-p]); err != nil {
 			return fmt.Errorf("write stream at %d+%d: %w", p, pe-p, err)
 		}
@@ -233,4 +240,12 @@ func (c *Copy) emit(ctx context.Context, w io.Writer, ch *streamChunk, readErr e
 		p = pe
 	}
 	return nil
+}
+
+// pace waits until the throttle, if any, lets n more bytes go to the stream.
+func (c *Copy) pace(ctx context.Context, n int64) error {
+	if c.opts.Throttle == nil {
+		return nil
+	}
+	return c.opts.Throttle.WaitN(ctx, int(n))
 }

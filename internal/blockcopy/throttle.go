@@ -3,9 +3,9 @@ package blockcopy
 import "context"
 
 // Throttle paces a copy's data writes, the payload that crosses the wire to the target
-// (zero requests carry no payload and are not counted): WaitN is called before each data
-// write with its length and returns once the write may go; an error fails the copy. It is
-// called from several workers at once. A *rate.Limiter whose burst is at least the request
+// (zero requests carry no payload and are not counted; a Stream's zeros are payload and
+// are): WaitN is called before each data write with its length and returns once the write
+// may go; an error fails the copy. It is called from several workers at once. A *rate.Limiter whose burst is at least the request
 // size is one; internal/limits cuts larger waits for any burst.
 type Throttle interface {
 	WaitN(ctx context.Context, n int) error

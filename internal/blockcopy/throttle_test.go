@@ -1,15 +1,19 @@
 package blockcopy_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"github.com/diskferry/diskferry/internal/blockcopy"
+	"github.com/diskferry/diskferry/internal/limits"
 	"github.com/diskferry/diskferry/internal/testenv"
 )
 
@@ -94,3 +98,43 @@ func TestThrottleWaitEndsOnCancel(t *testing.T) {
 type throttleFunc func(ctx context.Context, n int) error
 
 func (f throttleFunc) WaitN(ctx context.Context, n int) error { return f(ctx, n) }
+
+// A stream asks the throttle for every byte it writes, the zeros of holes too (an upload
+// sends them), and ends with the throttle's error.
+func TestStreamThrottleCountsEveryByte(t *testing.T) {
+	raw := fixture(t, 40*mib)
+	export := testenv.StartQemuNBD(t, qcow2Of(t, raw), testenv.QemuNBDOptions{Args: []string{"--read-only"}})
+
+	throttle := &countingThrottle{}
+	res, err := blockcopy.Stream(t.Context(), export.URI, io.Discard, blockcopy.Options{Throttle: throttle})
+	require.NoError(t, err)
+	require.Positive(t, res.BytesZeroed, "the fixture has holes")
+	require.Equal(t, int64(40*mib), throttle.bytes.Load(), "every byte of the stream")
+
+	refused := errors.New("no bandwidth for you")
+	var out bytes.Buffer
+	res, err = blockcopy.Stream(t.Context(), export.URI, &out,
+		blockcopy.Options{Throttle: throttleFunc(func(context.Context, int) error { return refused })})
+	require.ErrorIs(t, err, refused)
+	require.Zero(t, out.Len(), "nothing may be written past a refusing throttle")
+	require.Empty(t, res.Digest)
+}
+
+// A stream under a bandwidth limit goes no faster than the limit: a token bucket lets
+// through at most its burst plus the rate times the time taken, so the margin here only
+// covers the burst, never the machine's speed (a slow run is slower still).
+func TestStreamIsPacedByALimit(t *testing.T) {
+	const size, rate = 32 * mib, 16 * mib
+	raw := fixture(t, size)
+	export := testenv.StartQemuNBD(t, qcow2Of(t, raw), testenv.QemuNBDOptions{Args: []string{"--read-only"}})
+
+	start := time.Now()
+	res, err := blockcopy.Stream(t.Context(), export.URI, io.Discard, blockcopy.Options{Throttle: limits.NewLimit(rate)})
+	require.NoError(t, err)
+	elapsed := time.Since(start)
+	require.Equal(t, int64(size), res.BytesDone)
+	speed := float64(size) / elapsed.Seconds()
+	t.Logf("%d bytes in %s: %s under a limit of %s", size, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
+	require.LessOrEqual(t, speed, 1.5*rate, "%d bytes in %s is %s, over the limit of %s",
+		size, elapsed, limits.FormatRate(int64(speed)), limits.FormatRate(rate))
+}

@@ -3,6 +3,7 @@ package catalog
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -51,8 +52,10 @@ func (s *Store) RecordHub(ctx context.Context, h Hub) error {
 }
 
 // ListHubs returns every hub by id, with the bytes its running backups may still write.
-func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT h.id, h.last_seen, h.free_bytes, h.used_bytes, h.port_first, h.port_last, COALESCE(r.pending, 0)
+func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) { return listHubs(ctx, s.db) }
+
+func listHubs(ctx context.Context, q querier) ([]Hub, error) {
+	rows, err := q.QueryContext(ctx, `SELECT h.id, h.last_seen, h.free_bytes, h.used_bytes, h.port_first, h.port_last, COALESCE(r.pending, 0)
 		FROM hubs h LEFT JOIN (
 			SELECT p.hub_id, SUM(d.capacity_bytes) AS pending FROM restore_points p JOIN disks d ON d.vm_id = p.vm_id
 			WHERE p.status = 'running' GROUP BY p.hub_id
@@ -81,4 +84,29 @@ func (s *Store) ListHubs(ctx context.Context) ([]Hub, error) {
 		return nil, fmt.Errorf("list hubs: %w", err)
 	}
 	return hubs, nil
+}
+
+// DefaultPlaceWait bounds how long OpenPoint waits for the other placements when the request
+// names none.
+const DefaultPlaceWait = 30 * time.Second
+
+// ErrPlaceBusy says a placement did not get the hubs' lock, or did not finish, within its
+// wait: other placements held it or the catalog is slow. It clears on a later attempt.
+var ErrPlaceBusy = errors.New("placement busy")
+
+// ChooseHub picks the hub of a new chain from every hub (ListHubs), read while no other
+// placement can open a point; its error ends OpenPoint unchanged.
+type ChooseHub func(hubs []Hub) (string, error)
+
+// lockHubs takes every hubs row's lock, which serialises the placements: a placement's
+// reading of the hubs and its opening of the point are then one step for the others. It must
+// come before the transaction's first plain read: under REPEATABLE READ a transaction reads
+// the snapshot of its first plain read, which then comes after the previous placement
+// committed.
+func lockHubs(ctx context.Context, tx *sql.Tx) error {
+	var n int
+	if err := tx.QueryRowContext(ctx, "SELECT COUNT(*) FROM hubs FOR UPDATE").Scan(&n); err != nil {
+		return fmt.Errorf("lock the hubs: %w", err)
+	}
+	return nil
 }

@@ -69,3 +69,46 @@ func TestAllocateUsesTheHubsRecordedRange(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, 10100, port, "a hub that recorded no range gets the allocator's")
 }
+
+// A placement waits for the hubs' lock a bounded time, then fails with ErrPlaceBusy saying
+// so; once the lock is free it places, and its retry gets the same point and hub back
+// without choosing again.
+func TestOpenPointPlacementWaitIsBounded(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	vm := newVM(t, s, "vm-1")
+	require.NoError(t, s.RecordHub(ctx, Hub{ID: "hub-a", FreeBytes: 100, Ports: PortRange{First: 20100, Last: 20101}}))
+	chosen := 0
+	req := OpenPointRequest{WorkflowID: "wf-1", RunID: "run-1", Site: "site-a", VMID: vm.ID, Mode: ModeFull, PlaceWait: time.Second,
+		Choose: func(hubs []Hub) (string, error) {
+			chosen++
+			return hubs[0].ID, nil
+		}}
+
+	// Another placement, stuck between its choice and its commit.
+	other, err := s.DB().BeginTx(ctx, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = other.Rollback() })
+	require.NoError(t, lockHubs(ctx, other))
+	_, err = s.OpenPoint(ctx, req)
+	require.ErrorIs(t, err, ErrPlaceBusy)
+	assert.Contains(t, err.Error(), "placing the point of workflow wf-1 did not finish within 1s: other placements held the hubs' lock")
+	assert.Zero(t, chosen, "nothing is chosen without the lock")
+	_, err = s.RunningPointForVM(ctx, vm.ID)
+	require.ErrorIs(t, err, ErrNotFound, "no point was opened")
+
+	require.NoError(t, other.Rollback())
+	p, err := s.OpenPoint(ctx, req)
+	require.NoError(t, err)
+	assert.Equal(t, "hub-a", p.Hub)
+	require.NoError(t, s.RecordHub(ctx, Hub{ID: "hub-b", FreeBytes: 1 << 40, Ports: PortRange{First: 20100, Last: 20101}}))
+	again, err := s.OpenPoint(ctx, req)
+	require.NoError(t, err)
+	assert.Equal(t, p.ID, again.ID)
+	assert.Equal(t, "hub-a", again.Hub, "a retry keeps the hub its point was placed on")
+	assert.Equal(t, 1, chosen)
+
+	req.Hub = "hub-a"
+	_, err = s.OpenPoint(ctx, req)
+	require.ErrorIs(t, err, ErrInvalid, "a hub named and a placement")
+}

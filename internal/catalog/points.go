@@ -1,6 +1,7 @@
 package catalog
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
@@ -69,7 +70,7 @@ type OpenPointRequest struct {
 	WorkflowID string
 	RunID      string
 	Site       string
-	Hub        string
+	Hub        string // empty when Choose picks it
 	VMID       int64
 	Mode       string // full|incremental
 	ParentID   string // required for incremental: a complete point of the same VM
@@ -77,6 +78,12 @@ type OpenPointRequest struct {
 	// RestoreClosed is the in-place restore workflow whose mark the plan followed, found
 	// closed by the caller; a VM marked by any other gives a *RestoreRunningError.
 	RestoreClosed string
+	// Choose, when set, places a new chain: OpenPoint picks the hub with it from every hub,
+	// read under a lock that serialises placements, so placements at the same moment each
+	// see the points the others opened. PlaceWait bounds that wait and the whole step
+	// (DefaultPlaceWait when zero); past it OpenPoint fails with ErrPlaceBusy.
+	Choose    ChooseHub
+	PlaceWait time.Duration
 }
 
 // BackupRunningError says the VM already has a running point of another workflow.
@@ -103,10 +110,14 @@ const maxReasonText = 1024
 // a retry gets the same point back. A new run of the same workflow id (reset, retry policy)
 // takes over that workflow's running point. A running point of another workflow on the VM
 // gives a *BackupRunningError; a VM marked by an in-place restore other than
-// req.RestoreClosed gives a *RestoreRunningError.
+// req.RestoreClosed gives a *RestoreRunningError. A retry of a placed point gets the hub it
+// was placed on, without choosing again.
 func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, error) {
 	if err := checkWorkflowID(req.WorkflowID); err != nil {
 		return Point{}, err
+	}
+	if req.Choose != nil && req.Hub != "" {
+		return Point{}, fmt.Errorf("%w: a point is opened on hub %s or on the hub its placement chooses, not both", ErrInvalid, req.Hub)
 	}
 	if req.RunID == "" || len(req.RunID) > 64 {
 		return Point{}, fmt.Errorf("%w: run id %q must be 1-64 characters", ErrInvalid, req.RunID)
@@ -121,12 +132,24 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 	if err != nil {
 		return Point{}, err
 	}
+	outer := ctx
+	wait := cmp.Or(req.PlaceWait, DefaultPlaceWait)
+	if req.Choose != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, wait)
+		defer cancel()
+	}
 	var point Point
 	err = s.inTx(ctx, "open point for workflow "+req.WorkflowID, func(tx *sql.Tx) error {
+		// Rows are locked in one order, sites, hubs, vms, whichever way the hub is named.
 		if err := ensureRow(ctx, tx, "sites", req.Site); err != nil {
 			return err
 		}
-		if err := ensureRow(ctx, tx, "hubs", req.Hub); err != nil {
+		if req.Choose != nil {
+			if err := lockHubs(ctx, tx); err != nil {
+				return err
+			}
+		} else if err := ensureRow(ctx, tx, "hubs", req.Hub); err != nil {
 			return err
 		}
 		// The VM row lock serialises openers of the same VM, so two workflows cannot both
@@ -166,13 +189,24 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 			}
 		}
 
+		hub := req.Hub
+		if req.Choose != nil {
+			hubs, err := listHubs(ctx, tx)
+			if err != nil {
+				return err
+			}
+			if hub, err = req.Choose(hubs); err != nil {
+				return err
+			}
+		}
+
 		running, err := queryPoint(ctx, tx, "vm_id = ? AND status = 'running' ORDER BY started_at DESC LIMIT 1", req.VMID)
 		switch {
 		case err == nil && running.WorkflowID == req.WorkflowID:
 			// Temporal allows one open run per workflow id, so the earlier run is closed:
 			// its point is abandoned and this run continues it.
 			if _, err := tx.ExecContext(ctx, `UPDATE restore_points SET run_id = ?, site_id = ?, hub_id = ?, mode = ?, parent_id = ?,
-				vm_config = ? WHERE id = ?`, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), vmConfig, running.ID); err != nil {
+				vm_config = ? WHERE id = ?`, req.RunID, req.Site, hub, req.Mode, nullString(req.ParentID), vmConfig, running.ID); err != nil {
 				return err
 			}
 			point, err = queryPoint(ctx, tx, "id = ?", running.ID)
@@ -191,16 +225,20 @@ func (s *Store) OpenPoint(ctx context.Context, req OpenPointRequest) (Point, err
 		if _, err := tx.ExecContext(ctx, `INSERT INTO restore_points
 			(id, vm_id, workflow_id, run_id, site_id, hub_id, mode, parent_id, status, started_at, vm_config)
 			VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)`,
-			id, req.VMID, req.WorkflowID, req.RunID, req.Site, req.Hub, req.Mode, nullString(req.ParentID), at, vmConfig); err != nil {
+			id, req.VMID, req.WorkflowID, req.RunID, req.Site, hub, req.Mode, nullString(req.ParentID), at, vmConfig); err != nil {
 			return err
 		}
 		point, err = queryPoint(ctx, tx, "id = ?", id)
 		return err
 	})
+	if err != nil && req.Choose != nil && ctx.Err() != nil && outer.Err() == nil {
+		return Point{}, fmt.Errorf("%w: placing the point of workflow %s did not finish within %s: other placements held the hubs' lock or the catalog is slow (%v)",
+			ErrPlaceBusy, req.WorkflowID, wait, err)
+	}
 	if err != nil {
 		return Point{}, err
 	}
-	s.log.InfoContext(ctx, "restore point open", "point", point.ID, "vm", point.VMID, "workflow", point.WorkflowID, "mode", point.Mode)
+	s.log.InfoContext(outer, "restore point open", "point", point.ID, "vm", point.VMID, "workflow", point.WorkflowID, "mode", point.Mode, "hub", point.Hub)
 	return point, nil
 }
 

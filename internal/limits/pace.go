@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/time/rate"
 )
@@ -17,17 +18,21 @@ const burst = 1 << 20
 // Limit is a token bucket of bytes per second, safe for concurrent use: every copy that
 // waits on the same Limit shares its rate.
 type Limit struct {
-	bytesPerSec int64
+	// bytesPerSec is the rate the bucket was last set to, for logs and errors; atomic, as a
+	// job's limit changes rate (Jobs.Acquire) while its other copies read it.
+	bytesPerSec atomic.Int64
 	bucket      *rate.Limiter
 }
 
 // NewLimit returns a limit of bytesPerSec (> 0).
 func NewLimit(bytesPerSec int64) *Limit {
-	return &Limit{bytesPerSec: bytesPerSec, bucket: rate.NewLimiter(rate.Limit(bytesPerSec), burst)}
+	l := &Limit{bucket: rate.NewLimiter(rate.Limit(bytesPerSec), burst)}
+	l.bytesPerSec.Store(bytesPerSec)
+	return l
 }
 
 // BytesPerSec is the limit's rate.
-func (l *Limit) BytesPerSec() int64 { return l.bytesPerSec }
+func (l *Limit) BytesPerSec() int64 { return l.bytesPerSec.Load() }
 
 // WaitN returns once n more bytes may go, or with ctx's error (the bytes not yet waited
 // for are given back to the bucket).
@@ -35,7 +40,7 @@ func (l *Limit) WaitN(ctx context.Context, n int) error {
 	for n > 0 {
 		piece := min(n, burst)
 		if err := l.bucket.WaitN(ctx, piece); err != nil {
-			return fmt.Errorf("wait for bandwidth (%s): %w", FormatRate(l.bytesPerSec), err)
+			return fmt.Errorf("wait for bandwidth (%s): %w", FormatRate(l.BytesPerSec()), err)
 		}
 		n -= piece
 	}
@@ -61,8 +66,8 @@ func (p Pacer) WaitN(ctx context.Context, n int) error {
 func (p Pacer) BytesPerSec() int64 {
 	var eff int64
 	for _, l := range p {
-		if eff == 0 || l.bytesPerSec < eff {
-			eff = l.bytesPerSec
+		if r := l.BytesPerSec(); eff == 0 || r < eff {
+			eff = r
 		}
 	}
 	return eff
@@ -93,9 +98,10 @@ func (j *Jobs) Acquire(key string, bytesPerSec int64) (*Limit, func()) {
 	if !ok {
 		e = &jobLimit{limit: NewLimit(bytesPerSec)}
 		j.jobs[key] = e
-	} else if e.limit.bytesPerSec != bytesPerSec {
+	} else if e.limit.BytesPerSec() != bytesPerSec {
+		// Under j.mu, so the bucket's rate and the one recorded change together.
 		e.limit.bucket.SetLimit(rate.Limit(bytesPerSec))
-		e.limit.bytesPerSec = bytesPerSec
+		e.limit.bytesPerSec.Store(bytesPerSec)
 	}
 	e.users++
 	var once sync.Once

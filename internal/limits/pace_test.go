@@ -2,7 +2,9 @@ package limits_test
 
 import (
 	"context"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -107,5 +109,35 @@ func TestJobsTakeTheNewestRate(t *testing.T) {
 	defer release2()
 	if first != second || second.BytesPerSec() != 2_000_000 {
 		t.Fatalf("rate %d (same limit: %v), want the job's newest 2000000 on its one limit", second.BytesPerSec(), first == second)
+	}
+}
+
+// A job's copies read its limit's rate (to log it, to name it in an error) while another copy
+// of the job acquires it at a new rate and others release it; under -race any unguarded
+// access fails here. Every copy sees one of the rates asked for, and the last release
+// forgets the job.
+func TestJobsRateChangesWhileCopiesUseIt(t *testing.T) {
+	var jobs limits.Jobs
+	rates := []int64{1_000_000, 2_000_000}
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			for range 200 {
+				limit, release := jobs.Acquire("wf", rates[i%2])
+				if got := (limits.Pacer{limit}).BytesPerSec(); !slices.Contains(rates, got) {
+					t.Errorf("rate %d, want one of %v", got, rates)
+				}
+				ctx, cancel := context.WithCancel(t.Context())
+				cancel()
+				if err := limit.WaitN(ctx, 2<<20); err == nil {
+					t.Error("a wait on a cancelled context succeeded")
+				}
+				release()
+			}
+		})
+	}
+	wg.Wait()
+	if jobs.Len() != 0 {
+		t.Fatalf("%d jobs hold limits after every copy released, want 0", jobs.Len())
 	}
 }
