@@ -573,9 +573,10 @@ func (m *Manager) connect(ctx context.Context, id int) (*sshConn, *atomic.Uint64
 		},
 	}
 	inbound := new(atomic.Uint64)
-	c, chans, reqs, err := ssh.NewClientConn(countReads(quickAck(conn), inbound), m.cfg.Addr, config)
+	transport := batchWrites(countReads(quickAck(conn), inbound))
+	c, chans, reqs, err := ssh.NewClientConn(transport, m.cfg.Addr, config)
 	if err != nil {
-		conn.Close()
+		transport.Close()
 		if hostKeyErr != nil {
 			return nil, nil, hostKeyErr
 		}
