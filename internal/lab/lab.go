@@ -52,6 +52,8 @@ type Options struct {
 	// HubHeartbeat is how often the hub workers record themselves alive in the catalog
 	// (DISKFERRY_HUB_HEARTBEAT); 0 keeps the workers' default.
 	HubHeartbeat time.Duration
+	// SNAEnv is added to every SNA worker's environment, e.g. DISKFERRY_MAX_COPIES=1.
+	SNAEnv []string
 }
 
 // Hub is one hub of the lab.
@@ -150,7 +152,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 	}
 	snaShared := l.snaShared()
 	for _, s := range l.Sites {
-		l.envs[s.Worker] = append(slices.Clone(snaShared), "DISKFERRY_SITE="+s.Name)
+		l.envs[s.Worker] = append(slices.Concat(snaShared, opts.SNAEnv), "DISKFERRY_SITE="+s.Name)
 	}
 	// Registered after the parts the workers use, so it runs before those stop.
 	t.Cleanup(l.shutdown)
