@@ -17,7 +17,7 @@ import (
 // tunnel, exports and catalog, from workflow start to result (target: at most 5 s each on
 // the dev server). `make bench` runs it.
 func BenchmarkBackupEndToEnd(b *testing.B) {
-	l := lab.Start(b, lab.Options{Disks: 2, DiskSize: 64 << 20})
+	l := startLab(b, lab.Options{Disks: 2, DiskSize: 64 << 20})
 	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site, Mode: "full"}
 	ctx := context.Background()
 	var total time.Duration
@@ -45,7 +45,7 @@ func BenchmarkBackupEndToEnd(b *testing.B) {
 // `make bench` runs it once.
 func BenchmarkConcurrent20(b *testing.B) {
 	const vms = 20
-	l := lab.Start(b, lab.Options{VMs: vms, Sites: 2, Hubs: 2, Disks: 2, DiskSize: 64 << 20})
+	l := startLab(b, lab.Options{VMs: vms, Sites: 2, Hubs: 2, Disks: 2, DiskSize: 64 << 20})
 	ctx := context.Background()
 	var wall time.Duration
 	var each []time.Duration

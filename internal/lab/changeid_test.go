@@ -17,7 +17,7 @@ import (
 // the plan is incremental): the run copies that disk in full into a fresh target instead of
 // failing, warns, and the catalog records why; the next run is incremental on it again.
 func TestBackupChangeIDRefusedFallsBackToFull(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 64 << 20})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 64 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	key := l.VC.Disks[0].Key

@@ -32,7 +32,7 @@ type composeService struct {
 // from ./starter, its entrypoint, command and environment; only the address points at the
 // lab's server) and a backup completes; a second run of the step changes nothing.
 func TestComposeInitRegistersSearchAttributes(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20, WithoutSearchAttributes: true})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 16 << 20, WithoutSearchAttributes: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	c := l.Temporal.Client

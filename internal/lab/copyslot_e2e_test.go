@@ -21,7 +21,7 @@ import (
 // slot on which SNA; the history holds the copy's signals (waiting, then running); the backup
 // completes and its job log no longer says it waits.
 func TestCopySlotWaitShowsInCurrentDetails(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 16 << 20,
+	l := startLab(t, lab.Options{Disks: 2, DiskSize: 16 << 20,
 		SNAEnv: []string{"DISKFERRY_MAX_COPIES=1", "DISKFERRY_SITE_BANDWIDTH=4Mbit"}})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

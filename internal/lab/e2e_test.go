@@ -28,7 +28,7 @@ import (
 // real workers, tunnel, exports and catalog, and checks every restore point against the
 // source content at its snapshot, then that nothing was left behind.
 func TestBackupEndToEnd(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 64 << 20})
+	l := startLab(t, lab.Options{Disks: 2, DiskSize: 64 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
@@ -206,7 +206,7 @@ func tail(s string) string {
 // checks the compensation on real parts: no snapshot, export, lease or file is left, and
 // the catalog marks the point failed.
 func TestBackupCancelledMidCopyLeavesNothing(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
 	fillDisk(t, l, key, 768<<20) // the copy is still running when the cancel lands
 
@@ -293,7 +293,7 @@ func TestSNAWorkerKilledMidCopy(t *testing.T) {
 // completes, equals the source and leaves nothing behind.
 func backupSurvivesWorkerKill(t *testing.T, interrupt func(ctx context.Context, l *lab.Lab, key int32)) (*lab.Lab, context.Context, workflows.BackupResult) {
 	t.Helper()
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
 	fillDisk(t, l, key, 768<<20)
 	source := snapshotSources(t, l)

@@ -21,7 +21,7 @@ import (
 // the copy's retry reconnects through the same forward and resumes, and the backup
 // completes with a point equal to the source.
 func TestHubExportKilledMidCopy(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
 	fillDisk(t, l, key, 768<<20)
 	source := snapshotSources(t, l)

@@ -39,7 +39,7 @@ func run(ctx context.Context, t *testing.T, l *lab.Lab, bin string, args ...stri
 // documents: start a BackupWorkflow with plain JSON input, find it by its VMName search
 // attribute, and create a schedule for it.
 func TestTemporalCLIStartsAndFindsBackup(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
 	temporal := testenv.ToolPath(t, "temporal")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -71,7 +71,7 @@ func TestTemporalCLIStartsAndFindsBackup(t *testing.T) {
 // TestDiskferryCLI drives the diskferry binary: a waited backup with its JSON result, the
 // refusal of a second concurrent backup, list and status, and the schedule commands.
 func TestDiskferryCLI(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 16 << 20})
+	l := startLab(t, lab.Options{Disks: 2, DiskSize: 16 << 20})
 	cli := lab.Build(t, t.TempDir(), "./starter", "diskferry")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -179,7 +179,7 @@ func TestDiskferryCLI(t *testing.T) {
 func TestWebUIShowsBackup(t *testing.T) {
 	chromium := testenv.RequireCommand(t, "chromium")
 	uiPort := testenv.FreePort(t)
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20, UIPort: uiPort})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 16 << 20, UIPort: uiPort})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	in := workflows.BackupInput{VM: l.VC.VMName, Site: l.Site}

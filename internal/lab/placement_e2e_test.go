@@ -26,7 +26,7 @@ import (
 // says whose chain waits for which hub, and nothing of it lands on the other hub.
 func TestPlacementEndToEnd(t *testing.T) {
 	const heartbeat = time.Second
-	l := lab.Start(t, lab.Options{VMs: 2, Hubs: 2, Disks: 1, DiskSize: 8 << 20, HubHeartbeat: heartbeat})
+	l := startLab(t, lab.Options{VMs: 2, Hubs: 2, Disks: 1, DiskSize: 8 << 20, HubHeartbeat: heartbeat})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	chained, fresh := l.VC.VMs[0], l.VC.VMs[1]

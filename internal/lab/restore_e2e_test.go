@@ -32,7 +32,7 @@ import (
 // mount read over NBD that survives a hub worker restart and ends on unmount, on its TTL and
 // on cancel. Nothing is left.
 func TestRestoreEndToEnd(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 2, DiskSize: 64 << 20})
+	l := startLab(t, lab.Options{Disks: 2, DiskSize: 64 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	vc := connectVC(ctx, t, l)
@@ -203,7 +203,7 @@ func TestRestoreEndToEnd(t *testing.T) {
 // completes identical after a retried write; the second is cancelled mid-write, and its new
 // VM, exports, leases and forwards are gone.
 func TestRestoreSurvivesSNAKillAndCancelLeavesNothing(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 	key := l.VC.Disks[0].Key
 	fillDisk(t, l, key, 768<<20)
 	source := snapshotSources(t, l)

@@ -31,7 +31,7 @@ import (
 // the source at its snapshot, the repository holds only their files, and the catalog's
 // allocated bytes are what the files take.
 func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 32 << 20})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 32 << 20})
 	key := l.VC.Disks[0].Key
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -78,7 +78,7 @@ func TestRetentionKeepsWhatThePolicySays(t *testing.T) {
 // the schedule's end, the schedule's default policy left exactly the newest 3 points, each
 // restoring equal to the source.
 func TestScheduledBackupsKeepTheSchedulesPolicy(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 16 << 20})
 	cli := lab.Build(t, t.TempDir(), "./starter", "diskferry")
 	key := l.VC.Disks[0].Key
 	_, err := l.VC.WriteRandom(key, 1<<20, 2<<20)
@@ -203,7 +203,7 @@ func chainLength(ctx context.Context, t *testing.T, path string) int {
 // catalog and the files say. The kept points equal their sources, the dropped one is gone,
 // and the repository holds only the kept points' files.
 func TestRetentionSurvivesHubWorkerKill(t *testing.T) {
-	l := lab.Start(t, lab.Options{Disks: 1, DiskSize: 512 << 20})
+	l := startLab(t, lab.Options{Disks: 1, DiskSize: 512 << 20})
 	key := l.VC.Disks[0].Key
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()

@@ -35,7 +35,7 @@ import (
 // no run held ports on two hubs; afterwards nothing is left: no snapshot, export process,
 // export socket, lease, export row or stray repository file.
 func TestTwentyConcurrentBackups(t *testing.T) {
-	l := lab.Start(t, lab.Options{VMs: 20, Sites: 2, Hubs: 2, Disks: 2, DiskSize: 16 << 20})
+	l := startLab(t, lab.Options{VMs: 20, Sites: 2, Hubs: 2, Disks: 2, DiskSize: 16 << 20})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 
@@ -389,7 +389,7 @@ func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID 
 // its disks' ports at once: runs holding one port each while waiting for a second would
 // deadlock.
 func TestPortExhaustionQueues(t *testing.T) {
-	l := lab.Start(t, lab.Options{VMs: 10, Disks: 2, DiskSize: 16 << 20, PortsPerHub: 4})
+	l := startLab(t, lab.Options{VMs: 10, Disks: 2, DiskSize: 16 << 20, PortsPerHub: 4})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 

@@ -21,7 +21,7 @@ func TestLabTeardownStopsWhatItCaused(t *testing.T) {
 	var l *lab.Lab
 	var exportPid int
 	t.Run("lab", func(t *testing.T) {
-		l = lab.Start(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
+		l = startLab(t, lab.Options{Disks: 1, DiskSize: 1 << 30})
 		key := l.VC.Disks[0].Key
 		fillDisk(t, l, key, 768<<20)
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
