@@ -33,16 +33,20 @@ func (z *zeroHasher) sum(n int64) [32]byte {
 	return sha256.Sum256(z.zero[:n])
 }
 
-// isZero reports whether b is all zeros.
-func (z *zeroHasher) isZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(z.zero))
-		if string(b[:n]) != string(z.zero[:n]) {
+// zeroHead is how many leading bytes isZero checks one by one.
+const zeroHead = 16
+
+// isZero reports whether b is all zeros: its first zeroHead bytes are, and every later byte
+// equals the one zeroHead before it. That compares b with itself, one pass over memory the
+// copy has just received into, where comparing with a buffer of zeros read that buffer as
+// well (perf: 13 % of a copy's CPU on written zeros).
+func isZero(b []byte) bool {
+	for i := 0; i < len(b) && i < zeroHead; i++ {
+		if b[i] != 0 {
 			return false
 		}
-		b = b[n:]
 	}
-	return true
+	return len(b) <= zeroHead || string(b[zeroHead:]) == string(b[:len(b)-zeroHead])
 }
 
 // digest folds piece hashes in offset order: SHA-256 over the SHA-256 of each piece.

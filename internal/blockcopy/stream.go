@@ -189,7 +189,7 @@ func (c *Copy) readChunk(ctx context.Context, h *nbd.Handle, zh *zeroHasher, ch 
 	for p := ch.off; p < ch.off+ch.n; {
 		pe := pieceEnd(p, ch.off+ch.n, c.opts.BlockSize)
 		piece := data[p-ch.off : pe-ch.off]
-		if zh.isZero(piece) {
+		if isZero(piece) {
 			ch.sums = append(ch.sums, zh.sum(pe-p))
 		} else {
 			ch.sums = append(ch.sums, sha256.Sum256(piece))

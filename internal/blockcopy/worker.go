@@ -105,7 +105,7 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 	w.allZero = w.allZero[:0]
 	for p := off; p < end; {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
-		zero := r.zh.isZero(data[p-off : pe-off])
+		zero := isZero(data[p-off : pe-off])
 		w.allZero = append(w.allZero, zero)
 		wrote = wrote || !zero
 		p = pe
@@ -122,7 +122,7 @@ func (w *worker) copyData(r *run, s *slot) (wrote bool, err error) {
 		pe := pieceEnd(p, end, r.opts.BlockSize)
 		for g := p; g < pe; {
 			ge := min(pe, (g/writeGrain+1)*writeGrain)
-			zero := w.allZero[i] || r.zh.isZero(data[g-off:ge-off])
+			zero := w.allZero[i] || isZero(data[g-off:ge-off])
 			if zero != runZero && g > runStart {
 				if err := w.write(r, off, runStart, g, runZero); err != nil {
 					return wrote, err
