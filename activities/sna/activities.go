@@ -364,11 +364,9 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	if opts.Connections <= 0 {
 		opts.Connections = a.settings.Connections
 	}
-	pace, releasePace := a.pacer(ctx, in.BandwidthBytesPerSec, log)
+	var releasePace func()
+	opts.Throttle, releasePace = a.pacer(ctx, in.BandwidthBytesPerSec, log)
 	defer releasePace()
-	if len(pace) > 0 {
-		opts.Throttle = pace
-	}
 	switch in.Mode {
 	case activities.ModeFull:
 		// CBT "*" maps the allocated areas without VDDK's QueryAllocatedBlocks (which failed
@@ -507,14 +505,13 @@ const tellRunTimeout = 10 * time.Second
 // tellRun signals the activity's run what a copy waits for. A failure is only logged: the
 // heartbeat carries the same to queries.
 func (a *Activities) tellRun(ctx context.Context, w activities.CopyWait, log *slog.Logger) {
-	var c runSignaler = a.signaler
+	c := a.signaler
 	if c == nil {
-		if ac := activity.GetClient(ctx); ac != nil {
-			c = ac
+		ac := activity.GetClient(ctx)
+		if ac == nil {
+			return
 		}
-	}
-	if c == nil {
-		return
+		c = ac
 	}
 	info := activity.GetInfo(ctx)
 	ctx, cancel := context.WithTimeout(ctx, tellRunTimeout)
@@ -533,10 +530,11 @@ func siteOf(ctx context.Context) string {
 	return queue
 }
 
-// pacer is a copy's bandwidth limits, narrowest first: its job's (shared by the job's
-// copies, keyed by workflow ID; jobBytesPerSec 0: none) and the site's. It logs the
-// effective limit; call the release when the copy ends.
-func (a *Activities) pacer(ctx context.Context, jobBytesPerSec int64, log *slog.Logger) (limits.Pacer, func()) {
+// pacer is a copy's throttle: its bandwidth limits, its job's (shared by the job's copies,
+// keyed by workflow ID; jobBytesPerSec 0: none) and the site's; nil when neither applies, so
+// an unlimited copy pays nothing. It logs the effective limit; call the release when the copy
+// ends.
+func (a *Activities) pacer(ctx context.Context, jobBytesPerSec int64, log *slog.Logger) (blockcopy.Throttle, func()) {
 	var pace limits.Pacer
 	release := func() {}
 	var jobRate, siteRate int64
@@ -549,6 +547,9 @@ func (a *Activities) pacer(ctx context.Context, jobBytesPerSec int64, log *slog.
 	if a.site != nil {
 		pace = append(pace, a.site)
 		siteRate = a.site.BytesPerSec()
+	}
+	if len(pace) == 0 {
+		return nil, release
 	}
 	log.Info("copy bandwidth", "limit", limits.FormatRate(pace.BytesPerSec()),
 		"jobLimit", limits.FormatRate(jobRate), "siteLimit", limits.FormatRate(siteRate))

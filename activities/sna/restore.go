@@ -127,11 +127,9 @@ func (a *Activities) WriteDisk(ctx context.Context, in activities.WriteDiskInput
 	}
 	// The job's and the site's limits pace the bytes sent to vCenter as a backup's copies:
 	// vddk's data writes, or every byte of the https upload (its zeros cross the wire too).
-	pace, releasePace := a.pacer(ctx, in.BandwidthBytesPerSec, log)
+	var releasePace func()
+	opts.Throttle, releasePace = a.pacer(ctx, in.BandwidthBytesPerSec, log)
 	defer releasePace()
-	if len(pace) > 0 {
-		opts.Throttle = pace
-	}
 
 	var res *blockcopy.Result
 	switch a.settings.Transport {

@@ -241,11 +241,3 @@ func (c *Copy) emit(ctx context.Context, w io.Writer, ch *streamChunk, readErr e
 	}
 	return nil
 }
-
-// pace waits until the throttle, if any, lets n more bytes go to the stream.
-func (c *Copy) pace(ctx context.Context, n int64) error {
-	if c.opts.Throttle == nil {
-		return nil
-	}
-	return c.opts.Throttle.WaitN(ctx, int(n))
-}

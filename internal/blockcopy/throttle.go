@@ -22,3 +22,11 @@ func throttleContext(ctx, actx context.Context) (context.Context, func()) {
 		cancel(nil)
 	}
 }
+
+// pace waits until the throttle, if any, lets n more bytes go to the target.
+func (c *Copy) pace(ctx context.Context, n int64) error {
+	if c.opts.Throttle == nil {
+		return nil
+	}
+	return c.opts.Throttle.WaitN(ctx, int(n))
+}

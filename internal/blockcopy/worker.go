@@ -182,10 +182,8 @@ func (w *worker) write(r *run, base, from, to int64, zero bool) error {
 	case zero:
 		return w.zero(r, from, to-from)
 	}
-	if r.opts.Throttle != nil {
-		if err := r.opts.Throttle.WaitN(r.tctx, int(to-from)); err != nil {
-			return fmt.Errorf("write target at %d+%d: %w", from, to-from, err)
-		}
+	if err := r.pace(r.tctx, to-from); err != nil {
+		return fmt.Errorf("write target at %d+%d: %w", from, to-from, err)
 	}
 	if err := w.dst.Pwrite(r.actx, w.buf, int(from-base), int(to-from), from, 0); err != nil {
 		return fmt.Errorf("write target at %d+%d: %w", from, to-from, err)
