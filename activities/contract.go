@@ -142,7 +142,8 @@ type Plan struct {
 }
 
 // PortsExhausted are the details of ErrPortsExhausted: the hub without enough free ports,
-// its range, how many ports the caller needed and how many were free.
+// its range, how many ports the caller needed, how many were free and how many jobs are
+// ahead of it in the hub's line for ports (first come, first served).
 type PortsExhausted struct {
 	HubID  string `json:"hubId"`
 	Ports  int    `json:"ports"`
@@ -150,7 +151,13 @@ type PortsExhausted struct {
 	Last   int    `json:"last"`
 	Needed int    `json:"needed,omitempty"`
 	Free   int    `json:"free,omitempty"`
+	Ahead  int    `json:"ahead,omitempty"`
 }
+
+// PortsFreeSignal is the signal a hub sends a run waiting in its line for ports when a
+// release made room for it, so the run asks again at once instead of at its next timer.
+// It has no payload.
+const PortsFreeSignal = "ports-free"
 
 // AllocatePortInput leases a port on a hub to (workflow, disk); idempotent per pair.
 type AllocatePortInput struct {

@@ -36,6 +36,10 @@ func (j *job) registerPortRelease(hubID string) {
 // ErrPortsExhausted on the server, silently.
 const portWaitChange = "port-wait"
 
+// portQueueChange versions the wake-up in the wait for ports (waitForPorts): runs that
+// started before it only wake at their timer.
+const portQueueChange = "port-queue"
+
 // Bounds of the wait for ports: the first pause, the longest, and the whole wait from the
 // first time the hub had too few free ports.
 const (
@@ -102,6 +106,7 @@ func (j *job) allocatePorts(ctx workflow.Context, hubID string, keys []int32) ([
 	waitingFor := exhausted.waitingFor(len(keys))
 	j.journal.add(ctx, "%s wait for %s", diskList(keys), waitingFor)
 	defer j.waiting(ctx, "")
+	wakeable := workflow.GetVersion(ctx, portQueueChange, workflow.DefaultVersion, 1) == 1
 	pause := portWaitFirst
 	for {
 		waited := workflow.Now(ctx).Sub(since)
@@ -112,9 +117,7 @@ func (j *job) allocatePorts(ctx workflow.Context, hubID string, keys []int32) ([
 				hubID, diskList(keys), exhausted.describe(), waited.Round(time.Second)), activities.ErrPortsExhausted, err)
 		}
 		j.waiting(ctx, waitingFor)
-		if err := workflow.NewTimerWithOptions(ctx, min(pause, portWaitBound-waited), workflow.TimerOptions{
-			Summary: escapeMarkdown("wait for " + waitingFor),
-		}).Get(ctx, nil); err != nil {
+		if err := waitForPorts(ctx, wakeable, min(pause, portWaitBound-waited), waitingFor); err != nil {
 			return nil, err
 		}
 		pause = min(2*pause, portWaitMax)
@@ -128,6 +131,34 @@ func (j *job) allocatePorts(ctx workflow.Context, hubID string, keys []int32) ([
 		}
 		waitingFor = exhausted.waitingFor(len(keys))
 	}
+}
+
+// waitForPorts pauses a run waiting for ports for d, or, when wakeable, until the hub
+// signals (activities.PortsFreeSignal) that a release made room for it, whichever is first.
+// The hub serves its line first come, first served and wakes the runs that fit, so free
+// ports do not sit idle until the next timer; the timer stays as the bound should a wake-up
+// be lost.
+func waitForPorts(ctx workflow.Context, wakeable bool, d time.Duration, waitingFor string) error {
+	opts := workflow.TimerOptions{Summary: escapeMarkdown("wait for " + waitingFor)}
+	if !wakeable {
+		return workflow.NewTimerWithOptions(ctx, d, opts).Get(ctx, nil)
+	}
+	timerCtx, stopTimer := workflow.WithCancel(ctx)
+	timer := workflow.NewTimerWithOptions(timerCtx, d, opts)
+	wake := workflow.GetSignalChannel(ctx, activities.PortsFreeSignal)
+	var err error
+	woken := false
+	sel := workflow.NewSelector(ctx)
+	sel.AddFuture(timer, func(f workflow.Future) { err = f.Get(ctx, nil) })
+	sel.AddReceive(wake, func(c workflow.ReceiveChannel, _ bool) { c.Receive(ctx, nil); woken = true })
+	sel.Select(ctx)
+	if woken {
+		stopTimer()
+	}
+	// One try answers every wake-up received so far.
+	for wake.ReceiveAsync(nil) {
+	}
+	return err
 }
 
 // diskList names disks for people: "disk 2000", "disks 2000, 2001".
@@ -168,19 +199,27 @@ func portsExhausted(err error, hubID string) (portsLeased, bool) {
 }
 
 // waitingFor is what a run needing ports for n disks waits for: "a port on hub X (all 4 ports
-// leased; retrying)", "a port on hub X for each of 2 disks (1 of 4 ports free; retrying)".
+// leased; retrying)", "a port on hub X for each of 2 disks (1 of 4 ports free, 2 jobs ahead
+// in line; retrying)".
 func (p portsLeased) waitingFor(n int) string {
 	what := "a port on hub " + p.HubID
 	if n > 1 {
 		what += fmt.Sprintf(" for each of %d disks", n)
 	}
+	var ahead string
+	switch {
+	case p.Ahead == 1:
+		ahead = ", 1 job ahead in line"
+	case p.Ahead > 1:
+		ahead = fmt.Sprintf(", %d jobs ahead in line", p.Ahead)
+	}
 	switch {
 	case p.Ports == 0:
 		return what + " (retrying)"
 	case p.Free == 0:
-		return fmt.Sprintf("%s (all %d ports leased; retrying)", what, p.Ports)
+		return fmt.Sprintf("%s (all %d ports leased%s; retrying)", what, p.Ports, ahead)
 	default:
-		return fmt.Sprintf("%s (%d of %d ports free; retrying)", what, p.Free, p.Ports)
+		return fmt.Sprintf("%s (%d of %d ports free%s; retrying)", what, p.Free, p.Ports, ahead)
 	}
 }
 

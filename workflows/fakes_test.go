@@ -54,9 +54,11 @@ type fakeActivities struct {
 	plans    []activities.PlanBackupInput
 	flaky    map[string]int // call label → attempts that fail retryably before success
 	// exhaust is AllocatePorts' label → attempts that find too few free ports on the hub.
-	exhaust  map[string]int
-	attempts map[string]int
-	copies   int // disks PlanBackup planned: the CopyDisk calls a run starts together
+	exhaust map[string]int
+	// portsAhead is how many jobs AllocatePorts says are ahead in the hub's line.
+	portsAhead int
+	attempts   map[string]int
+	copies     int // disks PlanBackup planned: the CopyDisk calls a run starts together
 
 	// restores and mounts
 	exports     []activities.StartExportInput
@@ -287,11 +289,13 @@ func (f *fakeActivities) AllocatePorts(ctx context.Context, in activities.Alloca
 	}
 	f.mu.Lock()
 	exhausted := f.attempts[l] <= f.exhaust[l]
+	details := testPortsExhausted(in.HubID)
+	details.Ahead = f.portsAhead
 	f.mu.Unlock()
 	if exhausted {
 		// As the hub says it (activities/hub AllocatePorts): retryable, with the hub's range.
 		return nil, temporal.NewApplicationErrorWithOptions("no free export port on hub "+in.HubID, activities.ErrPortsExhausted,
-			temporal.ApplicationErrorOptions{Details: []any{testPortsExhausted(in.HubID)}})
+			temporal.ApplicationErrorOptions{Details: []any{details}})
 	}
 	ports := make([]int, len(in.DiskKeys))
 	for i, key := range in.DiskKeys {

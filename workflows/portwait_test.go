@@ -76,6 +76,43 @@ func TestBackupWaitsForAPortAndSaysSo(t *testing.T) {
 	assert.Contains(t, final, "disks 2000, 2001 leased ports 12000, 12001 on hub hub1 after waiting 15s")
 }
 
+// The hub's wake-up (PortsFreeSignal, sent when a release made room for the run) ends the
+// pause at once: the run asks again then, not at its timer, and its pauses keep growing as
+// before. Its place in the hub's line shows in its progress.
+func TestBackupWokenByTheHubAsksAgainAtOnce(t *testing.T) {
+	r := newRun(t, activities.ModeFull)
+	const step = activities.AllocatePortsName
+	r.fakes.exhaust[step] = 5
+	r.fakes.portsAhead = 2
+	var (
+		starts  []time.Time
+		waiting []string
+	)
+	r.env.SetOnActivityStartedListener(func(info *activity.Info, _ context.Context, _ converter.EncodedValues) {
+		if info.ActivityType.Name != step {
+			return
+		}
+		starts = append(starts, r.env.Now())
+		waiting = append(waiting, r.progress(t).WaitingFor)
+		if len(starts) == 4 { // the pause after this attempt is 8 s: the hub wakes the run after 3
+			r.env.RegisterDelayedCallback(func() { r.env.SignalWorkflow(activities.PortsFreeSignal, nil) }, 3*time.Second)
+		}
+	})
+	res, err := r.execute(validInput())
+	require.NoError(t, err)
+	assert.Equal(t, "p1", res.PointID)
+
+	require.Len(t, starts, 6)
+	var pauses []time.Duration
+	for i := 1; i < len(starts); i++ {
+		pauses = append(pauses, starts[i].Sub(starts[i-1]))
+	}
+	assert.Equal(t, []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 3 * time.Second, 16 * time.Second}, pauses,
+		"the wake-up cut the fourth pause short; the next one still doubled")
+	assert.Equal(t, "a port on hub hub1 for each of 2 disks (all 4 ports leased, 2 jobs ahead in line; retrying)", waiting[1])
+	assert.Contains(t, r.details(t), "leased ports 12000, 12001 on hub hub1 after waiting 26s")
+}
+
 // The wait is bounded: past 30 minutes the backup fails naming the hub and its range, every
 // undo runs, and the catalog was asked no more than every 30 s once the backoff grew.
 func TestBackupPortWaitIsBounded(t *testing.T) {

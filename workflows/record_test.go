@@ -229,8 +229,11 @@ func TestRecordRetentionHistories(t *testing.T) {
 	}
 }
 
-// TestRecordPortWaitHistory records a backup that waits for ports (leasePorts, change
-// portWaitChange): the hub has too few free ports twice, then leases them:
+// TestRecordPortWaitHistory records a backup that waits for ports and is woken by its hub
+// (leasePorts, changes portWaitChange and portQueueChange): the hub has too few free ports
+// three times; during the third pause the hub's PortsFreeSignal ends the wait and the next
+// attempt leases them. testdata/backup_port_wait.json, recorded before portQueueChange, is
+// the history of runs that only wake at their timer and stays as it was recorded.
 //
 //	go test -tags record ./workflows -run TestRecordPortWaitHistory
 func TestRecordPortWaitHistory(t *testing.T) {
@@ -239,17 +242,35 @@ func TestRecordPortWaitHistory(t *testing.T) {
 	defer cancel()
 	f := newFakeActivities(activities.ModeFull)
 	t.Cleanup(func() { close(f.release) })
-	f.exhaust[activities.AllocatePortsName] = 2
+	f.exhaust[activities.AllocatePortsName] = 3
+	f.portsAhead = 1
 	startWorkers(t, srv.Client, f)
 	in := validInput()
 	run, err := srv.Client.ExecuteWorkflow(ctx, StartBackupOptions(in), BackupWorkflowName, in)
 	require.NoError(t, err)
+	// The third pause is 4 s: signal once its timer is in the history.
+	for timers := 0; timers < 3; {
+		timers = 0
+		iter := srv.Client.GetWorkflowHistory(ctx, run.GetID(), run.GetRunID(), false, 0)
+		for iter.HasNext() {
+			event, err := iter.Next()
+			require.NoError(t, err)
+			if event.GetTimerStartedEventAttributes() != nil {
+				timers++
+			}
+		}
+		if timers < 3 {
+			require.NoError(t, ctx.Err(), "the third pause never began")
+			time.Sleep(50 * time.Millisecond) // polling the history, not synchronising on time
+		}
+	}
+	require.NoError(t, srv.Client.SignalWorkflow(ctx, run.GetID(), run.GetRunID(), activities.PortsFreeSignal, nil))
 	var res BackupResult
 	require.NoError(t, run.Get(ctx, &res))
 	require.Equal(t, "p1", res.PointID)
 	f.mu.Lock()
 	attempts := f.attempts[activities.AllocatePortsName]
 	f.mu.Unlock()
-	require.Equal(t, 3, attempts, "two exhausted attempts, then the lease")
-	writeHistory(ctx, t, srv.Client, run, historyPath("backup_port_wait.json"))
+	require.Equal(t, 4, attempts, "three exhausted attempts, then the lease")
+	writeHistory(ctx, t, srv.Client, run, historyPath("backup_port_queue.json"))
 }

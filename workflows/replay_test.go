@@ -224,7 +224,41 @@ func TestRecordedBackupStartsRetention(t *testing.T) {
 // ports asked in one AllocatePorts, twice refused with PortsExhausted and each time followed
 // by a timer, then leased, before the first export; no disk-by-disk AllocatePort.
 func TestRecordedBackupWaitsForPorts(t *testing.T) {
-	f, err := os.Open(historyPath("backup_port_wait.json"))
+	steps := portWaitSteps(t, "backup_port_wait.json")
+	start := slices.Index(steps, "marker "+portWaitChange)
+	require.GreaterOrEqual(t, start, 0, "the port-wait marker: %v", steps)
+	assert.Equal(t, []string{
+		"marker " + portWaitChange,
+		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer", "timer fired",
+		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer", "timer fired",
+		activities.AllocatePortsName, activities.PrepareTargetName,
+	}, steps[start:min(start+11, len(steps))])
+	assert.NotContains(t, steps, "marker "+portQueueChange, "recorded before the wake-up")
+	assert.NotContains(t, steps, activities.AllocatePortName)
+}
+
+// TestRecordedBackupIsWokenForPorts checks the port-queue history holds the wake-up it is
+// kept for: after the first refusal the portQueueChange marker, two timers that fire, then a
+// third cut short by the hub's PortsFreeSignal (the timer cancelled), and the lease at once.
+func TestRecordedBackupIsWokenForPorts(t *testing.T) {
+	steps := portWaitSteps(t, "backup_port_queue.json")
+	start := slices.Index(steps, "marker "+portWaitChange)
+	require.GreaterOrEqual(t, start, 0, "the port-wait marker: %v", steps)
+	refused := activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted
+	assert.Equal(t, []string{
+		"marker " + portWaitChange,
+		activities.AllocatePortsName, refused, "marker " + portQueueChange, "timer", "timer fired",
+		activities.AllocatePortsName, refused, "timer", "timer fired",
+		activities.AllocatePortsName, refused, "timer", "signal " + activities.PortsFreeSignal, "timer canceled",
+		activities.AllocatePortsName, activities.PrepareTargetName,
+	}, steps[start:min(start+17, len(steps))])
+}
+
+// portWaitSteps reads a recorded history as the steps of its wait for ports: version
+// markers, activities scheduled and failed (with the failure's type), timers, signals.
+func portWaitSteps(t *testing.T, file string) []string {
+	t.Helper()
+	f, err := os.Open(historyPath(file))
 	require.NoError(t, err)
 	defer f.Close()
 	hist, err := client.HistoryFromJSON(f, client.HistoryJSONOptions{})
@@ -248,15 +282,13 @@ func TestRecordedBackupWaitsForPorts(t *testing.T) {
 			steps = append(steps, scheduled[a.GetScheduledEventId()]+" failed "+a.GetFailure().GetApplicationFailureInfo().GetType())
 		case e.GetTimerStartedEventAttributes() != nil:
 			steps = append(steps, "timer")
+		case e.GetTimerFiredEventAttributes() != nil:
+			steps = append(steps, "timer fired")
+		case e.GetTimerCanceledEventAttributes() != nil:
+			steps = append(steps, "timer canceled")
+		case e.GetWorkflowExecutionSignaledEventAttributes() != nil:
+			steps = append(steps, "signal "+e.GetWorkflowExecutionSignaledEventAttributes().GetSignalName())
 		}
 	}
-	start := slices.Index(steps, "marker "+portWaitChange)
-	require.GreaterOrEqual(t, start, 0, "the port-wait marker: %v", steps)
-	assert.Equal(t, []string{
-		"marker " + portWaitChange,
-		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer",
-		activities.AllocatePortsName, activities.AllocatePortsName + " failed " + activities.ErrPortsExhausted, "timer",
-		activities.AllocatePortsName, activities.PrepareTargetName,
-	}, steps[start:min(start+9, len(steps))])
-	assert.NotContains(t, steps, activities.AllocatePortName)
+	return steps
 }

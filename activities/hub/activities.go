@@ -56,6 +56,10 @@ type Settings struct {
 	// (DISKFERRY_HUB_HEARTBEAT): a hub seen within 3 heartbeats is alive for placement. Zero:
 	// 10s.
 	HubHeartbeat time.Duration
+	// PortsFree tells a run waiting in this hub's line for ports that it would get them now
+	// (PortsFreeSignal); a failure only costs the run its wait until its next try. Nil:
+	// waiting runs find out at their next try.
+	PortsFree func(ctx context.Context, workflowID string) error
 	// RetentionRunning returns the workflow ID of the running retention started for a VM by
 	// this name or moref, "" when none runs. PlanBackup and ResolvePoint wait while one runs: a
 	// retention merges and removes the files of the VM's chain. Nil: none ever runs.
@@ -92,6 +96,9 @@ func New(store *catalog.Store, ports *catalog.Ports, layout repo.Layout, setting
 	}
 	if settings.WorkflowClosed == nil {
 		settings.WorkflowClosed = func(context.Context, string) (bool, error) { return false, nil }
+	}
+	if settings.PortsFree == nil {
+		settings.PortsFree = func(context.Context, string) error { return nil }
 	}
 	if settings.RetentionRunning == nil {
 		settings.RetentionRunning = func(context.Context, string) (string, error) { return "", nil }
@@ -439,16 +446,38 @@ func classifyLease(hubID, what string, err error) error {
 		return temporal.NewApplicationErrorWithOptions(fmt.Sprintf("no free export port on hub %s: %v", hubID, err),
 			activities.ErrPortsExhausted, temporal.ApplicationErrorOptions{
 				Details: []any{activities.PortsExhausted{HubID: hubID, Ports: rng.Size(), First: rng.First, Last: rng.Last,
-					Needed: exhausted.Needed, Free: exhausted.Free}},
+					Needed: exhausted.Needed, Free: exhausted.Free, Ahead: exhausted.Ahead}},
 			})
 	}
 	return classify(what, err)
 }
 
-// ReleasePorts frees every lease of the workflow; idempotent.
+// ReleasePorts frees every lease of the workflow and takes it out of the hub's line for
+// ports, then wakes the runs in line that the free ports now fit; idempotent.
 func (a *Activities) ReleasePorts(ctx context.Context, in activities.ReleasePortsInput) error {
-	_, err := a.ports.ReleaseWorkflow(ctx, in.HubID, in.WorkflowID)
-	return classify("release ports", err)
+	if _, err := a.ports.ReleaseWorkflow(ctx, in.HubID, in.WorkflowID); err != nil {
+		return classify("release ports", err)
+	}
+	a.wakePortWaiters(ctx, in.HubID)
+	return nil
+}
+
+// wakePortWaiters signals the runs in hub's line for ports that would get them now. Best
+// effort: a run not woken asks again at its next timer (30 s at most), so failures are
+// only logged.
+func (a *Activities) wakePortWaiters(ctx context.Context, hub string) {
+	ready, err := a.ports.Ready(ctx, hub)
+	if err != nil {
+		a.log.WarnContext(ctx, "cannot list the runs waiting for ports", "hub", hub, "err", err)
+		return
+	}
+	for _, id := range ready {
+		if err := a.settings.PortsFree(ctx, id); err != nil {
+			a.log.WarnContext(ctx, "cannot wake a run waiting for ports", "hub", hub, "workflow", id, "err", err)
+			continue
+		}
+		a.log.InfoContext(ctx, "woke a run waiting for ports", "hub", hub, "workflow", id)
+	}
 }
 
 // CommitPoint marks the point complete with its disks' changeIds; only then is it usable.

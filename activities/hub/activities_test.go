@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -318,6 +319,55 @@ func TestAllocatePortsAllOrNone(t *testing.T) {
 	_, err = alloc("wf-3", 1, 2, 3, 4, 5)
 	appErr = requireAppError(t, err, activities.ErrBadInput, true)
 	assert.Contains(t, appErr.Error(), "5 disks need a port each")
+}
+
+// A run refused ports waits in the hub's line (the details say how many are ahead); a
+// release wakes exactly the runs in line the free ports now fit, in line order, and a run
+// released while in line leaves it.
+func TestReleasePortsWakesTheRunsThatNowFit(t *testing.T) {
+	testenv.Integration(t)
+	var mu sync.Mutex
+	var woken []string
+	r := newRig(t, newStore(t), exportPorts(t, 4), filepath.Join(testenv.ShortTempDir(t), "run"), filepath.Join(t.TempDir(), "repo"),
+		Settings{PortsFree: func(_ context.Context, id string) error {
+			mu.Lock()
+			defer mu.Unlock()
+			woken = append(woken, id)
+			return nil
+		}})
+	wokenSoFar := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		w := woken
+		woken = nil
+		return w
+	}
+	alloc := func(wf string, keys ...int32) error {
+		return r.run(t, activities.AllocatePortsName, activities.AllocatePortsInput{HubID: hubID, WorkflowID: wf, DiskKeys: keys}, nil)
+	}
+	release := func(wf string) {
+		require.NoError(t, r.run(t, activities.ReleasePortsName, activities.ReleasePortsInput{HubID: hubID, WorkflowID: wf}, nil))
+	}
+	require.NoError(t, alloc("wf-a", 1, 2))
+	require.NoError(t, alloc("wf-b", 1, 2))
+	requireAppError(t, alloc("wf-three", 1, 2, 3), activities.ErrPortsExhausted, false)
+	requireAppError(t, alloc("wf-gives-up", 1), activities.ErrPortsExhausted, false)
+	appErr := requireAppError(t, alloc("wf-one", 1), activities.ErrPortsExhausted, false)
+	var details activities.PortsExhausted
+	require.NoError(t, appErr.Details(&details))
+	assert.Equal(t, 2, details.Ahead, "wf-three and wf-gives-up are ahead")
+	assert.Contains(t, appErr.Error(), "2 jobs ahead in line")
+
+	release("wf-a")
+	assert.Empty(t, wokenSoFar(), "two free ports do not fit wf-three, first in line")
+	release("wf-gives-up")
+	assert.Empty(t, wokenSoFar(), "leaving the line frees no port")
+	release("wf-b")
+	assert.Equal(t, []string{"wf-three", "wf-one"}, wokenSoFar(), "four free ports fit the line, in order")
+	require.NoError(t, alloc("wf-three", 1, 2, 3))
+	require.NoError(t, alloc("wf-one", 1))
+	release("wf-three")
+	assert.Empty(t, wokenSoFar(), "nobody waits any more")
 }
 
 func TestAllocateAndReleasePorts(t *testing.T) {

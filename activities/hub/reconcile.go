@@ -14,6 +14,7 @@ import (
 	"go.temporal.io/api/serviceerror"
 	"go.temporal.io/sdk/client"
 
+	"github.com/diskferry/diskferry/activities"
 	"github.com/diskferry/diskferry/internal/catalog"
 	"github.com/diskferry/diskferry/internal/qemu"
 )
@@ -31,6 +32,16 @@ func WorkflowClosedFunc(c client.Client) catalog.WorkflowClosed {
 			return false, fmt.Errorf("describe workflow %s: %w", workflowID, err)
 		}
 		return resp.RawResponse.GetWorkflowExecutionInfo().GetStatus() != enumspb.WORKFLOW_EXECUTION_STATUS_RUNNING, nil
+	}
+}
+
+// PortsFreeFunc wakes a run waiting for ports with PortsFreeSignal (Settings.PortsFree).
+func PortsFreeFunc(c client.Client) func(context.Context, string) error {
+	return func(ctx context.Context, workflowID string) error {
+		if err := c.SignalWorkflow(ctx, workflowID, "", activities.PortsFreeSignal, nil); err != nil {
+			return fmt.Errorf("signal %s to %s: %w", activities.PortsFreeSignal, workflowID, err)
+		}
+		return nil
 	}
 }
 
@@ -86,6 +97,8 @@ func (a *Activities) Reconcile(ctx context.Context) (ReconcileReport, error) {
 		// Leases whose workflow state is unknown stay; their exports stay too.
 		errs = append(errs, err)
 	}
+	// Reaped leases and closed runs taken out of the line may make room for runs in it.
+	a.wakePortWaiters(ctx, hub)
 	leases, err := a.ports.ListLeases(ctx, hub)
 	if err != nil {
 		return report, fmt.Errorf("reconcile: %w", err)

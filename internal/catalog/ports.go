@@ -27,21 +27,36 @@ func (r PortRange) check() error {
 	return nil
 }
 
-// PortsExhaustedError is a hub without enough free ports for a lease; it matches
-// ErrPortsExhausted.
+// PortsExhaustedError is a hub without enough free ports for a lease, for this caller: too
+// few are free, or the free ones are kept for jobs ahead of it in the hub's line. It matches
+// ErrPortsExhausted; the caller now has a place in the line.
 type PortsExhaustedError struct {
 	Hub    string
 	Range  PortRange
 	Needed int // ports the caller asked for beyond those it already held
 	Free   int // ports of the range without a lease
+	Ahead  int // jobs ahead of the caller in the hub's line for ports
 }
 
 func (e *PortsExhaustedError) Error() string {
+	var msg string
 	if e.Free == 0 {
-		return fmt.Sprintf("%v: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+		msg = fmt.Sprintf("%v: all %d ports %d-%d of hub %s are leased", ErrPortsExhausted, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+	} else {
+		msg = fmt.Sprintf("%v: %d ports needed, %d of the %d ports %d-%d of hub %s free", ErrPortsExhausted,
+			e.Needed, e.Free, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
 	}
-	return fmt.Sprintf("%v: %d ports needed, %d of the %d ports %d-%d of hub %s free", ErrPortsExhausted,
-		e.Needed, e.Free, e.Range.Size(), e.Range.First, e.Range.Last, e.Hub)
+	if e.Ahead > 0 {
+		msg += fmt.Sprintf(", %d %s ahead in line", e.Ahead, plural(e.Ahead, "job", "jobs"))
+	}
+	return msg
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }
 
 func (e *PortsExhaustedError) Unwrap() error { return ErrPortsExhausted }
@@ -84,19 +99,34 @@ func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey in
 	return ports[0], nil
 }
 
+// PortWaitStale is how long a job keeps its place in a hub's line for ports without asking
+// again. The workflows ask at least every 30 s while they wait (and at once when woken), so
+// a waiter silent for longer is gone or stuck: its ports are no longer kept for it, and it
+// gets them back (its place is kept) when it asks again.
+const PortWaitStale = 2 * time.Minute
+
+// portWaitForgotten is when a silent waiter's row is removed: past the workflows' whole wait
+// for ports (30 min), so only rows of runs that ended without their release go.
+const portWaitForgotten = time.Hour
+
 // AllocateAll leases a port of hub's range to every (workflowID, disk) pair at once and
 // returns them in diskKeys' order; a pair that holds a lease gets the same port back. All or
 // nothing: a workflow never holds some of its ports while waiting for the rest, so jobs that
-// each need several cannot deadlock on a small range. The range is the one hub recorded (any
+// each need several cannot deadlock on a small range. First come, first served: a caller
+// that cannot have its ports joins the hub's line, and free ports go to the jobs in line
+// in order, so a job needing four is not passed over forever by later jobs needing one
+// (who wait behind it even while one port is free). The range is the one hub recorded (any
 // hub worker may lease another hub's ports), else the allocator's. Too few free ports is a
-// *PortsExhaustedError, which clears once leases are released; more disks than the range
-// has ports is ErrInvalid, which never clears.
+// *PortsExhaustedError, which clears once leases are released (Ready says who to wake);
+// more disks than the range has ports is ErrInvalid, which never clears.
 func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKeys []int32) ([]int, error) {
 	if err := checkWorkflowID(workflowID); err != nil {
 		return nil, err
 	}
 	ports := make([]int, len(diskKeys))
+	var exhausted *PortsExhaustedError
 	err := p.store.inTx(ctx, fmt.Sprintf("allocate ports on %s for %s disks %v", hub, workflowID, diskKeys), func(tx *sql.Tx) error {
+		exhausted = nil
 		if err := ensureRow(ctx, tx, "hubs", hub); err != nil {
 			return err
 		}
@@ -132,11 +162,34 @@ func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKey
 		if len(missing) == 0 {
 			return nil
 		}
-		free, err := lowestFree(ctx, tx, hub, rng, len(missing))
+		at := now()
+		line, err := waitLine(ctx, tx, hub, at)
 		if err != nil {
 			return err
 		}
-		at := now()
+		var aheadJobs, aheadPorts int
+		if len(held) == 0 {
+			// A job already holding ports here (one leasing disk by disk, as runs from before
+			// the all-at-once lease do) is served first: queueing it behind jobs that wait for
+			// the ports it holds would deadlock.
+			aheadJobs, aheadPorts = line.ahead(workflowID)
+		}
+		free, leased, err := lowestFree(ctx, tx, hub, rng, aheadPorts+len(missing))
+		if err != nil {
+			return err
+		}
+		if len(free) < aheadPorts+len(missing) {
+			// Committed with the refusal: the caller's place in line must outlive this call.
+			if _, err := tx.ExecContext(ctx, `INSERT INTO port_waits (hub_id, workflow_id, needed, since, seen_at) VALUES (?, ?, ?, ?, ?)
+				ON DUPLICATE KEY UPDATE needed = VALUES(needed), seen_at = VALUES(seen_at)`, hub, workflowID, len(missing), at, at); err != nil {
+				return err
+			}
+			exhausted = &PortsExhaustedError{Hub: hub, Range: rng, Needed: len(missing), Free: rng.Size() - leased, Ahead: aheadJobs}
+			return nil
+		}
+		if _, err := tx.ExecContext(ctx, "DELETE FROM port_waits WHERE hub_id = ? AND workflow_id = ?", hub, workflowID); err != nil {
+			return err
+		}
 		for j, i := range missing {
 			ports[i] = free[j]
 			if _, err := tx.ExecContext(ctx, "INSERT INTO port_leases (hub_id, port, workflow_id, disk_key, leased_at) VALUES (?, ?, ?, ?, ?)",
@@ -149,43 +202,128 @@ func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKey
 	if err != nil {
 		return nil, err
 	}
+	if exhausted != nil {
+		return nil, exhausted
+	}
 	return ports, nil
 }
 
-// lowestFree finds the n lowest ports of rng without a lease on hub, or a
-// *PortsExhaustedError when fewer are free.
-func lowestFree(ctx context.Context, tx *sql.Tx, hub string, rng PortRange, n int) ([]int, error) {
+// waiter is a job in a hub's line for ports.
+type waiter struct {
+	workflowID string
+	needed     int
+}
+
+// line is a hub's waiters that asked within PortWaitStale, oldest first.
+type line []waiter
+
+// waitLine reads hub's line as of at, locking its rows, and forgets waiters silent for
+// portWaitForgotten.
+func waitLine(ctx context.Context, tx *sql.Tx, hub string, at time.Time) (line, error) {
+	if _, err := tx.ExecContext(ctx, "DELETE FROM port_waits WHERE hub_id = ? AND seen_at < ?", hub, at.Add(-portWaitForgotten)); err != nil {
+		return nil, err
+	}
+	rows, err := tx.QueryContext(ctx, "SELECT workflow_id, needed FROM port_waits WHERE hub_id = ? AND seen_at >= ? ORDER BY since, workflow_id FOR UPDATE",
+		hub, at.Add(-PortWaitStale))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var l line
+	for rows.Next() {
+		var w waiter
+		if err := rows.Scan(&w.workflowID, &w.needed); err != nil {
+			return nil, err
+		}
+		l = append(l, w)
+	}
+	return l, rows.Err()
+}
+
+// ahead counts the jobs ahead of workflowID in the line and the ports they wait for: those
+// before it, or everyone when it is not in line.
+func (l line) ahead(workflowID string) (jobs, ports int) {
+	for _, w := range l {
+		if w.workflowID == workflowID {
+			break
+		}
+		jobs++
+		ports += w.needed
+	}
+	return jobs, ports
+}
+
+// lowestFree finds up to n lowest ports of rng without a lease on hub, and how many of the
+// range's ports are leased.
+func lowestFree(ctx context.Context, tx *sql.Tx, hub string, rng PortRange, n int) ([]int, int, error) {
 	rows, err := tx.QueryContext(ctx, "SELECT port FROM port_leases WHERE hub_id = ? AND port BETWEEN ? AND ? ORDER BY port",
 		hub, rng.First, rng.Last)
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer rows.Close()
 	leased := map[int]bool{}
 	for rows.Next() {
 		var port int
 		if err := rows.Scan(&port); err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		leased[port] = true
 	}
 	if err := rows.Err(); err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	free := make([]int, 0, n)
+	free := make([]int, 0, min(n, rng.Size()))
 	for port := rng.First; port <= rng.Last && len(free) < n; port++ {
 		if !leased[port] {
 			free = append(free, port)
 		}
 	}
-	if len(free) < n {
-		return nil, &PortsExhaustedError{Hub: hub, Range: rng, Needed: n, Free: rng.Size() - len(leased)}
-	}
-	return free, nil
+	return free, len(leased), nil
 }
 
-// ReleaseWorkflow frees every lease the workflow holds on hub and returns them; releasing
-// again returns none.
+// Ready returns the workflows waiting in hub's line that the hub's free ports now fit, in
+// line order: the ones to wake after a release, who would each get their ports if they
+// asked now.
+func (p *Ports) Ready(ctx context.Context, hub string) ([]string, error) {
+	var ready []string
+	err := p.store.inTx(ctx, "list the line for ports on "+hub, func(tx *sql.Tx) error {
+		ready = nil
+		var first, last sql.NullInt32
+		err := tx.QueryRowContext(ctx, "SELECT port_first, port_last FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&first, &last)
+		if errors.Is(err, sql.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		rng := p.rng
+		if first.Valid && last.Valid {
+			rng = PortRange{First: int(first.Int32), Last: int(last.Int32)}
+		}
+		line, err := waitLine(ctx, tx, hub, now())
+		if err != nil || len(line) == 0 {
+			return err
+		}
+		_, leased, err := lowestFree(ctx, tx, hub, rng, 0)
+		if err != nil {
+			return err
+		}
+		free := rng.Size() - leased
+		for _, w := range line {
+			if w.needed > free {
+				break
+			}
+			free -= w.needed
+			ready = append(ready, w.workflowID)
+		}
+		return nil
+	})
+	return ready, err
+}
+
+// ReleaseWorkflow frees every lease the workflow holds on hub and returns them, and takes it
+// out of the hub's line for ports; releasing again returns none.
 func (p *Ports) ReleaseWorkflow(ctx context.Context, hub, workflowID string) ([]Lease, error) {
 	var released []Lease
 	err := p.store.inTx(ctx, fmt.Sprintf("release ports of %s on %s", workflowID, hub), func(tx *sql.Tx) error {
@@ -194,7 +332,10 @@ func (p *Ports) ReleaseWorkflow(ctx context.Context, hub, workflowID string) ([]
 		if err != nil {
 			return err
 		}
-		_, err = tx.ExecContext(ctx, "DELETE FROM port_leases WHERE hub_id = ? AND workflow_id = ?", hub, workflowID)
+		if _, err := tx.ExecContext(ctx, "DELETE FROM port_leases WHERE hub_id = ? AND workflow_id = ?", hub, workflowID); err != nil {
+			return err
+		}
+		_, err = tx.ExecContext(ctx, "DELETE FROM port_waits WHERE hub_id = ? AND workflow_id = ?", hub, workflowID)
 		return err
 	})
 	if err != nil {
@@ -216,30 +357,39 @@ func (p *Ports) ListLeases(ctx context.Context, hub string) ([]Lease, error) {
 type WorkflowClosed func(ctx context.Context, workflowID string) (bool, error)
 
 // Reap frees the hub's leases whose workflow has closed and returns them, so the caller can
-// stop their exports. A workflow whose state cannot be read keeps its leases; the errors are
-// returned joined after every other workflow was handled.
+// stop their exports, and takes closed workflows out of the hub's line for ports. A
+// workflow whose state cannot be read keeps its leases and place; the errors are returned
+// joined after every other workflow was handled.
 func (p *Ports) Reap(ctx context.Context, hub string, isClosed WorkflowClosed) ([]Lease, error) {
 	leases, err := p.ListLeases(ctx, hub)
+	if err != nil {
+		return nil, err
+	}
+	owners := make([]string, 0, len(leases))
+	for _, l := range leases {
+		owners = append(owners, l.WorkflowID)
+	}
+	waiting, err := p.Waiting(ctx, hub)
 	if err != nil {
 		return nil, err
 	}
 	checked := map[string]bool{}
 	var reaped []Lease
 	var errs []error
-	for _, l := range leases {
-		if checked[l.WorkflowID] {
+	for _, id := range append(owners, waiting...) {
+		if checked[id] {
 			continue
 		}
-		checked[l.WorkflowID] = true
-		closed, err := isClosed(ctx, l.WorkflowID)
+		checked[id] = true
+		closed, err := isClosed(ctx, id)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("workflow %s: %w", l.WorkflowID, err))
+			errs = append(errs, fmt.Errorf("workflow %s: %w", id, err))
 			continue
 		}
 		if !closed {
 			continue
 		}
-		released, err := p.ReleaseWorkflow(ctx, hub, l.WorkflowID)
+		released, err := p.ReleaseWorkflow(ctx, hub, id)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -253,6 +403,27 @@ func (p *Ports) Reap(ctx context.Context, hub string, isClosed WorkflowClosed) (
 		return reaped, fmt.Errorf("reap leases of %s: %w", hub, errors.Join(errs...))
 	}
 	return reaped, nil
+}
+
+// Waiting lists the workflows in hub's line for ports, oldest first, silent ones included.
+func (p *Ports) Waiting(ctx context.Context, hub string) ([]string, error) {
+	rows, err := p.store.db.QueryContext(ctx, "SELECT workflow_id FROM port_waits WHERE hub_id = ? ORDER BY since, workflow_id", hub)
+	if err != nil {
+		return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
+	}
+	return ids, nil
 }
 
 func queryLeases(ctx context.Context, q querier, where string, args ...any) ([]Lease, error) {

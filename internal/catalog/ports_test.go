@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -198,4 +199,119 @@ func TestAllocateAllIsAllOrNothing(t *testing.T) {
 	require.ErrorIs(t, err, ErrInvalid)
 	assert.NotErrorIs(t, err, ErrPortsExhausted)
 	assert.ErrorContains(t, err, "5 disks need a port each and hub hub-1 has 4 (20100-20103)")
+}
+
+// Jobs that cannot have their ports wait in line, first come first served: a job needing two
+// ports is not passed over by a later job needing one while a single port is free, a release
+// makes Ready name the jobs in line the free ports now fit (in order), a job that stops
+// asking is passed over until it asks again, and a release takes a job out of the line.
+func TestAllocateAllServesTheLineInOrder(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	rng := PortRange{First: 20200, Last: 20203}
+	ports, err := NewPorts(s, rng)
+	require.NoError(t, err)
+
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-holder", []int32{1, 2, 3})
+	require.NoError(t, err)
+	ready, err := ports.Ready(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, ready, "nobody waits")
+
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-two", []int32{1, 2})
+	var exhausted *PortsExhaustedError
+	require.ErrorAs(t, err, &exhausted)
+	assert.Equal(t, PortsExhaustedError{Hub: "hub-1", Range: rng, Needed: 2, Free: 1}, *exhausted)
+
+	// One port is free, but wf-two came first and needs two: wf-one waits behind it.
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-one", []int32{1})
+	require.ErrorAs(t, err, &exhausted)
+	assert.Equal(t, PortsExhaustedError{Hub: "hub-1", Range: rng, Needed: 1, Free: 1, Ahead: 1}, *exhausted)
+	assert.ErrorContains(t, err, "1 ports needed, 1 of the 4 ports 20200-20203 of hub hub-1 free, 1 job ahead in line")
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-last", []int32{1})
+	require.ErrorAs(t, err, &exhausted)
+	assert.Equal(t, 2, exhausted.Ahead)
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Len(t, leases, 3, "the free port stayed free for the job first in line")
+	ready, err = ports.Ready(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, ready, "one free port does not fit the first in line")
+
+	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-holder")
+	require.NoError(t, err)
+	ready, err = ports.Ready(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"wf-two", "wf-one", "wf-last"}, ready, "four free ports fit all three, in line order")
+
+	// The last in line asks first after the release: the four free ports fit everyone ahead
+	// of it too, so it gets its port at once; then the others.
+	got, err := ports.AllocateAll(ctx, "hub-1", "wf-last", []int32{1})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20200}, got)
+	got, err = ports.AllocateAll(ctx, "hub-1", "wf-one", []int32{1})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20201}, got)
+	got, err = ports.AllocateAll(ctx, "hub-1", "wf-two", []int32{1, 2})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20202, 20203}, got)
+	waiting, err := ports.Waiting(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, waiting, "jobs leave the line with their ports")
+
+	// A job in line that stops asking keeps its place but not its ports.
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-silent", []int32{1, 2})
+	require.ErrorAs(t, err, &exhausted)
+	_, err = s.db.ExecContext(ctx, "UPDATE port_waits SET seen_at = ? WHERE workflow_id = 'wf-silent'", now().Add(-PortWaitStale-time.Second))
+	require.NoError(t, err)
+	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-two")
+	require.NoError(t, err)
+	ready, err = ports.Ready(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, ready, "a silent job is not woken")
+	got, err = ports.AllocateAll(ctx, "hub-1", "wf-later", []int32{1})
+	require.NoError(t, err, "the silent job's ports are not kept for it")
+	assert.Equal(t, []int{20202}, got)
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-silent", []int32{1, 2})
+	require.ErrorAs(t, err, &exhausted, "one port left for two disks")
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1})
+	require.ErrorAs(t, err, &exhausted)
+	assert.Equal(t, 1, exhausted.Ahead, "asking again put the silent job back in its place")
+
+	// Its release takes it out of the line: the job behind it now fits.
+	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-silent")
+	require.NoError(t, err)
+	ready, err = ports.Ready(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"wf-behind"}, ready)
+	got, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1})
+	require.NoError(t, err)
+	assert.Equal(t, []int{20203}, got)
+}
+
+// A workflow already holding ports on the hub is not queued behind jobs waiting for them (a
+// run leasing disk by disk would otherwise wait for itself), and Reap takes closed
+// workflows out of the line.
+func TestAllocateAllServesHoldersAndReapEmptiesTheLine(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports, err := NewPorts(s, PortRange{First: 20300, Last: 20302})
+	require.NoError(t, err)
+
+	_, err = ports.Allocate(ctx, "hub-1", "wf-diskwise", 1)
+	require.NoError(t, err)
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-big", []int32{1, 2, 3})
+	require.ErrorIs(t, err, ErrPortsExhausted)
+	port, err := ports.Allocate(ctx, "hub-1", "wf-diskwise", 2)
+	require.NoError(t, err, "the holder's next disk is not queued behind wf-big")
+	assert.Equal(t, 20301, port)
+
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-gone", []int32{1})
+	require.ErrorIs(t, err, ErrPortsExhausted)
+	reaped, err := ports.Reap(ctx, "hub-1", func(_ context.Context, wf string) (bool, error) { return wf == "wf-gone", nil })
+	require.NoError(t, err)
+	assert.Empty(t, reaped, "the closed workflow held no lease")
+	waiting, err := ports.Waiting(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"wf-big"}, waiting)
 }

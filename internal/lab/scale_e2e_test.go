@@ -309,6 +309,9 @@ func requireFleetComplete(ctx context.Context, t testing.TB, l *lab.Lab, results
 		leases, err := ports.ListLeases(ctx, h.ID)
 		require.NoError(t, err)
 		require.Empty(t, leases, "port leases left on %s", h.ID)
+		waiting, err := ports.Waiting(ctx, h.ID)
+		require.NoError(t, err)
+		require.Empty(t, waiting, "jobs left in the line for ports on %s", h.ID)
 		exports, err := store.ListExports(ctx, h.ID)
 		require.NoError(t, err)
 		require.Empty(t, exports, "export rows left on %s", h.ID)
@@ -363,10 +366,9 @@ func requireFleetLeftNothing(ctx context.Context, t testing.TB, l *lab.Lab, resu
 
 // allocateAttempts sums the attempts of every AllocatePorts of a run, as its history
 // records them.
-func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) int {
+func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) (attempts, wakeUps int) {
 	t.Helper()
 	scheduled := map[int64]bool{}
-	total := 0
 	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
 	for it.HasNext() {
 		ev, err := it.Next()
@@ -375,10 +377,13 @@ func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID 
 			scheduled[ev.GetEventId()] = true
 		}
 		if a := ev.GetActivityTaskStartedEventAttributes(); a != nil && scheduled[a.GetScheduledEventId()] {
-			total += int(a.GetAttempt())
+			attempts += int(a.GetAttempt())
+		}
+		if a := ev.GetWorkflowExecutionSignaledEventAttributes(); a != nil && a.GetSignalName() == activities.PortsFreeSignal {
+			wakeUps++
 		}
 	}
-	return total
+	return attempts, wakeUps
 }
 
 // TestPortExhaustionQueues runs 10 backups of 2-disk VMs at once on a hub of 4 export ports:
@@ -387,7 +392,8 @@ func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID 
 // VM, nothing is left, and the waiting is no busy loop: a run's AllocatePorts attempts stay
 // within one per second of its run time (the wait backs off from 1 s up). A run leases all
 // its disks' ports at once: runs holding one port each while waiting for a second would
-// deadlock.
+// deadlock. The hub serves its line for ports in order and wakes the runs a release made
+// room for: some run's history holds that wake-up, and the line is empty at the end.
 func TestPortExhaustionQueues(t *testing.T) {
 	l := startLab(t, lab.Options{VMs: 10, Disks: 2, DiskSize: 16 << 20, PortsPerHub: 4})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -432,16 +438,19 @@ func TestPortExhaustionQueues(t *testing.T) {
 	default:
 		t.Fatalf("no backup's progress ever said it waited for %q", want)
 	}
+	woken := 0
 	for i, res := range results {
 		vm := l.VC.VMs[i]
 		for j, d := range res.Disks {
 			requireSameContent(ctx, t, vm.Disks[j].FlatPath, d.Path)
 		}
-		attempts := allocateAttempts(ctx, t, l, runs[i].GetID())
+		attempts, wakeUps := allocateAttempts(ctx, t, l, runs[i].GetID())
 		bound := 1 + int(res.Duration/time.Second)
-		t.Logf("%s: %d AllocatePorts attempts in %s", vm.Name, attempts, res.Duration.Round(time.Millisecond))
+		t.Logf("%s: %d AllocatePorts attempts, %d wake-ups by the hub in %s", vm.Name, attempts, wakeUps, res.Duration.Round(time.Millisecond))
 		require.LessOrEqual(t, attempts, bound, "%s retried AllocatePorts more than once a second", vm.Name)
+		woken += wakeUps
 	}
+	require.Positive(t, woken, "no waiting run was woken by a hub's release")
 	requireFleetComplete(ctx, t, l, results)
 	requireFleetLeftNothing(ctx, t, l, results)
 }

@@ -103,6 +103,7 @@ func run(ctx context.Context, cfg config.Hub, log *slog.Logger) error {
 	acts, err := hub.New(store, ports, layout, hub.Settings{
 		HubID: cfg.HubID, ExportCache: cfg.ExportCache, RunDir: cfg.RunDir,
 		WorkflowClosed:   hub.WorkflowClosedFunc(c),
+		PortsFree:        hub.PortsFreeFunc(c),
 		RetentionRunning: hub.RetentionRunningFunc(c, workflows.RetentionWorkflowID),
 		CountVerified:    func(n int64) { verified.Add(float64(n)) },
 		RepositoryMargin: cfg.Margin(),
