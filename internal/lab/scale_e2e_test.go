@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -453,4 +454,85 @@ func TestPortExhaustionQueues(t *testing.T) {
 	require.Positive(t, woken, "no waiting run was woken by a hub's release")
 	requireFleetComplete(ctx, t, l, results)
 	requireFleetLeftNothing(ctx, t, l, results)
+}
+
+// TestPortLineIsFirstComeFirstServed shows the hub's line for ports end to end, without
+// timing: two mounts hold 3 of the hub's 4 ports; a 2-disk backup is refused and joins the
+// line; a 1-disk backup started after it is refused too although a port is free (without the
+// line it would take it and the 2-disk backup could wait for ever behind such jobs). Once a
+// mount ends, the 2-disk backup leases its ports before the 1-disk one, both complete, and
+// nothing is left.
+func TestPortLineIsFirstComeFirstServed(t *testing.T) {
+	l := startLab(t, lab.Options{VMs: 4, Disks: 2, DiskSize: 8 << 20, PortsPerHub: 4})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	store, err := catalog.Open(ctx, l.DB.DSN, nil)
+	require.NoError(t, err)
+	defer store.Close()
+	ports, err := catalog.NewPorts(store, catalog.DefaultPortRange)
+	require.NoError(t, err)
+	leases := func() int {
+		ls, err := ports.ListLeases(ctx, l.HubID)
+		require.NoError(t, err)
+		return len(ls)
+	}
+	vms := l.VC.VMs
+
+	// Two points to mount: all of the first's disks and one of the second's hold 3 ports.
+	held := waitBackups(ctx, t, l, startBackups(ctx, t, l, vms[:2], workflows.BackupInput{}))
+	mountAll, _ := startMount(ctx, t, l, workflows.MountInput{Point: held[0].PointID})
+	mountOne, _ := startMount(ctx, t, l, workflows.MountInput{Point: held[1].PointID, Disks: []int32{vms[1].Disks[0].Key}})
+	require.Equal(t, 3, leases())
+
+	inLine := func(want ...string) {
+		t.Helper()
+		require.Eventually(t, func() bool {
+			waiting, err := ports.Waiting(ctx, l.HubID)
+			require.NoError(t, err)
+			return slices.Equal(waiting, want)
+		}, time.Minute, 50*time.Millisecond, "the hub's line for ports never became %v", want)
+	}
+	twoDisks := startBackups(ctx, t, l, vms[2:3], workflows.BackupInput{})[0]
+	inLine(twoDisks.GetID())
+	oneDisk := startBackups(ctx, t, l, vms[3:4], workflows.BackupInput{Disks: []int32{vms[3].Disks[0].Key}})[0]
+	inLine(twoDisks.GetID(), oneDisk.GetID())
+	require.Equal(t, 3, leases(), "the free port is kept for the first in line")
+
+	require.NoError(t, l.Temporal.Client.SignalWorkflow(ctx, mountOne.GetID(), "", workflows.UnmountSignalName, nil))
+	var ended workflows.MountInfo
+	require.NoError(t, mountOne.Get(ctx, &ended))
+	results := waitBackups(ctx, t, l, []client.WorkflowRun{twoDisks, oneDisk})
+	first, second := leasedAt(ctx, t, l, twoDisks.GetID()), leasedAt(ctx, t, l, oneDisk.GetID())
+	t.Logf("2-disk backup leased its ports at %s, the 1-disk backup at %s", first.Format(time.StampMilli), second.Format(time.StampMilli))
+	require.True(t, first.Before(second), "the 1-disk backup leased before the 2-disk one ahead of it in line")
+	require.Len(t, results[1].Disks, 1)
+	requireSameContent(ctx, t, vms[3].Disks[0].FlatPath, results[1].Disks[0].Path)
+	for j, d := range results[0].Disks {
+		requireSameContent(ctx, t, vms[2].Disks[j].FlatPath, d.Path)
+	}
+
+	require.NoError(t, l.Temporal.Client.SignalWorkflow(ctx, mountAll.GetID(), "", workflows.UnmountSignalName, nil))
+	require.NoError(t, mountAll.Get(ctx, &ended))
+	all := append(held, results...)
+	requireFleetComplete(ctx, t, l, all)
+	requireFleetLeftNothing(ctx, t, l, all)
+}
+
+// leasedAt is when a run's AllocatePorts completed, as its history records it.
+func leasedAt(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) time.Time {
+	t.Helper()
+	scheduled := map[int64]bool{}
+	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
+	for it.HasNext() {
+		ev, err := it.Next()
+		require.NoError(t, err)
+		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil && a.GetActivityType().GetName() == activities.AllocatePortsName {
+			scheduled[ev.GetEventId()] = true
+		}
+		if a := ev.GetActivityTaskCompletedEventAttributes(); a != nil && scheduled[a.GetScheduledEventId()] {
+			return ev.GetEventTime().AsTime()
+		}
+	}
+	t.Fatalf("%s never leased its ports", workflowID)
+	return time.Time{}
 }
