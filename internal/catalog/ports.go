@@ -327,7 +327,16 @@ func (p *Ports) Ready(ctx context.Context, hub string) ([]string, error) {
 func (p *Ports) ReleaseWorkflow(ctx context.Context, hub, workflowID string) ([]Lease, error) {
 	var released []Lease
 	err := p.store.inTx(ctx, fmt.Sprintf("release ports of %s on %s", workflowID, hub), func(tx *sql.Tx) error {
-		var err error
+		// The hub row first, as AllocateAll and Ready take it: one lock order, no deadlock.
+		var id string
+		err := tx.QueryRowContext(ctx, "SELECT id FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&id)
+		if errors.Is(err, sql.ErrNoRows) {
+			released = nil
+			return nil // a hub never seen holds no lease and no line
+		}
+		if err != nil {
+			return err
+		}
 		released, err = queryLeases(ctx, tx, "hub_id = ? AND workflow_id = ? ORDER BY port FOR UPDATE", hub, workflowID)
 		if err != nil {
 			return err

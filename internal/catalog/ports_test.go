@@ -315,3 +315,56 @@ func TestAllocateAllServesHoldersAndReapEmptiesTheLine(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"wf-big"}, waiting)
 }
+
+// Many jobs of different sizes asking, waiting in line and releasing at once on a small
+// range: every call ends in a lease or a refusal (no lock error survives the transaction's
+// retries), no port is ever leased twice, every job is served, and the line ends empty.
+func TestPortLineUnderContention(t *testing.T) {
+	s := newStore(t)
+	ctx := testCtx(t)
+	ports, err := NewPorts(s, PortRange{First: 20400, Last: 20403})
+	require.NoError(t, err)
+
+	const jobs = 12
+	var wg sync.WaitGroup
+	errs := make([]error, jobs)
+	for i := range jobs {
+		wg.Go(func() {
+			wf := fmt.Sprintf("wf-%02d", i)
+			keys := []int32{1, 2, 3}[:1+i%3]
+			for ctx.Err() == nil {
+				got, err := ports.AllocateAll(ctx, "hub-1", wf, keys)
+				if errors.Is(err, ErrPortsExhausted) {
+					continue // asking again at once: the heaviest load the line can get
+				}
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				leases, err := ports.ListLeases(ctx, "hub-1")
+				if err == nil && len(leases) > 4 {
+					err = fmt.Errorf("%d leases on a range of 4", len(leases))
+				}
+				for _, port := range got {
+					if err == nil && (port < 20400 || port > 20403) {
+						err = fmt.Errorf("port %d outside the range", port)
+					}
+				}
+				if err == nil {
+					_, err = ports.ReleaseWorkflow(ctx, "hub-1", wf)
+				}
+				errs[i] = err
+				return
+			}
+			errs[i] = fmt.Errorf("%s never served: %w", wf, ctx.Err())
+		})
+	}
+	wg.Wait()
+	require.NoError(t, errors.Join(errs...))
+	waiting, err := ports.Waiting(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, waiting)
+	leases, err := ports.ListLeases(ctx, "hub-1")
+	require.NoError(t, err)
+	assert.Empty(t, leases)
+}
