@@ -132,13 +132,9 @@ func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKey
 		}
 		// The hub row lock serialises allocators of one hub: lowest-free is then exact and
 		// no two callers ever pick the same port. The unique keys stay as the last guard.
-		var first, last sql.NullInt32
-		if err := tx.QueryRowContext(ctx, "SELECT port_first, port_last FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&first, &last); err != nil {
+		rng, err := p.lockHub(ctx, tx, hub)
+		if err != nil {
 			return err
-		}
-		rng := p.rng
-		if first.Valid && last.Valid {
-			rng = PortRange{First: int(first.Int32), Last: int(last.Int32)}
 		}
 		if len(diskKeys) > rng.Size() {
 			return fmt.Errorf("%w: %d disks need a port each and hub %s has %d (%d-%d)", ErrInvalid, len(diskKeys), hub, rng.Size(), rng.First, rng.Last)
@@ -206,6 +202,20 @@ func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKey
 		return nil, exhausted
 	}
 	return ports, nil
+}
+
+// lockHub locks hub's row, which serialises every change to its leases and its line, and
+// returns its port range: the one it recorded, else the allocator's. A hub without a row
+// is sql.ErrNoRows.
+func (p *Ports) lockHub(ctx context.Context, tx *sql.Tx, hub string) (PortRange, error) {
+	var first, last sql.NullInt32
+	if err := tx.QueryRowContext(ctx, "SELECT port_first, port_last FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&first, &last); err != nil {
+		return PortRange{}, err
+	}
+	if first.Valid && last.Valid {
+		return PortRange{First: int(first.Int32), Last: int(last.Int32)}, nil
+	}
+	return p.rng, nil
 }
 
 // waiter is a job in a hub's line for ports.
@@ -289,17 +299,12 @@ func (p *Ports) Ready(ctx context.Context, hub string) ([]string, error) {
 	var ready []string
 	err := p.store.inTx(ctx, "list the line for ports on "+hub, func(tx *sql.Tx) error {
 		ready = nil
-		var first, last sql.NullInt32
-		err := tx.QueryRowContext(ctx, "SELECT port_first, port_last FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&first, &last)
+		rng, err := p.lockHub(ctx, tx, hub)
 		if errors.Is(err, sql.ErrNoRows) {
-			return nil
+			return nil // a hub never seen has no line
 		}
 		if err != nil {
 			return err
-		}
-		rng := p.rng
-		if first.Valid && last.Valid {
-			rng = PortRange{First: int(first.Int32), Last: int(last.Int32)}
 		}
 		line, err := waitLine(ctx, tx, hub, now())
 		if err != nil || len(line) == 0 {
@@ -328,8 +333,7 @@ func (p *Ports) ReleaseWorkflow(ctx context.Context, hub, workflowID string) ([]
 	var released []Lease
 	err := p.store.inTx(ctx, fmt.Sprintf("release ports of %s on %s", workflowID, hub), func(tx *sql.Tx) error {
 		// The hub row first, as AllocateAll and Ready take it: one lock order, no deadlock.
-		var id string
-		err := tx.QueryRowContext(ctx, "SELECT id FROM hubs WHERE id = ? FOR UPDATE", hub).Scan(&id)
+		_, err := p.lockHub(ctx, tx, hub)
 		if errors.Is(err, sql.ErrNoRows) {
 			released = nil
 			return nil // a hub never seen holds no lease and no line

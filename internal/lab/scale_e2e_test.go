@@ -365,10 +365,16 @@ func requireFleetLeftNothing(ctx context.Context, t testing.TB, l *lab.Lab, resu
 	require.Empty(t, want, "restore point files missing")
 }
 
-// allocateAttempts sums the attempts of every AllocatePorts of a run, as its history
-// records them.
-func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) (attempts, wakeUps int) {
+// portSteps is what a run's history says of its AllocatePorts: the attempts of every
+// AllocatePorts, the hub's wake-ups (PortsFreeSignal), and when the lease was obtained.
+type portSteps struct {
+	attempts, wakeUps int
+	leasedAt          time.Time
+}
+
+func portHistory(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) portSteps {
 	t.Helper()
+	var steps portSteps
 	scheduled := map[int64]bool{}
 	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
 	for it.HasNext() {
@@ -378,13 +384,17 @@ func allocateAttempts(ctx context.Context, t testing.TB, l *lab.Lab, workflowID 
 			scheduled[ev.GetEventId()] = true
 		}
 		if a := ev.GetActivityTaskStartedEventAttributes(); a != nil && scheduled[a.GetScheduledEventId()] {
-			attempts += int(a.GetAttempt())
+			steps.attempts += int(a.GetAttempt())
+		}
+		if a := ev.GetActivityTaskCompletedEventAttributes(); a != nil && scheduled[a.GetScheduledEventId()] {
+			steps.leasedAt = ev.GetEventTime().AsTime()
 		}
 		if a := ev.GetWorkflowExecutionSignaledEventAttributes(); a != nil && a.GetSignalName() == activities.PortsFreeSignal {
-			wakeUps++
+			steps.wakeUps++
 		}
 	}
-	return attempts, wakeUps
+	require.False(t, steps.leasedAt.IsZero(), "%s never leased its ports", workflowID)
+	return steps
 }
 
 // TestPortExhaustionQueues runs 10 backups of 2-disk VMs at once on a hub of 4 export ports:
@@ -445,11 +455,11 @@ func TestPortExhaustionQueues(t *testing.T) {
 		for j, d := range res.Disks {
 			requireSameContent(ctx, t, vm.Disks[j].FlatPath, d.Path)
 		}
-		attempts, wakeUps := allocateAttempts(ctx, t, l, runs[i].GetID())
+		steps := portHistory(ctx, t, l, runs[i].GetID())
 		bound := 1 + int(res.Duration/time.Second)
-		t.Logf("%s: %d AllocatePorts attempts, %d wake-ups by the hub in %s", vm.Name, attempts, wakeUps, res.Duration.Round(time.Millisecond))
-		require.LessOrEqual(t, attempts, bound, "%s retried AllocatePorts more than once a second", vm.Name)
-		woken += wakeUps
+		t.Logf("%s: %d AllocatePorts attempts, %d wake-ups by the hub in %s", vm.Name, steps.attempts, steps.wakeUps, res.Duration.Round(time.Millisecond))
+		require.LessOrEqual(t, steps.attempts, bound, "%s retried AllocatePorts more than once a second", vm.Name)
+		woken += steps.wakeUps
 	}
 	require.Positive(t, woken, "no waiting run was woken by a hub's release")
 	requireFleetComplete(ctx, t, l, results)
@@ -502,7 +512,7 @@ func TestPortLineIsFirstComeFirstServed(t *testing.T) {
 	var ended workflows.MountInfo
 	require.NoError(t, mountOne.Get(ctx, &ended))
 	results := waitBackups(ctx, t, l, []client.WorkflowRun{twoDisks, oneDisk})
-	first, second := leasedAt(ctx, t, l, twoDisks.GetID()), leasedAt(ctx, t, l, oneDisk.GetID())
+	first, second := portHistory(ctx, t, l, twoDisks.GetID()).leasedAt, portHistory(ctx, t, l, oneDisk.GetID()).leasedAt
 	t.Logf("2-disk backup leased its ports at %s, the 1-disk backup at %s", first.Format(time.StampMilli), second.Format(time.StampMilli))
 	require.True(t, first.Before(second), "the 1-disk backup leased before the 2-disk one ahead of it in line")
 	require.Len(t, results[1].Disks, 1)
@@ -516,23 +526,4 @@ func TestPortLineIsFirstComeFirstServed(t *testing.T) {
 	all := append(held, results...)
 	requireFleetComplete(ctx, t, l, all)
 	requireFleetLeftNothing(ctx, t, l, all)
-}
-
-// leasedAt is when a run's AllocatePorts completed, as its history records it.
-func leasedAt(ctx context.Context, t testing.TB, l *lab.Lab, workflowID string) time.Time {
-	t.Helper()
-	scheduled := map[int64]bool{}
-	it := l.Temporal.Client.GetWorkflowHistory(ctx, workflowID, "", false, enumspb.HISTORY_EVENT_FILTER_TYPE_ALL_EVENT)
-	for it.HasNext() {
-		ev, err := it.Next()
-		require.NoError(t, err)
-		if a := ev.GetActivityTaskScheduledEventAttributes(); a != nil && a.GetActivityType().GetName() == activities.AllocatePortsName {
-			scheduled[ev.GetEventId()] = true
-		}
-		if a := ev.GetActivityTaskCompletedEventAttributes(); a != nil && scheduled[a.GetScheduledEventId()] {
-			return ev.GetEventTime().AsTime()
-		}
-	}
-	t.Fatalf("%s never leased its ports", workflowID)
-	return time.Time{}
 }
