@@ -303,9 +303,11 @@ for c in $cases; do
     source_image="$bench/inc-top.qcow2" bench_case restore "$bench/inc.raw" $((4 * GiB)) "$(du --block-size=1 "$bench/inc.raw" | cut -f1)"
     ;;
   merge)
-    # Retention's merge of a 1 GiB incremental into its full (commit, header, catalog, the
-    # incremental's file removed) against a plain `qemu-img commit -d` and rm of identical files,
-    # both synced, in the same run (internal/chain BenchmarkMerge; needs MariaDB binaries).
+    # Retention's merge of a 1 GiB incremental with its full (commit or flatten, headers,
+    # catalog, the unneeded file removed) against a plain `qemu-img commit -d` and rm of
+    # identical files, both synced, in the same run, on an incremental that wrote elsewhere
+    # (disjoint: a commit) and one that rewrote its full (rewritten: a flatten)
+    # (internal/chain BenchmarkMerge; needs MariaDB binaries).
     (cd "$root" && go test -run '^$' -bench '^BenchmarkMerge$' -benchtime 1x ./internal/chain) | grep '^bench merge' ||
       fail "merge benchmark failed"
     ;;

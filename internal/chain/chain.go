@@ -286,17 +286,30 @@ func (r *runner) rebase(ctx context.Context, s *step) error {
 // commit writes a kept disk, whose every ancestor goes, into the chain's full file, which
 // then holds the kept point; the kept disk's own file passes to the deleting root point.
 func (r *runner) commit(ctx context.Context, st *state, s *step) error {
-	if err := r.act(ctx, s.describe()); err != nil {
-		return err
-	}
-	root := s.root.d.Path
 	backing, err := r.backingFile(ctx, s.disk.Path)
 	if err != nil {
 		return err
 	}
+	flatten := &step{kind: stepRebase, point: s.point, disk: s.disk}
+	if backing == "" {
+		// The flatten chosen below rewrote the header before the run stopped; only the
+		// catalog is behind.
+		return r.rebase(ctx, flatten)
+	}
 	if backing != s.disk.ParentPath {
 		return fmt.Errorf("%w: %s backs onto %s, the catalog says %s", ErrInconsistent, s.disk.Path, backing, s.disk.ParentPath)
 	}
+	cheaper, err := flattenMovesLess(ctx, s)
+	if err != nil {
+		return err
+	}
+	if cheaper {
+		return r.rebase(ctx, flatten)
+	}
+	if err := r.act(ctx, s.describe()); err != nil {
+		return err
+	}
+	root := s.root.d.Path
 	// Run again after a kill, the commit writes the same data again: root belongs to a
 	// deleting point and nothing kept reads it except through the kept file, which masks it.
 	// The killed attempt's leaked clusters are freed first.
@@ -350,6 +363,34 @@ func (r *runner) commit(ctx context.Context, st *state, s *step) error {
 		return err
 	}
 	return r.cat.Repoint(ctx, changes)
+}
+
+// flattenMovesLess reports whether flattening the kept disk of a commit step writes fewer
+// bytes than the commit. Both leave every kept point reading the same, and the files
+// between the kept disk and root go either way: the commit writes into root what lies
+// above it (the kept disk's own clusters and those of the files between), the flatten
+// writes into the kept disk what lies below it and shows through (the files between and
+// root). They differ by the kept disk's own data against root's visible data: an
+// incremental that rewrote most of what its full held is flattened almost for free, where
+// the commit would copy all of it. A tie commits. Either choice is made again, the same
+// way, by a run after a kill: a killed flatten only moved data up, which favours it more,
+// and a killed commit wrote only what the kept disk masks.
+func flattenMovesLess(ctx context.Context, s *step) (bool, error) {
+	extents, err := qemu.Map(ctx, qemu.QCOW2(s.disk.Path))
+	if err != nil {
+		return false, err
+	}
+	var own, rootVisible int64
+	for _, e := range extents {
+		switch {
+		case !e.Data:
+		case e.Depth == 0:
+			own += e.Length
+		case e.Depth == s.rootDepth:
+			rootVisible += e.Length
+		}
+	}
+	return rootVisible < own, nil
 }
 
 func moveManifest(from, to string) error {

@@ -48,6 +48,13 @@ type lab struct {
 	snap   map[string]map[int32]string // point → disk → raw copy at backup time
 	order  []string                    // points, oldest first
 	files  map[string]map[int32]string // point → disk → qcow2 as backed up
+	fills  []fill                      // written by the next backup (fill)
+}
+
+// fill is a region a backup writes with one byte value.
+type fill struct {
+	off, length int64
+	pattern     byte
 }
 
 func newLab(t *testing.T, seed uint64, disks int) *lab {
@@ -124,6 +131,9 @@ func (l *lab) backup(full bool) string {
 			// A full copy holds the whole disk as it is now.
 			run(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", l.raw[key], path)
 		}
+		for _, f := range l.fills {
+			l.fillDisk(key, path, f)
+		}
 		l.write(key, path)
 		snap := filepath.Join(filepath.Dir(l.raw[key]), fmt.Sprintf("%s-%d.raw", p.ID, key))
 		run(t, "cp", "--sparse=always", l.raw[key], snap)
@@ -135,7 +145,29 @@ func (l *lab) backup(full bool) string {
 	_, err = l.store.CompletePoint(l.ctx, p.ID, disks)
 	require.NoError(t, err)
 	l.order = append(l.order, p.ID)
+	l.fills = nil
 	return p.ID
+}
+
+// fillNext makes the next backup write pattern over [off, off+length) of every disk before
+// its random writes.
+func (l *lab) fillNext(off, length int64, pattern byte) {
+	l.fills = append(l.fills, fill{off: off, length: length, pattern: pattern})
+}
+
+// fillDisk writes f into the qcow2 at path and the same into the raw copy.
+func (l *lab) fillDisk(key int32, path string, f fill) {
+	t := l.t
+	raw, err := os.OpenFile(l.raw[key], os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer raw.Close()
+	buf := make([]byte, f.length)
+	for i := range buf {
+		buf[i] = f.pattern
+	}
+	_, err = raw.WriteAt(buf, f.off)
+	require.NoError(t, err)
+	run(t, "qemu-io", "-f", "qcow2", "-c", fmt.Sprintf("write -P %d %d %d", f.pattern, f.off, f.length), path)
 }
 
 // write applies random writes to the qcow2 at path and the same to the raw copy: new data,
@@ -388,17 +420,23 @@ func TestRandomChainsSurviveKills(t *testing.T) {
 }
 
 // TestKillAtEveryStep kills a commit (the oldest full point dropped under two kept
-// incrementals) and a rebase (a middle point dropped) at each of their events in turn, the
-// qemu-img processes included, and runs again: the kept points are intact every time.
+// incrementals, the full holding more than they changed), a flatten that replaces such a
+// commit (the kept incremental rewrote everything its full held, so flattening it moves
+// nothing) and a rebase (a middle point dropped) at each of their events in turn, the
+// qemu-img processes included, and runs again: the kept points are intact every time, and
+// the run took the path the case names.
 func TestKillAtEveryStep(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		drop []int
+		name  string
+		drop  []int
+		fills map[int]fill // backup → region it writes first
+		path  string       // the step every finishing run takes
 	}{
-		{"commit", []int{0}},
-		{"commit through two", []int{0, 1}},
-		{"rebase", []int{1}},
-		{"rebase past two", []int{1, 2}},
+		{"commit", []int{0}, map[int]fill{0: {0, diskSize, 0x5a}}, "commit disk"},
+		{"commit through two", []int{0, 1}, map[int]fill{0: {0, diskSize, 0x5a}}, "commit disk"},
+		{"flatten instead of commit", []int{0}, map[int]fill{0: {0, diskSize / 2, 0x5a}, 1: {0, diskSize, 0xa5}}, "flatten disk"},
+		{"rebase", []int{1}, nil, "rebase disk"},
+		{"rebase past two", []int{1, 2}, nil, "rebase disk"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			inQemu := 0
@@ -406,6 +444,9 @@ func TestKillAtEveryStep(t *testing.T) {
 				require.Less(t, n, 100)
 				l := newLab(t, uint64(n), 1)
 				for i := range 4 {
+					if f, ok := tc.fills[i]; ok {
+						l.fillNext(f.off, f.length, f.pattern)
+					}
 					l.backup(i == 0)
 				}
 				var plan chain.Plan
@@ -414,11 +455,16 @@ func TestKillAtEveryStep(t *testing.T) {
 				}
 				ctx, cancel := context.WithCancel(l.ctx)
 				k := &killer{n: n, cancel: cancel}
-				_, err := l.apply(ctx, plan, chain.Options{OnProgress: k.progress})
+				var steps []string
+				_, err := l.apply(ctx, plan, chain.Options{OnProgress: func(p chain.Progress) {
+					steps = append(steps, p.Step)
+					k.progress(p)
+				}})
 				cancel()
 				if k.seen < n {
 					require.NoError(t, err)
 					l.verify(plan)
+					requireStep(t, steps, tc.path)
 					// Whether a kill lands while qemu-img reports progress depends on how fast it
 					// runs (it polls its job; a quick one jumps from 0 to 100 %): logged, not
 					// asserted, so a fast or busy machine does not fail the test.
@@ -437,6 +483,22 @@ func TestKillAtEveryStep(t *testing.T) {
 				l.verify(plan)
 			}
 		})
+	}
+}
+
+// requireStep checks a run's steps include one starting with path and, for a commit or a
+// flatten, not the other: the chain engine chose the way the case is about.
+func requireStep(t *testing.T, steps []string, path string) {
+	t.Helper()
+	has := func(prefix string) bool {
+		return slices.ContainsFunc(steps, func(s string) bool { return strings.HasPrefix(s, prefix) })
+	}
+	require.True(t, has(path), "no %q step in %q", path, steps)
+	switch path {
+	case "commit disk":
+		require.False(t, has("flatten disk"), "a flatten in %q", steps)
+	case "flatten disk":
+		require.False(t, has("commit disk"), "a commit in %q", steps)
 	}
 }
 

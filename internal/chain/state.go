@@ -25,6 +25,9 @@ type step struct {
 	disk  Disk
 	onto  string // stepRebase: the new backing file, "" to flatten
 	root  ref    // stepCommit: the full file committed into
+	// rootDepth (stepCommit) is root's depth below the kept disk in its backing chain: 1
+	// for its parent, 2 for its grandparent...
+	rootDepth int
 }
 
 func (s *step) describe() string {
@@ -139,11 +142,13 @@ func (st *state) next() (*step, error) {
 // free chooses how a kept disk stops depending on the deleting file it backs onto: a rebase
 // onto its nearest kept ancestor; a commit into the chain's full file when every ancestor
 // goes and the chain down to it does not branch (a commit changes what every descendant
-// of the full file reads); otherwise a flatten.
+// of the full file reads), which the run turns into a flatten when that moves fewer bytes
+// (flattenMovesLess); otherwise a flatten.
 func (st *state) free(p *Point, d Disk, parent ref) (*step, error) {
 	linear := true
 	cur := parent
-	for depth := 0; ; depth++ {
+	depth := 0
+	for ; ; depth++ {
 		if depth > len(st.points) {
 			return nil, fmt.Errorf("%w: the backing chain of %s loops", ErrInconsistent, d.Path)
 		}
@@ -161,7 +166,7 @@ func (st *state) free(p *Point, d Disk, parent ref) (*step, error) {
 		cur = next
 	}
 	if linear {
-		return &step{kind: stepCommit, point: p, disk: d, root: cur}, nil
+		return &step{kind: stepCommit, point: p, disk: d, root: cur, rootDepth: depth + 1}, nil
 	}
 	return &step{kind: stepRebase, point: p, disk: d}, nil
 }
