@@ -159,7 +159,7 @@ func (p *Ports) AllocateAll(ctx context.Context, hub, workflowID string, diskKey
 			return nil
 		}
 		at := now()
-		line, err := waitLine(ctx, tx, hub, at)
+		line, err := waitLine(ctx, tx, hub, workflowID, at)
 		if err != nil {
 			return err
 		}
@@ -228,13 +228,14 @@ type waiter struct {
 type line []waiter
 
 // waitLine reads hub's line as of at, locking its rows, and forgets waiters silent for
-// portWaitForgotten.
-func waitLine(ctx context.Context, tx *sql.Tx, hub string, at time.Time) (line, error) {
+// portWaitForgotten. asking, the workflow asking now (or ""), is in it at its place even
+// if it was silent: asking again gives a waiter its place back.
+func waitLine(ctx context.Context, tx *sql.Tx, hub, asking string, at time.Time) (line, error) {
 	if _, err := tx.ExecContext(ctx, "DELETE FROM port_waits WHERE hub_id = ? AND seen_at < ?", hub, at.Add(-portWaitForgotten)); err != nil {
 		return nil, err
 	}
-	rows, err := tx.QueryContext(ctx, "SELECT workflow_id, needed FROM port_waits WHERE hub_id = ? AND seen_at >= ? ORDER BY since, workflow_id FOR UPDATE",
-		hub, at.Add(-PortWaitStale))
+	rows, err := tx.QueryContext(ctx, `SELECT workflow_id, needed FROM port_waits WHERE hub_id = ? AND (seen_at >= ? OR workflow_id = ?)
+		ORDER BY since, workflow_id FOR UPDATE`, hub, at.Add(-PortWaitStale), asking)
 	if err != nil {
 		return nil, err
 	}
@@ -306,7 +307,7 @@ func (p *Ports) Ready(ctx context.Context, hub string) ([]string, error) {
 		if err != nil {
 			return err
 		}
-		line, err := waitLine(ctx, tx, hub, now())
+		line, err := waitLine(ctx, tx, hub, "", now())
 		if err != nil || len(line) == 0 {
 			return err
 		}

@@ -272,21 +272,27 @@ func TestAllocateAllServesTheLineInOrder(t *testing.T) {
 	got, err = ports.AllocateAll(ctx, "hub-1", "wf-later", []int32{1})
 	require.NoError(t, err, "the silent job's ports are not kept for it")
 	assert.Equal(t, []int{20202}, got)
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1, 2})
+	require.ErrorAs(t, err, &exhausted)
+	assert.Equal(t, 0, exhausted.Ahead, "the silent job is passed over")
 	_, err = ports.AllocateAll(ctx, "hub-1", "wf-silent", []int32{1, 2})
 	require.ErrorAs(t, err, &exhausted, "one port left for two disks")
-	_, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1})
+	assert.Equal(t, 0, exhausted.Ahead, "asking again, the silent job is first in line again at once")
+	_, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1, 2})
 	require.ErrorAs(t, err, &exhausted)
-	assert.Equal(t, 1, exhausted.Ahead, "asking again put the silent job back in its place")
+	assert.Equal(t, 1, exhausted.Ahead, "the job that joined while it was silent is behind it")
 
-	// Its release takes it out of the line: the job behind it now fits.
+	// Its release takes it out of the line: once a second port is free, the job behind it fits.
 	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-silent")
+	require.NoError(t, err)
+	_, err = ports.ReleaseWorkflow(ctx, "hub-1", "wf-later")
 	require.NoError(t, err)
 	ready, err = ports.Ready(ctx, "hub-1")
 	require.NoError(t, err)
 	assert.Equal(t, []string{"wf-behind"}, ready)
-	got, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1})
+	got, err = ports.AllocateAll(ctx, "hub-1", "wf-behind", []int32{1, 2})
 	require.NoError(t, err)
-	assert.Equal(t, []int{20203}, got)
+	assert.Equal(t, []int{20202, 20203}, got)
 }
 
 // A workflow already holding ports on the hub is not queued behind jobs waiting for them (a
