@@ -105,10 +105,6 @@ func (p *Ports) Allocate(ctx context.Context, hub, workflowID string, diskKey in
 // gets them back (its place is kept) when it asks again.
 const PortWaitStale = 2 * time.Minute
 
-// portWaitForgotten is when a silent waiter's row is removed: past the workflows' whole wait
-// for ports (30 min), so only rows of runs that ended without their release go.
-const portWaitForgotten = time.Hour
-
 // AllocateAll leases a port of hub's range to every (workflowID, disk) pair at once and
 // returns them in diskKeys' order; a pair that holds a lease gets the same port back. All or
 // nothing: a workflow never holds some of its ports while waiting for the rest, so jobs that
@@ -227,13 +223,10 @@ type waiter struct {
 // line is a hub's waiters that asked within PortWaitStale, oldest first.
 type line []waiter
 
-// waitLine reads hub's line as of at, locking its rows, and forgets waiters silent for
-// portWaitForgotten. asking, the workflow asking now (or ""), is in it at its place even
-// if it was silent: asking again gives a waiter its place back.
+// waitLine reads hub's line as of at, locking its rows. asking, the workflow asking now (or
+// ""), is in it at its place even if it was silent: asking again gives a waiter its place
+// back. Rows of runs that ended without their release are Reap's to remove.
 func waitLine(ctx context.Context, tx *sql.Tx, hub, asking string, at time.Time) (line, error) {
-	if _, err := tx.ExecContext(ctx, "DELETE FROM port_waits WHERE hub_id = ? AND seen_at < ?", hub, at.Add(-portWaitForgotten)); err != nil {
-		return nil, err
-	}
 	rows, err := tx.QueryContext(ctx, `SELECT workflow_id, needed FROM port_waits WHERE hub_id = ? AND (seen_at >= ? OR workflow_id = ?)
 		ORDER BY since, workflow_id FOR UPDATE`, hub, at.Add(-PortWaitStale), asking)
 	if err != nil {

@@ -179,20 +179,10 @@ func BenchmarkMerge(b *testing.B) {
 			require.NoError(b, os.RemoveAll(filepath.Dir(kept.Disks[0].Path)))
 		}
 		mb := float64(size) / 1e6
-		oursMed, plainMed := median(ours), median(plain)
+		oursMed, plainMed := testenv.Median(ours), testenv.Median(plain)
 		fmt.Printf("bench merge %s (%s) ours=%.1fMB/s qemu-img=%.1fMB/s ratio=%.2f (1 GiB incremental with its full; commit or flatten, rm, sync; medians of %d alternating rounds: ours %s, qemu-img %s)\n",
 			fx.name, fx.path, mb/oursMed.Seconds(), mb/plainMed.Seconds(), plainMed.Seconds()/oursMed.Seconds(), rounds, roundTimes(ours), roundTimes(plain))
 	}
-}
-
-// median is the middle of the durations (the mean of the middle two for an even count).
-func median(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
-	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // roundTimes is "1.21s 1.30s 1.18s".

@@ -10,7 +10,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -128,18 +127,12 @@ func BenchmarkExportPath(b *testing.B) {
 		}
 	}
 	b.StopTimer()
-	tcp, stream, tun := median(times[pathTCP]), median(times[pathStream]), median(times[pathTunnel])
+	tcp, stream, tun := testenv.Median(times[pathTCP]), testenv.Median(times[pathStream]), testenv.Median(times[pathTunnel])
 	b.ReportMetric(tun.Seconds(), "s/tunnel")
 	b.ReportMetric(tcp.Seconds(), "s/tcp")
 	fmt.Printf("bench export-path data=%dMiB tcp-relay=%.2fs streamlocal-relay=%.2fs tunnel=%.2fs stream/tcp=%.3f tunnel/tcp=%.3f runs=%d load=%s\n",
 		exportPathBytes>>20, tcp.Seconds(), stream.Seconds(), tun.Seconds(), stream.Seconds()/tcp.Seconds(), tun.Seconds()/tcp.Seconds(),
 		len(times[pathTCP]), loadAverage())
-}
-
-func median(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	return s[len(s)/2]
 }
 
 func loadAverage() string {
