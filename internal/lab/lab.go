@@ -27,7 +27,7 @@ import (
 // Options shape the lab.
 type Options struct {
 	Disks    int   // disks of the demo VM; default 2
-	DiskSize int64 // bytes per disk, a multiple of 1 MiB; default 64 MiB
+	DiskSize int64 // bytes per disk, a multiple of 1 KiB; default 64 MiB
 	VMName   string
 	// UIPort serves the Temporal Web UI on 127.0.0.1:UIPort; 0 runs the server headless.
 	UIPort int

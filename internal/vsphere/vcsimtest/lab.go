@@ -41,7 +41,7 @@ type TB interface {
 // Options shape the lab. Zero values take the defaults.
 type Options struct {
 	Disks    int   // number of disks of the VM; default 2
-	DiskSize int64 // bytes per disk, a multiple of 1 MiB; default 64 MiB
+	DiskSize int64 // bytes per disk, a multiple of 1 KiB; default 64 MiB
 	Seed     uint64
 	VMName   string // default "df-vm01"
 	// VMs is the number of VMs; default 1. The first is VMName, the others VMName-02,
@@ -123,8 +123,9 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if opts.DiskSize == 0 {
 		opts.DiskSize = 64 << 20
 	}
-	if opts.DiskSize%(1<<20) != 0 || opts.DiskSize < 0 || opts.Disks < 0 {
-		return nil, fmt.Errorf("disk size %d is not a positive multiple of 1 MiB", opts.DiskSize)
+	// vSphere sizes disks in KB (capacityInKB), so any KiB multiple is a real disk's size.
+	if opts.DiskSize%(1<<10) != 0 || opts.DiskSize < 0 || opts.Disks < 0 {
+		return nil, fmt.Errorf("disk size %d is not a positive multiple of 1 KiB", opts.DiskSize)
 	}
 	if opts.VMName == "" {
 		opts.VMName = "df-vm01"
