@@ -28,7 +28,7 @@ func newRootCommand() *cobra.Command {
 	}
 	// Subcommands inherit the template: every --help lists the environment.
 	root.SetUsageTemplate(root.UsageTemplate() + "\n" + environmentHelp + "\n")
-	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newAdminCommand(), newPointsCommand(), newRestoreCommand(), newMountCommand(), newUnmountCommand(), newRetentionCommand(), newVMCommand(), newVersionCommand())
+	root.AddCommand(newCopyCommand(), newVerifyCommand(), newBackupCommand(), newScheduleCommand(), newAdminCommand(), newPointsCommand(), newRestoreCommand(), newMountCommand(), newUnmountCommand(), newRetentionCommand(), newVMCommand(), newHubsCommand(), newVersionCommand())
 	return root
 }
 

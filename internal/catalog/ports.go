@@ -412,23 +412,48 @@ func (p *Ports) Reap(ctx context.Context, hub string, isClosed WorkflowClosed) (
 	return reaped, nil
 }
 
-// Waiting lists the workflows in hub's line for ports, oldest first, silent ones included.
-func (p *Ports) Waiting(ctx context.Context, hub string) ([]string, error) {
-	rows, err := p.store.db.QueryContext(ctx, "SELECT workflow_id FROM port_waits WHERE hub_id = ? ORDER BY since, workflow_id", hub)
+// Waiter is a job in a hub's line for ports: it waits for Needed ports since Since and
+// last asked at SeenAt (silent for over PortWaitStale, it is passed over until it asks again).
+type Waiter struct {
+	WorkflowID string
+	Needed     int
+	Since      time.Time
+	SeenAt     time.Time
+}
+
+// Silent reports whether the waiter has not asked within PortWaitStale of at.
+func (w Waiter) Silent(at time.Time) bool { return at.Sub(w.SeenAt) > PortWaitStale }
+
+// Line lists hub's line for ports, oldest first, silent waiters included.
+func (p *Ports) Line(ctx context.Context, hub string) ([]Waiter, error) {
+	rows, err := p.store.db.QueryContext(ctx, "SELECT workflow_id, needed, since, seen_at FROM port_waits WHERE hub_id = ? ORDER BY since, workflow_id", hub)
 	if err != nil {
 		return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
 	}
 	defer rows.Close()
-	var ids []string
+	var line []Waiter
 	for rows.Next() {
-		var id string
-		if err := rows.Scan(&id); err != nil {
+		var w Waiter
+		if err := rows.Scan(&w.WorkflowID, &w.Needed, &w.Since, &w.SeenAt); err != nil {
 			return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
 		}
-		ids = append(ids, id)
+		line = append(line, w)
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("list the line for ports on %s: %w", hub, err)
+	}
+	return line, nil
+}
+
+// Waiting lists the workflows in hub's line for ports, oldest first, silent ones included.
+func (p *Ports) Waiting(ctx context.Context, hub string) ([]string, error) {
+	line, err := p.Line(ctx, hub)
+	if err != nil {
+		return nil, err
+	}
+	ids := make([]string, len(line))
+	for i, w := range line {
+		ids[i] = w.WorkflowID
 	}
 	return ids, nil
 }

@@ -3,6 +3,7 @@ package lab_test
 import (
 	"context"
 	"database/sql"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -471,7 +472,7 @@ func TestPortExhaustionQueues(t *testing.T) {
 // line; a 1-disk backup started after it is refused too although a port is free (without the
 // line it would take it and the 2-disk backup could wait for ever behind such jobs). Once a
 // mount ends, the 2-disk backup leases its ports before the 1-disk one, both complete, and
-// nothing is left.
+// nothing is left. diskferry hubs show, meanwhile, shows the leases and the line in order.
 func TestPortLineIsFirstComeFirstServed(t *testing.T) {
 	l := startLab(t, lab.Options{VMs: 4, Disks: 2, DiskSize: 8 << 20, PortsPerHub: 4})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -507,6 +508,27 @@ func TestPortLineIsFirstComeFirstServed(t *testing.T) {
 	oneDisk := startBackups(ctx, t, l, vms[3:4], workflows.BackupInput{Disks: []int32{vms[3].Disks[0].Key}})[0]
 	inLine(twoDisks.GetID(), oneDisk.GetID())
 	require.Equal(t, 3, leases(), "the free port is kept for the first in line")
+
+	// The operator's view of it: the hub worker's own record, the 3 leases, the line in order.
+	cli := lab.Build(t, t.TempDir(), "./starter", "diskferry")
+	var shown struct {
+		LastSeen *time.Time `json:"lastSeen"`
+		Leases   []struct {
+			WorkflowID string `json:"workflowId"`
+		} `json:"leases"`
+		Line []struct {
+			WorkflowID string `json:"workflowId"`
+			Needed     int    `json:"needed"`
+		} `json:"line"`
+	}
+	out := run(ctx, t, l, cli, "hubs", "show", l.HubID, "--json")
+	require.NoError(t, json.Unmarshal([]byte(out), &shown), out)
+	require.NotNil(t, shown.LastSeen, "the hub worker records itself")
+	require.Len(t, shown.Leases, 3)
+	require.Len(t, shown.Line, 2)
+	require.Equal(t, twoDisks.GetID(), shown.Line[0].WorkflowID)
+	require.Equal(t, 2, shown.Line[0].Needed)
+	require.Equal(t, oneDisk.GetID(), shown.Line[1].WorkflowID)
 
 	require.NoError(t, l.Temporal.Client.SignalWorkflow(ctx, mountOne.GetID(), "", workflows.UnmountSignalName, nil))
 	var ended workflows.MountInfo
