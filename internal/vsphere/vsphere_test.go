@@ -434,6 +434,11 @@ func TestDiskFlatURLServesSnapshotDisk(t *testing.T) {
 	assert.Equal(t, http.StatusUnauthorized, status, "no cookie, no data")
 	status, _ = get("vmware_soap_session=forged", 0, 511)
 	assert.Equal(t, http.StatusUnauthorized, status)
+	other := flat.URL
+	flat.URL = strings.Replace(other, "dsName="+lab.Datastore, "dsName=nosuch", 1)
+	status, _ = get(flat.Cookie, 0, 511)
+	assert.Equal(t, http.StatusNotFound, status, "a datastore the lab does not have")
+	flat.URL = other
 
 	_, err = c.DiskFlatURL(ctx, snap.Moref, 424242)
 	assert.ErrorIs(t, err, vsphere.ErrNotFound)

@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -182,12 +183,14 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 func (l *Lab) Close() {
 	if l.admin != nil {
 		_ = session.NewManager(l.admin).Logout(context.Background())
-		l.admin = nil
 	}
+	// Requests still in flight (a reader's last range) check sessions with l.admin: it is
+	// dropped only once the server has waited for them.
 	if l.server != nil {
 		l.server.Close()
 		l.server = nil
 	}
+	l.admin = nil
 	l.mu.Lock()
 	for _, disks := range l.vms {
 		for _, st := range disks {
@@ -395,15 +398,47 @@ func (l *Lab) createVM(ctx context.Context, name string, folder *object.Folder, 
 	return vm, nil
 }
 
-// serveFolder refuses datastore reads and uploads without a live session cookie, then
-// lets vcsim serve the file (with HTTP Range) or write it.
+// serveFolder serves the datastore's files the way vCenter's /folder endpoint does (GET
+// and HEAD with HTTP Range, PUT to upload) but, as vCenter, only with a live session cookie.
+// It serves the files itself: vcsim's own handler copies the whole datastore object without
+// its lock on every request (racing with vcsim's locked writes to it, e.g. free space as
+// disks come and go) and runs inventory queries per request.
 func (l *Lab) serveFolder(w http.ResponseWriter, r *http.Request) {
 	c, err := r.Cookie(soap.SessionCookieName)
 	if err != nil || !l.sessionActive(r.Context(), c.Value) {
 		http.Error(w, "session cookie missing or not valid", http.StatusUnauthorized)
 		return
 	}
-	l.model.Service.ServeDatastore(w, r)
+	if ds := r.URL.Query().Get("dsName"); ds != "" && ds != l.Datastore {
+		http.Error(w, "no datastore "+ds, http.StatusNotFound)
+		return
+	}
+	rel := filepath.FromSlash(strings.TrimPrefix(r.URL.Path, "/folder/"))
+	if !filepath.IsLocal(rel) {
+		http.Error(w, "path outside the datastore", http.StatusBadRequest)
+		return
+	}
+	p := filepath.Join(l.DatastoreDir, rel)
+	if r.Method != http.MethodPut {
+		http.ServeFile(w, r, p)
+		return
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	f, err := os.Create(p)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	_, err = io.Copy(f, r.Body)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+	}
 }
 
 func (l *Lab) sessionActive(ctx context.Context, key string) bool {
