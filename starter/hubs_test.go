@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
-	"log/slog"
 	"regexp"
 	"testing"
 	"time"
@@ -14,7 +13,6 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/diskferry/diskferry/internal/catalog"
-	"github.com/diskferry/diskferry/internal/testenv"
 )
 
 // newHubsCatalog is a migrated catalog with hub-a (recorded by its worker: 4 ports, 10 GiB
@@ -23,14 +21,9 @@ import (
 // worker never recorded itself), so it shows the default range.
 func newHubsCatalog(t *testing.T) {
 	t.Helper()
-	testenv.Integration(t)
-	mdb := testenv.MariaDB(t)
+	store, dsn := cliCatalog(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	store, err := catalog.Open(ctx, mdb.DSN, slog.New(slog.DiscardHandler))
-	require.NoError(t, err)
-	defer store.Close()
-	require.NoError(t, store.Migrate(ctx))
 
 	rng := catalog.PortRange{First: 20000, Last: 20003}
 	require.NoError(t, store.RecordHub(ctx, catalog.Hub{ID: "hub-a", FreeBytes: 10 << 30, UsedBytes: 1 << 30, Ports: rng}))
@@ -47,7 +40,7 @@ func newHubsCatalog(t *testing.T) {
 		_, err = ports.AllocateAll(ctx, "hub-a", w.id, w.disks)
 		require.True(t, errors.Is(err, catalog.ErrPortsExhausted), "%s: %v", w.id, err)
 	}
-	db, err := sql.Open("mysql", mdb.DSN)
+	db, err := sql.Open("mysql", dsn)
 	require.NoError(t, err)
 	defer db.Close()
 	_, err = db.ExecContext(ctx, "UPDATE port_waits SET seen_at = ? WHERE workflow_id = 'restore-file-x'",
@@ -55,9 +48,6 @@ func newHubsCatalog(t *testing.T) {
 	require.NoError(t, err)
 	_, err = ports.AllocateAll(ctx, "hub-b", "backup-app01", []int32{2000})
 	require.NoError(t, err)
-
-	t.Setenv("DISKFERRY_DB_DSN", mdb.DSN)
-	t.Setenv("DISKFERRY_DB_DSN_FILE", "")
 }
 
 func TestHubsListShowsPortsAndLine(t *testing.T) {

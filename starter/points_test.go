@@ -48,7 +48,9 @@ type pointsCatalog struct {
 	fullTargets, incrPaths map[int32]string
 }
 
-func newPointsCatalog(t *testing.T) pointsCatalog {
+// cliCatalog is a fresh migrated catalog on the shared MariaDB, open until the test ends,
+// which the diskferry command reads (DISKFERRY_DB_DSN).
+func cliCatalog(t *testing.T) (*catalog.Store, string) {
 	t.Helper()
 	testenv.Integration(t)
 	mdb := testenv.MariaDB(t)
@@ -56,15 +58,25 @@ func newPointsCatalog(t *testing.T) pointsCatalog {
 	defer cancel()
 	store, err := catalog.Open(ctx, mdb.DSN, slog.New(slog.DiscardHandler))
 	require.NoError(t, err)
-	defer store.Close()
+	t.Cleanup(func() { store.Close() })
 	require.NoError(t, store.Migrate(ctx))
+	t.Setenv("DISKFERRY_DB_DSN", mdb.DSN)
+	t.Setenv("DISKFERRY_DB_DSN_FILE", "")
+	return store, mdb.DSN
+}
+
+func newPointsCatalog(t *testing.T) pointsCatalog {
+	t.Helper()
+	store, dsn := cliCatalog(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 
 	web, err := store.UpsertVM(ctx, catalog.VM{InstanceUUID: "vc-1", Moref: "vm-42", Name: "web01"}, nil)
 	require.NoError(t, err)
 	db, err := store.UpsertVM(ctx, catalog.VM{InstanceUUID: "vc-1", Moref: "vm-43", Name: "db01"}, nil)
 	require.NoError(t, err)
 
-	pc := pointsCatalog{dsn: mdb.DSN, fullTargets: map[int32]string{}, incrPaths: map[int32]string{}}
+	pc := pointsCatalog{dsn: dsn, fullTargets: map[int32]string{}, incrPaths: map[int32]string{}}
 	pc.fullConfig = &catalog.VMConfig{
 		NumCPUs: 4, CoresPerSocket: 2, MemoryMB: 8192, Firmware: "efi", GuestID: "debian12_64Guest",
 		Disks: []catalog.DiskLayout{
@@ -117,9 +129,6 @@ func newPointsCatalog(t *testing.T) pointsCatalog {
 	require.NoError(t, store.FailPoint(ctx, old.ID, "copy disk 2000: connection reset\x1b[2J\nby peer"))
 	pc.old, err = store.GetPoint(ctx, old.ID)
 	require.NoError(t, err)
-
-	t.Setenv("DISKFERRY_DB_DSN", mdb.DSN)
-	t.Setenv("DISKFERRY_DB_DSN_FILE", "")
 	return pc
 }
 
