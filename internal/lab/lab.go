@@ -28,7 +28,9 @@ import (
 type Options struct {
 	Disks    int   // disks of the demo VM; default 2
 	DiskSize int64 // bytes per disk, a multiple of 1 KiB; default 64 MiB
-	VMName   string
+	// DiskSizes, when set, sizes each VM's disks in order instead (Disks is then its length).
+	DiskSizes []int64
+	VMName    string
 	// UIPort serves the Temporal Web UI on 127.0.0.1:UIPort; 0 runs the server headless.
 	UIPort int
 	// WithoutSearchAttributes leaves diskferry's search attributes unregistered on the
@@ -126,7 +128,7 @@ func Start(t testenv.TB, opts Options) *Lab {
 	l.Temporal = testenv.StartTemporalWith(t, testenv.TemporalOptions{UIPort: opts.UIPort, WithoutSearchAttributes: opts.WithoutSearchAttributes})
 	l.DB = testenv.StartMariaDB(t)
 	vc, err := vcsimtest.Start(context.Background(), vcsimtest.Options{
-		Disks: opts.Disks, DiskSize: opts.DiskSize, VMName: opts.VMName, VMs: opts.VMs, CBT: true, Seed: 1, NIC: true,
+		Disks: opts.Disks, DiskSize: opts.DiskSize, DiskSizes: opts.DiskSizes, VMName: opts.VMName, VMs: opts.VMs, CBT: true, Seed: 1, NIC: true,
 	})
 	if err != nil {
 		t.Fatalf("lab: start vcsim: %v", err)

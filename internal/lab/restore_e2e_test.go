@@ -415,17 +415,23 @@ func activityAttempts(ctx context.Context, t *testing.T, l *lab.Lab, workflowID,
 	return most
 }
 
-// TestOddSizedDisksRoundTrip backs up and restores disks whose size is a multiple of 1 KiB
-// only (vSphere sizes disks in KB): not of 4 KiB, 64 KiB or 1 MiB, so the copy's last
-// request, the qcow2 target's last cluster, CBT's last area and every restore's last write
-// are partial. A full and an incremental that rewrites the disks' last 1.5 KiB both equal
-// their sources; the incremental point restores to a file in each format, into a new VM
-// and, for the full point, in place, and each result equals its source byte for byte.
+// TestOddSizedDisksRoundTrip backs up and restores a VM whose disks differ in size and are
+// sized in KiB only (vSphere sizes disks in KB): not multiples of 4 KiB, 64 KiB or 1 MiB, so
+// the copy's last request, the qcow2 target's last cluster, CBT's last area and every
+// restore's last write are partial. A full and an incremental that rewrites each disk's last
+// 1.5 KiB both equal their sources; the incremental point restores to a file in each format
+// and into a new VM, the full point in place, and each result equals its source byte for byte.
 func TestOddSizedDisksRoundTrip(t *testing.T) {
-	const size = 5<<20 + 3<<10
-	l := startLab(t, lab.Options{Disks: 2, DiskSize: size})
+	sizes := []int64{5<<20 + 3<<10, 1<<20 + 1<<10, 9<<20 + 63<<10}
+	l := startLab(t, lab.Options{DiskSizes: sizes})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	require.Len(t, l.VC.Disks, len(sizes))
+	size := map[int32]int64{}
+	for i, d := range l.VC.Disks {
+		require.Equal(t, sizes[i], d.CapacityBytes)
+		size[d.Key] = d.CapacityBytes
+	}
 
 	atFull := snapshotSources(t, l)
 	full := runBackup(ctx, t, l, workflows.BackupInput{VM: l.VC.VMName, Site: l.Site})
@@ -433,7 +439,7 @@ func TestOddSizedDisksRoundTrip(t *testing.T) {
 		requireSameContent(ctx, t, atFull[d.Key], d.Path)
 	}
 	for _, d := range l.VC.Disks {
-		for _, w := range []struct{ off, n int64 }{{size - 1536, 1536}, {4321 * 512, 777 * 512}} {
+		for _, w := range []struct{ off, n int64 }{{d.CapacityBytes - 1536, 1536}, {d.CapacityBytes / 3 &^ 511, 777 * 512}} {
 			_, err := l.VC.WriteRandom(d.Key, w.off, w.n)
 			require.NoError(t, err)
 		}
@@ -441,10 +447,11 @@ func TestOddSizedDisksRoundTrip(t *testing.T) {
 	atIncr := snapshotSources(t, l)
 	incr := runBackup(ctx, t, l, workflows.BackupInput{VM: l.VC.VMName, Site: l.Site})
 	require.Equal(t, activities.ModeIncremental, incr.Mode)
+	require.Len(t, incr.Disks, len(sizes))
 	for _, d := range incr.Disks {
 		info, err := qemu.Info(ctx, d.Path)
 		require.NoError(t, err)
-		require.Equal(t, int64(size), info.VirtualSize, "disk %d point size", d.Key)
+		require.Equal(t, size[d.Key], info.VirtualSize, "disk %d point size", d.Key)
 		requireSameContent(ctx, t, atIncr[d.Key], d.Path)
 	}
 
@@ -457,11 +464,14 @@ func TestOddSizedDisksRoundTrip(t *testing.T) {
 		cmp, err := qemu.Compare(ctx, qemu.Raw(atIncr[key]), qemu.Image{Path: out, Format: format})
 		require.NoError(t, err)
 		require.True(t, cmp.Equal, "%s restore differs: %s", format, cmp.Message)
+		info, err := qemu.Info(ctx, out)
+		require.NoError(t, err)
+		require.Equal(t, size[key], info.VirtualSize, "%s restore size", format)
 	}
 	newVM := runRestore(ctx, t, l, workflows.RestoreInput{Point: incr.PointID})
 	_, flats, err := l.VMDisks(ctx, newVM.VMMoref, t.TempDir())
 	require.NoError(t, err)
-	require.Len(t, newVM.Disks, 2)
+	require.Len(t, newVM.Disks, len(sizes))
 	for _, d := range newVM.Disks {
 		requireSameRaw(ctx, t, atIncr[d.PointKey], flats[d.VMKey])
 	}

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -43,8 +44,10 @@ type TB interface {
 type Options struct {
 	Disks    int   // number of disks of the VM; default 2
 	DiskSize int64 // bytes per disk, a multiple of 1 KiB; default 64 MiB
-	Seed     uint64
-	VMName   string // default "df-vm01"
+	// DiskSizes, when set, sizes each VM's disks in order instead (Disks is then its length).
+	DiskSizes []int64
+	Seed      uint64
+	VMName    string // default "df-vm01"
 	// VMs is the number of VMs; default 1. The first is VMName, the others VMName-02,
 	// VMName-03, ...; each has Disks disks of its own content.
 	VMs int
@@ -124,9 +127,18 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if opts.DiskSize == 0 {
 		opts.DiskSize = 64 << 20
 	}
-	// vSphere sizes disks in KB (capacityInKB), so any KiB multiple is a real disk's size.
-	if opts.DiskSize%(1<<10) != 0 || opts.DiskSize < 0 || opts.Disks < 0 {
-		return nil, fmt.Errorf("disk size %d is not a positive multiple of 1 KiB", opts.DiskSize)
+	if opts.Disks < 0 {
+		return nil, fmt.Errorf("%d disks", opts.Disks)
+	}
+	if len(opts.DiskSizes) == 0 {
+		opts.DiskSizes = slices.Repeat([]int64{opts.DiskSize}, opts.Disks)
+	}
+	opts.Disks = len(opts.DiskSizes)
+	for _, size := range opts.DiskSizes {
+		// vSphere sizes disks in KB (capacityInKB), so any KiB multiple is a real disk's size.
+		if size%(1<<10) != 0 || size <= 0 {
+			return nil, fmt.Errorf("disk size %d is not a positive multiple of 1 KiB", size)
+		}
 	}
 	if opts.VMName == "" {
 		opts.VMName = "df-vm01"
@@ -353,8 +365,8 @@ func (l *Lab) createVM(ctx context.Context, name string, folder *object.Folder, 
 			file = fmt.Sprintf("[%s] %s/%s_%d.vmdk", l.Datastore, name, name, i)
 		}
 		disk := devices.CreateDisk(ctrl, ds, file)
-		disk.CapacityInBytes = opts.DiskSize
-		disk.CapacityInKB = opts.DiskSize / 1024
+		disk.CapacityInBytes = opts.DiskSizes[i]
+		disk.CapacityInKB = opts.DiskSizes[i] / 1024
 		devices = append(devices, disk)
 		changes = append(changes, &types.VirtualDeviceConfigSpec{
 			Operation:     types.VirtualDeviceConfigSpecOperationAdd,
