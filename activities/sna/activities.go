@@ -248,6 +248,28 @@ func exportGone(ctx context.Context, m *tunnel.Manager, hubID string, port int, 
 	return err
 }
 
+// sourceExitWait bounds the wait for a source that broke off a copy to be seen exited: its
+// connections close as it dies, a moment before its exit is reaped.
+const sourceExitWait = 5 * time.Second
+
+// sourceGone names the real cause when a read of the copy's nbdkit source failed because
+// nbdkit died (killed, or crashed in its plugin): the read error alone says only that the
+// socket closed. It stays
+// retryable: the next attempt starts its own source and resumes from the checkpoint.
+func sourceGone(ctx context.Context, src *nbdkit.Server, err error) error {
+	var read *blockcopy.SourceError
+	if ctx.Err() != nil || !errors.As(err, &read) {
+		return err
+	}
+	select {
+	case <-src.Done():
+		return fmt.Errorf("the source (nbdkit, pid %d) exited during the copy: %w", src.PID(), err)
+	case <-ctx.Done():
+	case <-time.After(sourceExitWait):
+	}
+	return err
+}
+
 // DropTunnel closes the forwards; idempotent.
 func (a *Activities) DropTunnel(ctx context.Context, in activities.EnsureTunnelInput) error {
 	m, err := a.tunnels.Get(in.HubID)
@@ -427,7 +449,7 @@ func (a *Activities) CopyDisk(ctx context.Context, in activities.CopyDiskInput) 
 	}
 	res, err := cp.Run(ctx)
 	if err != nil {
-		err = exportGone(ctx, m, in.HubID, in.TargetPort, err)
+		err = exportGone(ctx, m, in.HubID, in.TargetPort, sourceGone(ctx, src, err))
 		return activities.CopyDiskResult{}, classify(fmt.Errorf("copy disk %d to hub port %d: %w", in.DiskKey, in.TargetPort, err))
 	}
 	log.Info("disk copied", "read", res.BytesRead, "written", res.BytesWritten, "zeroed", res.BytesZeroed,

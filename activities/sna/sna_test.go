@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -480,6 +481,102 @@ func TestCopyResumesAfterExportKilled(t *testing.T) {
 	requireDigest(t, export{Export: restarted}, res)
 	require.NoError(t, restarted.Stop(context.Background(), 0))
 	r.compareFlat(exp.image, key)
+}
+
+// A copy whose source server (nbdkit, a child of the worker) is killed mid-way fails with a
+// retryable error naming the dead source; the next attempt starts its own source and resumes from the checkpoint:
+// it reads less than the disk's data, and the target equals the disk.
+func TestCopyResumesAfterSourceKilled(t *testing.T) {
+	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 17})
+	key := r.lab.Disks[0].Key
+	total := allocatedBytes(r.lab, key)
+	// Slow enough (about 4 s for the data) that the source dies mid-copy.
+	a := r.activities("", func(s *sna.Settings) {
+		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
+			"rate": strconv.FormatInt(total*8/4, 10), "burstiness": "0.1",
+		}}}
+		s.CheckpointEvery = 200 * time.Millisecond
+	})
+	env := r.env(a)
+	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
+	snap := r.snapshot(env, vm, "diskferry-wf-source-killed")
+	exp := r.startExport(filepath.Join(r.dir, "source-killed.qcow2"), "source-killed", resumeDiskSize)
+	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
+	in := activities.CopyDiskInput{
+		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
+		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name,
+		Mode: activities.ModeFull, Connections: 2,
+	}
+
+	// SIGKILL of this process's nbdkit child at the first heartbeat past a quarter of the
+	// data with a checkpoint.
+	var mu sync.Mutex
+	var lastBeat activities.CopyProgress
+	killedPID := 0
+	heartbeats := &heartbeatTap{record: func(p activities.CopyProgress) {
+		mu.Lock()
+		defer mu.Unlock()
+		if killedPID == 0 && p.Checkpoint > 0 && p.BytesDone >= total/4 {
+			pids := childProcesses(t, "nbdkit")
+			require.Len(t, pids, 1, "the copy's source")
+			lastBeat, killedPID = p, pids[0]
+			require.NoError(t, syscall.Kill(killedPID, syscall.SIGKILL))
+		}
+	}}
+	first := r.suite.NewTestActivityEnvironment()
+	first.SetWorkerOptions(worker.Options{Interceptors: []interceptor.WorkerInterceptor{heartbeats}})
+	first.SetTestTimeout(2 * time.Minute)
+	a.Register(first)
+	_, err := first.ExecuteActivity(activities.CopyDiskName, in)
+	require.Error(t, err, "the copy survived its source")
+	require.ErrorContains(t, err, fmt.Sprintf("the source (nbdkit, pid %d) exited during the copy", killedPID))
+	var appErr *temporal.ApplicationError
+	require.False(t, errors.As(err, &appErr) && appErr.NonRetryable(), "a dead source is retried: %v", err)
+	mu.Lock()
+	progress := lastBeat
+	mu.Unlock()
+	require.NotZero(t, killedPID, "the source was never killed")
+	require.Greater(t, progress.Checkpoint, int64(0))
+
+	again := r.env(a)
+	again.SetHeartbeatDetails(progress)
+	res := execute[activities.CopyDiskResult](t, again, activities.CopyDiskName, in)
+	require.Less(t, res.BytesRead, total, "the next attempt resumed from the checkpoint")
+	require.Empty(t, childProcesses(t, "nbdkit"), "the attempt stopped its source")
+	requireDigest(t, exp, res)
+	require.NoError(t, exp.Stop(context.Background(), 0))
+	r.compareFlat(exp.image, key)
+}
+
+// childProcesses lists the live children of this test process whose command is name.
+func childProcesses(t *testing.T, name string) []int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+		open, end := strings.IndexByte(string(stat), '('), strings.LastIndexByte(string(stat), ')')
+		if open < 0 || end < open {
+			continue
+		}
+		fields := strings.Fields(string(stat[end+1:]))
+		if len(fields) < 2 || string(stat[open+1:end]) != name || fields[0] == "Z" {
+			continue
+		}
+		if ppid, err := strconv.Atoi(fields[1]); err == nil && ppid == os.Getpid() {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 // A hub presenting a host key other than the pinned one is refused with a clear,

@@ -410,3 +410,10 @@ func (c *Copy) reportProgress() func() {
 		c.opts.OnProgress(c.Progress())
 	}
 }
+
+// SourceError is a failed read of the source (the target and the copy itself were fine), so
+// a caller can look at the source's server for the real cause.
+type SourceError struct{ Err error }
+
+func (e *SourceError) Error() string { return e.Err.Error() }
+func (e *SourceError) Unwrap() error { return e.Err }

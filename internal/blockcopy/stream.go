@@ -181,7 +181,7 @@ func (r *run) streamChunks(ctx context.Context, size int64, next func(*streamChu
 // readChunk reads a data chunk and hashes its pieces.
 func (c *Copy) readChunk(ctx context.Context, h *nbd.Handle, zh *zeroHasher, ch *streamChunk) error {
 	if err := h.Pread(ctx, ch.buf, 0, int(ch.n), ch.off); err != nil {
-		return fmt.Errorf("read source at %d+%d: %w", ch.off, ch.n, err)
+		return &SourceError{Err: fmt.Errorf("read source at %d+%d: %w", ch.off, ch.n, err)}
 	}
 	c.nRead.Add(ch.n)
 	data := ch.buf.Bytes()[:ch.n]

@@ -147,7 +147,7 @@ func (w *worker) read(r *run, off, n int64, holes []Extent, data []byte) error {
 		}
 		if h.Start > at {
 			if err := w.src.Pread(r.actx, w.buf, int(at-off), int(h.Start-at), at); err != nil {
-				return fmt.Errorf("read source at %d+%d: %w", at, h.Start-at, err)
+				return &SourceError{Err: fmt.Errorf("read source at %d+%d: %w", at, h.Start-at, err)}
 			}
 			r.nRead.Add(h.Start - at)
 		}
