@@ -270,6 +270,10 @@ func (l *Lab) intercept(ctx *simulator.Context, m *simulator.Method) (mo.Referen
 // cbtVM is the simulator VM plus QueryChangedDiskAreas; every other method is the VM's.
 type cbtVM struct {
 	*simulator.VirtualMachine
+	// Self shadows the VM's: Session.Put sets the Self field it finds by name, and it must
+	// not write the shared VM's, which vcsim reads unlocked to find an object's lock (a
+	// data race the race detector caught under concurrent backups).
+	Self  types.ManagedObjectReference
 	lab   *Lab
 	disks map[int32]*diskState
 }
