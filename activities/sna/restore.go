@@ -277,7 +277,7 @@ func (a *Activities) ReadBackDisk(ctx context.Context, in activities.ReadBackDis
 		},
 	})
 	if err != nil {
-		return activities.ReadBackResult{}, classify(fmt.Errorf("read back disk %d of VM %s: %w", in.DiskKey, in.VMMoref, err))
+		return activities.ReadBackResult{}, classify(fmt.Errorf("read back disk %d of VM %s: %w", in.DiskKey, in.VMMoref, sourceGone(ctx, srv, err)))
 	}
 	if digest != in.Digest {
 		return activities.ReadBackResult{}, temporal.NewNonRetryableApplicationError(
