@@ -254,8 +254,8 @@ const sourceExitWait = 5 * time.Second
 
 // sourceGone names the real cause when a read of the copy's nbdkit source failed because
 // nbdkit died (killed, or crashed in its plugin): the read error alone says only that the
-// socket closed. It stays
-// retryable: the next attempt starts its own source and resumes from the checkpoint.
+// socket closed. It stays retryable: the next attempt starts its own source and resumes
+// from the checkpoint.
 func sourceGone(ctx context.Context, src *nbdkit.Server, err error) error {
 	var read *blockcopy.SourceError
 	if ctx.Err() != nil || !errors.As(err, &read) {

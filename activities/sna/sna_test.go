@@ -484,8 +484,9 @@ func TestCopyResumesAfterExportKilled(t *testing.T) {
 }
 
 // A copy whose source server (nbdkit, a child of the worker) is killed mid-way fails with a
-// retryable error naming the dead source; the next attempt starts its own source and resumes from the checkpoint:
-// it reads less than the disk's data, and the target equals the disk.
+// retryable error naming the dead source; the next attempt starts its own source and
+// resumes from the checkpoint: it reads less than the disk's data, and the target equals
+// the disk.
 func TestCopyResumesAfterSourceKilled(t *testing.T) {
 	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 17})
 	key := r.lab.Disks[0].Key
