@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -342,33 +341,52 @@ func TestFullThenIncrementalThroughTunnel(t *testing.T) {
 	execute[struct{}](t, env, activities.DropTunnelName, tin2)
 }
 
+// slowCopy is a full copy of a resumeDiskSize disk holding total bytes of data, from a
+// source slowed to about 4 s for the data (no initial burst) and checkpointing every 200 ms,
+// into a fresh export reached through the tunnel: long enough for a test to break it mid-way
+// with a checkpoint behind it.
+type slowCopy struct {
+	r     *rig
+	slow  *sna.Activities // the activities reading slowly
+	env   *testsuite.TestActivityEnvironment
+	exp   export
+	in    activities.CopyDiskInput
+	key   int32
+	total int64
+}
+
+func newSlowCopy(t *testing.T, seed uint64, name string, connections int) slowCopy {
+	t.Helper()
+	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: seed})
+	c := slowCopy{r: r, key: r.lab.Disks[0].Key}
+	c.total = allocatedBytes(r.lab, c.key)
+	c.slow = r.activities("", func(s *sna.Settings) {
+		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
+			"rate": strconv.FormatInt(c.total*8/4, 10), "burstiness": "0.1",
+		}}}
+		s.CheckpointEvery = 200 * time.Millisecond
+	})
+	c.env = r.env(c.slow)
+	vm := execute[activities.VM](t, c.env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
+	snap := r.snapshot(c.env, vm, "diskferry-wf-"+name)
+	c.exp = r.startExport(filepath.Join(r.dir, name+".qcow2"), name, resumeDiskSize)
+	execute[struct{}](t, c.env, activities.EnsureTunnelName, tunnelInput(c.exp))
+	c.in = activities.CopyDiskInput{
+		Snapshot: snap, DiskKey: c.key, CapacityBytes: resumeDiskSize,
+		TargetPort: c.exp.Port, HubID: hubID, TargetSocket: c.exp.Socket, ExportName: c.exp.Name,
+		Mode: activities.ModeFull, Connections: connections,
+	}
+	return c
+}
+
 // A copy killed mid-way resumes from the checkpoint of its last heartbeat on the next
 // attempt, re-copies only what lay beyond it (and reports that), and ends identical to the
 // source with a digest that spans both attempts.
 func TestCopyResumesFromCheckpoint(t *testing.T) {
-	// Big enough that the chunks in flight when the first attempt stops are a small part of it.
-	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 12})
-	key := r.lab.Disks[0].Key
-	total := allocatedBytes(r.lab, key)
-	// The first attempt reads slowly (about 4 s for the disk's data, no initial burst) and
-	// checkpoints often, so it is stopped mid-way with a checkpoint behind it.
-	slow := r.activities("", func(s *sna.Settings) {
-		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
-			"rate": strconv.FormatInt(total*8/4, 10), "burstiness": "0.1",
-		}}}
-		s.CheckpointEvery = 200 * time.Millisecond
-	})
-	env := r.env(slow)
-	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
-	snap := r.snapshot(env, vm, "diskferry-wf-resume")
-	exp := r.startExport(filepath.Join(r.dir, "resume.qcow2"), "resume", resumeDiskSize)
-	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
-	in := activities.CopyDiskInput{
-		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
-		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name, Mode: activities.ModeFull,
-		// One connection keeps few chunks in flight, so the first attempt stops early.
-		Connections: 1,
-	}
+	// Big enough that the chunks in flight when the first attempt stops are a small part of
+	// it; one connection keeps few chunks in flight, so the first attempt stops early.
+	c := newSlowCopy(t, 12, "resume", 1)
+	r, slow, env, exp, in, key, total := c.r, c.slow, c.env, c.exp, c.in, c.key, c.total
 
 	// The worker "dies" at the first heartbeat past a quarter of the data that carries a
 	// checkpoint: that heartbeat is the last the server got, its successor starts from it.
@@ -418,26 +436,8 @@ func TestCopyResumesFromCheckpoint(t *testing.T) {
 // once the export is back on the same socket (the hub's reconcile restarts it), the
 // next attempt goes through the same forward and resumes from the checkpoint.
 func TestCopyResumesAfterExportKilled(t *testing.T) {
-	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 13})
-	key := r.lab.Disks[0].Key
-	total := allocatedBytes(r.lab, key)
-	// Slow enough (about 4 s for the data) that the export dies mid-copy.
-	a := r.activities("", func(s *sna.Settings) {
-		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
-			"rate": strconv.FormatInt(total*8/4, 10), "burstiness": "0.1",
-		}}}
-		s.CheckpointEvery = 200 * time.Millisecond
-	})
-	env := r.env(a)
-	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
-	snap := r.snapshot(env, vm, "diskferry-wf-killed")
-	exp := r.startExport(filepath.Join(r.dir, "killed.qcow2"), "killed", resumeDiskSize)
-	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
-	in := activities.CopyDiskInput{
-		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
-		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name,
-		Mode: activities.ModeFull, Connections: 2,
-	}
+	c := newSlowCopy(t, 13, "killed", 2)
+	r, a, exp, in, key, total := c.r, c.slow, c.exp, c.in, c.key, c.total
 
 	// SIGKILL of qemu-nbd at the first heartbeat past a quarter of the data with a checkpoint.
 	var mu sync.Mutex
@@ -488,26 +488,8 @@ func TestCopyResumesAfterExportKilled(t *testing.T) {
 // resumes from the checkpoint: it reads less than the disk's data, and the target equals
 // the disk.
 func TestCopyResumesAfterSourceKilled(t *testing.T) {
-	r := newRig(t, vcsimtest.Options{Disks: 1, DiskSize: resumeDiskSize, CBT: true, Seed: 17})
-	key := r.lab.Disks[0].Key
-	total := allocatedBytes(r.lab, key)
-	// Slow enough (about 4 s for the data) that the source dies mid-copy.
-	a := r.activities("", func(s *sna.Settings) {
-		s.SourceFilters = []nbdkit.Filter{{Name: "rate", Params: map[string]string{
-			"rate": strconv.FormatInt(total*8/4, 10), "burstiness": "0.1",
-		}}}
-		s.CheckpointEvery = 200 * time.Millisecond
-	})
-	env := r.env(a)
-	vm := execute[activities.VM](t, env, activities.InspectVMName, activities.InspectVMInput{VM: r.lab.VMMoref})
-	snap := r.snapshot(env, vm, "diskferry-wf-source-killed")
-	exp := r.startExport(filepath.Join(r.dir, "source-killed.qcow2"), "source-killed", resumeDiskSize)
-	execute[struct{}](t, env, activities.EnsureTunnelName, tunnelInput(exp))
-	in := activities.CopyDiskInput{
-		Snapshot: snap, DiskKey: key, CapacityBytes: resumeDiskSize,
-		TargetPort: exp.Port, HubID: hubID, TargetSocket: exp.Socket, ExportName: exp.Name,
-		Mode: activities.ModeFull, Connections: 2,
-	}
+	c := newSlowCopy(t, 17, "source-killed", 2)
+	r, a, exp, in, key, total := c.r, c.slow, c.exp, c.in, c.key, c.total
 
 	// SIGKILL of this process's nbdkit child at the first heartbeat past a quarter of the
 	// data with a checkpoint.
@@ -518,7 +500,7 @@ func TestCopyResumesAfterSourceKilled(t *testing.T) {
 		mu.Lock()
 		defer mu.Unlock()
 		if killedPID == 0 && p.Checkpoint > 0 && p.BytesDone >= total/4 {
-			pids := childProcesses(t, "nbdkit")
+			pids := testenv.LiveChildren(os.Getpid(), "nbdkit")
 			require.Len(t, pids, 1, "the copy's source")
 			lastBeat, killedPID = p, pids[0]
 			require.NoError(t, syscall.Kill(killedPID, syscall.SIGKILL))
@@ -543,41 +525,10 @@ func TestCopyResumesAfterSourceKilled(t *testing.T) {
 	again.SetHeartbeatDetails(progress)
 	res := execute[activities.CopyDiskResult](t, again, activities.CopyDiskName, in)
 	require.Less(t, res.BytesRead, total, "the next attempt resumed from the checkpoint")
-	require.Empty(t, childProcesses(t, "nbdkit"), "the attempt stopped its source")
+	require.Empty(t, testenv.LiveChildren(os.Getpid(), "nbdkit"), "the attempt stopped its source")
 	requireDigest(t, exp, res)
 	require.NoError(t, exp.Stop(context.Background(), 0))
 	r.compareFlat(exp.image, key)
-}
-
-// childProcesses lists the live children of this test process whose command is name.
-func childProcesses(t *testing.T, name string) []int {
-	t.Helper()
-	entries, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	var pids []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		// "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
-		open, end := strings.IndexByte(string(stat), '('), strings.LastIndexByte(string(stat), ')')
-		if open < 0 || end < open {
-			continue
-		}
-		fields := strings.Fields(string(stat[end+1:]))
-		if len(fields) < 2 || string(stat[open+1:end]) != name || fields[0] == "Z" {
-			continue
-		}
-		if ppid, err := strconv.Atoi(fields[1]); err == nil && ppid == os.Getpid() {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // A hub presenting a host key other than the pinned one is refused with a clear,

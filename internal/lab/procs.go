@@ -4,7 +4,10 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+
+	"github.com/diskferry/diskferry/internal/testenv"
 )
 
 // DataPlaneProcesses lists live processes (pid: command line) that serve or read this lab's
@@ -43,11 +46,10 @@ func (l *Lab) DataPlaneProcesses() []string {
 }
 
 func isZombie(pid string) bool {
-	stat, err := os.ReadFile(filepath.Join("/proc", pid, "stat"))
+	n, err := strconv.Atoi(pid)
 	if err != nil {
 		return true
 	}
-	// The state follows the parenthesised command name.
-	i := strings.LastIndexByte(string(stat), ')')
-	return i < 0 || i+2 >= len(stat) || stat[i+2] == 'Z'
+	st, ok := testenv.ReadProcStat(n)
+	return !ok || st.State == "Z"
 }

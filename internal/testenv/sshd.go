@@ -2,7 +2,6 @@ package testenv
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/ed25519"
 	"crypto/rand"
 	"encoding/pem"
@@ -288,15 +287,8 @@ func (s *SSHD) stop() {
 // sshdDescendants lists the pids below pid, children before grandchildren.
 func sshdDescendants(pid int) []int {
 	children := map[int][]int{}
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		p, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if ppid, ok := sshdParentPID(p); ok {
-			children[ppid] = append(children[ppid], p)
-		}
+	for _, st := range allProcs() {
+		children[st.PPID] = append(children[st.PPID], st.PID)
 	}
 	var out []int
 	queue := []int{pid}
@@ -307,24 +299,6 @@ func sshdDescendants(pid int) []int {
 		queue = append(queue, children[next]...)
 	}
 	return out
-}
-
-func sshdParentPID(pid int) (int, bool) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, false
-	}
-	// The command name in parentheses may hold spaces; the fields after it do not.
-	end := bytes.LastIndexByte(b, ')')
-	if end < 0 {
-		return 0, false
-	}
-	fields := strings.Fields(string(b[end+1:]))
-	if len(fields) < 2 {
-		return 0, false
-	}
-	ppid, err := strconv.Atoi(fields[1])
-	return ppid, err == nil
 }
 
 func sshdBanner(addr string) bool {
